@@ -1,0 +1,353 @@
+"""Model configuration: vision / perceiver / text sub-configs, and Hugging Face `config.json`.
+
+Field names are the Hugging Face names, so a key in an Idefics2 `config.json` maps one to one onto
+a field here. Configs are frozen dataclasses (hashable, so they can sit on a Flax module).
+
+    config = Idefics2Config.preset("tiny")
+    config = Idefics2Config.from_hf_dict(json.load(open("config.json")))
+    config = config.replace(text=config.text.replace(sliding_window=None))
+
+An unknown or misspelled key is an error that names the key (and the closest known one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from typing import Any, Mapping
+
+# Keys that Hugging Face's `PretrainedConfig` writes into every config.json and that do not change
+# the network's function (generation defaults, bookkeeping, labels). They are accepted and dropped
+# when reading a Hugging Face config; any other key we do not know is an error.
+HF_GENERIC_KEYS = frozenset(
+    """
+    _name_or_path _commit_hash _attn_implementation _attn_implementation_autoset
+    _attn_implementation_internal transformers_version architectures auto_map model_type
+    torch_dtype dtype use_bfloat16 return_dict output_hidden_states output_attentions torchscript
+    tf_legacy_loss pruned_heads chunk_size_feed_forward is_encoder_decoder is_decoder
+    cross_attention_hidden_size add_cross_attention tie_encoder_decoder finetuning_task id2label
+    label2id tokenizer_class prefix sep_token_id decoder_start_token_id task_specific_params
+    problem_type max_length min_length do_sample early_stopping num_beams num_beam_groups
+    diversity_penalty temperature top_k top_p typical_p repetition_penalty length_penalty
+    no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids num_return_sequences
+    output_scores return_dict_in_generate forced_bos_token_id forced_eos_token_id
+    remove_invalid_values exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
+    use_cache initializer_range attention_dropout gradient_checkpointing output_router_logits
+    """.split()
+)
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that we cannot use."""
+
+
+def _check_keys(cls, data: Mapping[str, Any], where: str, ignore: frozenset = frozenset()):
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key in known or key in ignore:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown key '{key}' in {where}.{hint} Known keys: {sorted(known)}")
+
+
+class _Config:
+    """Shared helpers: strict construction from a dict, `replace`, and `to_dict`."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str | None = None):
+        where = where or cls.__name__
+        _check_keys(cls, data, where)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        _check_keys(type(self), changes, type(self).__name__)
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig(_Config):
+    """SigLIP vision tower, as Idefics2 uses it (native aspect ratio, up to `image_size` px)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 980
+    patch_size: int = 14
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    def validate(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"vision hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        _check_act(self.hidden_act, "vision hidden_act")
+
+
+@dataclasses.dataclass(frozen=True)
+class PerceiverConfig(_Config):
+    """Perceiver resampler: `resampler_n_latents` latents attend over [image context; latents].
+
+    Its width and RMSNorm epsilon are the text model's (as in Hugging Face's Idefics2Config).
+    """
+
+    hidden_act: str = "silu"
+    resampler_n_latents: int = 64
+    resampler_depth: int = 3
+    resampler_n_heads: int = 16
+    resampler_head_dim: int = 96
+    num_key_value_heads: int = 4
+    initializer_range: float = 0.02
+
+    def validate(self):
+        if self.resampler_n_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"perceiver resampler_n_heads={self.resampler_n_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        _check_act(self.hidden_act, "perceiver hidden_act")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig(_Config):
+    """Mistral decoder."""
+
+    vocab_size: int = 32003
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int | None = 4096
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = 0
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def validate(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"text num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"text sliding_window must be positive or None, got {self.sliding_window}")
+        _check_act(self.hidden_act, "text hidden_act")
+
+
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu", "silu", "swish", "relu")
+
+
+def _check_act(name: str, where: str):
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"Unsupported activation '{name}' for {where}; supported: {ACTIVATIONS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Idefics2Config(_Config):
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    perceiver: PerceiverConfig = dataclasses.field(default_factory=PerceiverConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    image_token_id: int = 32001
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        self.vision.validate()
+        self.perceiver.validate()
+        self.text.validate()
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ConfigError(
+                f"image_token_id={self.image_token_id} is outside the vocabulary "
+                f"(vocab_size={self.text.vocab_size})"
+            )
+
+    @property
+    def image_seq_len(self) -> int:
+        """Tokens per image in the decoder's sequence (the Perceiver's latents)."""
+        return self.perceiver.resampler_n_latents
+
+    # -- our own dict form ---------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str | None = None) -> "Idefics2Config":
+        where = where or "Idefics2Config"
+        _check_keys(cls, data, where)
+        data = dict(data)
+        subs = {"vision": VisionConfig, "perceiver": PerceiverConfig, "text": TextConfig}
+        for key, sub_cls in subs.items():
+            if key in data and isinstance(data[key], Mapping):
+                data[key] = sub_cls.from_dict(data[key], f"{where}.{key}")
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str) -> "Idefics2Config":
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, sorted(PRESETS), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown preset '{name}'.{hint} Presets: {sorted(PRESETS)}")
+        return PRESETS[name]()
+
+    # -- Hugging Face config.json --------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, hf: Mapping[str, Any]) -> "Idefics2Config":
+        """Reads a Hugging Face Idefics2 `config.json` (transformers 4.40+ and 5.x layouts)."""
+        model_type = hf.get("model_type")
+        if model_type != "idefics2":
+            raise ConfigError(
+                f"config.json has model_type={model_type!r}; expected 'idefics2' "
+                "(this loader reads Idefics2ForConditionalGeneration checkpoints only)"
+            )
+        top = {k: v for k, v in hf.items() if k not in ("vision_config", "perceiver_config", "text_config")}
+        _check_keys(cls, top, "config.json", ignore=HF_GENERIC_KEYS)
+
+        vision = _strip(hf.get("vision_config") or {}, "config.json vision_config", VisionConfig)
+        perceiver = dict(hf.get("perceiver_config") or {})
+        # Hugging Face stores a copy of the text width / epsilon in the perceiver config.
+        perceiver.pop("hidden_size", None)
+        perceiver.pop("rms_norm_eps", None)
+        perceiver = _strip(perceiver, "config.json perceiver_config", PerceiverConfig)
+
+        text = dict(hf.get("text_config") or {})
+        text_type = text.get("model_type", "mistral")
+        if text_type != "mistral":
+            raise ConfigError(f"config.json text_config has model_type={text_type!r}; expected 'mistral'")
+        rope = text.pop("rope_parameters", None) or text.pop("rope_scaling", None)
+        if rope:
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                raise ConfigError(f"text_config rope type {rope_type!r} is not supported (only 'default')")
+            if "rope_theta" in rope:
+                text["rope_theta"] = rope["rope_theta"]
+        text.pop("rope_scaling", None)
+        # Hugging Face Mistral configs may carry `layer_types`; all Mistral layers are alike.
+        layer_types = text.pop("layer_types", None)
+        if layer_types and len(set(layer_types)) > 1:
+            raise ConfigError(f"text_config layer_types={sorted(set(layer_types))}: mixed layer types unsupported")
+        text.pop("tie_word_embeddings", None)
+        text = _strip(text, "config.json text_config", TextConfig)
+
+        top = {k: v for k, v in top.items() if k not in HF_GENERIC_KEYS}
+        return cls(
+            vision=VisionConfig(**vision),
+            perceiver=PerceiverConfig(**perceiver),
+            text=TextConfig(**text),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            **{k: v for k, v in top.items() if k != "tie_word_embeddings"},
+        )
+
+    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+        """A `config.json` that transformers' `Idefics2Config` reads."""
+        text = self.text.to_dict()
+        rope_theta = text.pop("rope_theta")
+        text.update(
+            model_type="mistral",
+            rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        if text["head_dim"] is None:
+            text["head_dim"] = self.text.attention_head_dim
+        perceiver = self.perceiver.to_dict()
+        perceiver.update(
+            model_type="idefics2_perceiver",
+            hidden_size=self.text.hidden_size,
+            rms_norm_eps=self.text.rms_norm_eps,
+        )
+        vision = self.vision.to_dict()
+        vision.update(model_type="idefics2_vision")
+        return {
+            "architectures": ["Idefics2ForConditionalGeneration"],
+            "model_type": "idefics2",
+            "dtype": dtype,
+            "image_token_id": self.image_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_cache": True,
+            "vision_config": vision,
+            "perceiver_config": perceiver,
+            "text_config": text,
+        }
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "Idefics2Config":
+        with open(path) as f:
+            return cls.from_hf_dict(json.load(f))
+
+    def to_json_file(self, path: str | os.PathLike, dtype: str = "float32"):
+        with open(path, "w") as f:
+            json.dump(self.to_hf_dict(dtype), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def _strip(section: Mapping[str, Any], where: str, cls) -> dict[str, Any]:
+    """Drops Hugging Face bookkeeping keys, then errors on any key `cls` does not know."""
+    _check_keys(cls, section, where, ignore=HF_GENERIC_KEYS)
+    known = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in section.items() if k in known}
+
+
+def idefics2_8b() -> Idefics2Config:
+    """HuggingFaceM4/idefics2-8b: SigLIP-SO400M/14 at 980 px, Perceiver 64 latents, Mistral-7B."""
+    return Idefics2Config(
+        vision=VisionConfig(
+            hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+            image_size=980, patch_size=14,
+        ),
+        perceiver=PerceiverConfig(
+            resampler_n_latents=64, resampler_depth=3, resampler_n_heads=16, resampler_head_dim=96,
+            num_key_value_heads=4,
+        ),
+        text=TextConfig(
+            vocab_size=32003, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+            rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
+        ),
+        image_token_id=32001,
+    )
+
+
+def tiny() -> Idefics2Config:
+    """A few-million-parameter Idefics2 of the same shape family, for CPU runs and tests."""
+    return Idefics2Config(
+        vision=VisionConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            image_size=112, patch_size=14,
+        ),
+        perceiver=PerceiverConfig(
+            resampler_n_latents=64, resampler_depth=2, resampler_n_heads=4, resampler_head_dim=16,
+            num_key_value_heads=2,
+        ),
+        text=TextConfig(
+            vocab_size=1027, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            rms_norm_eps=1e-5, sliding_window=512,
+        ),
+        image_token_id=1025,
+    )
+
+
+PRESETS = {"idefics2-8b": idefics2_8b, "tiny": tiny}

@@ -1,0 +1,278 @@
+"""Hugging Face Idefics2 checkpoints <-> our parameters, tensor by tensor.
+
+    config, params = load_hf_checkpoint(hf_dir)        # config.json + (sharded) safetensors
+    save_hf_checkpoint(out_dir, config, params)         # transformers' from_pretrained loads it
+
+Both stream: one tensor is read, transformed and placed at a time, so peak host memory is about
+one copy of the model. Every name, shape and dtype is checked against the model the config
+describes; a missing, unexpected or mis-shaped tensor is an error naming the key and both shapes.
+Our own checkpoints (orbax, plus `config.json`) are written and read by `save_checkpoint` /
+`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from idefics_jax.config import Idefics2Config
+from idefics_jax.convert.names import hf_name, hf_shape, leaf_rule
+from idefics_jax.models.idefics2 import Idefics2
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model its config describes."""
+
+
+def _np_dtype(dtype) -> np.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"Unsupported dtype '{dtype}'; choose one of {sorted(_DTYPES)}")
+        return np.dtype(_DTYPES[dtype])
+    return np.dtype(dtype)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    for name, value in _DTYPES.items():
+        if np.dtype(value) == dtype:
+            return name
+    return str(dtype)
+
+
+def abstract_params(config: Idefics2Config, dtype=jnp.float32) -> dict:
+    """The parameter tree of `Idefics2(config)` as `ShapeDtypeStruct`s (nothing allocated)."""
+    model = Idefics2(config, param_dtype=dtype)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
+    return nn.meta.unbox(variables["params"])
+
+
+def _name_map(config: Idefics2Config) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Hugging Face name -> (our path, leaf rule), with the expected Flax shape."""
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(abstract_params(config)).items():
+        rule = leaf_rule(path[-1], len(leaf.shape))
+        out[hf_name(path, len(leaf.shape))] = (path, rule, tuple(leaf.shape))
+    return out
+
+
+def _safetensors_files(hf_dir: Path) -> list[Path]:
+    if (hf_dir / SAFE_INDEX).exists():
+        with open(hf_dir / SAFE_INDEX) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not (hf_dir / name).exists()]
+        if missing:
+            raise FileNotFoundError(f"{hf_dir / SAFE_INDEX} names shard(s) that do not exist: {missing}")
+        return [hf_dir / name for name in files]
+    if (hf_dir / SAFE_SINGLE).exists():
+        return [hf_dir / SAFE_SINGLE]
+    raise FileNotFoundError(
+        f"No {SAFE_SINGLE} or {SAFE_INDEX} in {hf_dir}: expected a Hugging Face checkpoint saved with "
+        "safetensors (save_pretrained(..., safe_serialization=True))"
+    )
+
+
+def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool = True,
+                       shardings: Mapping | None = None, progress: bool = False):
+    """Reads a Hugging Face Idefics2 checkpoint directory; returns `(config, params)`.
+
+    dtype: the parameters' dtype (`"float32"`, `"bfloat16"`, a numpy dtype); None keeps each
+    tensor's stored dtype. on_device: place each tensor on the default device as it is read
+    (False keeps numpy arrays on the host). shardings: optional tree of `jax.sharding.Sharding`
+    (same structure as the params) to place each tensor sharded as it is read.
+    """
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").exists():
+        raise FileNotFoundError(f"No config.json in {hf_dir}")
+    config = Idefics2Config.from_json_file(hf_dir / "config.json")
+    expected = _name_map(config)
+    target_dtype = _np_dtype(dtype)
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else None
+
+    files = _safetensors_files(hf_dir)
+    flat: dict[tuple[str, ...], Any] = {}
+    seen: dict[str, Path] = {}
+    with tqdm(desc=f"Reading {hf_dir.name}", unit="tensor", total=len(expected), disable=not progress) as bar:
+        for file in files:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    if name in seen:
+                        raise CheckpointError(f"Tensor '{name}' appears in both {seen[name].name} and {file.name}")
+                    seen[name] = file
+                    if name not in expected:
+                        if name == "lm_head.weight" and config.tie_word_embeddings:
+                            continue  # tied to embed_tokens; our model has no separate lm_head
+                        raise CheckpointError(
+                            f"Unexpected tensor '{name}' (shape {tuple(f.get_slice(name).get_shape())}) in "
+                            f"{file.name}: the model described by config.json has no such parameter"
+                        )
+                    path, rule, flax_shape = expected[name]
+                    stored_shape = tuple(f.get_slice(name).get_shape())
+                    want_hf_shape = hf_shape(flax_shape, rule)
+                    if stored_shape != want_hf_shape:
+                        raise CheckpointError(
+                            f"Tensor '{name}' in {file.name} has shape {stored_shape}, but config.json "
+                            f"describes shape {want_hf_shape}"
+                        )
+                    array = np.ascontiguousarray(rule.to_flax(f.get_tensor(name)))
+                    if target_dtype is not None and array.dtype != target_dtype:
+                        array = array.astype(target_dtype)
+                    if flat_shardings is not None:
+                        array = jax.device_put(array, flat_shardings[path])
+                    elif on_device:
+                        array = jax.device_put(array)
+                    flat[path] = array
+                    bar.update()
+    missing = [name for name in expected if name not in seen]
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} tensor(s) missing from {hf_dir}: "
+            + ", ".join(f"'{n}' (expected shape {hf_shape(expected[n][2], expected[n][1])})" for n in missing[:10])
+            + (" ..." if len(missing) > 10 else "")
+        )
+    return config, traverse_util.unflatten_dict(flat)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    text = size.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * factor)
+    raise ValueError(f"Cannot read the size '{size}' (examples: 5GB, 500MB, 1000000)")
+
+
+def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, params, *, dtype=None,
+                       max_shard_size: int | str = "5GB", progress: bool = False):
+    """Writes `config.json`, `model.safetensors.index.json` and `model-0000i-of-0000n.safetensors`.
+
+    dtype: the stored dtype (None keeps each parameter's dtype). Tensors are fetched from the
+    devices and transformed one at a time; a shard is written as soon as it is full.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target_dtype = _np_dtype(dtype)
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+    expected = {path: (name, rule, shape) for name, (path, rule, shape) in _name_map(config).items()}
+    unexpected = sorted(set(flat) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"Parameter '{'/'.join(unexpected[0])}' is not part of the model config describes")
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        raise CheckpointError(f"Parameter '{'/'.join(missing[0])}' is missing (expected shape {expected[missing[0]][2]})")
+    for path, (name, _, shape) in expected.items():
+        if tuple(flat[path].shape) != shape:
+            raise CheckpointError(
+                f"Parameter '{'/'.join(path)}' ({name}) has shape {tuple(flat[path].shape)}; config describes {shape}")
+
+    # Plan the shards from shapes alone, in Hugging Face name order.
+    order = sorted(expected, key=lambda p: expected[p][0])
+    limit = _parse_size(max_shard_size)
+    shards: list[list[tuple[str, ...]]] = [[]]
+    shard_bytes, total = 0, 0
+    for path in order:
+        leaf = flat[path]
+        nbytes = int(np.prod(leaf.shape)) * (target_dtype or np.dtype(leaf.dtype)).itemsize
+        if shards[-1] and shard_bytes + nbytes > limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(path)
+        shard_bytes += nbytes
+        total += nbytes
+
+    weight_map = {}
+    stored_dtypes = set()
+    with tqdm(desc=f"Writing {out_dir.name}", unit="tensor", total=len(order), disable=not progress) as bar:
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for path in shard:
+                name, rule, _ = expected[path]
+                array = np.asarray(jax.device_get(flat[path]))
+                if target_dtype is not None and array.dtype != target_dtype:
+                    array = array.astype(target_dtype)
+                tensors[name] = np.ascontiguousarray(rule.to_hf(array))
+                stored_dtypes.add(tensors[name].dtype)
+                weight_map[name] = file
+                bar.update()
+            save_file(tensors, out_dir / file, metadata={"format": "pt"})
+            del tensors
+    with open(out_dir / SAFE_INDEX, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        f.write("\n")
+    dtype_name = _dtype_name(stored_dtypes.pop()) if len(stored_dtypes) == 1 else "float32"
+    config.to_json_file(out_dir / "config.json", dtype=dtype_name)
+    return out_dir
+
+
+# -- our checkpoints: orbax params + config.json ------------------------------------------------
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, config: Idefics2Config, params):
+    """Writes `ckpt_dir/config.json` and the orbax checkpoint `ckpt_dir/params`."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = Path(ckpt_dir).absolute()
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if (ckpt_dir / "params").exists():
+        raise FileExistsError(f"{ckpt_dir / 'params'} exists already; choose an empty directory")
+    dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(ckpt_dir / "params", nn.meta.unbox(params))
+    config.to_json_file(ckpt_dir / "config.json", dtype=_dtype_name(dtypes.pop()) if len(dtypes) == 1 else "float32")
+    return ckpt_dir
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True):
+    """Reads a checkpoint written by `save_checkpoint`; returns `(config, params)`."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = Path(ckpt_dir).absolute()
+    for needed in ("config.json", "params"):
+        if not (ckpt_dir / needed).exists():
+            raise FileNotFoundError(f"{ckpt_dir} is not an idefics_jax checkpoint: {needed} is missing")
+    config = Idefics2Config.from_json_file(ckpt_dir / "config.json")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(ckpt_dir / "params").item_metadata.tree
+    restore_type = jax.Array if on_device else np.ndarray
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=restore_type), tree, is_leaf=is_leaf)
+    if on_device:
+        device = jax.devices()[0]
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), tree, is_leaf=is_leaf)
+    params = checkpointer.restore(ckpt_dir / "params", restore_args=restore_args)
+    # check against the model the config describes
+    expected = traverse_util.flatten_dict(abstract_params(config))
+    got = traverse_util.flatten_dict(params)
+    for path, leaf in expected.items():
+        if path not in got:
+            raise CheckpointError(f"{ckpt_dir}: parameter '{'/'.join(path)}' is missing (shape {leaf.shape})")
+        if tuple(got[path].shape) != tuple(leaf.shape):
+            raise CheckpointError(f"{ckpt_dir}: parameter '{'/'.join(path)}' has shape {tuple(got[path].shape)}; "
+                                  f"config.json describes {tuple(leaf.shape)}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise CheckpointError(f"{ckpt_dir}: unexpected parameter '{'/'.join(extra[0])}'")
+    return config, params

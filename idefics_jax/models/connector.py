@@ -1,0 +1,112 @@
+"""Modality projection (SwiGLU MLP, vision width -> text width) and the Perceiver resampler.
+
+The resampler turns each image's variable number of patch features into a fixed set of
+`resampler_n_latents` (64) latents: in every layer the latents attend over the concatenation
+[image context; latents] (grouped-query heads, RMSNorm), then pass through a SwiGLU MLP.
+
+Module names follow Hugging Face's `Idefics2Connector` (`modality_projection`,
+`perceiver_resampler.latents`, `perceiver_resampler.layers.N.self_attn.q_proj`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax.numpy as jnp
+
+from idefics_jax.config import Idefics2Config
+from idefics_jax.models.layers import GatedMLP, RMSNorm, dense
+from idefics_jax.ops.attention import dot_product_attention
+
+Dtype = Any
+
+
+class PerceiverAttention(nn.Module):
+    config: Idefics2Config
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, latents, context, kv_mask):
+        # latents [n, latents, hidden]; context [n, patches, hidden]; kv_mask [n, patches + latents]
+        p, hidden = self.config.perceiver, self.config.text.hidden_size
+        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, init_std=p.initializer_range)
+        head_dim = p.resampler_head_dim
+        states = jnp.concatenate([context, latents], axis=1)  # [n, patches + latents, hidden]
+        q = dense(p.resampler_n_heads * head_dim, ("embed", "heads"), name="q_proj", **kw)(latents)
+        k = dense(p.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(states)
+        v = dense(p.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(states)
+        split = lambda t: einops.rearrange(t, "n s (h d) -> n s h d", d=head_dim)
+        out = dot_product_attention(split(q), split(k), split(v), kv_mask=kv_mask,
+                                    implementation=self.attention_impl)  # [n, latents, heads, head_dim]
+        out = einops.rearrange(out, "n s h d -> n s (h d)")
+        return dense(hidden, ("heads", "embed"), name="o_proj", **kw)(out)
+
+
+class PerceiverLayer(nn.Module):
+    config: Idefics2Config
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, latents, context, kv_mask):
+        cfg = self.config
+        hidden, eps = cfg.text.hidden_size, cfg.text.rms_norm_eps
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        residual = latents
+        latents = RMSNorm(eps, name="input_latents_norm", **kw)(latents)
+        context = RMSNorm(eps, name="input_context_norm", **kw)(context)
+        latents = residual + PerceiverAttention(cfg, self.attention_impl, name="self_attn", **kw)(
+            latents, context, kv_mask)
+        h = RMSNorm(eps, name="post_attention_layernorm", **kw)(latents)
+        mlp = GatedMLP(4 * hidden, hidden, cfg.perceiver.hidden_act, cfg.perceiver.initializer_range,
+                       name="mlp", **kw)
+        return latents + mlp(h)
+
+
+class PerceiverResampler(nn.Module):
+    """`context [n, patches, hidden]`, `context_mask [n, patches]` -> `[n, n_latents, hidden]`."""
+
+    config: Idefics2Config
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        p = self.config.perceiver
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.latents = self.param(
+            "latents", nn.with_logical_partitioning(nn.initializers.ones_init(), (None, "embed")),
+            (p.resampler_n_latents, self.config.text.hidden_size), self.param_dtype,
+        )
+        self.layers = [PerceiverLayer(self.config, self.attention_impl, **kw) for _ in range(p.resampler_depth)]
+        self.norm = RMSNorm(self.config.text.rms_norm_eps, **kw)
+
+    def __call__(self, context, context_mask):
+        n = context.shape[0]
+        latents = jnp.broadcast_to(jnp.asarray(self.latents, self.dtype), (n, *self.latents.shape))
+        # every latent is a valid key: mask [n, patches + latents]
+        kv_mask = jnp.concatenate([context_mask.astype(bool), jnp.ones(latents.shape[:2], bool)], axis=1)
+        for layer in self.layers:
+            latents = layer(latents, context, kv_mask)
+        return self.norm(latents)
+
+
+class Connector(nn.Module):
+    config: Idefics2Config
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, image_hidden_states, patch_mask):
+        # image_hidden_states [n, patches, vision hidden]; patch_mask [n, patches]
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        projected = GatedMLP(cfg.text.intermediate_size, cfg.text.hidden_size, cfg.text.hidden_act,
+                             cfg.text.initializer_range, name="modality_projection", **kw)(image_hidden_states)
+        return PerceiverResampler(cfg, self.attention_impl, name="perceiver_resampler", **kw)(projected, patch_mask)

@@ -1,0 +1,115 @@
+"""Building blocks shared by the towers: dense layers with logical axes, norms, SwiGLU, RoPE.
+
+Every parameter is created through `nn.with_logical_partitioning`, so it carries logical axis
+names (`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `norm`, ...). One rule table
+(`idefics_jax.sharding.LOGICAL_AXIS_RULES`) maps those names onto mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def dense(features: int, axes: Sequence[str | None], *, use_bias: bool, dtype: Dtype, name: str | None = None,
+          param_dtype: Dtype, init_std: float = 0.02) -> nn.Dense:
+    """`nn.Dense` whose kernel `[in, out]` and bias `[out]` carry logical axis names `axes`."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), tuple(axes)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
+        name=name,
+    )
+
+
+def activation(name: str):
+    """Hugging Face activation names (`ACT2FN`) as JAX functions."""
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    if name == "relu":
+        return jax.nn.relu
+    raise ValueError(f"Unsupported activation '{name}'")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled after casting back (as Hugging Face's Idefics2/Mistral)."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [..., hidden]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            (x.shape[-1],), self.param_dtype,
+        )
+        input_dtype = x.dtype
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (jnp.asarray(scale, self.dtype) * x.astype(input_dtype)).astype(self.dtype)
+
+
+def layer_norm(eps: float, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+    """LayerNorm with exact (two-pass) variance, as torch computes it."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU MLP `down(act(gate(x)) * up(x))`: Hugging Face's `Idefics2MLP` / `MistralMLP`."""
+
+    intermediate_size: int
+    output_size: int
+    hidden_act: str = "silu"
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [..., in] -> [..., out]
+        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std)
+        gate = dense(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = dense(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        hidden = activation(self.hidden_act)(gate) * up  # [..., intermediate]
+        return dense(self.output_size, ("mlp", "embed"), name="down_proj", **kw)(hidden)
+
+
+def rotary_cos_sin(positions, head_dim: int, theta: float):
+    """cos / sin tables `[batch, seq, head_dim]` for integer `positions` `[batch, seq]`.
+
+    Computed in float32 exactly as Hugging Face's default RoPE (frequencies repeated, not
+    interleaved).
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim / 2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [batch, seq, head_dim]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotates `x` `[batch, seq, heads, head_dim]` by position (the `rotate_half` convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin

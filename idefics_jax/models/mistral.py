@@ -1,0 +1,111 @@
+"""Mistral decoder: RoPE, grouped-query attention, sliding-window causal mask, RMSNorm, SwiGLU.
+
+Takes input embeddings (the text embeddings with image latents already spliced in) and returns
+the final normed hidden states. Module names follow Hugging Face's `MistralModel`
+(`embed_tokens`, `layers.N.self_attn.q_proj`, `layers.N.mlp.gate_proj`, `norm`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax.numpy as jnp
+
+from idefics_jax.config import TextConfig
+from idefics_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
+from idefics_jax.ops.attention import dot_product_attention
+
+Dtype = Any
+
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+class MistralAttention(nn.Module):
+    config: TextConfig
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, positions, kv_mask, segment_ids):
+        # x [batch, seq, hidden]; cos / sin [batch, seq, head_dim]; positions [batch, seq]
+        cfg = self.config
+        head_dim = cfg.attention_head_dim
+        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, init_std=cfg.initializer_range)
+        split = lambda t: einops.rearrange(t, "b s (h d) -> b s h d", d=head_dim)
+        q = split(dense(cfg.num_attention_heads * head_dim, ("embed", "heads"), name="q_proj", **kw)(x))
+        k = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x))
+        v = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = dot_product_attention(
+            q, k, v, kv_mask=kv_mask, causal=True, sliding_window=cfg.sliding_window,
+            q_positions=positions, kv_positions=positions,
+            q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+            implementation=self.attention_impl,
+        )  # [batch, seq, heads, head_dim]
+        out = einops.rearrange(out, "b s h d -> b s (h d)")
+        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
+
+
+class MistralDecoderLayer(nn.Module):
+    config: TextConfig
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, positions, kv_mask, segment_ids):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
+        x = x + MistralAttention(cfg, self.attention_impl, name="self_attn", **kw)(
+            h, cos, sin, positions, kv_mask, segment_ids)
+        h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
+        mlp = GatedMLP(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, cfg.initializer_range,
+                       name="mlp", **kw)
+        return x + mlp(h)
+
+
+class MistralModel(nn.Module):
+    config: TextConfig
+    attention_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+            **kw,
+        )
+        self.layers = [MistralDecoderLayer(cfg, self.attention_impl, **kw) for _ in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
+
+    def embed(self, input_ids):  # [batch, seq] -> [batch, seq, hidden]
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, inputs_embeds, *, attention_mask=None, positions=None, segment_ids=None):
+        """inputs_embeds `[batch, seq, hidden]` -> final hidden states `[batch, seq, hidden]`.
+
+        attention_mask `[batch, seq]`: 0 marks padding keys (Hugging Face's convention).
+        positions `[batch, seq]`: RoPE and causal positions; default `0 .. seq - 1`.
+        segment_ids `[batch, seq]`: packed rows; tokens attend within their segment only.
+        """
+        batch, seq, _ = inputs_embeds.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        cos, sin = rotary_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta)
+        kv_mask = None if attention_mask is None else attention_mask.astype(bool)
+        x = inputs_embeds.astype(self.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, kv_mask, segment_ids)
+        return self.norm(x)
+
+    def attend(self, hidden):  # tied output projection: [batch, seq, hidden] -> [batch, seq, vocab]
+        return self.embed_tokens.attend(hidden)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny random Hugging Face Idefics2 (the reference) saved to disk.
+
+Each test session draws fresh weights and fresh inputs; the seed is printed so a failure can be
+reproduced with IDEFICS_TEST_SEED=<seed>.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+torch.set_num_threads(2)
+
+IMAGE_TOKEN_ID = 100
+HF_TINY = dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=56, patch_size=4),
+    perceiver_config=dict(hidden_act="silu", resampler_n_latents=16, resampler_depth=2, resampler_n_heads=4,
+                          resampler_head_dim=8, num_key_value_heads=2),
+    text_config=dict(model_type="mistral", vocab_size=128, hidden_size=48, intermediate_size=96,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                     max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0),
+    image_token_id=IMAGE_TOKEN_ID,
+)
+
+
+@pytest.fixture(scope="session")
+def seed() -> int:
+    value = int(os.environ.get("IDEFICS_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+    print(f"\nIDEFICS_TEST_SEED={value}")
+    return value
+
+
+def build_hf_model(seed: int, **overrides):
+    """A random `Idefics2ForConditionalGeneration` in float32, eager attention, eval mode."""
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    kwargs = {**HF_TINY, **overrides}
+    config = Idefics2Config(**kwargs)
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(config)
+    # Random init leaves norms at 1 and the latents at 1: perturb them so the test sees them.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layer_norm" in name or "layernorm" in name or name.endswith("latents"):
+                param.add_(0.1 * torch.randn_like(param))
+            if name.endswith("bias"):
+                param.add_(0.02 * torch.randn_like(param))
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, seed):
+    """A saved tiny reference model: (directory, model)."""
+    path = tmp_path_factory.mktemp("hf_tiny")
+    model = build_hf_model(seed)
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def converted(hf_dir):
+    """Our (config, params) loaded from the reference checkpoint."""
+    from idefics_jax import load_hf_checkpoint
+
+    return load_hf_checkpoint(hf_dir[0])
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
