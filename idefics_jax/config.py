@@ -147,9 +147,13 @@ class TextConfig(_Config):
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
 
+    def __post_init__(self):
+        if self.head_dim is None:  # resolved once, as Hugging Face's MistralConfig does
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
     @property
     def attention_head_dim(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
+        return self.head_dim
 
     def validate(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -270,8 +274,6 @@ class Idefics2Config(_Config):
             rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
             tie_word_embeddings=self.tie_word_embeddings,
         )
-        if text["head_dim"] is None:
-            text["head_dim"] = self.text.attention_head_dim
         perceiver = self.perceiver.to_dict()
         perceiver.update(
             model_type="idefics2_perceiver",

@@ -1,0 +1,45 @@
+"""Logical axis names on every parameter, and the sharded forward pass on a simulated 8-device mesh."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import pytest
+
+from idefics_jax import Idefics2, Idefics2Config
+from idefics_jax.sharding import LOGICAL_AXIS_RULES, logical_specs, make_mesh
+
+
+def test_every_parameter_has_logical_axis_names():
+    config = Idefics2Config.preset("tiny")
+    specs = logical_specs(Idefics2(config))
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(Idefics2(config).init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 1), int))))
+    known = {name for name, _ in LOGICAL_AXIS_RULES}
+    flat_specs = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    flat_shapes = jax.tree_util.tree_leaves_with_path(shapes["params"])
+    assert len(flat_specs) == len(flat_shapes)
+    for (path, spec), (_, shape) in zip(flat_specs, flat_shapes):
+        name = jax.tree_util.keystr(path)
+        assert isinstance(spec, jax.sharding.PartitionSpec), name
+        assert len(spec) == len(shape.shape), name
+        assert any(axis is not None for axis in spec), f"{name} has no named axis"
+        assert all(axis is None or axis in known for axis in spec), f"{name}: {spec} not in the rule table"
+
+
+def test_make_mesh_checks_device_count():
+    with pytest.raises(ValueError, match="devices"):
+        make_mesh(data=len(jax.devices()) + 1)
+
+
+def test_sharded_forward_on_eight_simulated_devices(hf_dir, seed):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    script = Path(__file__).with_name("sharded_forward.py")
+    result = subprocess.run([sys.executable, str(script), str(hf_dir[0]), str(seed)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("relative error") == 4, result.stdout
