@@ -118,19 +118,19 @@ def test_bfloat16_compute_and_params(preset):
     n = config.image_seq_len
     ids = np.concatenate([rng.integers(3, 1000, 6), [config.image_token_id] * n, rng.integers(3, 1000, 6)])[None]
     pixels = rng.uniform(-1, 1, (1, 1, 56, 84, 3)).astype(np.float32)
-    params = Idefics2(config).init(jax.random.PRNGKey(int(rng.integers(1 << 30))), jnp.zeros((1, 1), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: x, jax.tree.map(lambda b: b.unbox() if hasattr(b, "unbox") else b, params,
-                                                    is_leaf=lambda b: hasattr(b, "unbox")))
-    ref = Idefics2(config).apply({"params": params}, ids, pixel_values=pixels)
-    bf16 = Idefics2(config, dtype=jnp.bfloat16).apply({"params": params}, ids, pixel_values=pixels)
+    init = jax.jit(Idefics2(config).init)
+    params = nn_unbox(init(jax.random.PRNGKey(int(rng.integers(1 << 30))), jnp.zeros((1, 1), jnp.int32))["params"])
+    run = lambda model, p: jax.jit(lambda p: model.apply({"params": p}, ids, pixel_values=pixels))(p)
+    ref = run(Idefics2(config), params)
+    bf16 = run(Idefics2(config, dtype=jnp.bfloat16), params)
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    both = Idefics2(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16).apply({"params": params16}, ids,
-                                                                               pixel_values=pixels)
+    both = run(Idefics2(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), params16)
     assert bf16.dtype == jnp.bfloat16 and both.dtype == jnp.bfloat16
     for out in (bf16, both):
         err = float(jnp.abs(out.astype(jnp.float32) - ref).max() / jnp.abs(ref).max())
         assert err < 5e-2, err
-    init16 = Idefics2(config, param_dtype=jnp.bfloat16).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
+    init16 = jax.eval_shape(Idefics2(config, param_dtype=jnp.bfloat16).init, jax.random.PRNGKey(0),
+                            jnp.zeros((1, 1), jnp.int32))
     assert {x.dtype for x in jax.tree.leaves(nn_unbox(init16))} == {jnp.dtype(jnp.bfloat16)}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,12 +57,13 @@ def reference_logits(model, input_ids, attention_mask, pixel_values=None, pixel_
 
 
 def our_logits(converted, input_ids, attention_mask, pixel_values=None, pixel_mask=None):
+    """Jitted, as users run it (the eager image-token check is tested on its own)."""
     config, params = converted
     kwargs = {}
     if pixel_values is not None:
         kwargs = dict(pixel_values=jnp.asarray(pixel_values), pixel_attention_mask=jnp.asarray(pixel_mask))
-    return np.asarray(Idefics2(config).apply({"params": params}, jnp.asarray(input_ids),
-                                             attention_mask=jnp.asarray(attention_mask), **kwargs))
+    forward = jax.jit(lambda p, ids, mask, kw: Idefics2(config).apply({"params": p}, ids, attention_mask=mask, **kw))
+    return np.asarray(forward(params, jnp.asarray(input_ids), jnp.asarray(attention_mask), kwargs))
 
 
 CASES = {
