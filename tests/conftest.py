@@ -76,3 +76,33 @@ def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def train_sentencepiece(seed: int, vocab_size: int = 400) -> bytes:
+    """A tiny Mistral-style sentencepiece model (BPE, byte fallback) trained on made-up text."""
+    import io
+
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(seed)
+    words = ("the a quick brown fox jumps over lazy dog what is written in this image answer user assistant "
+             "hello world number one two three red green blue text photo page document caption").split()
+    lines = [" ".join(rng.choice(words, size=rng.integers(2, 14))) + rng.choice([".", "?", "!", "", ":"])
+             for _ in range(3000)]
+    lines += ["".join(rng.choice(list("0123456789"), size=6)) for _ in range(200)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, minloglevel=2, num_threads=1)
+    return model.getvalue()
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory, seed):
+    """(tokenizer directory with tokenizer.model, model bytes)."""
+    data = train_sentencepiece(seed)
+    path = tmp_path_factory.mktemp("tokenizer")
+    (path / "tokenizer.model").write_bytes(data)
+    return path, data

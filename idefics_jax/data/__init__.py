@@ -1,0 +1,1 @@
+"""Data: image processing, tokenizer, processor, sources, packing and the Grain pipeline."""

@@ -1,0 +1,147 @@
+"""Idefics2 image processing in numpy + PIL, equal to transformers' `Idefics2ImageProcessor`.
+
+Per image (channels last throughout, the JAX convention):
+  1. load and convert to RGB: transparency is composited onto white; grayscale, palette, CMYK
+     and 16-bit images go through PIL's own conversion;
+  2. optionally split into 4 crops (top-left, top-right, bottom-left, bottom-right halves) plus
+     the whole image (transformers 5 splits before resizing);
+  3. resize each with PIL bilinear so the longest edge is at most `longest_edge` (980) and both
+     edges at least `shortest_edge` (378), by the reference's exact integer rule;
+  4. rescale by 1/255 (in float64, stored as float32) and normalise with mean = std = 0.5.
+A batch is zero-padded to its largest image, with a boolean pixel attention mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or used (corrupt, truncated, empty, unsupported)."""
+
+
+def load_image(source: ImageLike) -> Image.Image:
+    """A fully decoded PIL image from a path, encoded bytes, a PIL image or a uint8 array."""
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[-1] not in (1, 3, 4)):
+            raise ImageError(f"An image array must be uint8 [height, width(, 1|3|4)]; got {source.dtype} {source.shape}")
+        image = Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[-1] == 1 else source)
+    else:
+        try:
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        except FileNotFoundError:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            name = "bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+            raise ImageError(f"Cannot read image {name[:200]}: {error}") from error
+    try:
+        image.load()  # decode now: a truncated file fails here, not later
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageError(f"Cannot decode image: {error}") from error
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"Image has zero size ({image.width}x{image.height})")
+    return image
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 `[height, width, 3]`; transparency composited onto white (the reference's rule)."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def resize_output_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
+    """The reference's rule: cap the longest edge (keeping the aspect ratio), then floor both edges."""
+    aspect_ratio = width / height
+    if width >= height and width > longest_edge:
+        width = longest_edge
+        height = int(width / aspect_ratio)
+    elif height > width and height > longest_edge:
+        height = longest_edge
+        width = int(height * aspect_ratio)
+    return max(height, shortest_edge), max(width, shortest_edge)
+
+
+def split_image(image: np.ndarray) -> list[np.ndarray]:
+    """4 crops (row-major quadrants, split at height // 2 and width // 2) + the whole image."""
+    height, width = image.shape[:2]
+    if height < 2 or width < 2:
+        raise ImageError(f"Image of {height}x{width} pixels is too small to split into 4 crops")
+    h, w = height // 2, width // 2
+    return [image[:h, :w], image[:h, w:], image[h:, :w], image[h:, w:], image]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessor:
+    longest_edge: int = 980
+    shortest_edge: int = 378
+    do_image_splitting: bool = False
+    image_mean: float = 0.5
+    image_std: float = 0.5
+    rescale_factor: float = 1 / 255
+
+    @property
+    def images_per_image(self) -> int:
+        """Model images per prompt image: 5 when splitting (4 crops + whole), else 1."""
+        return 5 if self.do_image_splitting else 1
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 `[h, w, 3]` -> uint8 `[h', w', 3]` with PIL bilinear."""
+        height, width = image.shape[:2]
+        new_height, new_width = resize_output_size(height, width, self.shortest_edge, self.longest_edge)
+        if (new_height, new_width) == (height, width):
+            return image
+        return np.asarray(Image.fromarray(image).resize((new_width, new_height), resample=Image.BILINEAR))
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 -> float32 `(x / 255 - mean) / std`, rounded as the reference rounds it."""
+        scaled = (image.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        return (scaled - np.float32(self.image_mean)) / np.float32(self.image_std)
+
+    def process_image(self, source: ImageLike) -> list[np.ndarray]:
+        """One image -> 1 (or 5 with splitting) float32 arrays `[height, width, 3]`, unpadded."""
+        rgb = to_rgb(load_image(source))
+        crops = split_image(rgb) if self.do_image_splitting else [rgb]
+        return [self.normalize(self.resize(np.ascontiguousarray(crop))) for crop in crops]
+
+    def __call__(self, images: Sequence[Sequence[ImageLike]]) -> dict[str, np.ndarray]:
+        """A batch: `images[b]` are row b's images. Returns `pixel_values` float32
+        `[batch, max_images, max_h, max_w, 3]` and `pixel_attention_mask` bool
+        `[batch, max_images, max_h, max_w]`; missing images are all-zero slots."""
+        processed = [[crop for image in row for crop in self.process_image(image)] for row in images]
+        return pad_images(processed)
+
+
+def pad_images(rows: Sequence[Sequence[np.ndarray]], max_images: int | None = None,
+               size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Zero-pads processed images `[h, w, 3]` into one batch with a pixel attention mask."""
+    sizes = [image.shape[:2] for row in rows for image in row]
+    max_images = max_images if max_images is not None else max([len(row) for row in rows] + [1])
+    if size is None:
+        size = (max([h for h, _ in sizes] + [1]), max([w for _, w in sizes] + [1]))
+    height, width = size
+    pixel_values = np.zeros((len(rows), max_images, height, width, 3), np.float32)
+    pixel_mask = np.zeros((len(rows), max_images, height, width), bool)
+    for b, row in enumerate(rows):
+        if len(row) > max_images:
+            raise ValueError(f"Row {b} has {len(row)} images; at most {max_images} fit")
+        for i, image in enumerate(row):
+            h, w = image.shape[:2]
+            if h > height or w > width:
+                raise ValueError(f"Image {i} of row {b} is {h}x{w}, larger than the padded size {height}x{width}")
+            pixel_values[b, i, :h, :w] = image
+            pixel_mask[b, i, :h, :w] = True
+    return {"pixel_values": pixel_values, "pixel_attention_mask": pixel_mask}

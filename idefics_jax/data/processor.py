@@ -1,0 +1,88 @@
+"""The Idefics2 processor: prompts and images -> model inputs, and the chat format.
+
+    processor = Processor(Tokenizer("tokenizer.model"), ImageProcessor(), image_seq_len=64)
+    batch = processor(["User:<image>What is written here?<end_of_utterance>\\nAssistant:"], [[image]])
+    # input_ids / attention_mask [batch, seq] (left padded), pixel_values [batch, images, h, w, 3],
+    # pixel_attention_mask [batch, images, h, w]
+
+Chat format (Idefics2's template): each turn is `Role:` (then a space unless the turn opens
+with an image) + its text and `<image>` placeholders + `<end_of_utterance>\\n`; a generation
+prompt ends with `Assistant:`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from idefics_jax.data.image_processing import ImageLike, ImageProcessor
+from idefics_jax.data.image_tokens import (
+    END_OF_UTTERANCE,
+    IMAGE_TOKEN,
+    count_placeholders,
+    expand_image_placeholders,
+)
+from idefics_jax.data.tokenizer import Tokenizer
+
+Message = Mapping[str, Any]  # {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}
+
+
+def render_turn(message: Message) -> str:
+    """One chat turn as Idefics2's template writes it."""
+    content = message["content"]
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    if not content:
+        raise ValueError(f"A {message['role']!r} turn has no content")
+    head = str(message["role"]).capitalize() + (":" if content[0]["type"] == "image" else ": ")
+    body = []
+    for part in content:
+        if part["type"] == "text":
+            body.append(part["text"])
+        elif part["type"] == "image":
+            body.append(IMAGE_TOKEN)
+        else:
+            raise ValueError(f"Unknown content type {part['type']!r} (expected 'text' or 'image')")
+    return head + "".join(body) + END_OF_UTTERANCE + "\n"
+
+
+def apply_chat_template(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+    return "".join(render_turn(m) for m in messages) + ("Assistant:" if add_generation_prompt else "")
+
+
+class Processor:
+    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor | None = None, image_seq_len: int = 64):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor or ImageProcessor()
+        self.image_seq_len = image_seq_len
+        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+
+    def expand(self, text: str) -> str:
+        return expand_image_placeholders(text, self.image_seq_len, self.image_processor.do_image_splitting)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(self.expand(text))
+
+    def __call__(self, text: str | Sequence[str], images: Sequence[Sequence[ImageLike]] | None = None,
+                 padding_side: str = "left") -> dict[str, np.ndarray]:
+        texts = [text] if isinstance(text, str) else list(text)
+        rows = [self.encode_prompt(t) for t in texts]
+        wanted = [count_placeholders(t) for t in texts]
+        given = [len(r) for r in images] if images is not None else [0] * len(texts)
+        if images is not None and len(images) != len(texts):
+            raise ValueError(f"{len(texts)} prompts but {len(images)} lists of images")
+        for i, (w, g) in enumerate(zip(wanted, given)):
+            if w != g:
+                raise ValueError(f"Prompt {i} has {w} {IMAGE_TOKEN} placeholder(s) but {g} image(s) were given")
+        seq = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), seq), self.tokenizer.pad_id, np.int32)
+        attention_mask = np.zeros((len(rows), seq), np.int32)
+        for b, row in enumerate(rows):
+            span = slice(seq - len(row), seq) if padding_side == "left" else slice(0, len(row))
+            input_ids[b, span] = row
+            attention_mask[b, span] = 1
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if images is not None and any(given):
+            out.update(self.image_processor(images))
+        return out
