@@ -27,6 +27,7 @@ class Tokenizer:
     def __init__(self, model: str | os.PathLike | bytes, *, add_bos: bool = True, add_eos: bool = False,
                  added_tokens: Sequence[str] = ADDED_TOKENS):
         proto = model if isinstance(model, bytes) else open(model, "rb").read()
+        self._init_args = (proto, add_bos, add_eos, tuple(added_tokens))
         self.sp = spm.SentencePieceProcessor(model_proto=proto)
         # the same model, without the dummy prefix: we place the `▁` prefix ourselves
         spec = sentencepiece_model_pb2.ModelProto()
@@ -44,6 +45,13 @@ class Tokenizer:
         pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
         self._split = re.compile(f"({pattern})")
         self._id_to_added = {i: t for t, i in self.added_tokens.items()}
+
+    def __getstate__(self):  # picklable for data-loader worker processes
+        return self._init_args
+
+    def __setstate__(self, state):
+        proto, add_bos, add_eos, added = state
+        self.__init__(proto, add_bos=add_bos, add_eos=add_eos, added_tokens=added)
 
     # -- ids ---------------------------------------------------------------------------------
     @property
@@ -110,3 +118,20 @@ class Tokenizer:
         if run:
             out.append(self.sp.decode(run))
         return "".join(out)
+
+
+def train_tokenizer(texts, vocab_size: int, seed: int = 0) -> bytes:
+    """Trains a Mistral-style sentencepiece model (BPE, byte fallback, ids unk=0 bos=1 eos=2).
+
+    For synthetic data and tests: Idefics2 itself uses Mistral's 32,000-piece model.
+    """
+    import io
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, minloglevel=2, num_threads=1, hard_vocab_limit=False,
+    )
+    return model.getvalue()

@@ -1,0 +1,142 @@
+"""Records -> encoded samples (token ids, a target mask, resized images).
+
+A record is a dict (one line of a jsonl file, one ArrayRecord entry, one TFDS example):
+
+    {"id": "...", "type": "pair",         "image": "img/0.png", "text": "a caption"}
+    {"id": "...", "type": "document",     "image": "pages/3.png", "text": "the page's text"}
+    {"id": "...", "type": "interleaved",  "content": [{"type": "text", "text": "..."},
+                                                      {"type": "image", "image": "img/1.png"}, ...]}
+    {"id": "...", "type": "conversation", "images": ["img/2.png"],
+     "messages": [{"role": "user", "content": "<image>What is written here?"},
+                  {"role": "assistant", "content": "hello"}]}
+
+Image references are paths relative to the dataset directory, or keys of the record's embedded
+`_image_bytes` map (ArrayRecord / TFDS). Pre-training records (pair, document, interleaved) are
+trained on every text token (the end-of-sequence token included); conversations only on the
+assistant's answers and their `<end_of_utterance>`.
+
+An encoded sample is a dict: `tokens` int32 [n], `targets` bool [n] (token t is predicted),
+`images` a list of uint8 [h, w, 3] arrays (crops included, in prompt order), `id`, `source`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from idefics_jax.data.image_processing import ImageError, ImageProcessor
+from idefics_jax.data.image_tokens import END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, count_placeholders
+from idefics_jax.data.processor import Processor
+
+RECORD_TYPES = ("pair", "document", "interleaved", "conversation")
+
+
+class SampleError(ValueError):
+    """A record that cannot become a training sample; `reason` is a short category for counts."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class SampleEncoder:
+    """Turns records of one source into encoded samples."""
+
+    processor: Processor
+    base_dir: str = ""
+    max_length: int = 2048
+    source: str = ""
+
+    def read_image(self, record: Mapping[str, Any], ref: str) -> list[np.ndarray]:
+        embedded = record.get("_image_bytes") or {}
+        source = embedded[ref] if ref in embedded else os.path.join(self.base_dir, ref)
+        try:
+            crops = self.processor.image_processor.process_uint8(source)
+        except FileNotFoundError as error:
+            raise SampleError("missing_file", f"image '{ref}' not found: {error}") from error
+        except ImageError as error:
+            raise SampleError("bad_image", f"image '{ref}': {error}") from error
+        return crops
+
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        kind = record.get("type")
+        if kind not in RECORD_TYPES:
+            raise SampleError("bad_record", f"record type {kind!r} is not one of {RECORD_TYPES}")
+        try:
+            if kind == "conversation":
+                pieces, image_refs = self._conversation(record)
+            else:
+                pieces, image_refs = self._document(record, kind)
+        except (KeyError, TypeError) as error:
+            raise SampleError("bad_record", f"malformed {kind} record: missing or wrong field {error}") from error
+        tokens, targets = self._tokenize(pieces, pretraining=kind != "conversation")
+        if len(tokens) > self.max_length:
+            raise SampleError("too_long", f"{len(tokens)} tokens > max_length {self.max_length}")
+        images = [crop for ref in image_refs for crop in self.read_image(record, ref)]
+        return {"tokens": tokens, "targets": targets, "images": images,
+                "id": str(record.get("id", "")), "source": self.source}
+
+    # -- prompt building ---------------------------------------------------------------------
+    def _document(self, record, kind) -> tuple[list[tuple[str, bool]], list[str]]:
+        if kind in ("pair", "document"):
+            content = [{"type": "image", "image": record["image"]}, {"type": "text", "text": record["text"]}]
+        else:
+            content = record["content"]
+        text, refs = [], []
+        for part in content:
+            if part["type"] == "image":
+                text.append(IMAGE_TOKEN)
+                refs.append(part["image"])
+            elif part["type"] == "text":
+                if IMAGE_TOKEN in part["text"]:
+                    raise SampleError("image_count_mismatch", "a text part contains an <image> placeholder")
+                text.append(part["text"])
+            else:
+                raise SampleError("bad_record", f"content part type {part['type']!r}")
+        eos = self.processor.tokenizer.sp.id_to_piece(self.processor.tokenizer.eos_id)
+        return [("".join(text) + eos, True)], refs
+
+    def _conversation(self, record) -> tuple[list[tuple[str, bool]], list[str]]:
+        refs = list(record.get("images") or [])
+        pieces: list[tuple[str, bool]] = []
+        placeholders = 0
+        for message in record["messages"]:
+            role, content = message["role"], message["content"]
+            if not isinstance(content, str):
+                raise SampleError("bad_record", "conversation message content must be a string")
+            placeholders += count_placeholders(content)
+            head = role.capitalize() + (":" if content.startswith(IMAGE_TOKEN) else ": ")
+            if role == "assistant":
+                if IMAGE_TOKEN in content:
+                    raise SampleError("bad_record", "an assistant turn contains an <image>")
+                pieces += [(role.capitalize() + ":", False), (" " + content + END_OF_UTTERANCE, True), ("\n", False)]
+            else:
+                pieces.append((head + content + END_OF_UTTERANCE + "\n", False))
+        if placeholders != len(refs):
+            raise SampleError("image_count_mismatch",
+                              f"{placeholders} <image> placeholder(s) in the messages but {len(refs)} image(s)")
+        if not any(target for _, target in pieces):
+            raise SampleError("bad_record", "a conversation without an assistant answer has nothing to learn")
+        return pieces, refs
+
+    def _tokenize(self, pieces, pretraining: bool):
+        tokenizer = self.processor.tokenizer
+        ids, targets = [tokenizer.bos_id], [False]
+        for i, (text, target) in enumerate(pieces):
+            piece_ids = tokenizer.encode(self.processor.expand(text), add_bos=False, at_start=i == 0)
+            ids += piece_ids
+            targets += [target] * len(piece_ids)
+        tokens = np.asarray(ids, np.int32)
+        targets = np.asarray(targets, bool)
+        if pretraining:  # never predict image or fake tokens
+            targets &= ~np.isin(tokens, [tokenizer.token_id(IMAGE_TOKEN), tokenizer.token_id(FAKE_TOKEN)])
+        return tokens, targets
+
+
+def make_processor_for(processor: Processor, image_processor: ImageProcessor) -> Processor:
+    """The same tokenizer with another image processor (a source's own resolution or splitting)."""
+    return Processor(processor.tokenizer, image_processor, processor.image_seq_len)

@@ -1,0 +1,156 @@
+"""On-disk formats of a source, each a random-access data source that Grain reads.
+
+* `jsonl`: `DIR/data.jsonl`, one record per line (see `samples.py`), images as files under DIR.
+  Line offsets are indexed once, so any record is one seek away.
+* `array_record`: `DIR/*.array_record`; each entry is msgpack `{"record": json, "images": {ref: bytes}}`,
+  images embedded (the format for scale: sharded files, no small-file reads).
+* `tfds`: a TensorFlow Datasets build of the same records (`idefics_jax.data.tfds_builder`),
+  read through `builder.as_data_source()`; TensorFlow is not needed.
+
+`write_array_record(dir, records, base_dir)` converts records (with image files) to ArrayRecord.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import msgpack
+import numpy as np
+
+FORMATS = ("jsonl", "array_record", "tfds")
+
+
+class JsonlSource:
+    """Records of `DIR/data.jsonl` (or a given .jsonl file), by index."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.file = path / "data.jsonl" if path.is_dir() else path
+        if not self.file.exists():
+            raise FileNotFoundError(f"No jsonl data at {self.file}")
+        self.base_dir = str(self.file.parent)
+        offsets = [0]
+        with open(self.file, "rb") as f:
+            for line in f:
+                offsets.append(offsets[-1] + len(line))
+        ends = np.asarray(offsets, np.int64)
+        keep = [i for i in range(len(ends) - 1) if ends[i + 1] - ends[i] > 1]  # skip blank lines
+        self._starts, self._ends = ends[:-1][keep], ends[1:][keep]
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        with open(self.file, "rb") as f:
+            f.seek(int(self._starts[index]))
+            line = f.read(int(self._ends[index] - self._starts[index]))
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as error:
+            return {"type": "_invalid", "id": f"{self.file.name}:{index}", "_error": f"invalid JSON: {error}"}
+
+    def __repr__(self):
+        return f"JsonlSource({self.file}, {len(self)} records)"
+
+
+def decode_entry(data: bytes) -> dict[str, Any]:
+    entry = msgpack.unpackb(data, raw=False)
+    record = json.loads(entry["record"])
+    record["_image_bytes"] = entry.get("images") or {}
+    return record
+
+
+def encode_entry(record: dict[str, Any], images: dict[str, bytes]) -> bytes:
+    return msgpack.packb({"record": json.dumps(record), "images": images}, use_bin_type=True)
+
+
+class ArrayRecordSource:
+    """Records of `DIR/*.array_record`, images embedded."""
+
+    def __init__(self, path: str | os.PathLike):
+        import grain
+
+        files = sorted(glob.glob(os.path.join(path, "*.array_record"))) if os.path.isdir(path) else [str(path)]
+        if not files or not all(os.path.exists(f) for f in files):
+            raise FileNotFoundError(f"No .array_record files at {path}")
+        self._source = grain.sources.ArrayRecordDataSource(files)
+        self.base_dir = str(path)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return decode_entry(self._source[index])
+
+    def __repr__(self):
+        return f"ArrayRecordSource({self.base_dir}, {len(self)} records)"
+
+
+class TfdsSource:
+    """Records of a TFDS build made by `idefics_jax.data.tfds_builder`."""
+
+    def __init__(self, path: str | os.PathLike, split: str = "train"):
+        from idefics_jax.data.tfds_builder import load_data_source
+
+        self._source = load_data_source(path, split)
+        self.base_dir = str(path)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return decode_entry(bytes(self._source[index]["entry"]))
+
+
+def open_source(path: str | os.PathLike, fmt: str):
+    if fmt == "jsonl":
+        return JsonlSource(path)
+    if fmt == "array_record":
+        return ArrayRecordSource(path)
+    if fmt == "tfds":
+        return TfdsSource(path)
+    raise ValueError(f"Unknown source format '{fmt}'; choose one of {FORMATS}")
+
+
+def image_refs(record: dict[str, Any]) -> list[str]:
+    kind = record.get("type")
+    if kind in ("pair", "document"):
+        return [record["image"]]
+    if kind == "interleaved":
+        return [p["image"] for p in record["content"] if p.get("type") == "image"]
+    if kind == "conversation":
+        return list(record.get("images") or [])
+    return []
+
+
+def records_with_images(records: Iterable[dict], base_dir: str | os.PathLike):
+    """(record, {ref: bytes}) with every referenced image file read (missing files stay out)."""
+    for record in records:
+        images = {}
+        for ref in image_refs(record):
+            path = os.path.join(base_dir, ref)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    images[ref] = f.read()
+        yield record, images
+
+
+def write_array_record(out_dir: str | os.PathLike, records: Iterable[dict], base_dir: str | os.PathLike,
+                       num_shards: int = 1) -> list[str]:
+    """Writes records (images embedded) round-robin into `num_shards` ArrayRecord files."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"data-{i:05d}-of-{num_shards:05d}.array_record") for i in range(num_shards)]
+    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
+    try:
+        for i, (record, images) in enumerate(records_with_images(records, base_dir)):
+            writers[i % num_shards].write(encode_entry(record, images))
+    finally:
+        for writer in writers:
+            writer.close()
+    return paths

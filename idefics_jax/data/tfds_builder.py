@@ -1,0 +1,74 @@
+"""A TensorFlow Datasets builder for records in our jsonl format (TensorFlow not needed).
+
+Each example is one feature, `entry`: the msgpack bytes `{"record": json, "images": {ref: bytes}}`
+(the ArrayRecord entry format), stored as a TFDS `Tensor(shape=(), dtype=object)`; TFDS's `Image`
+feature would need TensorFlow to encode. Files are written as ArrayRecord, so
+`builder.as_data_source()` gives the random access Grain reads.
+
+    build("synthetic/pairs", "tfds/pairs")          # jsonl + images -> TFDS build
+    source = load_data_source("tfds/pairs", "train")
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+@functools.cache
+def _builder_class():
+    import tensorflow_datasets as tfds
+
+    from idefics_jax.data.sources import JsonlSource, encode_entry, records_with_images
+
+    class IdeficsRecords(tfds.core.GeneratorBasedBuilder):
+        """Idefics2 training records (pairs, documents, interleaved documents, conversations)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "Records with embedded encoded images."}
+
+        def __init__(self, *, source_dir: str | None = None, **kwargs):
+            self._source_dir = source_dir
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return self.dataset_info_from_configs(
+                description="Idefics2 records; `entry` is msgpack {record: json, images: {ref: bytes}}.",
+                features=tfds.features.FeaturesDict({"entry": tfds.features.Tensor(shape=(), dtype=np.object_)}),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            source = JsonlSource(self._source_dir)
+            records = (source[i] for i in range(len(source)))
+            for i, (record, images) in enumerate(records_with_images(records, source.base_dir)):
+                yield i, {"entry": encode_entry(record, images)}
+
+    return IdeficsRecords
+
+
+def build(source_dir: str | os.PathLike, data_dir: str | os.PathLike) -> str:
+    """Prepares the TFDS build of `source_dir` (jsonl + images) under `data_dir`."""
+    import tensorflow_datasets as tfds
+
+    builder = _builder_class()(source_dir=str(source_dir), data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return builder.data_dir
+
+
+def load_data_source(data_dir: str | os.PathLike, split: str = "train"):
+    """Random access to a build made by `build` (the directory given to it, or the versioned one)."""
+    import tensorflow_datasets as tfds
+
+    data_dir = Path(data_dir)
+    candidates = [data_dir] if (data_dir / "dataset_info.json").exists() else \
+        sorted(Path(p).parent for p in glob.glob(str(data_dir / "*" / "*" / "dataset_info.json")))
+    if not candidates:
+        raise FileNotFoundError(f"No TFDS build under {data_dir} (expected */<version>/dataset_info.json)")
+    return tfds.builder_from_directory(str(candidates[-1])).as_data_source(split=split)
