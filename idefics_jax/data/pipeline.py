@@ -113,6 +113,10 @@ def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: P
     packed = PackIterDataset(mixed, pack)
     batched = packed.batch(batch_size, batch_fn=functools.partial(collate, config=pack))
     if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; use their defaults
+            flags.FLAGS.mark_as_parsed()
         batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return batched
 

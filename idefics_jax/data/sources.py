@@ -141,16 +141,19 @@ def records_with_images(records: Iterable[dict], base_dir: str | os.PathLike):
 
 def write_array_record(out_dir: str | os.PathLike, records: Iterable[dict], base_dir: str | os.PathLike,
                        num_shards: int = 1) -> list[str]:
-    """Writes records (images embedded) round-robin into `num_shards` ArrayRecord files."""
+    """Writes records (images embedded) into `num_shards` ArrayRecord files of consecutive records,
+    so that the files read in name order give the records in their original order."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    records = list(records)
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, f"data-{i:05d}-of-{num_shards:05d}.array_record") for i in range(num_shards)]
-    writers = [ArrayRecordWriter(p, "group_size:1") for p in paths]
-    try:
-        for i, (record, images) in enumerate(records_with_images(records, base_dir)):
-            writers[i % num_shards].write(encode_entry(record, images))
-    finally:
-        for writer in writers:
+    bounds = np.linspace(0, len(records), num_shards + 1).astype(int)
+    for path, start, stop in zip(paths, bounds[:-1], bounds[1:]):
+        writer = ArrayRecordWriter(path, "group_size:1")
+        try:
+            for record, images in records_with_images(records[start:stop], base_dir):
+                writer.write(encode_entry(record, images))
+        finally:
             writer.close()
     return paths

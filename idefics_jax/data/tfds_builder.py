@@ -30,6 +30,7 @@ def _builder_class():
 
         VERSION = tfds.core.Version("1.0.0")
         RELEASE_NOTES = {"1.0.0": "Records with embedded encoded images."}
+        disable_shuffling = True  # keep the records' order: the pipeline shuffles with its own seed
 
         def __init__(self, *, source_dir: str | None = None, **kwargs):
             self._source_dir = source_dir
@@ -39,6 +40,7 @@ def _builder_class():
             return self.dataset_info_from_configs(
                 description="Idefics2 records; `entry` is msgpack {record: json, images: {ref: bytes}}.",
                 features=tfds.features.FeaturesDict({"entry": tfds.features.Tensor(shape=(), dtype=np.object_)}),
+                disable_shuffling=True,
             )
 
         def _split_generators(self, dl_manager):
