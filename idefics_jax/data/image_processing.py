@@ -14,6 +14,7 @@ A batch is zero-padded to its largest image, with a boolean pixel attention mask
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 from typing import Sequence, Union
@@ -53,14 +54,14 @@ def load_image(source: ImageLike) -> Image.Image:
     return image
 
 
-def to_rgb(image: Image.Image) -> np.ndarray:
-    """uint8 `[height, width, 3]`; transparency composited onto white (the reference's rule)."""
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB image; transparency composited onto white (the reference's rule)."""
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resize_output_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
@@ -75,13 +76,35 @@ def resize_output_size(height: int, width: int, shortest_edge: int, longest_edge
     return max(height, shortest_edge), max(width, shortest_edge)
 
 
-def split_image(image: np.ndarray) -> list[np.ndarray]:
+def split_image(image: Image.Image) -> list[Image.Image]:
     """4 crops (row-major quadrants, split at height // 2 and width // 2) + the whole image."""
-    height, width = image.shape[:2]
+    width, height = image.size
     if height < 2 or width < 2:
         raise ImageError(f"Image of {height}x{width} pixels is too small to split into 4 crops")
     h, w = height // 2, width // 2
-    return [image[:h, :w], image[:h, w:], image[h:, :w], image[h:, w:], image]
+    boxes = [(0, 0, w, h), (w, 0, width, h), (0, h, w, height), (w, h, width, height)]
+    return [image.crop(box) for box in boxes] + [image]
+
+
+@functools.lru_cache(maxsize=8)
+def _normalizer(scale: float, mean: float, std: float):
+    """A function uint8 -> float32 equal to the reference's arithmetic (x * scale in float64,
+    then float32 `(x - mean) / std`) for every uint8 value: plain float32 arithmetic when it agrees
+    on all 256 values (it does for 1/255, 0.5, 0.5), else a lookup table."""
+    table = (np.arange(256, dtype=np.float64) * scale).astype(np.float32)
+    table = (table - np.float32(mean)) / np.float32(std)
+    divisor, mean32, std32 = np.float32(1 / scale), np.float32(mean), np.float32(std)
+    arithmetic = lambda x: (x.astype(np.float32) / divisor - mean32) / std32
+    if np.array_equal(arithmetic(np.arange(256, dtype=np.uint8)), table):
+        return arithmetic
+    return lambda x: np.take(table, x)
+
+
+def normalize_uint8(image: np.ndarray, scale: float = 1 / 255, mean: float = 0.5, std: float = 0.5) -> np.ndarray:
+    """uint8 array -> float32, bit-identical to rescale-then-normalise."""
+    if image.dtype != np.uint8:
+        raise TypeError(f"normalize_uint8 takes uint8 pixels, got {image.dtype}")
+    return _normalizer(scale, mean, std)(image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +121,16 @@ class ImageProcessor:
         """Model images per prompt image: 5 when splitting (4 crops + whole), else 1."""
         return 5 if self.do_image_splitting else 1
 
-    def resize(self, image: np.ndarray) -> np.ndarray:
-        """uint8 `[h, w, 3]` -> uint8 `[h', w', 3]` with PIL bilinear."""
-        height, width = image.shape[:2]
-        new_height, new_width = resize_output_size(height, width, self.shortest_edge, self.longest_edge)
-        if (new_height, new_width) == (height, width):
-            return image
-        return np.asarray(Image.fromarray(image).resize((new_width, new_height), resample=Image.BILINEAR))
+    def resize(self, image: Image.Image) -> np.ndarray:
+        """An RGB PIL image -> uint8 `[h', w', 3]`, resized with PIL bilinear by the reference's rule."""
+        new_height, new_width = resize_output_size(image.height, image.width, self.shortest_edge, self.longest_edge)
+        if (new_height, new_width) != (image.height, image.width):
+            image = image.resize((new_width, new_height), resample=Image.BILINEAR)
+        return np.asarray(image)
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """uint8 -> float32 `(x / 255 - mean) / std`, rounded as the reference rounds it."""
-        scaled = (image.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        return (scaled - np.float32(self.image_mean)) / np.float32(self.image_std)
+        return normalize_uint8(image, self.rescale_factor, self.image_mean, self.image_std)
 
     def process_uint8(self, source: ImageLike) -> list[np.ndarray]:
         """One image -> 1 (or 5 with splitting) resized uint8 arrays `[height, width, 3]`.
@@ -117,7 +138,7 @@ class ImageProcessor:
         The data pipeline ships these (4x smaller than float32) and normalises whole batches."""
         rgb = to_rgb(load_image(source))
         crops = split_image(rgb) if self.do_image_splitting else [rgb]
-        return [self.resize(np.ascontiguousarray(crop)) for crop in crops]
+        return [self.resize(crop) for crop in crops]
 
     def process_image(self, source: ImageLike) -> list[np.ndarray]:
         """One image -> 1 (or 5 with splitting) float32 arrays `[height, width, 3]`, unpadded."""

@@ -31,6 +31,8 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from idefics_jax.data.image_processing import normalize_uint8
+
 log = logging.getLogger(__name__)
 
 
@@ -163,11 +165,6 @@ class PackIterDataset(grain.IterDataset):
         return _PackIterator(self._parent.__iter__(), self._config)
 
 
-def normalize_uint8(images: np.ndarray, mean: float = 0.5, std: float = 0.5) -> np.ndarray:
-    """uint8 -> float32 exactly as the image processor computes it."""
-    return ((images.astype(np.float64) * (1 / 255)).astype(np.float32) - np.float32(mean)) / np.float32(std)
-
-
 def collate(rows: Sequence[dict], config: PackConfig) -> dict[str, Any]:
     """Stacks packed rows and pads their images into the smallest bucket that holds them all."""
     sizes = [image.shape[:2] for row in rows for image in row["images"]]
@@ -183,10 +180,21 @@ def collate(rows: Sequence[dict], config: PackConfig) -> dict[str, Any]:
             h, w = image.shape[:2]
             pixels[b, i, :h, :w] = image
             mask[b, i, :h, :w] = True
-    batch["pixel_values"] = np.where(mask[..., None], normalize_uint8(pixels), np.float32(0))
+    batch["pixels_uint8"] = pixels  # normalised by `finalize`, after worker processes hand the batch over
     batch["pixel_attention_mask"] = mask
     stats: Counter = Counter()
     for row in rows:
         stats.update(row["stats"])
     batch["stats"] = dict(stats)
+    return batch
+
+
+def finalize(batch: dict[str, Any]) -> dict[str, Any]:
+    """uint8 pixels -> normalised float32 `pixel_values`, zero outside the images.
+
+    Runs in the consuming process: worker processes ship uint8, 4x fewer bytes."""
+    batch = dict(batch)
+    pixels = batch.pop("pixels_uint8")
+    mask = batch["pixel_attention_mask"][..., None]
+    batch["pixel_values"] = np.where(mask, normalize_uint8(pixels), np.float32(0))
     return batch

@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from idefics_jax.data.image_processing import ImageProcessor
-from idefics_jax.data.packing import PackConfig, PackIterDataset, collate, skipped
+from idefics_jax.data.packing import PackConfig, PackIterDataset, collate, finalize, skipped
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError
 from idefics_jax.data.sources import FORMATS, open_source
@@ -118,7 +118,7 @@ def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: P
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; use their defaults
             flags.FLAGS.mark_as_parsed()
         batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return batched
+    return batched.map(finalize)
 
 
 class Pipeline:
