@@ -272,3 +272,22 @@ def test_too_long_samples_are_dropped_not_truncated(synthetic):
     for batch in batches:
         for seg in batch["segment_ids"]:
             assert all((seg == s).sum() <= 60 for s in np.unique(seg[seg > 0]))
+
+
+def test_prepare_script_checks_and_converts(bad_data, synthetic, tmp_path):
+    script = Path(__file__).parents[1] / "data" / "prepare.py"
+    run = lambda *args: subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
+                                       text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    tokenizer = synthetic / "tokenizer.model"
+    ok = run("check", synthetic / "pairs", "--tokenizer", tokenizer, "--image-seq-len", 8)
+    assert ok.returncode == 0 and "40 usable, no problems" in ok.stdout, ok.stdout + ok.stderr
+    bad = run("check", bad_data, "--tokenizer", tokenizer, "--image-seq-len", 8)
+    assert bad.returncode == 1
+    assert "bad_image 2" in bad.stdout and "missing_file 1" in bad.stdout and "image_count_mismatch 1" in bad.stdout
+    assert "truncated" in bad.stderr  # each problem names its record
+    converted = run("array_record", synthetic / "documents", tmp_path / "ar", "--shards", 3)
+    assert converted.returncode == 0, converted.stderr
+    from idefics_jax.data.sources import ArrayRecordSource, JsonlSource
+
+    a, b = JsonlSource(synthetic / "documents"), ArrayRecordSource(tmp_path / "ar")
+    assert len(a) == len(b) and [a[i]["id"] for i in range(len(a))] == [b[i]["id"] for i in range(len(b))]

@@ -1,0 +1,74 @@
+"""Dataset preparation: check a source, convert it to ArrayRecord shards or a TFDS build.
+
+    python data/prepare.py check DIR --tokenizer tokenizer.model     # encode every record, report problems
+    python data/prepare.py array_record DIR OUT_DIR [--shards 8]    # jsonl + image files -> ArrayRecord
+    python data/prepare.py tfds DIR OUT_DIR                         # jsonl + image files -> TFDS build
+
+DIR holds `data.jsonl` and the image files it names (the format of `idefics_jax/data/samples.py`;
+`python -m idefics_jax.data.synthetic OUT` writes such directories).
+"""
+
+import argparse
+import sys
+from collections import Counter
+
+from idefics_jax.data.image_processing import ImageProcessor
+from idefics_jax.data.processor import Processor
+from idefics_jax.data.samples import SampleEncoder, SampleError
+from idefics_jax.data.sources import JsonlSource, write_array_record
+
+
+def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: int) -> int:
+    from idefics_jax.data.tokenizer import Tokenizer
+
+    source = JsonlSource(directory)
+    encoder = SampleEncoder(Processor(Tokenizer(tokenizer_path), ImageProcessor(), image_seq_len),
+                            base_dir=source.base_dir, max_length=max_length)
+    problems, lengths = Counter(), []
+    for i in range(len(source)):
+        record = source[i]
+        try:
+            if record.get("type") == "_invalid":
+                raise SampleError("bad_record", record["_error"])
+            lengths.append(len(encoder(record)["tokens"]))
+        except SampleError as error:
+            problems[error.reason] += 1
+            print(f"record {i} ({record.get('id', '?')}): {error.reason}: {error}", file=sys.stderr)
+    print(f"{len(source)} records: {len(lengths)} usable, "
+          + (", ".join(f"{k} {v}" for k, v in sorted(problems.items())) or "no problems")
+          + (f"; tokens per sample: median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}" if lengths else ""))
+    return 1 if problems else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check")
+    p.add_argument("dir")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--image-seq-len", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=2048)
+    p = sub.add_parser("array_record")
+    p.add_argument("dir")
+    p.add_argument("out_dir")
+    p.add_argument("--shards", type=int, default=8)
+    p = sub.add_parser("tfds")
+    p.add_argument("dir")
+    p.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length)
+    if args.command == "array_record":
+        source = JsonlSource(args.dir)
+        paths = write_array_record(args.out_dir, (source[i] for i in range(len(source))), source.base_dir,
+                                   num_shards=args.shards)
+        print(f"Wrote {len(source)} records to {len(paths)} ArrayRecord files in {args.out_dir}")
+        return 0
+    from idefics_jax.data.tfds_builder import build
+
+    print(f"Wrote the TFDS build {build(args.dir, args.out_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
