@@ -65,9 +65,32 @@ def logical_specs(model: nn.Module, *init_args, **init_kwargs):
     return nn.get_partition_spec(variables)["params"]
 
 
+def fit_sharding(shape: tuple[int, ...], sharding: NamedSharding) -> NamedSharding:
+    """Drops the mesh axes of dimensions they do not divide (such as a vocabulary of 32,003 over
+    tensor=2): those dimensions stay whole on each device instead of failing to shard."""
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for i, axes in enumerate(spec):
+        if axes is None:
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        size = int(np.prod([sharding.mesh.shape[a] for a in names]))
+        if shape[i] % size:
+            spec[i] = None
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+def fit_shardings(abstract_tree, shardings):
+    """`fit_sharding` over a tree of arrays (or ShapeDtypeStructs) and their shardings."""
+    return jax.tree.map(lambda a, s: fit_sharding(tuple(a.shape), s), abstract_tree, shardings)
+
+
 def param_shardings(model: nn.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES, *init_args, **init_kwargs):
     """`NamedSharding` for every parameter of `model` under `rules` on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs(model, *init_args, **init_kwargs), mesh, rules)
+    if not init_args:
+        init_args = (jnp.zeros((1, 1), jnp.int32),)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *init_args, **init_kwargs))
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract)["params"], mesh, rules)
+    return fit_shardings(nn.meta.unbox(abstract["params"]), shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_AXIS_RULES) -> NamedSharding:

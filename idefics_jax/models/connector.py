@@ -75,6 +75,7 @@ class PerceiverResampler(nn.Module):
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         p = self.config.perceiver
@@ -83,7 +84,8 @@ class PerceiverResampler(nn.Module):
             "latents", nn.with_logical_partitioning(nn.initializers.ones_init(), (None, "embed")),
             (p.resampler_n_latents, self.config.text.hidden_size), self.param_dtype,
         )
-        self.layers = [PerceiverLayer(self.config, self.attention_impl, **kw) for _ in range(p.resampler_depth)]
+        layer = nn.remat(PerceiverLayer) if self.remat else PerceiverLayer
+        self.layers = [layer(self.config, self.attention_impl, **kw) for _ in range(p.resampler_depth)]
         self.norm = RMSNorm(self.config.text.rms_norm_eps, **kw)
 
     def __call__(self, context, context_mask):
@@ -101,6 +103,7 @@ class Connector(nn.Module):
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, image_hidden_states, patch_mask):
@@ -109,4 +112,5 @@ class Connector(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         projected = GatedMLP(cfg.text.intermediate_size, cfg.text.hidden_size, cfg.text.hidden_act,
                              cfg.text.initializer_range, name="modality_projection", **kw)(image_hidden_states)
-        return PerceiverResampler(cfg, self.attention_impl, name="perceiver_resampler", **kw)(projected, patch_mask)
+        resampler = PerceiverResampler(cfg, self.attention_impl, remat=self.remat, name="perceiver_resampler", **kw)
+        return resampler(projected, patch_mask)

@@ -75,15 +75,25 @@ def splice_image_features(input_ids, inputs_embeds, image_features, real_images,
     return jnp.where(is_image[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds)
 
 
+def neftune_noise(rng, embeds, text_mask, alpha: float):
+    """NEFTune: uniform noise of scale alpha / sqrt(seq * hidden) on the text embeddings."""
+    batch, seq, hidden = embeds.shape
+    noise = jax.random.uniform(rng, embeds.shape, jnp.float32, -1.0, 1.0) * (alpha / np.sqrt(seq * hidden))
+    return embeds + jnp.where(text_mask[..., None], noise, 0.0).astype(embeds.dtype)
+
+
 class Idefics2Model(nn.Module):
     config: Idefics2Config
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    neftune_alpha: float = 0.0
 
     def setup(self):
         cfg = self.config
-        kw = dict(attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+                  remat=self.remat)
         self.vision_model = VisionTransformer(cfg.vision, **kw)
         self.connector = Connector(cfg, **kw)
         self.text_model = MistralModel(cfg.text, **kw)
@@ -112,8 +122,11 @@ class Idefics2Model(nn.Module):
         }
 
     def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
-                 positions=None, segment_ids=None):
+                 positions=None, segment_ids=None, train: bool = False):
         embeds = self.text_model.embed(input_ids)  # [batch, seq, hidden]
+        if train and self.neftune_alpha > 0:
+            embeds = neftune_noise(self.make_rng("neftune"), embeds, input_ids != self.config.image_token_id,
+                                   self.neftune_alpha)
         if pixel_values is not None:
             check_image_token_count(input_ids, pixel_values, self.config.image_token_id, self.config.image_seq_len)
             images = self.encode_images(pixel_values, pixel_attention_mask)
@@ -141,9 +154,12 @@ class Idefics2(nn.Module):
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    neftune_alpha: float = 0.0  # NEFTune noise on text embeddings when train=True (0: off)
 
     def setup(self):
-        kw = dict(attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
+                  remat=self.remat, neftune_alpha=self.neftune_alpha)
         self.model = Idefics2Model(self.config, **kw)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.text.vocab_size, ("embed", "vocab"), use_bias=False,
@@ -163,8 +179,8 @@ class Idefics2(nn.Module):
         return self.model.encode_images(pixel_values, pixel_attention_mask)
 
     def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
-                 positions=None, segment_ids=None):
+                 positions=None, segment_ids=None, train: bool = False):
         hidden = self.model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                             pixel_attention_mask=pixel_attention_mask, positions=positions,
-                            segment_ids=segment_ids)
+                            segment_ids=segment_ids, train=train)
         return self.logits(hidden)

@@ -74,6 +74,7 @@ class MistralModel(nn.Module):
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         cfg = self.config
@@ -84,7 +85,8 @@ class MistralModel(nn.Module):
                 nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
             **kw,
         )
-        self.layers = [MistralDecoderLayer(cfg, self.attention_impl, **kw) for _ in range(cfg.num_hidden_layers)]
+        layer = nn.remat(MistralDecoderLayer) if self.remat else MistralDecoderLayer
+        self.layers = [layer(cfg, self.attention_impl, **kw) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
     def embed(self, input_ids):  # [batch, seq] -> [batch, seq, hidden]

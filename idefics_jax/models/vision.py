@@ -151,12 +151,12 @@ class VisionEncoder(nn.Module):
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.layers = [
-            VisionEncoderLayer(self.config, self.attention_impl, **kw) for _ in range(self.config.num_hidden_layers)
-        ]
+        layer = nn.remat(VisionEncoderLayer) if self.remat else VisionEncoderLayer
+        self.layers = [layer(self.config, self.attention_impl, **kw) for _ in range(self.config.num_hidden_layers)]
 
     def __call__(self, x, kv_mask):
         for layer in self.layers:
@@ -171,6 +171,7 @@ class VisionTransformer(nn.Module):
     attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, pixel_values, patch_mask=None):
@@ -181,5 +182,5 @@ class VisionTransformer(nn.Module):
             patch_mask = jnp.ones((n, height // cfg.patch_size, width // cfg.patch_size), bool)
         x = VisionEmbeddings(cfg, name="embeddings", **kw)(pixel_values, patch_mask)
         kv_mask = patch_mask.reshape(patch_mask.shape[0], -1)  # [n, patches]
-        x = VisionEncoder(cfg, self.attention_impl, name="encoder", **kw)(x, kv_mask)
+        x = VisionEncoder(cfg, self.attention_impl, remat=self.remat, name="encoder", **kw)(x, kv_mask)
         return layer_norm(cfg.layer_norm_eps, "post_layernorm", **kw)(x)

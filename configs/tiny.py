@@ -1,0 +1,33 @@
+"""Tiny Idefics2 on the synthetic rendered-text data: the CPU smoke run and the README's main job.
+
+    python -m idefics_jax.train --config configs/tiny.py --workdir /tmp/idefics_tiny
+"""
+
+from idefics_jax.train.config import base_config
+
+
+def get_config():
+    c = base_config("tiny")
+    # the tiny preset, at the synthetic images' scale: up to 112 px, 8 x 8 patches of 14 px
+    c.model.vision.image_size = 112
+    c.model.dtype = "float32"
+    c.data.synthetic = True
+    c.data.synthetic_num = 1500
+    edges = dict(longest_edge=112, shortest_edge=28)
+    c.data.sources = [
+        dict(name="conversations", path="conversations", weight=0.6, max_length=512, **edges),
+        dict(name="pairs", path="pairs", weight=0.25, max_length=512, **edges),
+        dict(name="interleaved", path="interleaved", weight=0.15, max_length=512, **edges),
+    ]
+    c.data.eval_source = "conversations_eval"
+    c.data.seq_len = 512
+    c.data.image_slots = 4
+    c.data.buckets = [(56, 112), (112, 112)]
+    c.data.batch_size = 8
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.warmup_steps = 30
+    c.optimizer.weight_decay = 0.01
+    c.train.steps = 600
+    c.train.log_every = 10
+    c.train.checkpoint_every = 100
+    return c

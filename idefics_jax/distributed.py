@@ -1,0 +1,73 @@
+"""`jax.distributed` set-up that fails fast, with a message, when hosts or devices do not match.
+
+    initialize()                                   # single host: nothing to do
+    initialize("10.0.0.1:1234", 4, process_id)     # explicit (GPU hosts, launch/gpu_multihost.sh)
+    initialize()  # on a Cloud TPU pod or under Slurm: jax finds the coordinator itself
+
+Environment variables work too: IDEFICS_COORDINATOR, IDEFICS_NUM_PROCESSES, IDEFICS_PROCESS_ID.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+class DistributedError(RuntimeError):
+    pass
+
+
+def _auto_cluster() -> bool:
+    """A cluster jax.distributed can discover by itself (Cloud TPU pod, Slurm, Open MPI)."""
+    return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or
+                int(os.environ.get("SLURM_NTASKS", "1")) > 1 or
+                int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               *, timeout_s: int = 300, cpu_collectives: str = "gloo") -> None:
+    coordinator = coordinator or os.environ.get("IDEFICS_COORDINATOR")
+    num_processes = num_processes if num_processes is not None else _int_env("IDEFICS_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _int_env("IDEFICS_PROCESS_ID")
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+        raise DistributedError(
+            f"A multi-host run needs all of coordinator, num_processes and process_id; got "
+            f"coordinator={coordinator}, num_processes={num_processes}, process_id={process_id}")
+    if coordinator is None and not _auto_cluster():
+        return  # one process
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise DistributedError(f"process_id={process_id} is outside 0..{num_processes - 1}")
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or jax.config.jax_platforms == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s)
+    except Exception as error:  # noqa: BLE001 - say what was tried
+        raise DistributedError(
+            f"jax.distributed.initialize failed (coordinator={coordinator or 'auto'}, num_processes="
+            f"{num_processes or 'auto'}, process_id={process_id if process_id is not None else 'auto'}): {error}. "
+            "Check that every host runs the same command, the coordinator's port is reachable, and the "
+            "process count matches the hosts started.") from error
+    check_topology(num_processes)
+
+
+def check_topology(expected_processes: int | None = None) -> None:
+    """Every host must see the same number of local devices, and the expected process count."""
+    if expected_processes is not None and jax.process_count() != expected_processes:
+        raise DistributedError(f"Expected {expected_processes} processes, jax sees {jax.process_count()}")
+    local = jax.local_device_count()
+    if jax.device_count() != local * jax.process_count():
+        raise DistributedError(
+            f"Uneven hosts: this one has {local} devices, but {jax.device_count()} devices over "
+            f"{jax.process_count()} processes is not {local} per host")
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), local, jax.device_count())
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None

@@ -1,0 +1,55 @@
+"""Command line: train Idefics2 from an ml_collections config.
+
+    python -m idefics_jax.train --config configs/tiny.py --workdir /tmp/idefics_tiny [--config.train.steps=50]
+    python -m idefics_jax.train --plot --workdir /tmp/idefics_tiny          # loss curve -> WORKDIR/loss.png
+
+Run the same command again to resume from the latest checkpoint in WORKDIR. On several hosts,
+start it on each (see launch/): `--coordinator`, `--num_processes`, `--process_id` or the
+environment (Cloud TPU, Slurm) set up `jax.distributed`.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py)", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and generated data", required=True)
+flags.DEFINE_bool("plot", False, "Plot WORKDIR's loss curve to WORKDIR/loss.png and exit")
+flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-host runs")
+flags.DEFINE_integer("num_processes", None, "number of processes (hosts) in a multi-host run")
+flags.DEFINE_integer("process_id", None, "this process's index in a multi-host run")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every step at INFO
+    logging.getLogger().handlers.clear()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("idefics_jax").setLevel(logging.INFO)
+    if FLAGS.plot:
+        from idefics_jax.train.metrics import plot_loss
+
+        print(f"Wrote {plot_loss(FLAGS.workdir)}")
+        return 0
+    if FLAGS.config is None:
+        sys.exit("error: --config is required (for example --config configs/tiny.py)")
+    from idefics_jax.distributed import initialize
+
+    initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    from idefics_jax.train.loop import train
+
+    result = train(FLAGS.config, FLAGS.workdir)
+    history = result["history"]
+    if history:
+        print(f"Trained to step {history[-1][0]}: loss {history[0][1]:.3f} -> {history[-1][1]:.3f}; "
+              f"data: {result['data_summary']}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,60 @@
+"""The training config: one `ml_collections.ConfigDict` per stage, built on `base_config()`.
+
+Sections: `model` (the full model config, from a preset, every field overridable), `data`
+(sources, packing, batch), `optimizer`, `train` (steps, checkpoints, logging, freezing, remat,
+NEFTune), `mesh`. A stage file in `configs/` returns `get_config()`; the command line overrides
+any key (`--config.train.steps=100`); a key that does not exist is an error naming it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from idefics_jax.config import Idefics2Config
+
+
+def model_section(preset: str) -> ml_collections.ConfigDict:
+    model = Idefics2Config.preset(preset)
+    return ml_collections.ConfigDict({
+        "vision": model.vision.to_dict(), "perceiver": model.perceiver.to_dict(), "text": model.text.to_dict(),
+        "image_token_id": model.image_token_id, "tie_word_embeddings": model.tie_word_embeddings,
+        "dtype": "bfloat16", "param_dtype": "float32", "attention_impl": "xla",
+        "init_from": "",  # a Hugging Face directory or an idefics_jax checkpoint to start from ("": random)
+    })
+
+
+def model_config(section: ml_collections.ConfigDict) -> Idefics2Config:
+    keys = ("vision", "perceiver", "text", "image_token_id", "tie_word_embeddings")
+    return Idefics2Config.from_dict({k: section[k].to_dict() if hasattr(section[k], "to_dict") else section[k]
+                                     for k in keys}, where="config.model")
+
+
+def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = model_section(preset)
+    c.data = ml_collections.ConfigDict({
+        "dir": "",  # sources' paths are relative to this; "" with synthetic=True: WORKDIR/data
+        "synthetic": False,  # generate the synthetic data set into `dir` when it is missing
+        "synthetic_num": 2000,
+        "tokenizer": "",  # a sentencepiece .model ("" with synthetic: the generated one)
+        "sources": [],  # dicts of idefics_jax.data.pipeline.SourceConfig fields
+        "seq_len": 2048,
+        "image_slots": 8,
+        "buckets": [(980, 980)],
+        "batch_size": 8,  # global, across hosts
+        "num_workers": 0,
+        "seed": 0,
+        "eval_source": "",  # held-out conversations for exact-match evaluation
+    })
+    c.optimizer = ml_collections.ConfigDict({
+        "learning_rate": 1e-4, "warmup_steps": 100, "end_lr_ratio": 0.1, "weight_decay": 0.1,
+        "b1": 0.9, "b2": 0.95, "eps": 1e-8, "grad_clip": 1.0, "accum_steps": 1,
+    })
+    c.train = ml_collections.ConfigDict({
+        "steps": 1000, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep_checkpoints": 3,
+        "keep_period": 0,  # also keep every N-th step's checkpoint for good (0: no)
+        "async_checkpoints": True, "freeze": [], "remat": False, "neftune_alpha": 0.0,
+        "eval_every": 0, "eval_samples": 50, "max_new_tokens": 16,
+    })
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    return c

@@ -1,0 +1,197 @@
+"""The training loop: data, model, sharded state, steps, metrics, checkpoints, automatic resume.
+
+    train(config, workdir)
+
+Everything a run needs to continue lives in `WORKDIR/checkpoints` (params, optimizer state,
+step, RNG, data-iterator state); starting the same command again resumes from the latest
+checkpoint that can be read, and the loss sequence continues exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from idefics_jax.data.packing import PackConfig
+from idefics_jax.data.pipeline import Pipeline, SourceConfig
+from idefics_jax.data.tokenizer import Tokenizer
+from idefics_jax.models.idefics2 import Idefics2
+from idefics_jax.sharding import batch_sharding, make_mesh
+from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from idefics_jax.train.config import model_config
+from idefics_jax.train.metrics import MetricWriter, peak_flops, step_flops
+from idefics_jax.train.optimizer import count_trainable, make_optimizer
+from idefics_jax.train.step import MODEL_KEYS, init_state, make_train_step, state_shardings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _dtype(name: str, key: str):
+    if name not in _DTYPES:
+        raise ValueError(f"config.model.{key}={name!r}: choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def prepare_data(config, workdir: Path) -> tuple[Path, Tokenizer]:
+    data_dir = Path(config.data.dir) if config.data.dir else workdir / "data"
+    if config.data.synthetic and not (data_dir / "tokenizer.model").exists():
+        from idefics_jax.data.synthetic import generate
+
+        # every host writes its own copy (the same for a seed), then renames it into place
+        log.info("Generating synthetic data in %s", data_dir)
+        tmp = data_dir.with_name(f"{data_dir.name}.tmp-{jax.process_index()}-{os.getpid()}")
+        generate(tmp, num=config.data.synthetic_num, seed=config.data.seed, formats=("jsonl",))
+        try:
+            os.replace(tmp, data_dir)
+        except OSError:  # another host (shared disk) was first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer_path = Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
+    if not tokenizer_path.exists():
+        raise FileNotFoundError(f"Tokenizer {tokenizer_path} not found (config.data.tokenizer)")
+    return data_dir, Tokenizer(tokenizer_path)
+
+
+def make_pipeline(config, data_dir: Path, tokenizer: Tokenizer, image_seq_len: int) -> Pipeline:
+    if not config.data.sources:
+        raise ValueError("config.data.sources is empty: name at least one source")
+    known = {f.name for f in dataclasses.fields(SourceConfig)}
+    sources = []
+    for i, source in enumerate(config.data.sources):
+        source = dict(source)
+        unknown = sorted(set(source) - known)
+        if unknown:
+            raise ValueError(f"config.data.sources[{i}] has unknown key(s) {unknown}; known: {sorted(known)}")
+        source["path"] = str(data_dir / source["path"])
+        sources.append(SourceConfig(**source))
+    if config.data.batch_size % jax.process_count():
+        raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
+                         f"{jax.process_count()} hosts")
+    pack = PackConfig(seq_len=config.data.seq_len, image_slots=config.data.image_slots,
+                      buckets=tuple(tuple(b) for b in config.data.buckets), pad_id=tokenizer.pad_id)
+    return Pipeline(sources, tokenizer, pack, config.data.batch_size // jax.process_count(),
+                    image_seq_len=image_seq_len, seed=config.data.seed, num_workers=config.data.num_workers)
+
+
+def global_batch(batch: dict, mesh) -> dict:
+    """This host's rows -> global arrays sharded over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, batch[k].ndim), batch[k])
+            for k in MODEL_KEYS}
+
+
+def build(config):
+    """(model config, model, optimizer, schedule, mesh) from a training config."""
+    mcfg = model_config(config.model)
+    if config.data.tokenizer == "" and not config.data.synthetic and not config.data.dir:
+        raise ValueError("config.data: set tokenizer/dir, or synthetic=True")
+    model = Idefics2(mcfg, attention_impl=config.model.attention_impl,
+                     dtype=_dtype(config.model.dtype, "dtype"), param_dtype=_dtype(config.model.param_dtype, "param_dtype"),
+                     remat=config.train.remat, neftune_alpha=config.train.neftune_alpha)
+    o = config.optimizer
+    tx, schedule = make_optimizer(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+                                  total_steps=config.train.steps, end_lr_ratio=o.end_lr_ratio,
+                                  weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                                  grad_clip=o.grad_clip, frozen=tuple(config.train.freeze))
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    return mcfg, model, tx, schedule, mesh
+
+
+def load_initial_params(state, path: str, mcfg, shardings):
+    """Starts from a Hugging Face directory or an idefics_jax checkpoint (`config.model.init_from`)."""
+    from idefics_jax.convert import load_checkpoint, load_hf_checkpoint
+
+    ours = (Path(path) / "params").exists()
+    config, params = (load_checkpoint if ours else load_hf_checkpoint)(path, on_device=False)
+    if config != mcfg:
+        raise ValueError(f"config.model.init_from={path} holds a different model than config.model describes")
+    params = jax.tree.map(lambda x, s, old: jax.device_put(np.asarray(x).astype(old.dtype), s),
+                          params, shardings.params, state.params)
+    return state.replace(params=params)
+
+
+def train(config, workdir: str | os.PathLike) -> dict:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mcfg, model, tx, schedule, mesh = build(config)
+    data_dir, tokenizer = prepare_data(config, workdir)
+    if tokenizer.vocab_size > mcfg.text.vocab_size:
+        raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                         f"{mcfg.text.vocab_size} (config.model.text.vocab_size)")
+    pipeline = make_pipeline(config, data_dir, tokenizer, mcfg.image_seq_len)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    init, shardings = state_shardings(model, tx, mesh)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                keep_period=config.train.keep_period or None,
+                                async_save=config.train.async_checkpoints)
+    rng = jax.random.PRNGKey(config.train.seed)
+    if checkpointer.latest_step() is not None:
+        abstract = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), rng)
+        start, state, data_state = checkpointer.restore(abstract_with_shardings(abstract, shardings))
+        pipeline.set_state(data_state["pipeline"])
+        log.info("Resumed from %s at step %d", checkpointer.directory, start)
+    else:
+        state = init_state(model, tx, mesh, rng)
+        if config.model.init_from:
+            state = load_initial_params(state, config.model.init_from, mcfg, shardings)
+        start = 0
+    params_count = sum(x.size for x in jax.tree.leaves(state.params))
+    trainable = count_trainable(state.params, tuple(config.train.freeze))
+    log.info("Model: %s parameters (%s trainable); mesh %s", f"{params_count:,}", f"{trainable:,}", dict(mesh.shape))
+
+    step_fn = make_train_step(model, tx, mesh, accum_steps=config.optimizer.accum_steps)
+    writer = MetricWriter(str(workdir), enabled=jax.process_index() == 0)
+    peak = peak_flops(jax.devices()[0].device_kind)
+    history = []
+    bar = tqdm(total=config.train.steps, initial=start, desc="train", unit="step",
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    window = {"time": 0.0, "tokens": 0.0, "images": 0.0, "flops": 0.0}
+    step = start
+    try:
+        while step < config.train.steps:
+            started = time.perf_counter()
+            batch = next(pipeline)
+            state, metrics = step_fn(state, global_batch(batch, mesh))
+            step += 1
+            loss = float(metrics["loss"])  # waits for the step: the time below is the step's
+            elapsed = time.perf_counter() - started
+            history.append((step, loss))
+            window["time"] += elapsed
+            window["tokens"] += float((batch["segment_ids"] > 0).sum()) * jax.process_count()
+            window["images"] += float(batch["pixel_attention_mask"].any(axis=(2, 3)).sum()) * jax.process_count()
+            window["flops"] += step_flops(mcfg, batch) * jax.process_count()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                scalars = {"train/loss": loss, "train/grad_norm": float(metrics["grad_norm"]),
+                           "train/learning_rate": float(schedule(step - 1)),
+                           "perf/step_time_s": window["time"] / config.train.log_every,
+                           "perf/tokens_per_s": window["tokens"] / window["time"],
+                           "perf/images_per_s": window["images"] / window["time"],
+                           "perf/tflops_per_s_per_device": window["flops"] / window["time"] / jax.device_count() / 1e12}
+                if peak:
+                    scalars["perf/mfu"] = window["flops"] / window["time"] / jax.device_count() / peak
+                writer.write(step, scalars)
+                window = dict.fromkeys(window, 0.0)
+            if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+                checkpointer.save(step, state, {"pipeline": pipeline.get_state()}, force=step == config.train.steps)
+    finally:
+        bar.close()
+        checkpointer.close()
+        writer.close()
+    log.info("Data: %s", pipeline.summary())
+    return {"history": history, "state": state, "data_summary": pipeline.summary()}

@@ -1,0 +1,125 @@
+"""Training metrics: FLOPs and MFU, TensorBoard event files, and the loss-curve plot.
+
+FLOPs per step count the matmuls of every tower (6 x parameters x tokens for forward + backward)
+plus attention's quadratic part: the vision tower over each image's patches, the Perceiver's
+latents over [patches; latents], and the decoder's causal (and windowed) attention over each
+packed segment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from idefics_jax.config import Idefics2Config
+
+# bf16 dense peak FLOP/s per device, by jax `device_kind` substring
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    for key, value in PEAK_FLOPS.items():
+        if key.lower() in device_kind.lower():
+            return value
+    return None
+
+
+def _tower_params(config: Idefics2Config) -> tuple[float, float, float]:
+    v, p, t = config.vision, config.perceiver, config.text
+    vision = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    d = t.hidden_size
+    perceiver_layer = d * p.resampler_n_heads * p.resampler_head_dim * 2 + 2 * d * p.num_key_value_heads * p.resampler_head_dim
+    perceiver = p.resampler_depth * (perceiver_layer + 3 * d * 4 * d) + 3 * v.hidden_size * t.intermediate_size
+    head_dim = t.attention_head_dim
+    text_layer = d * head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) + 3 * d * t.intermediate_size
+    text = t.num_hidden_layers * text_layer + d * t.vocab_size  # + LM head
+    return float(vision), float(perceiver), float(text)
+
+
+def step_flops(config: Idefics2Config, batch: dict[str, Any]) -> float:
+    """Training FLOPs (forward + backward) of one packed batch."""
+    v, p, t = config.vision, config.perceiver, config.text
+    vision_params, perceiver_params, text_params = _tower_params(config)
+    patches = batch["pixel_attention_mask"][..., :: v.patch_size, :: v.patch_size]
+    patch_counts = patches.reshape(*patches.shape[:2], -1).sum(-1)  # [batch, slots]
+    n_images = int((patch_counts > 0).sum())
+    total_patches = float(patch_counts.sum())
+    tokens = float((batch["segment_ids"] > 0).sum())
+    flops = 6 * (vision_params * total_patches + perceiver_params * n_images * p.resampler_n_latents
+                 + text_params * tokens)
+    # attention: 2 matmuls of 2 * q * k * width each, x3 for forward + backward
+    flops += 12 * v.num_hidden_layers * v.hidden_size * float((patch_counts**2).sum())
+    flops += 12 * p.resampler_depth * p.resampler_n_heads * p.resampler_head_dim * p.resampler_n_latents * \
+        float((patch_counts[patch_counts > 0] + p.resampler_n_latents).sum())
+    window = t.sliding_window or 1 << 30
+    width = t.num_attention_heads * t.attention_head_dim
+    for row in batch["segment_ids"]:
+        for segment in np.unique(row[row > 0]):
+            n = int((row == segment).sum())
+            pairs = sum(min(i + 1, window) for i in range(n)) if n <= 4 * window else n * window
+            flops += 12 * t.num_hidden_layers * width * pairs
+    return float(flops)
+
+
+class MetricWriter:
+    """TensorBoard event files (tensorboardX) and a jsonl copy for tools and plots."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]):
+        if not self.enabled:
+            return
+        for key, value in scalars.items():
+            self._tb.add_scalar(key, value, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No metrics.jsonl in {workdir}: has a run written metrics there?")
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    last = {}
+    for row in rows:  # a resumed run rewrites steps: keep the latest value of each
+        last[(row["step"])] = {**last.get(row["step"], {}), **row}
+    return [last[k] for k in sorted(last)]
+
+
+def plot_loss(workdir: str, out: str | None = None, keys=("train/loss",)) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    out = out or os.path.join(workdir, "loss.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,82 @@
+"""AdamW with linear warm-up and cosine decay, global-norm clipping, and frozen towers.
+
+Towers are the top-level parts of the parameter tree: `vision` (the SigLIP tower), `connector`
+(modality projection + Perceiver) and `text` (decoder, embeddings and LM head). A frozen tower's
+parameters get a zero update and no optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax
+import optax
+from flax import traverse_util
+
+TOWERS = ("vision", "connector", "text")
+
+
+def tower_of(path: tuple[str, ...]) -> str:
+    """The tower a parameter path belongs to."""
+    if path[0] == "lm_head":
+        return "text"
+    part = path[1] if path[0] == "model" else path[0]
+    return {"vision_model": "vision", "connector": "connector", "text_model": "text"}.get(part, "text")
+
+
+def check_towers(names: Iterable[str], what: str) -> tuple[str, ...]:
+    names = tuple(names)
+    unknown = [n for n in names if n not in TOWERS]
+    if unknown:
+        raise ValueError(f"Unknown tower(s) {unknown} in {what}; towers are {TOWERS}")
+    return names
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, end_ratio: float = 0.1):
+    # the first step already learns: warm-up starts at peak / warmup_steps, not at 0
+    return optax.warmup_cosine_decay_schedule(
+        init_value=peak / max(1, warmup_steps), peak_value=peak, warmup_steps=max(1, warmup_steps),
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=peak * end_ratio)
+
+
+def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.1,
+                   weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+                   grad_clip: float = 1.0, frozen: Iterable[str] = (), trainable_mask=None):
+    """optax AdamW (+ clipping); `frozen` towers and parameters outside `trainable_mask` stay fixed.
+
+    trainable_mask: optional function `path -> bool` (LoRA trains only its adapters)."""
+    frozen = check_towers(frozen, "frozen towers")
+    schedule = learning_rate_schedule(learning_rate, warmup_steps, total_steps, end_lr_ratio)
+    # decay matrices, not norms, biases or the Perceiver latents
+    decay_mask = lambda params: traverse_util.path_aware_map(
+        lambda path, x: _ndim(x) >= 2 and path[-1] != "latents", params)
+    adamw = optax.chain(
+        optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
+    )
+
+    def label(params):
+        def one(path, _):
+            if tower_of(path) in frozen or (trainable_mask is not None and not trainable_mask(path)):
+                return "frozen"
+            return "train"
+        return traverse_util.path_aware_map(one, params)
+
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, label), schedule
+
+
+def _ndim(x) -> int:
+    """Rank of a plain or boxed (logically partitioned) parameter; 0 for optax's MaskedNode."""
+    return getattr(getattr(x, "value", x), "ndim", 0)
+
+
+def count_trainable(params, frozen: Iterable[str] = (), trainable_mask=None) -> int:
+    total = 0
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        if tower_of(path) not in frozen and (trainable_mask is None or trainable_mask(path)):
+            total += leaf.size
+    return total
+
+
+def global_norm(tree) -> jax.Array:
+    return optax.global_norm(tree)

@@ -1,0 +1,46 @@
+"""A tiny model, optimizer and packed batch for training tests (no files needed)."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from idefics_jax import Idefics2, Idefics2Config
+from idefics_jax.data.packing import PackConfig, collate, finalize, pack_row
+from idefics_jax.train.optimizer import make_optimizer
+
+
+def tiny_config() -> Idefics2Config:
+    c = Idefics2Config.preset("tiny")
+    return c.replace(vision=c.vision.replace(image_size=56, patch_size=7),
+                     perceiver=c.perceiver.replace(resampler_n_latents=8),
+                     text=c.text.replace(sliding_window=32))
+
+
+def tiny_batch(config: Idefics2Config, seed: int, batch_size: int, seq_len: int = 96) -> dict:
+    """Packed rows of random samples with images, as the pipeline makes them."""
+    rng = np.random.default_rng(seed)
+    pack = PackConfig(seq_len=seq_len, image_slots=3, buckets=((56, 56),))
+    rows = []
+    for _ in range(batch_size):
+        samples, used, images = [], 0, 0
+        while True:
+            n_images = int(rng.integers(0, 2))
+            text = int(rng.integers(5, 25))
+            n = 1 + text + n_images * config.image_seq_len
+            if used + n > seq_len or images + n_images > 3:
+                break
+            tokens = np.concatenate([[1], rng.integers(3, 1000, text // 2),
+                                     [config.image_token_id] * (n_images * config.image_seq_len),
+                                     rng.integers(3, 1000, text - text // 2)]).astype(np.int32)
+            samples.append({"tokens": tokens, "targets": tokens != config.image_token_id,
+                            "images": [rng.integers(0, 256, (int(rng.integers(14, 57)), int(rng.integers(14, 57)), 3),
+                                                    dtype=np.uint8) for _ in range(n_images)]})
+            used, images = used + n, images + n_images
+        rows.append(pack_row(samples, pack, {}))
+    return finalize(collate(rows, pack))
+
+
+def tiny_setup(seed: int, batch_size: int = 8, frozen=()):
+    config = tiny_config()
+    model = Idefics2(config)
+    tx, _ = make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10, frozen=frozen)
+    return model, tx, tiny_batch(config, seed, batch_size)
