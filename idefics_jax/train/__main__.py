@@ -17,6 +17,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and generated data", required=True)
 flags.DEFINE_bool("plot", False, "Plot WORKDIR's loss curve to WORKDIR/loss.png and exit")
+flags.DEFINE_string("export_hf", None, "Write WORKDIR's latest checkpoint (LoRA/DoRA merged) as a Hugging Face "
+                    "checkpoint to this directory and exit")
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-host runs")
 flags.DEFINE_integer("num_processes", None, "number of processes (hosts) in a multi-host run")
 flags.DEFINE_integer("process_id", None, "this process's index in a multi-host run")
@@ -41,6 +43,14 @@ def main(argv):
     from idefics_jax.distributed import initialize
 
     initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.export_hf:
+        from idefics_jax.convert import save_hf_checkpoint
+        from idefics_jax.train.loop import restore_latest
+
+        mcfg, params, step = restore_latest(FLAGS.config, FLAGS.workdir)
+        save_hf_checkpoint(FLAGS.export_hf, mcfg, params, progress=True)
+        print(f"Exported step {step} of {FLAGS.workdir} to {FLAGS.export_hf}")
+        return 0
     from idefics_jax.train.loop import train
 
     result = train(FLAGS.config, FLAGS.workdir)

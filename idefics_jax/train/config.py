@@ -55,6 +55,11 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "keep_period": 0,  # also keep every N-th step's checkpoint for good (0: no)
         "async_checkpoints": True, "freeze": [], "remat": False, "neftune_alpha": 0.0,
         "eval_every": 0, "eval_samples": 50, "max_new_tokens": 16,
+        # LoRA / DoRA adapters (rank 0: off); adapted towers' own weights stay frozen
+        "lora": ml_collections.ConfigDict({
+            "rank": 0, "alpha": 16.0, "dora": False, "towers": ["vision", "text"],
+            "targets": r"(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2)$",
+        }),
     })
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     return c

@@ -30,6 +30,8 @@ from idefics_jax.sharding import batch_sharding, make_mesh
 from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from idefics_jax.train.config import model_config
 from idefics_jax.train.metrics import MetricWriter, peak_flops, step_flops
+from idefics_jax.train.lora import LoraConfig, merge
+from idefics_jax.train.lora import trainable as lora_trainable
 from idefics_jax.train.optimizer import count_trainable, make_optimizer
 from idefics_jax.train.step import MODEL_KEYS, init_state, make_train_step, state_shardings
 
@@ -92,8 +94,15 @@ def global_batch(batch: dict, mesh) -> dict:
             for k in MODEL_KEYS}
 
 
+def lora_config(config) -> LoraConfig | None:
+    section = config.train.lora
+    lora = LoraConfig(rank=section.rank, alpha=section.alpha, dora=section.dora, targets=section.targets,
+                      towers=tuple(section.towers))
+    return lora if lora.enabled else None
+
+
 def build(config):
-    """(model config, model, optimizer, schedule, mesh) from a training config."""
+    """(model config, model, optimizer, schedule, mesh, lora) from a training config."""
     mcfg = model_config(config.model)
     if config.data.tokenizer == "" and not config.data.synthetic and not config.data.dir:
         raise ValueError("config.data: set tokenizer/dir, or synthetic=True")
@@ -101,12 +110,15 @@ def build(config):
                      dtype=_dtype(config.model.dtype, "dtype"), param_dtype=_dtype(config.model.param_dtype, "param_dtype"),
                      remat=config.train.remat, neftune_alpha=config.train.neftune_alpha)
     o = config.optimizer
+    lora = lora_config(config)
+    frozen = tuple(config.train.freeze)
     tx, schedule = make_optimizer(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
                                   total_steps=config.train.steps, end_lr_ratio=o.end_lr_ratio,
-                                  weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
-                                  grad_clip=o.grad_clip, frozen=tuple(config.train.freeze))
+                                  weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip,
+                                  frozen=() if lora else frozen,
+                                  trainable_mask=lora_trainable(lora, frozen) if lora else None)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    return mcfg, model, tx, schedule, mesh
+    return mcfg, model, tx, schedule, mesh, lora
 
 
 def load_initial_params(state, path: str, mcfg, shardings):
@@ -117,15 +129,16 @@ def load_initial_params(state, path: str, mcfg, shardings):
     config, params = (load_checkpoint if ours else load_hf_checkpoint)(path, on_device=False)
     if config != mcfg:
         raise ValueError(f"config.model.init_from={path} holds a different model than config.model describes")
-    params = jax.tree.map(lambda x, s, old: jax.device_put(np.asarray(x).astype(old.dtype), s),
-                          params, shardings.params, state.params)
-    return state.replace(params=params)
+    model_keys = [k for k in state.params if k != "lora"]
+    loaded = jax.tree.map(lambda x, s, old: jax.device_put(np.asarray(x).astype(old.dtype), s),
+                          params, {k: shardings.params[k] for k in model_keys}, {k: state.params[k] for k in model_keys})
+    return state.replace(params={**state.params, **loaded})
 
 
 def train(config, workdir: str | os.PathLike) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mcfg, model, tx, schedule, mesh = build(config)
+    mcfg, model, tx, schedule, mesh, lora = build(config)
     data_dir, tokenizer = prepare_data(config, workdir)
     if tokenizer.vocab_size > mcfg.text.vocab_size:
         raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
@@ -134,7 +147,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    init, shardings = state_shardings(model, tx, mesh)
+    init, shardings = state_shardings(model, tx, mesh, lora=lora)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                                 keep_period=config.train.keep_period or None,
                                 async_save=config.train.async_checkpoints)
@@ -145,15 +158,16 @@ def train(config, workdir: str | os.PathLike) -> dict:
         pipeline.set_state(data_state["pipeline"])
         log.info("Resumed from %s at step %d", checkpointer.directory, start)
     else:
-        state = init_state(model, tx, mesh, rng)
+        state = init_state(model, tx, mesh, rng, lora=lora)
         if config.model.init_from:
             state = load_initial_params(state, config.model.init_from, mcfg, shardings)
         start = 0
     params_count = sum(x.size for x in jax.tree.leaves(state.params))
-    trainable = count_trainable(state.params, tuple(config.train.freeze))
+    trainable = count_trainable(state.params, () if lora else tuple(config.train.freeze),
+                                lora_trainable(lora, tuple(config.train.freeze)) if lora else None)
     log.info("Model: %s parameters (%s trainable); mesh %s", f"{params_count:,}", f"{trainable:,}", dict(mesh.shape))
 
-    step_fn = make_train_step(model, tx, mesh, accum_steps=config.optimizer.accum_steps)
+    step_fn = make_train_step(model, tx, mesh, accum_steps=config.optimizer.accum_steps, lora=lora)
     writer = MetricWriter(str(workdir), enabled=jax.process_index() == 0)
     peak = peak_flops(jax.devices()[0].device_kind)
     history = []
@@ -195,3 +209,15 @@ def train(config, workdir: str | os.PathLike) -> dict:
         writer.close()
     log.info("Data: %s", pipeline.summary())
     return {"history": history, "state": state, "data_summary": pipeline.summary()}
+
+
+def restore_latest(config, workdir: str | os.PathLike):
+    """(model config, merged model params, step) of WORKDIR's latest readable checkpoint."""
+    mcfg, model, tx, _, mesh, lora = build(config)
+    init, shardings = state_shardings(model, tx, mesh, lora=lora)
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
+    abstract = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.PRNGKey(0))
+    step, state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
+    checkpointer.close()
+    params = merge(state.params, lora) if lora else state.params
+    return mcfg, params, step

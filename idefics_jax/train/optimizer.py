@@ -17,7 +17,9 @@ TOWERS = ("vision", "connector", "text")
 
 
 def tower_of(path: tuple[str, ...]) -> str:
-    """The tower a parameter path belongs to."""
+    """The tower a parameter path belongs to (a LoRA adapter: its kernel's tower)."""
+    if path[0] == "lora":
+        return tower_of(tuple(path[1].split("/")))
     if path[0] == "lm_head":
         return "text"
     part = path[1] if path[0] == "model" else path[0]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from idefics_jax.train.lora import add_adapters, merge
 from idefics_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, fit_shardings
 
 MODEL_KEYS = ("tokens", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "pixel_attention_mask")
@@ -41,7 +42,9 @@ def cross_entropy(logits, targets, mask):
     return jnp.sum((log_z - picked) * mask), jnp.sum(mask)
 
 
-def _forward_loss(model, params, batch, rng):
+def _forward_loss(model, params, batch, rng, lora=None):
+    if lora is not None:
+        params = merge(params, lora)
     logits = model.apply(
         {"params": params}, batch["tokens"], pixel_values=batch.get("pixel_values"),
         pixel_attention_mask=batch.get("pixel_attention_mask"), positions=batch["positions"],
@@ -49,26 +52,28 @@ def _forward_loss(model, params, batch, rng):
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
-def abstract_state(model, tx, rng, example_ids=None):
-    """The boxed (logically annotated) state as ShapeDtypeStructs."""
-    example_ids = jnp.zeros((1, 1), jnp.int32) if example_ids is None else example_ids
+def abstract_state(model, tx, rng, lora=None):
+    """(init function, the boxed (logically annotated) state as ShapeDtypeStructs)."""
+    example_ids = jnp.zeros((1, 1), jnp.int32)
 
     def init(rng):
         params = model.init(rng, example_ids)["params"]
+        if lora is not None:
+            params = add_adapters(params, lora, jax.random.fold_in(rng, 1))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
     return init, jax.eval_shape(init, rng)
 
 
-def state_shardings(model, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-    init, abstract = abstract_state(model, tx, jax.random.PRNGKey(0))
+def state_shardings(model, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES, lora=None):
+    init, abstract = abstract_state(model, tx, jax.random.PRNGKey(0), lora)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
     return init, fit_shardings(nn.meta.unbox(abstract), shardings)
 
 
-def init_state(model, tx, mesh: Mesh, rng, rules=LOGICAL_AXIS_RULES) -> TrainState:
+def init_state(model, tx, mesh: Mesh, rng, rules=LOGICAL_AXIS_RULES, lora=None) -> TrainState:
     """A fresh state, each array created directly with its sharding."""
-    init, shardings = state_shardings(model, tx, mesh, rules)
+    init, shardings = state_shardings(model, tx, mesh, rules, lora)
     with mesh, nn.logical_axis_rules(rules):
         return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
 
@@ -78,12 +83,12 @@ def place_batch(batch: dict, mesh: Mesh) -> dict:
     return {k: jax.device_put(batch[k], batch_sharding(mesh, batch[k].ndim)) for k in MODEL_KEYS if k in batch}
 
 
-def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICAL_AXIS_RULES):
-    _, shardings = state_shardings(model, tx, mesh, rules)
+def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICAL_AXIS_RULES, lora=None):
+    _, shardings = state_shardings(model, tx, mesh, rules, lora)
 
     def step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
-        grad_fn = jax.value_and_grad(lambda p, b, r: _forward_loss(model, p, b, r), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, b, r: _forward_loss(model, p, b, r, lora), has_aux=True)
 
         if accum_steps == 1:
             (loss_sum, count), grads = grad_fn(state.params, batch, step_rng)
@@ -106,12 +111,8 @@ def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICA
         metrics = {"loss": loss_sum / denom, "target_tokens": count, "grad_norm": optax.global_norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
-    batch_shardings = {k: batch_sharding(mesh, 2) for k in MODEL_KEYS}
-    batch_shardings["pixel_values"] = batch_sharding(mesh, 5)
-    batch_shardings["pixel_attention_mask"] = batch_sharding(mesh, 4)
     replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(step, in_shardings=(shardings, batch_shardings),
-                     out_shardings=(shardings, replicated), donate_argnums=(0,))
+    jitted = jax.jit(step, out_shardings=(shardings, replicated), donate_argnums=(0,))
 
     def run(state, batch):
         with mesh, nn.logical_axis_rules(rules):

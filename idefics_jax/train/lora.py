@@ -1,0 +1,126 @@
+"""LoRA and DoRA adapters on chosen projections, as a transformation of the parameter tree.
+
+Adapters live beside the model's parameters, under `params["lora"]`, keyed by the adapted
+kernel's path (`model/text_model/layers_0/self_attn/q_proj`):
+
+    LoRA   W' = W + (alpha / rank) * A @ B                          A [in, rank], B [rank, out] = 0
+    DoRA   W' = m * (W + (alpha / rank) * A @ B) / ||W + ...||_in    m [out] = ||W||_in at start
+
+`merge(params)` returns ordinary model parameters (the adapters folded in): the train step applies
+the model to `merge(params)`, and exporting (`python -m idefics_jax.train --export_hf`) saves it
+in Hugging Face format. Only the adapters (and any tower not adapted and not frozen) train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from idefics_jax.train.optimizer import check_towers, tower_of
+
+ADAPTERS = "lora"
+SEP = "/"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0  # 0: no adapters
+    alpha: float = 16.0
+    dora: bool = False
+    targets: str = r"(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2)$"
+    towers: tuple[str, ...] = ("vision", "text")  # towers whose targets get adapters (and stay frozen)
+
+    def __post_init__(self):
+        check_towers(self.towers, "lora towers")
+        re.compile(self.targets)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _unbox(x):
+    return x.value if isinstance(x, nn.LogicallyPartitioned) else x
+
+
+def _names(x, ndim):
+    return x.names if isinstance(x, nn.LogicallyPartitioned) else (None,) * ndim
+
+
+def target_paths(params, config: LoraConfig) -> list[tuple[str, ...]]:
+    pattern = re.compile(config.targets)
+    out = []
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        if path[0] == ADAPTERS or path[-1] != "kernel" or _unbox(leaf).ndim != 2:
+            continue
+        if tower_of(path) in config.towers and pattern.search(path[-2]):
+            out.append(path[:-1])
+    return out
+
+
+def add_adapters(params, config: LoraConfig, rng) -> dict:
+    """`params` plus fresh adapters (boxed with logical axes when the kernels are)."""
+    if not config.enabled:
+        return params
+    flat = traverse_util.flatten_dict(params)
+    adapters = {}
+    paths = target_paths(params, config)
+    if not paths:
+        raise ValueError(f"LoRA targets {config.targets!r} match no projection in towers {config.towers}")
+    for i, path in enumerate(paths):
+        kernel = flat[path + ("kernel",)]
+        w = _unbox(kernel)
+        names = _names(kernel, 2)
+        a = jax.random.normal(jax.random.fold_in(rng, i), (w.shape[0], config.rank), w.dtype) / jnp.sqrt(w.shape[0])
+        b = jnp.zeros((config.rank, w.shape[1]), w.dtype)
+        entry = {"a": nn.LogicallyPartitioned(a, (names[0], None)), "b": nn.LogicallyPartitioned(b, (None, names[1]))}
+        if config.dora:
+            entry["m"] = nn.LogicallyPartitioned(jnp.linalg.norm(w.astype(jnp.float32), axis=0).astype(w.dtype),
+                                                 (names[1],))
+        adapters[SEP.join(path)] = entry
+    return {**params, ADAPTERS: adapters}
+
+
+def adapted_kernel(w, entry, config: LoraConfig):
+    """The merged kernel `[in, out]`."""
+    delta = (entry["a"].astype(jnp.float32) @ entry["b"].astype(jnp.float32)) * config.scale
+    merged = w.astype(jnp.float32) + delta
+    if "m" in entry:
+        merged = merged * (entry["m"].astype(jnp.float32) / jnp.linalg.norm(merged, axis=0))
+    return merged.astype(w.dtype)
+
+
+def merge(params, config: LoraConfig) -> dict:
+    """Model parameters with the adapters folded in (no `lora` entry)."""
+    if ADAPTERS not in params:
+        return params
+    adapters = params[ADAPTERS]
+    flat = traverse_util.flatten_dict({k: v for k, v in params.items() if k != ADAPTERS})
+    for key, entry in adapters.items():
+        path = tuple(key.split(SEP)) + ("kernel",)
+        if path not in flat:
+            raise KeyError(f"LoRA adapter for '{key}' has no kernel in the model")
+        flat[path] = adapted_kernel(flat[path], entry, config)
+    return traverse_util.unflatten_dict(flat)
+
+
+def trainable(config: LoraConfig, frozen: Iterable[str] = ()):
+    """`path -> bool`: adapters train; adapted towers' own weights do not; other towers do unless frozen."""
+    frozen = set(frozen)
+
+    def mask(path: tuple[str, ...]) -> bool:
+        if path[0] == ADAPTERS:
+            return True
+        tower = tower_of(path)
+        return tower not in config.towers and tower not in frozen
+    return mask
