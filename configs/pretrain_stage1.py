@@ -1,0 +1,37 @@
+"""Idefics2-8B pre-training, stage 1: images up to 384 px, 70% interleaved documents, 30% pairs.
+
+    python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir gs://.../stage1 \
+        --config.data.dir=/data --config.data.tokenizer=/data/tokenizer.model
+
+`data.dir` holds `obelics/` and `pairs/` (ArrayRecord shards, see data/prepare.py). The paper
+trains the backbones through LoRA (full unfreezing diverged) and the connector fully; its
+average batch is 2048 sequences.
+"""
+
+from idefics_jax.train.config import base_config
+
+
+def get_config():
+    c = base_config("idefics2-8b")
+    edges = dict(longest_edge=384, shortest_edge=378, format="array_record")
+    c.data.sources = [
+        dict(name="interleaved", path="obelics", weight=0.7, max_length=2048, **edges),
+        dict(name="pairs", path="pairs", weight=0.3, max_length=1536, **edges),
+    ]
+    c.data.seq_len = 2048
+    c.data.image_slots = 24
+    c.data.buckets = [(378, 384), (384, 384)]
+    c.data.batch_size = 2048
+    c.data.num_workers = 16
+    c.optimizer.accum_steps = 8  # sequences per device step = batch / (devices x 8)
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 1000
+    c.train.steps = 50_000
+    c.train.remat = True
+    c.train.checkpoint_every = 1000
+    c.train.keep_period = 10_000
+    c.train.lora.rank = 16
+    c.train.lora.alpha = 32.0
+    c.train.lora.towers = ["vision", "text"]
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    return c
