@@ -23,7 +23,8 @@ class DistributedError(RuntimeError):
 
 def _auto_cluster() -> bool:
     """A cluster jax.distributed can discover by itself (Cloud TPU pod, Slurm, Open MPI)."""
-    return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or
+    return bool(os.environ.get("IDEFICS_AUTO_DISTRIBUTED") == "1" or
+                os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or
                 int(os.environ.get("SLURM_NTASKS", "1")) > 1 or
                 int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 

@@ -122,3 +122,42 @@ def test_loss_plot(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     out = plot_loss(str(tmp_path))
     assert Path(out).stat().st_size > 1000
+
+
+def test_two_processes_give_the_losses_of_one(seed):
+    import portpicker
+
+    script = str(Path(__file__).with_name("multiprocess_step.py"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    single = subprocess.run([sys.executable, script, str(seed)], env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = json.loads(single.stdout.strip().splitlines()[-1])
+    port = portpicker.pick_unused_port()
+    launcher = str(ROOT / "launch" / "gpu_multihost.sh")
+    procs = [subprocess.Popen(["bash", launcher, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i), "--", sys.executable, script, str(seed)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    got = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert got["processes"] == 2 and got["devices"] == 2 and expected["processes"] == 1
+    np.testing.assert_allclose(got["losses"], expected["losses"], rtol=1e-5)
+
+
+def test_launcher_rejects_bad_arguments():
+    launcher = str(ROOT / "launch" / "gpu_multihost.sh")
+    bad = subprocess.run(["bash", launcher, "--coordinator", "127.0.0.1:1", "--num-processes", "2",
+                          "--process-id", "2", "--", "true"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "outside 0..1" in bad.stderr
+    missing = subprocess.run(["bash", launcher, "--", "true"], capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("SLURM")})
+    assert missing.returncode == 2 and "required" in missing.stderr
+
+
+def test_distributed_initialize_needs_all_three_settings():
+    from idefics_jax.distributed import DistributedError, initialize
+
+    with pytest.raises(DistributedError, match="needs all of coordinator, num_processes and process_id"):
+        initialize("127.0.0.1:1234", None, 0)
