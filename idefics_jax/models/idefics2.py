@@ -57,15 +57,14 @@ def check_image_token_count(input_ids, pixel_values, image_token_id: int, image_
             )
 
 
-def splice_image_features(input_ids, inputs_embeds, image_features, real_images, image_token_id: int):
+def splice_image_features(is_image, inputs_embeds, image_features, real_images):
     """Puts image latents at the `<image>` positions of each row.
 
-    input_ids [batch, seq]; inputs_embeds [batch, seq, hidden];
+    is_image bool [batch, seq]: the image-token positions; inputs_embeds [batch, seq, hidden];
     image_features [batch, images, latents, hidden]; real_images bool [batch, images].
     The k-th image token of row b takes latent k % latents of row b's (k // latents)-th real image.
     """
     batch, num_images, num_latents, hidden = image_features.shape
-    is_image = input_ids == image_token_id  # [batch, seq]
     rank = jnp.cumsum(is_image, axis=1) - 1  # [batch, seq]: index among the row's image tokens
     # slots of each row's real images, in order (padding slots last)
     real_slots = jax.vmap(lambda r: jnp.nonzero(r, size=num_images, fill_value=0)[0])(real_images)
@@ -122,16 +121,17 @@ class Idefics2Model(nn.Module):
         }
 
     def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
-                 positions=None, segment_ids=None, train: bool = False):
+                 positions=None, segment_ids=None, image_token_mask=None, train: bool = False):
         embeds = self.text_model.embed(input_ids)  # [batch, seq, hidden]
+        is_image = input_ids == self.config.image_token_id if image_token_mask is None else image_token_mask
         if train and self.neftune_alpha > 0:
-            embeds = neftune_noise(self.make_rng("neftune"), embeds, input_ids != self.config.image_token_id,
-                                   self.neftune_alpha)
+            embeds = neftune_noise(self.make_rng("neftune"), embeds, ~is_image, self.neftune_alpha)
         if pixel_values is not None:
-            check_image_token_count(input_ids, pixel_values, self.config.image_token_id, self.config.image_seq_len)
+            if image_token_mask is None:
+                check_image_token_count(input_ids, pixel_values, self.config.image_token_id,
+                                        self.config.image_seq_len)
             images = self.encode_images(pixel_values, pixel_attention_mask)
-            embeds = splice_image_features(input_ids, embeds, images["image_features"], images["real_images"],
-                                           self.config.image_token_id)
+            embeds = splice_image_features(is_image, embeds, images["image_features"], images["real_images"])
         elif self.is_initializing():  # create the vision and connector parameters too
             patch = self.config.vision.patch_size
             self.encode_images(jnp.zeros((1, 1, patch, patch, self.config.vision.num_channels), self.dtype))
@@ -179,8 +179,10 @@ class Idefics2(nn.Module):
         return self.model.encode_images(pixel_values, pixel_attention_mask)
 
     def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
-                 positions=None, segment_ids=None, train: bool = False):
+                 positions=None, segment_ids=None, image_token_mask=None, train: bool = False):
+        """image_token_mask bool [batch, seq]: where image latents go (default: the `<image>` tokens;
+        generation passes the prompt's, so a generated `<image>` id stays an ordinary token)."""
         hidden = self.model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                             pixel_attention_mask=pixel_attention_mask, positions=positions,
-                            segment_ids=segment_ids, train=train)
+                            segment_ids=segment_ids, image_token_mask=image_token_mask, train=train)
         return self.logits(hidden)

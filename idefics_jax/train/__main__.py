@@ -58,6 +58,10 @@ def main(argv):
     if history:
         print(f"Trained to step {history[-1][0]}: loss {history[0][1]:.3f} -> {history[-1][1]:.3f}; "
               f"data: {result['data_summary']}")
+    if result.get("eval"):
+        report = result["eval"]
+        print(f"Exact match on {report['n']} held-out questions: {report['exact_match']:.1%} "
+              f"(e.g. {report['results'][0]['answer']!r} -> {report['results'][0]['prediction']!r})")
     return 0
 
 

@@ -135,6 +135,19 @@ def load_initial_params(state, path: str, mcfg, shardings):
     return state.replace(params={**state.params, **loaded})
 
 
+def evaluate(config, model, params, lora, data_dir: Path, tokenizer: Tokenizer, image_seq_len: int) -> dict:
+    """Exact match of greedy answers on `config.data.eval_source` (held-out conversations)."""
+    from idefics_jax.inference.greedy import eval_processor, exact_match_eval, load_records
+
+    source = config.data.sources[0]
+    processor = eval_processor(tokenizer, image_seq_len, source.get("longest_edge", 980),
+                               source.get("shortest_edge", 378))
+    records = load_records(data_dir / config.data.eval_source, config.train.eval_samples)
+    params = merge(params, lora) if lora else params
+    return exact_match_eval(model, params, records, str(data_dir / config.data.eval_source), processor,
+                            max_new_tokens=config.train.max_new_tokens)
+
+
 def train(config, workdir: str | os.PathLike) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +188,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
                disable=jax.process_index() != 0, dynamic_ncols=True)
     window = {"time": 0.0, "tokens": 0.0, "images": 0.0, "flops": 0.0}
     step = start
+    last_eval = None
     try:
         while step < config.train.steps:
             started = time.perf_counter()
@@ -203,12 +217,21 @@ def train(config, workdir: str | os.PathLike) -> dict:
                 window = dict.fromkeys(window, 0.0)
             if step % config.train.checkpoint_every == 0 or step == config.train.steps:
                 checkpointer.save(step, state, {"pipeline": pipeline.get_state()}, force=step == config.train.steps)
+            eval_now = config.train.eval_every and step % config.train.eval_every == 0
+            if config.data.eval_source and (eval_now or step == config.train.steps):
+                report = evaluate(config, model, state.params, lora, data_dir, tokenizer, mcfg.image_seq_len)
+                writer.write(step, {"eval/exact_match": report["exact_match"]})
+                if jax.process_index() == 0:
+                    (workdir / f"eval_{step}.json").write_text(json.dumps(report, indent=1))
+                log.info("Step %d: exact match %.3f on %d held-out questions", step, report["exact_match"],
+                         report["n"])
+                last_eval = report
     finally:
         bar.close()
         checkpointer.close()
         writer.close()
     log.info("Data: %s", pipeline.summary())
-    return {"history": history, "state": state, "data_summary": pipeline.summary()}
+    return {"history": history, "state": state, "data_summary": pipeline.summary(), "eval": last_eval}
 
 
 def restore_latest(config, workdir: str | os.PathLike):
