@@ -32,12 +32,14 @@ def one_step(model, tx, batch, accum=1, seed=0):
     return before, jax.tree.map(np.asarray, state.params), metrics
 
 
-def test_sharded_step_on_eight_simulated_devices_equals_one_device(seed):
+def test_sharded_step_on_eight_simulated_devices_equals_one_device(seed, tmp_path):
+    """Also: a checkpoint saved from one mesh restores onto others."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("sharded_train_step.py")), str(seed)],
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("sharded_train_step.py")), str(seed),
+                             str(tmp_path / "ckpt")], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert result.stdout.count("worst relative param diff") == 4, result.stdout
+    assert result.stdout.count("restored onto mesh") == 2, result.stdout
 
 
 def test_frozen_tower_gets_no_update(seed):
@@ -161,3 +163,37 @@ def test_distributed_initialize_needs_all_three_settings():
 
     with pytest.raises(DistributedError, match="needs all of coordinator, num_processes and process_id"):
         initialize("127.0.0.1:1234", None, 0)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, seed, caplog):
+    import flax.linen as nn
+
+    from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+    from idefics_jax.train.step import state_shardings
+
+    model, tx, batch = tiny_setup(seed, batch_size=2)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    state = init_state(model, tx, mesh, jax.random.PRNGKey(seed))
+    step = make_train_step(model, tx, mesh)
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep=5)
+    saved = {}
+    for i in (1, 2):
+        state, _ = step(state, global_batch(batch, mesh))
+        checkpointer.save(i, state, {"pipeline": {"position": i}})
+        checkpointer.wait()
+        saved[i] = jax.tree.map(np.asarray, state.params)
+    checkpointer.close()
+    for file in (tmp_path / "ckpt" / "2" / "state").rglob("*"):  # garble every file of step 2's state
+        if file.is_file():
+            file.write_bytes(b"\0garbage" * 4)
+    init, shardings = state_shardings(model, tx, mesh)
+    abstract = abstract_with_shardings(jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.PRNGKey(0)),
+                                       shardings)
+    with caplog.at_level("WARNING"):
+        restored_step, restored, data = Checkpointer(tmp_path / "ckpt").restore(abstract)
+    assert restored_step == 1 and data == {"pipeline": {"position": 1}}
+    assert "cannot be restored" in caplog.text
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved[1])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        Checkpointer(tmp_path / "empty").restore(abstract)

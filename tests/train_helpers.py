@@ -39,8 +39,16 @@ def tiny_batch(config: Idefics2Config, seed: int, batch_size: int, seq_len: int 
     return finalize(collate(rows, pack))
 
 
-def tiny_setup(seed: int, batch_size: int = 8, frozen=()):
+def tiny_setup(seed: int, batch_size: int = 8, frozen=(), sgd: bool = False):
+    """sgd=True: plain SGD, whose update is proportional to the gradient, for comparing steps
+    (Adam's first update is about lr * sign(g), which amplifies round-off in gradients that are
+    zero in exact arithmetic, such as the key projections' biases)."""
+    import optax
+
     config = tiny_config()
     model = Idefics2(config)
-    tx, _ = make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10, frozen=frozen)
+    if sgd:
+        tx = optax.sgd(0.1)
+    else:
+        tx, _ = make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10, frozen=frozen)
     return model, tx, tiny_batch(config, seed, batch_size)
