@@ -69,7 +69,7 @@ def main(seed, workdir=None):
         worst_param = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params1)))
         print(f"mesh {shape} accum {accum}: loss {loss:.6f} vs {loss1:.6f}, worst relative param diff "
               f"{worst / scale:.2e} (of the largest update), {worst_param:.2e} absolute")
-        if abs(loss - loss1) > 1e-5 * abs(loss1) or worst > 1e-5 * scale or worst_param > 1e-5:
+        if abs(loss - loss1) > 1e-5 * abs(loss1) or worst > 1e-4 * scale or worst_param > 1e-5:
             sys.exit(f"mesh {shape}: step differs from the 1-device step")
 
 
