@@ -71,7 +71,11 @@ def photo_files() -> list[str]:
 
 
 class Renderer:
-    def __init__(self, seed: int):
+    """easy=True: single words or numbers below 100, large type filling a plain or gradient canvas
+    (what a tiny model can learn to read on a CPU in minutes)."""
+
+    def __init__(self, seed: int, easy: bool = False):
+        self.easy = easy
         self.rng = np.random.default_rng(seed)
         self.fonts = font_files()
         self.photos = photo_files()
@@ -81,11 +85,12 @@ class Renderer:
 
     def text(self) -> tuple[str, str]:
         """(text, kind): a word, a number or a short line."""
-        kind = self.choice(["word", "number", "line"])
+        kind = self.choice(["word", "number"] if self.easy else ["word", "number", "line"])
         if kind == "word":
             return self.choice(WORDS), kind
         if kind == "number":
-            return str(int(self.rng.integers(0, 10 ** int(self.rng.integers(1, 7))))), kind
+            digits = 2 if self.easy else int(self.rng.integers(1, 7))
+            return str(int(self.rng.integers(0, 10 ** digits))), kind
         return " ".join(self.choice(WORDS) for _ in range(int(self.rng.integers(2, 5)))), kind
 
     def font(self, size: int):
@@ -95,7 +100,7 @@ class Renderer:
         return ImageFont.load_default(size=size), "default"
 
     def background(self, width: int, height: int, base, noise: bool = True) -> Image.Image:
-        style = self.choice(["plain", "gradient", "noise"] if noise else ["plain", "gradient"])
+        style = self.choice(["plain", "gradient", "noise"] if noise and not self.easy else ["plain", "gradient"])
         base = np.asarray(base, np.float32)
         if style == "plain":
             array = np.broadcast_to(base, (height, width, 3))
@@ -115,13 +120,14 @@ class Renderer:
 
     def text_image(self, text: str) -> tuple[Image.Image, dict]:
         fg, bg = self.colours()
-        size = int(self.rng.integers(14, 48))
+        size = int(self.rng.integers(28, 44) if self.easy else self.rng.integers(14, 48))
         font, font_name = self.font(size)
         box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
         text_w, text_h = box[2] - box[0], box[3] - box[1]
-        margin_w, margin_h = int(self.rng.integers(6, 60)), int(self.rng.integers(6, 60))
+        margin = (4, 12) if self.easy else (6, 60)
+        margin_w, margin_h = int(self.rng.integers(*margin)), int(self.rng.integers(*margin))
         width, height = text_w + 2 * margin_w, text_h + 2 * margin_h
-        if self.rng.random() < 0.3:  # a tall or square canvas now and then
+        if not self.easy and self.rng.random() < 0.3:  # a tall or square canvas now and then
             height = max(height, int(width * self.rng.uniform(0.5, 1.5)))
         image = self.background(width, height, COLOURS[bg])
         x = int(self.rng.integers(0, max(1, width - text_w))) - box[0]
@@ -154,9 +160,10 @@ def _save(image: Image.Image, directory: Path, name: str, rng) -> str:
 
 
 def generate(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0, num_eval: int | None = None,
-             formats: tuple[str, ...] = ("jsonl", "array_record", "tfds"), vocab_size: int = 1024) -> dict[str, int]:
+             formats: tuple[str, ...] = ("jsonl", "array_record", "tfds"), vocab_size: int = 1024,
+             easy: bool = False) -> dict[str, int]:
     out = Path(out_dir)
-    renderer = Renderer(seed)
+    renderer = Renderer(seed, easy=easy)
     rng = renderer.rng
     counts = {}
     texts_for_tokenizer = []
@@ -224,9 +231,10 @@ def main(argv=None):
     parser.add_argument("--num-eval", type=int, default=None, help="held-out conversations (default num / 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--formats", default="jsonl,array_record,tfds")
+    parser.add_argument("--easy", action="store_true", help="single words / 2-digit numbers in large type")
     args = parser.parse_args(argv)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    counts = generate(args.out_dir, args.num, args.seed, args.num_eval, formats)
+    counts = generate(args.out_dir, args.num, args.seed, args.num_eval, formats, easy=args.easy)
     print(f"Wrote {args.out_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; formats {formats}")
 
 

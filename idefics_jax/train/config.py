@@ -36,6 +36,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "dir": "",  # sources' paths are relative to this; "" with synthetic=True: WORKDIR/data
         "synthetic": False,  # generate the synthetic data set into `dir` when it is missing
         "synthetic_num": 2000,
+        "synthetic_easy": False,  # single words / 2-digit numbers in large type (tiny CPU runs)
         "tokenizer": "",  # a sentencepiece .model ("" with synthetic: the generated one)
         "sources": [],  # dicts of idefics_jax.data.pipeline.SourceConfig fields
         "seq_len": 2048,

@@ -54,7 +54,8 @@ def prepare_data(config, workdir: Path) -> tuple[Path, Tokenizer]:
         # every host writes its own copy (the same for a seed), then renames it into place
         log.info("Generating synthetic data in %s", data_dir)
         tmp = data_dir.with_name(f"{data_dir.name}.tmp-{jax.process_index()}-{os.getpid()}")
-        generate(tmp, num=config.data.synthetic_num, seed=config.data.seed, formats=("jsonl",))
+        generate(tmp, num=config.data.synthetic_num, seed=config.data.seed, formats=("jsonl",),
+                 easy=config.data.synthetic_easy)
         try:
             os.replace(tmp, data_dir)
         except OSError:  # another host (shared disk) was first
