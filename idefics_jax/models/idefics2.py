@@ -121,7 +121,7 @@ class Idefics2Model(nn.Module):
         }
 
     def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
-                 positions=None, segment_ids=None, image_token_mask=None, train: bool = False):
+                 positions=None, segment_ids=None, image_token_mask=None, train: bool = False, cache=None):
         embeds = self.text_model.embed(input_ids)  # [batch, seq, hidden]
         is_image = input_ids == self.config.image_token_id if image_token_mask is None else image_token_mask
         if train and self.neftune_alpha > 0:
@@ -135,7 +135,8 @@ class Idefics2Model(nn.Module):
         elif self.is_initializing():  # create the vision and connector parameters too
             patch = self.config.vision.patch_size
             self.encode_images(jnp.zeros((1, 1, patch, patch, self.config.vision.num_channels), self.dtype))
-        return self.text_model(embeds, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids)
+        return self.text_model(embeds, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids,
+                               cache=cache)
 
 
 class Idefics2(nn.Module):
@@ -179,10 +180,16 @@ class Idefics2(nn.Module):
         return self.model.encode_images(pixel_values, pixel_attention_mask)
 
     def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
-                 positions=None, segment_ids=None, image_token_mask=None, train: bool = False):
+                 positions=None, segment_ids=None, image_token_mask=None, train: bool = False, cache=None):
         """image_token_mask bool [batch, seq]: where image latents go (default: the `<image>` tokens;
-        generation passes the prompt's, so a generated `<image>` id stays an ordinary token)."""
-        hidden = self.model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            pixel_attention_mask=pixel_attention_mask, positions=positions,
-                            segment_ids=segment_ids, image_token_mask=image_token_mask, train=train)
-        return self.logits(hidden)
+        generation passes the prompt's, so a generated `<image>` id stays an ordinary token).
+
+        cache: a `KVCache` (generation): returns `(logits, cache)` with the new tokens written.
+        """
+        out = self.model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                         pixel_attention_mask=pixel_attention_mask, positions=positions,
+                         segment_ids=segment_ids, image_token_mask=image_token_mask, train=train, cache=cache)
+        if cache is None:
+            return self.logits(out)
+        hidden, cache = out
+        return self.logits(hidden), cache

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from idefics_jax.config import TextConfig
+from idefics_jax.models.kv_cache import KVCache
 from idefics_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
 from idefics_jax.ops.attention import dot_product_attention
 
@@ -29,8 +30,14 @@ class MistralAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, kv_mask, segment_ids):
-        # x [batch, seq, hidden]; cos / sin [batch, seq, head_dim]; positions [batch, seq]
+    def __call__(self, x, cos, sin, positions, kv_mask, segment_ids, past=None):
+        """x [batch, seq, hidden]; cos / sin [batch, seq, head_dim]; positions [batch, seq].
+
+        past: None, or a cached `(keys, values, positions, valid)` of earlier columns
+        (`[batch, length, kv_heads, head_dim]` twice, then `[batch, length]` twice) that the new
+        tokens attend to as well. Returns (output [batch, seq, hidden], (keys, values) of the new
+        tokens `[batch, seq, kv_heads, head_dim]`, after RoPE: what a cache stores).
+        """
         cfg = self.config
         head_dim = cfg.attention_head_dim
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, init_std=cfg.initializer_range)
@@ -39,14 +46,22 @@ class MistralAttention(nn.Module):
         k = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x))
         v = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values, kv_positions = k, v, positions
+        if past is not None:  # generation: the cached columns, then the new ones
+            past_k, past_v, past_positions, past_valid = past
+            keys = jnp.concatenate([past_k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([past_v.astype(v.dtype), v], axis=1)
+            kv_positions = jnp.concatenate([past_positions, positions], axis=1)
+            new_valid = jnp.ones(positions.shape, bool) if kv_mask is None else kv_mask
+            kv_mask = jnp.concatenate([past_valid, new_valid], axis=1)
         out = dot_product_attention(
-            q, k, v, kv_mask=kv_mask, causal=True, sliding_window=cfg.sliding_window,
-            q_positions=positions, kv_positions=positions,
+            q, keys, values, kv_mask=kv_mask, causal=True, sliding_window=cfg.sliding_window,
+            q_positions=positions, kv_positions=kv_positions,
             q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
             implementation=self.attention_impl,
         )  # [batch, seq, heads, head_dim]
         out = einops.rearrange(out, "b s h d -> b s (h d)")
-        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out)
+        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out), (k, v)
 
 
 class MistralDecoderLayer(nn.Module):
@@ -56,17 +71,19 @@ class MistralDecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, kv_mask, segment_ids):
+    def __call__(self, x, cos, sin, positions, kv_mask, segment_ids, past=None):
+        """Returns (x [batch, seq, hidden], the new tokens' (keys, values)); see MistralAttention."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-        x = x + MistralAttention(cfg, self.attention_impl, name="self_attn", **kw)(
-            h, cos, sin, positions, kv_mask, segment_ids)
+        attn, kv = MistralAttention(cfg, self.attention_impl, name="self_attn", **kw)(
+            h, cos, sin, positions, kv_mask, segment_ids, past)
+        x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         mlp = GatedMLP(cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, cfg.initializer_range,
                        name="mlp", **kw)
-        return x + mlp(h)
+        return x + mlp(h), kv
 
 
 class MistralModel(nn.Module):
@@ -92,12 +109,15 @@ class MistralModel(nn.Module):
     def embed(self, input_ids):  # [batch, seq] -> [batch, seq, hidden]
         return self.embed_tokens(input_ids)
 
-    def __call__(self, inputs_embeds, *, attention_mask=None, positions=None, segment_ids=None):
+    def __call__(self, inputs_embeds, *, attention_mask=None, positions=None, segment_ids=None,
+                 cache: KVCache | None = None):
         """inputs_embeds `[batch, seq, hidden]` -> final hidden states `[batch, seq, hidden]`.
 
         attention_mask `[batch, seq]`: 0 marks padding keys (Hugging Face's convention).
         positions `[batch, seq]`: RoPE and causal positions; default `0 .. seq - 1`.
         segment_ids `[batch, seq]`: packed rows; tokens attend within their segment only.
+        cache: generation. The new tokens also attend to the cached columns, and the call returns
+        `(hidden states, cache with the new columns written)`.
         """
         batch, seq, _ = inputs_embeds.shape
         if positions is None:
@@ -105,9 +125,17 @@ class MistralModel(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta)
         kv_mask = None if attention_mask is None else attention_mask.astype(bool)
         x = inputs_embeds.astype(self.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, positions, kv_mask, segment_ids)
-        return self.norm(x)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            past = None if cache is None else (cache.keys[i], cache.values[i], cache.positions, cache.valid)
+            x, (k, v) = layer(x, cos, sin, positions, kv_mask, segment_ids, past)
+            new_keys.append(k)
+            new_values.append(v)
+        x = self.norm(x)
+        if cache is None:
+            return x
+        valid = jnp.ones((batch, seq), bool) if kv_mask is None else kv_mask
+        return x, cache.update(new_keys, new_values, positions, valid)
 
     def attend(self, hidden):  # tied output projection: [batch, seq, hidden] -> [batch, seq, vocab]
         return self.embed_tokens.attend(hidden)

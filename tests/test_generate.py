@@ -1,0 +1,180 @@
+"""Cached generation: equal to transformers' `generate`, and to full forward passes step by step."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from conftest import IMAGE_TOKEN_ID, rel_err
+from idefics_jax import Idefics2
+from idefics_jax.data.image_processing import ImageProcessor, pad_images
+from idefics_jax.inference.generate import Generator, decode, prefill
+from idefics_jax.inference.sampling import Sampling, process_logits
+from test_parity import make_batch
+
+NEW = 32
+
+
+def hf_generate(model, input_ids, attention_mask, pixel_values=None, pixel_mask=None, **kwargs):
+    inputs = dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask))
+    if pixel_values is not None:
+        inputs["pixel_values"] = torch.tensor(pixel_values).permute(0, 1, 4, 2, 3)
+        inputs["pixel_attention_mask"] = torch.tensor(pixel_mask)
+    kwargs = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": 0, **kwargs}
+    with torch.no_grad():
+        out = model.generate(**inputs, **kwargs)
+    return out[:, input_ids.shape[1]:].numpy()
+
+
+def split_batch(rng, n_latents, sizes):
+    """One prompt per image size, each image split into 4 crops + the whole (5 x latents tokens)."""
+    processor = ImageProcessor(longest_edge=48, shortest_edge=16, do_image_splitting=True)
+    rows, ids = [], []
+    for h, w in sizes:
+        image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        rows.append(processor.process_image(image))
+        row = rng.integers(3, IMAGE_TOKEN_ID, size=3).tolist()
+        for _ in range(5):  # <fake><image>*latents, with a plain token standing for <fake>
+            row += [7] + [IMAGE_TOKEN_ID] * n_latents
+        ids.append(row + [7] + rng.integers(3, IMAGE_TOKEN_ID, size=4).tolist())
+    seq = max(len(r) for r in ids)
+    input_ids = np.zeros((len(ids), seq), np.int64)
+    mask = np.zeros((len(ids), seq), np.int64)
+    for b, row in enumerate(ids):
+        input_ids[b, seq - len(row):], mask[b, seq - len(row):] = row, 1
+    images = pad_images(rows)
+    return input_ids, mask, images["pixel_values"], images["pixel_attention_mask"]
+
+
+CASES = {
+    "text_only": [([11], [])],
+    "one_image": [([4, 3], [(40, 36)])],
+    "two_images": [([3, 5, 2], [(28, 52), (44, 20)])],
+    "batch_of_lengths": [([4, 3], [(40, 36)]), ([9, 15], [(28, 52)]), ([2], [])],
+}
+
+
+@pytest.mark.parametrize("case", [*CASES, "split"])
+def test_greedy_equals_transformers_generate(hf_dir, converted, seed, case):
+    rng = np.random.default_rng([seed, 400, len(case)])
+    config, params = converted
+    if case == "split":
+        input_ids, mask, pixels, pixel_mask = split_batch(rng, config.image_seq_len, [(30, 45), (41, 17)])
+    else:
+        input_ids, mask, pixels, pixel_mask = make_batch(rng, CASES[case], config.image_seq_len)
+        if case == "text_only":
+            pixels = pixel_mask = None
+        elif case == "batch_of_lengths":
+            pixels[2] = 0  # the third row has no image
+            pixel_mask[2] = False
+    expected = hf_generate(hf_dir[1], input_ids, mask, pixels, pixel_mask, eos_token_id=None)
+    ours = Generator(Idefics2(config), params).generate(input_ids, mask, pixels, pixel_mask, max_new_tokens=NEW)
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_stop_tokens_pad_like_transformers(hf_dir, converted, seed):
+    """A row stops at its first stop token and pads after it; the loop ends when all rows are done."""
+    rng = np.random.default_rng([seed, 401])
+    config, params = converted
+    input_ids, mask, pixels, pixel_mask = make_batch(rng, CASES["batch_of_lengths"], config.image_seq_len)
+    pixels[2], pixel_mask[2] = 0, False
+    free = Generator(Idefics2(config), params).generate(input_ids, mask, pixels, pixel_mask, max_new_tokens=NEW)
+    stop = int(free[0, 5])  # a token row 0 produces: it must stop there
+    pad = 1 if stop != 1 else 2
+    ours = Generator(Idefics2(config), params, stop_ids=[stop], pad_id=pad).generate(
+        input_ids, mask, pixels, pixel_mask, max_new_tokens=NEW)
+    expected = hf_generate(hf_dir[1], input_ids, mask, pixels, pixel_mask, eos_token_id=stop, pad_token_id=pad)
+    width = expected.shape[1]  # transformers ends early when every row is done
+    np.testing.assert_array_equal(ours[:, :width], expected)
+    assert (ours[:, width:] == pad).all()
+    first = int(np.argmax(free[0] == stop))
+    assert (ours[0, first + 1:] == pad).all() and ours[0, first] == stop
+
+
+def test_cached_decoding_equals_full_forward(converted, seed):
+    """Teacher-forced decoding past the sliding window (16): every step's logits equal the full pass's."""
+    rng = np.random.default_rng([seed, 402])
+    config, params = converted
+    window = config.text.sliding_window
+    input_ids, mask, pixels, pixel_mask = make_batch(rng, [([5, 2], [(40, 36)]), ([3], [])], config.image_seq_len)
+    pixels[1], pixel_mask[1] = 0, False
+    forced = rng.integers(3, IMAGE_TOKEN_ID, size=(2, 2 * window + 3))
+    full_ids = np.concatenate([input_ids, forced], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(forced)], axis=1)
+    model = Idefics2(config)
+    positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+    full = np.asarray(jax.jit(lambda p: model.apply({"params": p}, full_ids, attention_mask=full_mask,
+                                                     positions=positions, pixel_values=pixels,
+                                                     pixel_attention_mask=pixel_mask))(params))
+    prompt = input_ids.shape[1]
+    state = jax.jit(lambda p: prefill(model, p, input_ids, mask, pixels, pixel_mask,
+                                      max_columns=full_ids.shape[1]))(params)
+    assert state.cache.length == window
+    step = jax.jit(lambda p, s, t: decode(model, p, s, t))
+    for t in range(forced.shape[1]):
+        assert rel_err(state.logits, full[:, prompt + t - 1]) < 1e-5, t
+        state = step(params, state, forced[:, t])
+    assert rel_err(state.logits, full[:, -1]) < 1e-5
+
+
+def test_stream_equals_generate(converted, seed):
+    rng = np.random.default_rng([seed, 403])
+    config, params = converted
+    input_ids, mask, pixels, pixel_mask = make_batch(rng, CASES["one_image"] * 2, config.image_seq_len)
+    generator = Generator(Idefics2(config), params)
+    sampling = Sampling(temperature=0.8, top_k=20, top_p=0.9)
+    whole = generator.generate(input_ids, mask, pixels, pixel_mask, max_new_tokens=12, sampling=sampling, seed=3)
+    streamed = np.stack(list(generator.stream(input_ids, mask, pixels, pixel_mask, max_new_tokens=12,
+                                              sampling=sampling, seed=3)), axis=1)
+    np.testing.assert_array_equal(streamed, whole)
+    again = generator.generate(input_ids, mask, pixels, pixel_mask, max_new_tokens=12, sampling=sampling, seed=3)
+    np.testing.assert_array_equal(again, whole)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.8), (1.3, 10, 0.5), (1.0, 0, 0.05)])
+def test_logit_filters_equal_transformers(seed, temperature, top_k, top_p):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    rng = np.random.default_rng([seed, 404])
+    logits = rng.normal(size=(4, 300)).astype(np.float32) * 3
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] +
+                                  ([TopKLogitsWarper(top_k)] if top_k else []) +
+                                  ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    expected = warpers(None, torch.tensor(logits)).numpy()
+    ours = np.asarray(process_logits(logits, Sampling(temperature, top_k, top_p)))
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
+    np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
+
+
+def test_sampled_tokens_stay_in_top_k(converted, seed):
+    rng = np.random.default_rng([seed, 405])
+    config, params = converted
+    input_ids, mask, _, _ = make_batch(rng, [([9], [])] * 4, config.image_seq_len)
+    model = Idefics2(config)
+    state = prefill(model, params, input_ids, mask, max_columns=input_ids.shape[1] + 1)
+    top3 = np.argsort(np.asarray(state.logits), axis=-1)[:, -3:]
+    generator = Generator(model, params)
+    for sample_seed in range(5):
+        first = generator.generate(input_ids, mask, max_new_tokens=1, sampling=Sampling(1.0, top_k=3),
+                                   seed=sample_seed)[:, 0]
+        assert all(token in row for token, row in zip(first, top3))
+
+
+def test_bad_requests_are_named(converted, seed):
+    rng = np.random.default_rng([seed, 406])
+    config, params = converted
+    generator = Generator(Idefics2(config), params)
+    input_ids, mask, pixels, pixel_mask = make_batch(rng, CASES["one_image"], config.image_seq_len)
+    with pytest.raises(ValueError, match="context of 512 tokens"):
+        generator.generate(input_ids, mask, pixels, pixel_mask, max_new_tokens=512)
+    with pytest.raises(ValueError, match="image tokens"):  # two images, one image's worth of tokens
+        generator.generate(input_ids, mask, np.concatenate([pixels, pixels], 1),
+                           np.concatenate([pixel_mask, pixel_mask], 1), max_new_tokens=4)
+    with pytest.raises(ValueError, match="no images were given"):
+        generator.generate(input_ids, mask, max_new_tokens=4)
+    right_padded = np.concatenate([input_ids, np.zeros((1, 2), input_ids.dtype)], 1)
+    with pytest.raises(ValueError, match="left padded"):
+        generator.generate(right_padded, np.concatenate([mask, np.zeros((1, 2), mask.dtype)], 1), max_new_tokens=4)
