@@ -5,13 +5,17 @@
 
 `from-hf` writes an orbax checkpoint (`CKPT_DIR/params`) and `CKPT_DIR/config.json`; `to-hf`
 writes sharded safetensors, `model.safetensors.index.json` and `config.json`, which
-transformers' `Idefics2ForConditionalGeneration.from_pretrained` loads.
+transformers' `Idefics2ForConditionalGeneration.from_pretrained` loads. Both copy the
+tokenizer (`tokenizer.model`) and the processor settings (`preprocessor_config.json`,
+`processor_config.json`) when the source has them.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 import time
 
 from idefics_jax.convert import (
@@ -22,6 +26,15 @@ from idefics_jax.convert import (
     save_hf_checkpoint,
 )
 from idefics_jax.config import ConfigError
+
+
+def copy_processor_files(src, dst):
+    """The tokenizer and image-processing settings travel with the weights (when there are any)."""
+    from idefics_jax.inference.loading import PROCESSOR_FILES
+
+    for name in PROCESSOR_FILES:
+        if (Path(src) / name).exists():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
 def main(argv=None) -> int:
@@ -46,11 +59,13 @@ def main(argv=None) -> int:
         if args.command == "from-hf":
             config, params = load_hf_checkpoint(args.hf_dir, dtype=args.dtype, on_device=False, progress=True)
             save_checkpoint(args.ckpt_dir, config, params)
+            copy_processor_files(args.hf_dir, args.ckpt_dir)
             print(f"Wrote {args.ckpt_dir} ({_count(params):,} parameters) in {time.time() - start:.1f}s")
         else:
             config, params = load_checkpoint(args.ckpt_dir, on_device=False)
             save_hf_checkpoint(args.hf_dir, config, params, dtype=args.dtype,
                                max_shard_size=args.max_shard_size, progress=True)
+            copy_processor_files(args.ckpt_dir, args.hf_dir)
             print(f"Wrote {args.hf_dir} ({_count(params):,} parameters) in {time.time() - start:.1f}s")
     except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -45,12 +45,13 @@ def load_image(source: ImageLike) -> Image.Image:
         except (UnidentifiedImageError, OSError, ValueError) as error:
             name = "bytes" if isinstance(source, (bytes, bytearray)) else str(source)
             raise ImageError(f"Cannot read image {name[:200]}: {error}") from error
+    name = "" if isinstance(source, (bytes, bytearray, np.ndarray, Image.Image)) else f" {str(source)[:200]}"
     try:
         image.load()  # decode now: a truncated file fails here, not later
     except (OSError, ValueError, SyntaxError) as error:
-        raise ImageError(f"Cannot decode image: {error}") from error
+        raise ImageError(f"Cannot decode image{name}: {error}") from error
     if image.width == 0 or image.height == 0:
-        raise ImageError(f"Image has zero size ({image.width}x{image.height})")
+        raise ImageError(f"Image{name} has zero size ({image.width}x{image.height})")
     return image
 
 

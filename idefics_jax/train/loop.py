@@ -136,17 +136,26 @@ def load_initial_params(state, path: str, mcfg, shardings):
     return state.replace(params={**state.params, **loaded})
 
 
-def evaluate(config, model, params, lora, data_dir: Path, tokenizer: Tokenizer, image_seq_len: int) -> dict:
-    """Exact match of greedy answers on `config.data.eval_source` (held-out conversations)."""
-    from idefics_jax.inference.greedy import eval_processor, exact_match_eval, load_records
+def evaluate(config, mcfg, params, lora, data_dir: Path, tokenizer: Tokenizer, assistant=None) -> tuple[dict, object]:
+    """Exact match (and VQA accuracy) of cached greedy answers on `config.data.eval_source`.
 
-    source = config.data.sources[0]
-    processor = eval_processor(tokenizer, image_seq_len, source.get("longest_edge", 980),
-                               source.get("shortest_edge", 378))
-    records = load_records(data_dir / config.data.eval_source, config.train.eval_samples)
+    Returns (report, assistant): pass the assistant back next time to reuse its compiled programs."""
+    from idefics_jax.data.image_processing import ImageProcessor
+    from idefics_jax.inference.assistant import Assistant
+    from idefics_jax.inference.evaluate import evaluate_records, load_records
+    from idefics_jax.inference.loading import LoadedModel
+
     params = merge(params, lora) if lora else params
-    return exact_match_eval(model, params, records, str(data_dir / config.data.eval_source), processor,
-                            max_new_tokens=config.train.max_new_tokens)
+    if assistant is None:
+        source = config.data.sources[0]
+        images = ImageProcessor(longest_edge=source.get("longest_edge", 980),
+                                shortest_edge=source.get("shortest_edge", 378))
+        assistant = Assistant(LoadedModel(mcfg, params, tokenizer, images, "training"),
+                              dtype=_dtype(config.model.dtype, "dtype"))
+    assistant.generator.params = params
+    records, base_dir = load_records(data_dir / config.data.eval_source, config.train.eval_samples)
+    report = evaluate_records(assistant, records, base_dir, max_new_tokens=config.train.max_new_tokens)
+    return report, assistant
 
 
 def train(config, workdir: str | os.PathLike) -> dict:
@@ -189,7 +198,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
                disable=jax.process_index() != 0, dynamic_ncols=True)
     window = {"time": 0.0, "tokens": 0.0, "images": 0.0, "flops": 0.0}
     step = start
-    last_eval = None
+    last_eval = assistant = None
     try:
         while step < config.train.steps:
             started = time.perf_counter()
@@ -220,8 +229,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
                 checkpointer.save(step, state, {"pipeline": pipeline.get_state()}, force=step == config.train.steps)
             eval_now = config.train.eval_every and step % config.train.eval_every == 0
             if config.data.eval_source and (eval_now or step == config.train.steps):
-                report = evaluate(config, model, state.params, lora, data_dir, tokenizer, mcfg.image_seq_len)
-                writer.write(step, {"eval/exact_match": report["exact_match"]})
+                report, assistant = evaluate(config, mcfg, state.params, lora, data_dir, tokenizer, assistant)
+                writer.write(step, {"eval/exact_match": report["exact_match"], "eval/vqa_accuracy": report["vqa_accuracy"]})
                 if jax.process_index() == 0:
                     (workdir / f"eval_{step}.json").write_text(json.dumps(report, indent=1))
                 log.info("Step %d: exact match %.3f on %d held-out questions", step, report["exact_match"],

@@ -1,0 +1,112 @@
+"""Command line: answer about images with a checkpoint, streaming the answer; or chat.
+
+    python -m idefics_jax.generate --checkpoint DIR --image photo.png --prompt "What is written here?"
+    python -m idefics_jax.generate --checkpoint DIR --image a.png --image b.png --prompt "<image>vs<image>: which is larger?"
+    python -m idefics_jax.generate --checkpoint DIR --image photo.png --chat      # a conversation on stdin
+
+DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir.
+Without `<image>` placeholders the images go before the prompt's text. `--split` gives each image
+320 visual tokens (4 crops + the whole image) instead of 64. In chat mode every line is a user
+turn; `/image PATH` attaches an image to the next turn, `/reset` starts over, an empty line or
+end of input quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from idefics_jax.data.image_tokens import IMAGE_TOKEN
+
+
+def user_turn(text: str, images: int) -> dict:
+    """A user message; without placeholders, the images go first (as Idefics2's examples put them)."""
+    placed = text.count(IMAGE_TOKEN)
+    if placed and placed != images:
+        raise ValueError(f"The prompt has {placed} {IMAGE_TOKEN} placeholder(s) but {images} image(s) were given")
+    return {"role": "user", "content": text if placed else IMAGE_TOKEN * images + text}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m idefics_jax.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Hugging Face directory, idefics_jax checkpoint or workdir")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    p.add_argument("--prompt", help="the question (required unless --chat)")
+    p.add_argument("--chat", action="store_true", help="a conversation: user turns from stdin")
+    p.add_argument("--split", action="store_true", help="320 visual tokens per image (4 crops + whole), not 64")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=0, help="0: off")
+    p.add_argument("--top_p", type=float, default=1.0, help="1.0: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if not args.chat and args.prompt is None:
+        parser().error("--prompt is required (or use --chat)")
+    import jax.numpy as jnp
+
+    from idefics_jax.config import ConfigError
+    from idefics_jax.convert import CheckpointError
+    from idefics_jax.data.image_processing import ImageError, load_image
+    from idefics_jax.inference.assistant import Assistant
+    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.inference.sampling import Sampling
+
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        images = [load_image(path) for path in args.image]  # fail on a bad image before loading the model
+        assistant = Assistant(load_for_inference(args.checkpoint, tokenizer=args.tokenizer),
+                              dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+        options = dict(split=args.split, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+        if not args.chat:
+            for piece in assistant.stream_reply([user_turn(args.prompt, len(images))], images, **options):
+                print(piece, end="", flush=True)
+            print()
+            return 0
+        return chat(assistant, images, options)
+    except (ValueError, FileNotFoundError, ImageError, CheckpointError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def chat(assistant, images, options) -> int:
+    from idefics_jax.data.image_processing import load_image
+
+    messages, all_images, pending = [], [], list(images)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("You: ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return 0
+        line = line.strip()
+        if line.startswith("/image "):
+            try:
+                pending.append(load_image(line[len("/image "):].strip()))
+            except (OSError, ValueError) as error:  # a bad image loses nothing of the conversation
+                print(f"error: {error}", file=sys.stderr)
+            continue
+        if line == "/reset":
+            messages, all_images, pending = [], [], []
+            continue
+        turn = user_turn(line, len(pending))
+        print("Assistant: ", end="", flush=True)
+        answer = ""
+        for piece in assistant.stream_reply(messages + [turn], all_images + pending, **options):
+            answer += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        messages += [turn, {"role": "assistant", "content": answer}]
+        all_images += pending
+        pending = []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

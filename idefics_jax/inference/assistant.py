@@ -1,0 +1,130 @@
+"""Conversations in, answers out: the processor, the model and cached generation together.
+
+    assistant = Assistant(load_for_inference("ckpt_dir"))
+    print(assistant.reply([{"role": "user", "content": "<image>What is written here?"}], ["photo.png"]))
+    for piece in assistant.stream_reply(messages, images, split=True):   # 320 visual tokens per image
+        print(piece, end="", flush=True)
+
+The visual-token budget is a choice per call: `split=False` gives each image 64 tokens (the
+whole image), `split=True` 320 (4 crops + the whole image, 64 each). Prompt lengths and image
+sizes are rounded up (left padding, zero pixels) so that a stream of requests compiles a
+bounded number of programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from idefics_jax.data.image_processing import ImageLike
+from idefics_jax.data.image_tokens import END_OF_UTTERANCE, IMAGE_TOKEN
+from idefics_jax.data.processor import Processor, apply_chat_template
+from idefics_jax.inference.generate import Generator
+from idefics_jax.inference.loading import LoadedModel
+from idefics_jax.inference.sampling import GREEDY, Sampling
+from idefics_jax.models.idefics2 import Idefics2
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def as_parts(message: dict) -> dict:
+    """A message whose content is a string with `<image>` placeholders -> Idefics2 content parts."""
+    content = message["content"]
+    if not isinstance(content, str):
+        return dict(message)
+    parts, text = [], content
+    while IMAGE_TOKEN in text:
+        before, text = text.split(IMAGE_TOKEN, 1)
+        if before:
+            parts.append({"type": "text", "text": before})
+        parts.append({"type": "image"})
+    if text:
+        parts.append({"type": "text", "text": text})
+    return {"role": message["role"], "content": parts}
+
+
+class Assistant:
+    def __init__(self, loaded: LoadedModel, *, dtype=jnp.float32, attention_impl: str = "xla",
+                 prompt_multiple: int = 32, image_multiple: int | None = None):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model = Idefics2(loaded.config, attention_impl=attention_impl, dtype=dtype)
+        stops = [self.tokenizer.token_id(END_OF_UTTERANCE), self.tokenizer.eos_id]
+        self.stop_ids = tuple(i for i in stops if i >= 0)
+        self.generator = Generator(self.model, loaded.params, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id)
+        self.prompt_multiple = prompt_multiple
+        self.image_multiple = image_multiple or loaded.config.vision.patch_size * 8
+
+    def processor(self, split: bool) -> Processor:
+        images = dataclasses.replace(self.loaded.image_processor, do_image_splitting=split)
+        return Processor(self.tokenizer, images, self.loaded.config.image_seq_len)
+
+    def prepare(self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[ImageLike]], *,
+                split: bool = False, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Chat conversations (each ending with a user turn) -> a padded model batch.
+
+        `batch_size` pads the batch by repeating its last conversation (fixed shapes for evaluation)."""
+        prompts = [apply_chat_template([as_parts(m) for m in c], add_generation_prompt=True) for c in conversations]
+        images = [list(row) for row in images]
+        if batch_size:
+            prompts += [prompts[-1]] * (batch_size - len(prompts))
+            images += [images[-1]] * (batch_size - len(images))
+        batch = self.processor(split)(prompts, images)
+        pad = round_up(batch["input_ids"].shape[1], self.prompt_multiple) - batch["input_ids"].shape[1]
+        batch["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (pad, 0)), constant_values=self.tokenizer.pad_id)
+        batch["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (pad, 0)))
+        if "pixel_values" in batch:
+            h, w = batch["pixel_values"].shape[2:4]
+            grow = ((0, 0), (0, 0), (0, round_up(h, self.image_multiple) - h), (0, round_up(w, self.image_multiple) - w))
+            batch["pixel_values"] = np.pad(batch["pixel_values"], grow + ((0, 0),))
+            batch["pixel_attention_mask"] = np.pad(batch["pixel_attention_mask"], grow)
+        return batch
+
+    def _inputs(self, batch):
+        return (batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                batch.get("pixel_attention_mask"))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """New tokens -> text, up to the first stop token."""
+        kept = []
+        for token in tokens:
+            if token in self.stop_ids:
+                break
+            kept.append(int(token))
+        return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+    def generate_batch(self, conversations, images, *, split: bool = False, max_new_tokens: int = 64,
+                       sampling: Sampling = GREEDY, seed: int = 0, batch_size: int | None = None) -> list[str]:
+        batch = self.prepare(conversations, images, split=split, batch_size=batch_size)
+        new = self.generator.generate(*self._inputs(batch), max_new_tokens=max_new_tokens, sampling=sampling,
+                                      seed=seed)
+        return [self.decode(row) for row in new[:len(conversations)]]
+
+    def reply(self, messages: Sequence[dict], images: Sequence[ImageLike] = (), **kwargs) -> str:
+        return self.generate_batch([messages], [images], **kwargs)[0]
+
+    def stream_reply(self, messages: Sequence[dict], images: Sequence[ImageLike] = (), *, split: bool = False,
+                     max_new_tokens: int = 256, sampling: Sampling = GREEDY, seed: int = 0) -> Iterator[str]:
+        """Yields the answer's text piece by piece as tokens are chosen; the pieces join into
+        `decode(tokens)`. Text that ends in an unfinished UTF-8 sequence (byte-fallback tokens) waits
+        for the bytes that complete it."""
+        batch = self.prepare([messages], [images], split=split)
+        tokens, shown = [], ""
+        for step in self.generator.stream(*self._inputs(batch), max_new_tokens=max_new_tokens, sampling=sampling,
+                                          seed=seed):
+            token = int(step[0])
+            if token in self.stop_ids:
+                break
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+            if not text.endswith("\ufffd") and text.startswith(shown) and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+        final = self.decode(tokens)
+        if final.startswith(shown) and len(final) > len(shown):
+            yield final[len(shown):]

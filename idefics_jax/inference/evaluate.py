@@ -1,0 +1,100 @@
+"""Scoring answers on local question/answer data: exact match and VQA accuracy.
+
+A record is a conversation in the data format of `idefics_jax.data` (`images`, relative to the
+jsonl's directory, and `messages`, the last of which is the assistant's reference answer).
+An optional `answers` list holds several human answers, as VQAv2 has; without it the reference
+answer counts as the only one.
+
+- exact match: the generated answer equals the reference answer after stripping white space;
+- VQA accuracy (VQAv2's metric): answers are normalised (lower case, punctuation, articles, number
+  words) and an answer scores min(1, matches / 3) against the human answers, averaged over the
+  leave-one-out subsets when there are several.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from idefics_jax.data.image_processing import load_image
+
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
+_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period that is not a decimal point
+
+
+def normalize_answer(text: str) -> str:
+    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+    text = _PERIOD.sub("", _PUNCTUATION.sub("", text))
+    words = [_NUMBERS.get(word, word) for word in text.split() if word not in _ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    prediction = normalize_answer(prediction)
+    answers = [normalize_answer(a) for a in answers]
+    if len(answers) == 1:
+        return float(prediction == answers[0])
+    scores = []
+    for left_out in range(len(answers)):
+        others = answers[:left_out] + answers[left_out + 1:]
+        scores.append(min(1.0, sum(a == prediction for a in others) / 3))
+    return float(np.mean(scores))
+
+
+def load_records(path: str | Path, limit: int | None = None) -> tuple[list[dict], Path]:
+    """(records, the directory their image paths are relative to) from a jsonl file or a directory
+    holding `data.jsonl`."""
+    path = Path(path)
+    file = path / "data.jsonl" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"No question/answer data at {file}")
+    records = []
+    with open(file) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}:{number}: not JSON ({error})") from None
+            messages = record.get("messages")
+            if not messages or messages[-1].get("role") != "assistant":
+                raise ValueError(f"{file}:{number}: a record needs `messages` ending with the assistant's answer")
+            records.append(record)
+            if limit and len(records) == limit:
+                break
+    return records, file.parent
+
+
+def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *, batch_size: int = 16,
+                     max_new_tokens: int = 16, split: bool = False, progress: bool = False) -> dict:
+    """Greedy answers for every record, scored; returns the report (totals and one entry per record)."""
+    from tqdm import tqdm
+
+    base_dir = Path(base_dir)
+    results = []
+    bar = tqdm(total=len(records), desc="evaluate", unit="question", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        conversations = [record["messages"][:-1] for record in chunk]
+        images = [[load_image(base_dir / ref) for ref in record.get("images", [])] for record in chunk]
+        predictions = assistant.generate_batch(conversations, images, split=split, max_new_tokens=max_new_tokens,
+                                               batch_size=batch_size)
+        for record, prediction in zip(chunk, predictions):
+            answer = record["messages"][-1]["content"]
+            answers = record.get("answers") or [answer]
+            results.append({"id": record.get("id"), "answer": answer, "prediction": prediction,
+                            "exact_match": prediction == answer.strip(),
+                            "vqa_accuracy": vqa_accuracy(prediction, answers)})
+        bar.update(len(chunk))
+    bar.close()
+    mean = lambda key: float(np.mean([r[key] for r in results])) if results else 0.0
+    return {"n": len(results), "exact_match": mean("exact_match"), "vqa_accuracy": mean("vqa_accuracy"),
+            "results": results}

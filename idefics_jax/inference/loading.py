@@ -1,0 +1,103 @@
+"""Everything generation and evaluation need from a directory: model config, parameters,
+tokenizer and image-processing settings.
+
+Three kinds of directory are understood:
+- a Hugging Face Idefics2 directory (`config.json` + safetensors, with `tokenizer.model` and
+  `preprocessor_config.json` when the processor was saved beside it);
+- an idefics_jax checkpoint (`config.json` + orbax `params/`, from `python -m idefics_jax.convert`);
+- a training workdir (`config.json` of the training run + `checkpoints/`): its latest readable
+  step, LoRA/DoRA adapters merged, with the tokenizer and image sizes of its data config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from idefics_jax.config import Idefics2Config
+from idefics_jax.data.image_processing import ImageProcessor
+from idefics_jax.data.tokenizer import Tokenizer
+
+PROCESSOR_FILES = ("tokenizer.model", "preprocessor_config.json", "processor_config.json")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: Idefics2Config
+    params: Any
+    tokenizer: Tokenizer
+    image_processor: ImageProcessor
+    description: str  # what was loaded, for logs
+
+
+def checkpoint_kind(path: Path) -> str:
+    """'hf', 'idefics_jax' or 'workdir'; a clear error for anything else."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"Checkpoint directory {path} does not exist")
+    if (path / "checkpoints").is_dir() and (path / "config.json").exists():
+        return "workdir"
+    if (path / "params").is_dir() and (path / "config.json").exists():
+        return "idefics_jax"
+    if (path / "config.json").exists() and any(path.glob("*.safetensors")):
+        return "hf"
+    raise FileNotFoundError(
+        f"{path} is not a checkpoint: expected a Hugging Face directory (config.json + *.safetensors), an "
+        f"idefics_jax checkpoint (config.json + params/) or a training workdir (config.json + checkpoints/)")
+
+
+def image_processor_from(directory: Path) -> ImageProcessor:
+    """Reads Hugging Face's `preprocessor_config.json` when there is one; the Idefics2 defaults otherwise."""
+    path = directory / "preprocessor_config.json"
+    if not path.exists():
+        return ImageProcessor()
+    settings = json.loads(path.read_text())
+    size = settings.get("size") or {}
+    mean, std = settings.get("image_mean", [0.5]), settings.get("image_std", [0.5])
+    if len(set(mean)) != 1 or len(set(std)) != 1:
+        raise ValueError(f"{path}: per-channel image_mean / image_std are not supported ({mean}, {std})")
+    return ImageProcessor(longest_edge=size.get("longest_edge", 980), shortest_edge=size.get("shortest_edge", 378),
+                          do_image_splitting=settings.get("do_image_splitting", False), image_mean=mean[0],
+                          image_std=std[0], rescale_factor=settings.get("rescale_factor", 1 / 255))
+
+
+def _load_workdir(path: Path):
+    import ml_collections
+
+    from idefics_jax.train.loop import restore_latest
+
+    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    mcfg, params, step = restore_latest(config, path)
+    data_dir = Path(config.data.dir) if config.data.dir else path / "data"
+    tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
+    source = config.data.sources[0] if config.data.sources else {}
+    images = ImageProcessor(longest_edge=source.get("longest_edge", 980), shortest_edge=source.get("shortest_edge", 378))
+    return mcfg, params, tokenizer, images, f"training workdir {path} at step {step}"
+
+
+def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None) -> LoadedModel:
+    """Loads the model and processor settings of `path` (see the module docstring) onto the device."""
+    from idefics_jax.convert import load_checkpoint, load_hf_checkpoint
+
+    path = Path(path)
+    kind = checkpoint_kind(path)
+    if kind == "workdir":
+        config, params, default_tokenizer, images, description = _load_workdir(path)
+    else:
+        config, params = (load_hf_checkpoint if kind == "hf" else load_checkpoint)(path)
+        default_tokenizer, images = path / "tokenizer.model", image_processor_from(path)
+        description = f"{'Hugging Face' if kind == 'hf' else 'idefics_jax'} checkpoint {path}"
+    tokenizer_path = Path(tokenizer) if tokenizer else default_tokenizer
+    if not tokenizer_path.exists():
+        raise FileNotFoundError(f"No tokenizer: {tokenizer_path} does not exist (pass --tokenizer PATH, a "
+                                f"sentencepiece .model)")
+    tok = Tokenizer(tokenizer_path)
+    for token, token_id in [("<image>", config.image_token_id)]:
+        if tok.token_id(token) != token_id:
+            raise ValueError(f"The tokenizer {tokenizer_path} gives {token} the id {tok.token_id(token)} but the "
+                             f"model expects {token_id}: they were not made for each other")
+    if tok.vocab_size > config.text.vocab_size:
+        raise ValueError(f"The tokenizer {tokenizer_path} has {tok.vocab_size} tokens, more than the model's "
+                         f"vocabulary of {config.text.vocab_size}")
+    return LoadedModel(config, params, tok, images, description)

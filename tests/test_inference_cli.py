@@ -1,0 +1,156 @@
+"""The generate and evaluate commands end to end, on a tiny random model with a real tokenizer."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import HF_TINY, build_hf_model
+from idefics_jax.data.tokenizer import Tokenizer
+from idefics_jax.inference.evaluate import normalize_answer, vqa_accuracy
+
+PREPROCESSOR = {"do_image_splitting": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                "rescale_factor": 1 / 255, "size": {"longest_edge": 56, "shortest_edge": 28}}
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, sp_model, seed):
+    """A Hugging Face directory: tiny random Idefics2 sized to the test tokenizer, tokenizer.model,
+    preprocessor_config.json, and two images."""
+    tokenizer = Tokenizer(sp_model[1])
+    text = {**HF_TINY["text_config"], "vocab_size": tokenizer.vocab_size + 1, "max_position_embeddings": 400}
+    model = build_hf_model(seed, text_config=text, image_token_id=tokenizer.token_id("<image>"))
+    path = tmp_path_factory.mktemp("hf_chat")
+    model.save_pretrained(path)
+    (path / "tokenizer.model").write_bytes(sp_model[1])
+    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    rng = np.random.default_rng(seed)
+    for name, size in [("a.png", (40, 70)), ("b.png", (60, 30))]:
+        Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(path / name)
+    return path, model, tokenizer
+
+
+def run_cli(module, argv, capsys, stdin: str | None = None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = module.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def reference_answer(chat_dir, messages, images, max_new_tokens):
+    """transformers' greedy generate on the inputs our processor makes (proven equal to theirs)."""
+    from idefics_jax.inference.assistant import Assistant
+    from idefics_jax.inference.loading import load_for_inference
+
+    assistant = Assistant(load_for_inference(chat_dir[0]))
+    batch = assistant.prepare([messages], [[Image.open(chat_dir[0] / i) for i in images]])
+    kwargs = dict(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]))
+    if "pixel_values" in batch:
+        kwargs["pixel_values"] = torch.tensor(batch["pixel_values"]).permute(0, 1, 4, 2, 3)
+        kwargs["pixel_attention_mask"] = torch.tensor(batch["pixel_attention_mask"])
+    with torch.no_grad():
+        out = chat_dir[1].generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=list(assistant.stop_ids), pad_token_id=assistant.tokenizer.pad_id)
+    return assistant.decode(out[0, batch["input_ids"].shape[1]:].tolist())
+
+
+def test_generate_cli_streams_the_reference_answer(chat_dir, capsys, tmp_path):
+    from idefics_jax import generate
+    from idefics_jax.convert import __main__ as convert
+
+    path = chat_dir[0]
+    argv = ["--image", str(path / "a.png"), "--image", str(path / "b.png"), "--prompt", "what is written",
+            "--max_new_tokens", "12"]
+    code, out, err = run_cli(generate, ["--checkpoint", str(path), *argv], capsys)
+    assert code == 0, err
+    expected = reference_answer(chat_dir, [{"role": "user", "content": "<image><image>what is written"}],
+                                ["a.png", "b.png"], 12)
+    assert out.strip() == expected
+    # the same from an idefics_jax checkpoint: the converter keeps the tokenizer and image settings
+    assert convert.main(["from-hf", str(path), str(tmp_path / "ours")]) == 0
+    capsys.readouterr()
+    code, out_ours, err = run_cli(generate, ["--checkpoint", str(tmp_path / "ours"), *argv], capsys)
+    assert code == 0, err
+    assert out_ours.strip() == expected
+
+
+def test_chat_keeps_the_conversation(chat_dir, capsys, monkeypatch):
+    from idefics_jax import generate
+
+    path = chat_dir[0]
+    code, out, err = run_cli(generate, ["--checkpoint", str(path), "--image", str(path / "a.png"), "--chat",
+                                        "--max_new_tokens", "6"], capsys, "hello world\nthe red fox\n\n", monkeypatch)
+    assert code == 0, err
+    answers = [line[len("Assistant: "):] for line in out.splitlines() if line.startswith("Assistant: ")]
+    assert len(answers) == 2
+    first = [{"role": "user", "content": "<image>hello world"}]
+    assert answers[0] == reference_answer(chat_dir, first, ["a.png"], 6)
+    second = first + [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": "the red fox"}]
+    assert answers[1] == reference_answer(chat_dir, second, ["a.png"], 6)
+
+
+def test_generate_cli_names_bad_input(chat_dir, capsys, tmp_path):
+    from idefics_jax import generate
+
+    path = chat_dir[0]
+    (tmp_path / "broken.png").write_bytes((path / "a.png").read_bytes()[:60])
+    cases = [
+        (["--image", str(tmp_path / "broken.png"), "--prompt", "hi"], "broken.png"),
+        (["--image", str(tmp_path / "missing.png"), "--prompt", "hi"], "missing.png"),
+        (["--image", str(path / "a.png"), "--prompt", "<image> and <image>?"], "2 <image> placeholder(s) but 1 image"),
+        (["--prompt", "the quick brown fox " * 150, "--max_new_tokens", "8"], "context of 400 tokens"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli(generate, ["--checkpoint", str(path), *argv], capsys)
+        assert code == 2 and message in err, (argv, err)
+    code, _, err = run_cli(generate, ["--checkpoint", str(tmp_path), "--prompt", "hi"], capsys)
+    assert code == 2 and "is not a checkpoint" in err
+
+
+def test_evaluate_cli_scores_answers(chat_dir, capsys, tmp_path):
+    from idefics_jax import evaluate
+
+    path = chat_dir[0]
+    questions = ["what is written", "what number is shown", "read the text"]
+    predicted = [reference_answer(chat_dir, [{"role": "user", "content": "<image>" + q}], ["a.png"], 16)
+                 for q in questions]
+    records = [  # the first is answered right, the second wrong, the third right for VQA only
+        {"id": "right", "images": ["a.png"], "messages": [{"role": "user", "content": "<image>" + questions[0]},
+                                                          {"role": "assistant", "content": predicted[0]}]},
+        {"id": "wrong", "images": ["a.png"], "messages": [{"role": "user", "content": "<image>" + questions[1]},
+                                                          {"role": "assistant", "content": predicted[1] + " x"}]},
+        {"id": "vqa", "images": ["a.png"], "messages": [{"role": "user", "content": "<image>" + questions[2]},
+                                                        {"role": "assistant", "content": "nothing at all"}],
+         "answers": [predicted[2].upper() + "."] * 3 + ["other"] * 7},
+    ]
+    data = path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report_path = tmp_path / "report.json"
+    code, out, err = run_cli(evaluate, ["--checkpoint", str(path), "--data", str(data), "--output", str(report_path),
+                                        "--batch_size", "2"], capsys)
+    assert code == 0, err
+    report = json.loads(report_path.read_text())
+    assert [r["prediction"] for r in report["results"]] == predicted
+    assert [r["exact_match"] for r in report["results"]] == [True, False, predicted[2] == "nothing at all"]
+    vqa_expected = 1.0 if normalize_answer(predicted[2]) != "other" else 0.0
+    assert report["results"][2]["vqa_accuracy"] == pytest.approx(0.9 * vqa_expected)  # 7/10 x 1 + 3/10 x 2/3
+    assert report["n"] == 3 and report["exact_match"] == pytest.approx(np.mean([r["exact_match"] for r in report["results"]]))
+    code, _, err = run_cli(evaluate, ["--checkpoint", str(path), "--data", str(tmp_path / "none.jsonl")], capsys)
+    assert code == 2 and "none.jsonl" in err
+
+
+def test_vqa_accuracy_rules():
+    assert normalize_answer("  The Two dogs! ") == "2 dogs"
+    assert normalize_answer("3.5 m.") == "3.5 m"
+    assert vqa_accuracy("two", ["2"]) == 1.0
+    assert vqa_accuracy("cat", ["dog"]) == 0.0
+    ten = ["cat"] * 2 + ["dog"] * 8  # 2 of 10 humans said cat: 9 subsets see 2 or 1 of them
+    assert vqa_accuracy("cat", ten) == pytest.approx((8 * 2 / 3 + 2 * 1 / 3) / 10)
+    assert vqa_accuracy("dog", ten) == 1.0
