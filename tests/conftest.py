@@ -29,11 +29,21 @@ HF_TINY = dict(
 )
 
 
+SEED = int(os.environ.get("IDEFICS_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+
+
+def pytest_report_header(config):
+    return f"IDEFICS_TEST_SEED={SEED} (set it to rerun with the same random models and inputs)"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if exitstatus not in (0, 5):  # shown with -q too, where the header is not
+        terminalreporter.write_line(f"IDEFICS_TEST_SEED={SEED}")
+
+
 @pytest.fixture(scope="session")
 def seed() -> int:
-    value = int(os.environ.get("IDEFICS_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
-    print(f"\nIDEFICS_TEST_SEED={value}")
-    return value
+    return SEED
 
 
 def build_hf_model(seed: int, **overrides):

@@ -128,7 +128,7 @@ def test_evaluate_cli_scores_answers(chat_dir, capsys, tmp_path):
                                                           {"role": "assistant", "content": predicted[1] + " x"}]},
         {"id": "vqa", "images": ["a.png"], "messages": [{"role": "user", "content": "<image>" + questions[2]},
                                                         {"role": "assistant", "content": "nothing at all"}],
-         "answers": [predicted[2].upper() + "."] * 3 + ["other"] * 7},
+         "answers": [predicted[2] + "."] * 3 + ["other"] * 7},
     ]
     data = path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))

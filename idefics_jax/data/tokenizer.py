@@ -104,9 +104,13 @@ class Tokenizer:
         return self._raw.encode(piece)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        """Ids -> text. Ids past the vocabulary (a model's embedding table padded beyond the
+        tokenizer's) decode to nothing."""
         out, run = [], []
         for token_id in ids:
             token_id = int(token_id)
+            if not 0 <= token_id < self.vocab_size:
+                continue
             if token_id in self._id_to_added or token_id in (self.bos_id, self.eos_id, self.pad_id):
                 if run:
                     out.append(self.sp.decode(run))
