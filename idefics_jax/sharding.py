@@ -7,6 +7,7 @@ parameters are sharded over `fsdp` (ZeRO-3 style) along their model width and ov
 (Megatron style) along heads / MLP / vocabulary; the batch is split over `data` and `fsdp`.
 
     mesh = make_mesh(data=1, fsdp=4, tensor=2)
+    mesh = make_mesh(data=1, fsdp=-1, tensor=1, dcn=(4, 1, 1))   # 4 slices: data parallel across them
     shardings = param_shardings(Idefics2(config), mesh)
     params = jax.device_put(params, shardings)
     with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
@@ -19,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -38,23 +40,65 @@ LOGICAL_AXIS_RULES = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A `(data, fsdp, tensor)` mesh over `devices` (all by default); -1 takes what is left."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+def _fill(sizes: list[int], count: int, what: str) -> list[int]:
+    """Resolves one -1 in `sizes` so that their product is `count`."""
+    names = dict(zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1:
-        raise ValueError(f"At most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+        raise ValueError(f"At most one {what} mesh axis may be -1, got {names}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into fsdp x tensor = {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(
-            f"Mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} devices, "
-            f"but {len(devices)} are available"
-        )
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+        if count % known:
+            raise ValueError(f"{count} devices cannot be split into {what} {names}")
+        sizes[sizes.index(-1)] = count // known
+    if int(np.prod(sizes)) != count:
+        raise ValueError(f"{what.capitalize()} mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} "
+                         f"devices, but {count} are available")
+    return sizes
+
+
+def default_granule(device) -> int:
+    """The slice a device belongs to: TPU devices know their slice; elsewhere one host is one granule."""
+    slice_index = getattr(device, "slice_index", None)
+    return device.process_index if slice_index is None else slice_index
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, dcn: tuple[int, int, int] = (1, 1, 1),
+              granule=default_granule) -> Mesh:
+    """A `(data, fsdp, tensor)` mesh over `devices` (all by default); -1 takes what is left.
+
+    Multi-slice (several TPU slices, or GPU hosts, joined by the data-centre network): `dcn` gives
+    how many slices each axis spans, and `data`, `fsdp`, `tensor` are the sizes within one slice
+    (over ICI / NVLink). Axis `i` is then `dcn[i] * sizes[i]` long, slices outermost, so that the
+    collectives of an axis with `dcn[i] == 1` never leave a slice. Devices are grouped into slices
+    by `granule(device)` (the TPU slice index, or the host).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = [int(d) for d in dcn]
+    if any(d < 1 for d in dcn):
+        raise ValueError(f"DCN mesh sizes must be positive, got {dict(zip(MESH_AXES, dcn))}")
+    slices = int(np.prod(dcn))
+    on_tpu = devices[0].platform == "tpu" and granule is default_granule
+    if slices == 1:
+        sizes = _fill([data, fsdp, tensor], len(devices), "the")
+        if on_tpu:  # jax lays the axes along the physical torus
+            return Mesh(mesh_utils.create_device_mesh(sizes, devices), MESH_AXES)
+        return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    groups: dict[int, list] = {}
+    for device in devices:
+        groups.setdefault(granule(device), []).append(device)
+    if len(groups) != slices:
+        raise ValueError(f"DCN mesh {dict(zip(MESH_AXES, dcn))} needs {slices} slices, but the devices form "
+                         f"{len(groups)} (grouped by slice index, or by host)")
+    per_slice = {len(g) for g in groups.values()}
+    if len(per_slice) != 1:
+        raise ValueError(f"Slices have different numbers of devices: {sorted(per_slice)}")
+    ici = _fill([data, fsdp, tensor], per_slice.pop(), "the per-slice (ICI)")
+    if on_tpu:
+        return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), MESH_AXES)
+    # [dcn_data, dcn_fsdp, dcn_tensor, data, fsdp, tensor] -> interleave -> [dcn_data * data, ...]
+    blocks = np.asarray([np.asarray(groups[key]).reshape(ici) for key in sorted(groups)]).reshape(dcn + ici)
+    grid = blocks.transpose(0, 3, 1, 4, 2, 5).reshape([d * i for d, i in zip(dcn, ici)])
+    return Mesh(grid, MESH_AXES)
 
 
 def logical_specs(model: nn.Module, *init_args, **init_kwargs):

@@ -32,8 +32,14 @@ def main(hf_dir, seed):
     args = (input_ids, pixel_values, pixel_mask)
     forward = lambda p, ids, pv, pm: model.apply({"params": p}, ids, pixel_values=pv, pixel_attention_mask=pm)
     expected = np.asarray(jax.jit(forward)(params, *args))
-    for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]:
-        mesh = make_mesh(*shape)
+    # two simulated slices of 4 devices (granule: device id // 4), data parallel across them
+    two_slices = make_mesh(1, 2, 2, dcn=(2, 1, 1), granule=lambda d: d.id // 4)
+    assert dict(two_slices.shape) == {"data": 2, "fsdp": 2, "tensor": 2}, two_slices.shape
+    assert {d.id // 4 for d in two_slices.devices[0].flat} == {0}, "a slice must stay within one data index"
+    assert {d.id // 4 for d in two_slices.devices[1].flat} == {1}
+    for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2), "two slices"]:
+        mesh = two_slices if shape == "two slices" else make_mesh(*shape)
+        shape = tuple(mesh.shape.values())
         shardings = param_shardings(model, mesh)
         sharded = jax.device_put(params, shardings)
         q = sharded["model"]["text_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]

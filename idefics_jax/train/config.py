@@ -62,5 +62,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
             "targets": r"(q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2)$",
         }),
     })
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # sizes within one slice (ICI; -1: the rest), and how many slices each axis spans (DCN)
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1,
+                                        "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1})
     return c

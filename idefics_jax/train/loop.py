@@ -118,7 +118,8 @@ def build(config):
                                   weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip,
                                   frozen=() if lora else frozen,
                                   trainable_mask=lora_trainable(lora, frozen) if lora else None)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    m = config.mesh
+    mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=(m.dcn_data, m.dcn_fsdp, m.dcn_tensor))
     return mcfg, model, tx, schedule, mesh, lora
 
 
