@@ -27,6 +27,7 @@ def get_config():
     c.optimizer.weight_decay = 0.0
     c.train.steps = 5000
     c.train.remat = True
+    c.train.scan_layers = True  # one compiled layer per tower: fast compiles at 8B
     c.train.neftune_alpha = 5.0
     c.train.lora.rank = 16
     c.train.lora.alpha = 32.0

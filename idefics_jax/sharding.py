@@ -37,6 +37,7 @@ LOGICAL_AXIS_RULES = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned layers
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -43,9 +44,9 @@ def test_scanned_model_equals_unrolled(converted, seed):
     assert rel_err(run(Idefics2(config, scan_layers=True, remat=True), stacked), expected) < 1e-5
     # adapters on stacked kernels merge like adapters on each layer's kernel
     lora = LoraConfig(rank=4, alpha=8, dora=True, targets="q_proj|v_proj", towers=("text", "vision"))
-    adapted = add_adapters(stacked, lora, jax.random.PRNGKey(seed))
+    adapted = nn.meta.unbox(add_adapters(stacked, lora, jax.random.PRNGKey(seed)))
     adapted["lora"] = jax.tree.map(lambda x: x + 0.05 * np.asarray(jax.random.normal(jax.random.PRNGKey(1), x.shape)),
-                                   jax.tree.map(lambda x: getattr(x, "value", x), adapted["lora"]))
+                                   adapted["lora"])  # B starts at zero: move it so the adapters matter
     merged = merge(adapted, lora)
     per_layer = unstack_layers(merged)
     assert rel_err(run(Idefics2(config, scan_layers=True), merged), run(Idefics2(config), per_layer)) < 1e-5
@@ -59,8 +60,8 @@ def test_scanned_train_step_equals_unrolled(seed):
     state = init_state(model, tx, mesh, jax.random.PRNGKey(seed))
     scanned = dataclasses.replace(model, scan_layers=True, remat=True)
     scanned_state = init_state(scanned, tx, mesh, jax.random.PRNGKey(seed))
-    scanned_state = scanned_state.replace(params=stack_layers(state.params),
-                                          opt_state=tx.init(stack_layers(state.params)))
+    stacked = jax.tree.map(lambda x: x.copy(), stack_layers(state.params))  # the steps donate their state
+    scanned_state = scanned_state.replace(params=stacked, opt_state=tx.init(stacked))
     data = global_batch({k: batch[k] for k in MODEL_KEYS}, mesh)
     new, metrics = make_train_step(model, tx, mesh)(state, data)
     new_scanned, metrics_scanned = make_train_step(scanned, tx, mesh)(scanned_state, data)

@@ -88,14 +88,15 @@ class Idefics2Model(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     neftune_alpha: float = 0.0
+    scan_layers: bool = False
 
     def setup(self):
         cfg = self.config
         kw = dict(attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
                   remat=self.remat)
-        self.vision_model = VisionTransformer(cfg.vision, **kw)
+        self.vision_model = VisionTransformer(cfg.vision, scan_layers=self.scan_layers, **kw)
         self.connector = Connector(cfg, **kw)
-        self.text_model = MistralModel(cfg.text, **kw)
+        self.text_model = MistralModel(cfg.text, scan_layers=self.scan_layers, **kw)
 
     def encode_images(self, pixel_values, pixel_attention_mask=None):
         """Vision tower + connector for every image slot.
@@ -157,10 +158,11 @@ class Idefics2(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # recompute each layer's activations in the backward pass
     neftune_alpha: float = 0.0  # NEFTune noise on text embeddings when train=True (0: off)
+    scan_layers: bool = False  # vision and text layers as one nn.scan each, parameters stacked (models/scan.py)
 
     def setup(self):
         kw = dict(attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
-                  remat=self.remat, neftune_alpha=self.neftune_alpha)
+                  remat=self.remat, neftune_alpha=self.neftune_alpha, scan_layers=self.scan_layers)
         self.model = Idefics2Model(self.config, **kw)
         if not self.config.tie_word_embeddings:
             self.lm_head = dense(self.config.text.vocab_size, ("embed", "vocab"), use_bias=False,

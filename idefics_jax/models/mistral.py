@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from idefics_jax.config import TextConfig
 from idefics_jax.models.kv_cache import KVCache
 from idefics_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
+from idefics_jax.models.scan import scanned
 from idefics_jax.ops.attention import dot_product_attention
 
 Dtype = Any
@@ -92,6 +93,7 @@ class MistralModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False  # one nn.scan over the layers, parameters stacked (see models/scan.py)
 
     def setup(self):
         cfg = self.config
@@ -102,8 +104,12 @@ class MistralModel(nn.Module):
                 nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
             **kw,
         )
-        layer = nn.remat(MistralDecoderLayer) if self.remat else MistralDecoderLayer
-        self.layers = [layer(cfg, self.attention_impl, **kw) for _ in range(cfg.num_hidden_layers)]
+        if self.scan_layers:  # carry x; broadcast cos, sin, positions, kv_mask, segment_ids
+            self.layers = scanned(MistralDecoderLayer, cfg.num_hidden_layers, remat=self.remat, broadcast_args=5)(
+                cfg, self.attention_impl, **kw)
+        else:
+            layer = nn.remat(MistralDecoderLayer) if self.remat else MistralDecoderLayer
+            self.layers = [layer(cfg, self.attention_impl, **kw) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
     def embed(self, input_ids):  # [batch, seq] -> [batch, seq, hidden]
@@ -125,6 +131,12 @@ class MistralModel(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta)
         kv_mask = None if attention_mask is None else attention_mask.astype(bool)
         x = inputs_embeds.astype(self.dtype)
+        if self.scan_layers:
+            if cache is not None:
+                raise ValueError("Decoding with a KV cache needs the unscanned model: scan_layers=False, with "
+                                 "idefics_jax.models.scan.unstack_layers(params)")
+            x, _ = self.layers(x, cos, sin, positions, kv_mask, segment_ids)
+            return self.norm(x)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             past = None if cache is None else (cache.keys[i], cache.values[i], cache.positions, cache.valid)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idefics_jax.config import VisionConfig
+from idefics_jax.models.scan import scanned
 from idefics_jax.models.layers import activation, dense, layer_norm
 from idefics_jax.ops.attention import dot_product_attention
 
@@ -136,6 +137,8 @@ class VisionEncoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    scanned: bool = False  # inside nn.scan: return (carry, nothing per layer)
+
     @nn.compact
     def __call__(self, x, kv_mask):  # pre-norm transformer block
         cfg = self.config
@@ -143,7 +146,8 @@ class VisionEncoderLayer(nn.Module):
         h = layer_norm(cfg.layer_norm_eps, "layer_norm1", **kw)(x)
         x = x + VisionAttention(cfg, self.attention_impl, name="self_attn", **kw)(h, kv_mask)
         h = layer_norm(cfg.layer_norm_eps, "layer_norm2", **kw)(x)
-        return x + VisionMLP(cfg, name="mlp", **kw)(h)
+        x = x + VisionMLP(cfg, name="mlp", **kw)(h)
+        return (x, None) if self.scanned else x
 
 
 class VisionEncoder(nn.Module):
@@ -152,13 +156,20 @@ class VisionEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.scan_layers:
+            self.layers = scanned(VisionEncoderLayer, self.config.num_hidden_layers, remat=self.remat,
+                                  broadcast_args=1)(self.config, self.attention_impl, scanned=True, **kw)
+            return
         layer = nn.remat(VisionEncoderLayer) if self.remat else VisionEncoderLayer
         self.layers = [layer(self.config, self.attention_impl, **kw) for _ in range(self.config.num_hidden_layers)]
 
     def __call__(self, x, kv_mask):
+        if self.scan_layers:
+            return self.layers(x, kv_mask)[0]
         for layer in self.layers:
             x = layer(x, kv_mask)
         return x
@@ -172,6 +183,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, pixel_values, patch_mask=None):
@@ -182,5 +194,6 @@ class VisionTransformer(nn.Module):
             patch_mask = jnp.ones((n, height // cfg.patch_size, width // cfg.patch_size), bool)
         x = VisionEmbeddings(cfg, name="embeddings", **kw)(pixel_values, patch_mask)
         kv_mask = patch_mask.reshape(patch_mask.shape[0], -1)  # [n, patches]
-        x = VisionEncoder(cfg, self.attention_impl, remat=self.remat, name="encoder", **kw)(x, kv_mask)
+        x = VisionEncoder(cfg, self.attention_impl, remat=self.remat, scan_layers=self.scan_layers, name="encoder",
+                          **kw)(x, kv_mask)
         return layer_norm(cfg.layer_norm_eps, "post_layernorm", **kw)(x)

@@ -54,7 +54,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict({
         "steps": 1000, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep_checkpoints": 3,
         "keep_period": 0,  # also keep every N-th step's checkpoint for good (0: no)
-        "async_checkpoints": True, "freeze": [], "remat": False, "neftune_alpha": 0.0,
+        "async_checkpoints": True, "freeze": [], "remat": False, "scan_layers": False, "neftune_alpha": 0.0,
         "eval_every": 0, "eval_samples": 50, "max_new_tokens": 16,
         # LoRA / DoRA adapters (rank 0: off); adapted towers' own weights stay frozen
         "lora": ml_collections.ConfigDict({

@@ -26,6 +26,7 @@ from idefics_jax.data.packing import PackConfig
 from idefics_jax.data.pipeline import Pipeline, SourceConfig
 from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.models.idefics2 import Idefics2
+from idefics_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from idefics_jax.sharding import batch_sharding, make_mesh
 from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from idefics_jax.train.config import model_config
@@ -109,7 +110,8 @@ def build(config):
         raise ValueError("config.data: set tokenizer/dir, or synthetic=True")
     model = Idefics2(mcfg, attention_impl=config.model.attention_impl,
                      dtype=_dtype(config.model.dtype, "dtype"), param_dtype=_dtype(config.model.param_dtype, "param_dtype"),
-                     remat=config.train.remat, neftune_alpha=config.train.neftune_alpha)
+                     remat=config.train.remat, neftune_alpha=config.train.neftune_alpha,
+                     scan_layers=config.train.scan_layers)
     o = config.optimizer
     lora = lora_config(config)
     frozen = tuple(config.train.freeze)
@@ -131,6 +133,8 @@ def load_initial_params(state, path: str, mcfg, shardings):
     config, params = (load_checkpoint if ours else load_hf_checkpoint)(path, on_device=False)
     if config != mcfg:
         raise ValueError(f"config.model.init_from={path} holds a different model than config.model describes")
+    if is_stacked(state.params):  # scan_layers: the model keeps each tower's layers stacked
+        params = stack_layers(params)
     model_keys = [k for k in state.params if k != "lora"]
     loaded = jax.tree.map(lambda x, s, old: jax.device_put(np.asarray(x).astype(old.dtype), s),
                           params, {k: shardings.params[k] for k in model_keys}, {k: state.params[k] for k in model_keys})
@@ -146,7 +150,7 @@ def evaluate(config, mcfg, params, lora, data_dir: Path, tokenizer: Tokenizer, a
     from idefics_jax.inference.evaluate import evaluate_records, load_records
     from idefics_jax.inference.loading import LoadedModel
 
-    params = merge(params, lora) if lora else params
+    params = unstack_layers(merge(params, lora) if lora else params)  # generation uses the unscanned model
     if assistant is None:
         source = config.data.sources[0]
         images = ImageProcessor(longest_edge=source.get("longest_edge", 980),
@@ -254,4 +258,4 @@ def restore_latest(config, workdir: str | os.PathLike):
     step, state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
     checkpointer.close()
     params = merge(state.params, lora) if lora else state.params
-    return mcfg, params, step
+    return mcfg, unstack_layers(params), step

@@ -61,7 +61,7 @@ def target_paths(params, config: LoraConfig) -> list[tuple[str, ...]]:
     pattern = re.compile(config.targets)
     out = []
     for path, leaf in traverse_util.flatten_dict(params).items():
-        if path[0] == ADAPTERS or path[-1] != "kernel" or _unbox(leaf).ndim != 2:
+        if path[0] == ADAPTERS or path[-1] != "kernel" or _unbox(leaf).ndim < 2:
             continue
         if tower_of(path) in config.towers and pattern.search(path[-2]):
             out.append(path[:-1])
@@ -79,24 +79,27 @@ def add_adapters(params, config: LoraConfig, rng) -> dict:
         raise ValueError(f"LoRA targets {config.targets!r} match no projection in towers {config.towers}")
     for i, path in enumerate(paths):
         kernel = flat[path + ("kernel",)]
-        w = _unbox(kernel)
-        names = _names(kernel, 2)
-        a = jax.random.normal(jax.random.fold_in(rng, i), (w.shape[0], config.rank), w.dtype) / jnp.sqrt(w.shape[0])
-        b = jnp.zeros((config.rank, w.shape[1]), w.dtype)
-        entry = {"a": nn.LogicallyPartitioned(a, (names[0], None)), "b": nn.LogicallyPartitioned(b, (None, names[1]))}
+        w = _unbox(kernel)  # [..., in, out]: a leading `layers` axis when layers are scanned
+        names = _names(kernel, w.ndim)
+        *lead, fan_in, fan_out = w.shape
+        a = jax.random.normal(jax.random.fold_in(rng, i), (*lead, fan_in, config.rank), w.dtype) / jnp.sqrt(fan_in)
+        b = jnp.zeros((*lead, config.rank, fan_out), w.dtype)
+        entry = {"a": nn.LogicallyPartitioned(a, (*names[:-1], None)),
+                 "b": nn.LogicallyPartitioned(b, (*names[:-2], None, names[-1]))}
         if config.dora:
-            entry["m"] = nn.LogicallyPartitioned(jnp.linalg.norm(w.astype(jnp.float32), axis=0).astype(w.dtype),
-                                                 (names[1],))
+            entry["m"] = nn.LogicallyPartitioned(jnp.linalg.norm(w.astype(jnp.float32), axis=-2).astype(w.dtype),
+                                                 (*names[:-2], names[-1]))
         adapters[SEP.join(path)] = entry
     return {**params, ADAPTERS: adapters}
 
 
 def adapted_kernel(w, entry, config: LoraConfig):
-    """The merged kernel `[in, out]`."""
+    """The merged kernel `[..., in, out]`."""
     delta = (entry["a"].astype(jnp.float32) @ entry["b"].astype(jnp.float32)) * config.scale
     merged = w.astype(jnp.float32) + delta
     if "m" in entry:
-        merged = merged * (entry["m"].astype(jnp.float32) / jnp.linalg.norm(merged, axis=0))
+        norm = jnp.linalg.norm(merged, axis=-2, keepdims=True)  # per output column
+        merged = merged * (entry["m"].astype(jnp.float32)[..., None, :] / norm)
     return merged.astype(w.dtype)
 
 
