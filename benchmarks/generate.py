@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -78,10 +77,9 @@ def main():
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
     import torch
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 
     from preprocess import machine
-    from train_step import CONFIGS
+    from train_step import CONFIGS, save_random_model
 
     lines = [f"\n## Generation (batch 1, one image + 32 text tokens, {args.new} new tokens) ({datetime.date.today()})\n",
              f"Machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads).\n",
@@ -93,13 +91,7 @@ def main():
     rng = np.random.default_rng(0)
     for name in args.configs.split(","):
         spec = CONFIGS[name]
-        hf_config = Idefics2Config(**{k: v for k, v in spec.items() if k.endswith("config") or k == "image_token_id"})
-        torch.manual_seed(0)
-        hf_dir = Path(tempfile.mkdtemp()) / name
-        model = Idefics2ForConditionalGeneration(hf_config)
-        count = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(hf_dir)
-        del model
+        hf_dir, count = save_random_model(name)
         inputs = prompt(spec, rng)
         t_first, t_total, t_tokens = time_torch(hf_dir, inputs, args.new, args.repeats)
         o_first, o_total, o_tokens = time_ours(hf_dir, inputs, args.new, args.repeats)

@@ -40,6 +40,20 @@ CONFIGS = {
 }
 
 
+def save_random_model(name: str) -> tuple[Path, int]:
+    """A random transformers Idefics2 of config `name`, saved to a temporary directory; (directory, parameters)."""
+    import torch
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    spec = CONFIGS[name]
+    hf_config = Idefics2Config(**{k: v for k, v in spec.items() if k.endswith("config") or k == "image_token_id"})
+    torch.manual_seed(0)
+    hf_dir = Path(tempfile.mkdtemp()) / name
+    model = Idefics2ForConditionalGeneration(hf_config)
+    model.save_pretrained(hf_dir)
+    return hf_dir, sum(p.numel() for p in model.parameters())
+
+
 def make_batch(spec, rng):
     """One sample per row: text, 64 image tokens, text; labels on the text after the image."""
     batch, seq, (h, w) = spec["batch"], spec["seq"], spec["image"]
@@ -116,7 +130,6 @@ def main():
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
     import torch
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 
     from preprocess import machine
 
@@ -130,13 +143,7 @@ def main():
     rng = np.random.default_rng(0)
     for name in args.configs.split(","):
         spec = CONFIGS[name]
-        hf_config = Idefics2Config(**{k: v for k, v in spec.items() if k.endswith("config") or k == "image_token_id"})
-        torch.manual_seed(0)
-        hf_dir = Path(tempfile.mkdtemp()) / name
-        model = Idefics2ForConditionalGeneration(hf_config)
-        count = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(hf_dir)
-        del model
+        hf_dir, count = save_random_model(name)
         data = make_batch(spec, rng)
         theirs, loss_t = time_torch(hf_dir, *data, args.steps)
         ours, loss_o = time_ours(hf_dir, *data, args.steps)

@@ -80,8 +80,10 @@ class PerceiverResampler(nn.Module):
     def setup(self):
         p = self.config.perceiver
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # Hugging Face fills the latents with ones (its weights are always loaded); from scratch that
+        # starts all 64 latents equal, so every latent pools the image the same way: draw them instead.
         self.latents = self.param(
-            "latents", nn.with_logical_partitioning(nn.initializers.ones_init(), (None, "embed")),
+            "latents", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
             (p.resampler_n_latents, self.config.text.hidden_size), self.param_dtype,
         )
         layer = nn.remat(PerceiverLayer) if self.remat else PerceiverLayer
