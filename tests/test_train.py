@@ -197,3 +197,28 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, seed, ca
         np.testing.assert_array_equal(np.asarray(a), b)
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         Checkpointer(tmp_path / "empty").restore(abstract)
+
+
+def test_learning_rate_multipliers_per_tower(seed):
+    from idefics_jax.train.optimizer import make_optimizer
+
+    rng = np.random.default_rng(seed)
+    params = {"model": {tower: {"kernel": rng.normal(size=(4, 3)).astype(np.float32)}
+                        for tower in ("vision_model", "connector", "text_model")}}
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    settings = dict(learning_rate=1e-2, warmup_steps=1, total_steps=10, weight_decay=0.0, grad_clip=1.0)
+
+    def update(**kwargs):
+        tx, _ = make_optimizer(**settings, **kwargs)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return {k: np.asarray(v["kernel"]) for k, v in updates["model"].items()}
+
+    plain = update()
+    scaled = update(lr_multipliers={"vision": 5.0, "connector": 0.5})
+    np.testing.assert_allclose(scaled["vision_model"], 5.0 * plain["vision_model"], rtol=1e-6)
+    np.testing.assert_allclose(scaled["connector"], 0.5 * plain["connector"], rtol=1e-6)
+    np.testing.assert_allclose(scaled["text_model"], plain["text_model"], rtol=1e-6)
+    frozen = update(frozen=("vision",))
+    assert not frozen["vision_model"].any()
+    with pytest.raises(ValueError, match="lr_multipliers"):
+        update(lr_multipliers={"visoin": 2.0})

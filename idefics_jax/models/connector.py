@@ -80,10 +80,11 @@ class PerceiverResampler(nn.Module):
     def setup(self):
         p = self.config.perceiver
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        # Hugging Face fills the latents with ones (its weights are always loaded); from scratch that
-        # starts all 64 latents equal, so every latent pools the image the same way: draw them instead.
+        # Hugging Face fills the latents with ones (its weights are always loaded). From scratch that
+        # starts all 64 latents equal, and their residual stream drowns the little the first
+        # attention reads from the image: draw them small and different instead.
         self.latents = self.param(
-            "latents", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+            "latents", nn.with_logical_partitioning(nn.initializers.normal(p.initializer_range), (None, "embed")),
             (p.resampler_n_latents, self.config.text.hidden_size), self.param_dtype,
         )
         layer = nn.remat(PerceiverLayer) if self.remat else PerceiverLayer

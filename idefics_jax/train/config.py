@@ -50,6 +50,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict({
         "learning_rate": 1e-4, "warmup_steps": 100, "end_lr_ratio": 0.1, "weight_decay": 0.1,
         "b1": 0.9, "b2": 0.95, "eps": 1e-8, "grad_clip": 1.0, "accum_steps": 1,
+        # per-tower factors on the learning rate (vision, connector, text)
+        "lr_multipliers": {"vision": 1.0, "connector": 1.0, "text": 1.0},
     })
     c.train = ml_collections.ConfigDict({
         "steps": 1000, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep_checkpoints": 3,

@@ -118,7 +118,7 @@ def build(config):
     tx, schedule = make_optimizer(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
                                   total_steps=config.train.steps, end_lr_ratio=o.end_lr_ratio,
                                   weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip,
-                                  frozen=() if lora else frozen,
+                                  frozen=() if lora else frozen, lr_multipliers=dict(o.lr_multipliers),
                                   trainable_mask=lora_trainable(lora, frozen) if lora else None)
     m = config.mesh
     mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=(m.dcn_data, m.dcn_fsdp, m.dcn_tensor))

@@ -7,7 +7,7 @@ parameters get a zero update and no optimizer state.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import jax
 import optax
@@ -43,28 +43,44 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, end
 
 def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.1,
                    weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-                   grad_clip: float = 1.0, frozen: Iterable[str] = (), trainable_mask=None):
+                   grad_clip: float = 1.0, frozen: Iterable[str] = (), trainable_mask=None,
+                   lr_multipliers: Mapping[str, float] | None = None):
     """optax AdamW (+ clipping); `frozen` towers and parameters outside `trainable_mask` stay fixed.
 
-    trainable_mask: optional function `path -> bool` (LoRA trains only its adapters)."""
+    trainable_mask: optional function `path -> bool` (LoRA trains only its adapters).
+    lr_multipliers: per tower (`vision`, `connector`, `text`), a factor on the learning rate (such
+    as a lower rate for a pretrained vision tower, or a higher one for towers trained from scratch).
+    Clipping is by the global norm of the trainable gradients."""
     frozen = check_towers(frozen, "frozen towers")
+    multipliers = {tower: 1.0 for tower in TOWERS}
+    multipliers.update(lr_multipliers or {})
+    check_towers(multipliers, "lr_multipliers")
     schedule = learning_rate_schedule(learning_rate, warmup_steps, total_steps, end_lr_ratio)
     # decay matrices, not norms, biases or the Perceiver latents
     decay_mask = lambda params: traverse_util.path_aware_map(
         lambda path, x: _ndim(x) >= 2 and path[-1] != "latents", params)
-    adamw = optax.chain(
-        optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(),
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
-    )
+
+    def adamw(multiplier: float):
+        rate = schedule if multiplier == 1.0 else (lambda step: schedule(step) * multiplier)
+        return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
 
     def label(params):
         def one(path, _):
             if tower_of(path) in frozen or (trainable_mask is not None and not trainable_mask(path)):
                 return "frozen"
-            return "train"
+            return tower_of(path)
         return traverse_util.path_aware_map(one, params)
 
-    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, label), schedule
+    def trainable_only(params):
+        return jax.tree.map(lambda name: "frozen" if name == "frozen" else "train", label(params))
+
+    tx = optax.chain(
+        optax.multi_transform({"train": optax.identity(), "frozen": optax.set_to_zero()}, trainable_only),
+        optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(),
+        optax.multi_transform({"frozen": optax.set_to_zero(), **{t: adamw(m) for t, m in multipliers.items()}},
+                              label),
+    )
+    return tx, schedule
 
 
 def _ndim(x) -> int:
