@@ -111,17 +111,19 @@ def build(config):
     model = Idefics2(mcfg, attention_impl=config.model.attention_impl,
                      dtype=_dtype(config.model.dtype, "dtype"), param_dtype=_dtype(config.model.param_dtype, "param_dtype"),
                      remat=config.train.remat, neftune_alpha=config.train.neftune_alpha,
-                     scan_layers=config.train.scan_layers)
+                     scan_layers=config.train.get("scan_layers", False))
     o = config.optimizer
     lora = lora_config(config)
     frozen = tuple(config.train.freeze)
     tx, schedule = make_optimizer(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
                                   total_steps=config.train.steps, end_lr_ratio=o.end_lr_ratio,
                                   weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip,
-                                  frozen=() if lora else frozen, lr_multipliers=dict(o.lr_multipliers),
+                                  frozen=() if lora else frozen, lr_multipliers=dict(o.get("lr_multipliers", {})),
                                   trainable_mask=lora_trainable(lora, frozen) if lora else None)
     m = config.mesh
-    mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=(m.dcn_data, m.dcn_fsdp, m.dcn_tensor))
+    # .get: configs saved in workdirs before these keys existed still load
+    dcn = tuple(m.get(f"dcn_{axis}", 1) for axis in ("data", "fsdp", "tensor"))
+    mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=dcn)
     return mcfg, model, tx, schedule, mesh, lora
 
 
@@ -235,7 +237,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
             eval_now = config.train.eval_every and step % config.train.eval_every == 0
             if config.data.eval_source and (eval_now or step == config.train.steps):
                 report, assistant = evaluate(config, mcfg, state.params, lora, data_dir, tokenizer, assistant)
-                writer.write(step, {"eval/exact_match": report["exact_match"], "eval/vqa_accuracy": report["vqa_accuracy"]})
+                writer.write(step, {"eval/exact_match": report["exact_match"],
+                                    "eval/vqa_accuracy": report["vqa_accuracy"]})
                 if jax.process_index() == 0:
                     (workdir / f"eval_{step}.json").write_text(json.dumps(report, indent=1))
                 log.info("Step %d: exact match %.3f on %d held-out questions", step, report["exact_match"],
