@@ -90,6 +90,15 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     assert full.returncode == 0, err[-3000:]
     expected = losses(tmp_path / "full")
     assert [s for s, _ in expected] == list(range(1, 15))
+    # the evaluate command reads the workdir (latest step) and answers as the training run's own eval did
+    from idefics_jax import evaluate
+
+    report_path = tmp_path / "report.json"
+    assert evaluate.main(["--checkpoint", str(tmp_path / "full"), "--data", str(data / "conversations_eval"),
+                          "--output", str(report_path)]) == 0
+    report, during = (json.loads(f.read_text()) for f in (report_path, tmp_path / "full" / "eval_14.json"))
+    assert [r["prediction"] for r in report["results"]] == [r["prediction"] for r in during["results"]]
+    assert report["n"] == during["n"] > 0 and report["checkpoint"].endswith("at step 14")
 
     kill_after = int(np.random.default_rng(seed).integers(4, 12))
     victim = run_train(tmp_path / "killed", *common)
