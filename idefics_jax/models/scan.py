@@ -11,6 +11,7 @@ generation with a KV cache and the tests use the unstacked layout; `stack_layers
 from __future__ import annotations
 
 import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
