@@ -55,14 +55,16 @@ def test_frozen_tower_gets_no_update(seed):
 
 
 def test_gradient_accumulation_equals_the_whole_batch(seed):
-    model, tx, batch = tiny_setup(seed, batch_size=4)
-    _, whole, m1 = one_step(model, tx, batch, accum=1)
+    # SGD: its update is the gradient (Adam's first update, about lr * sign(g), turns the round-off
+    # of near-zero gradient entries into differences as large as lr)
+    model, tx, batch = tiny_setup(seed, batch_size=4, sgd=True)
+    before, whole, m1 = one_step(model, tx, batch, accum=1)
     _, accumulated, m2 = one_step(model, tx, batch, accum=2)
     assert abs(float(m1["loss"]) - float(m2["loss"])) < 1e-5 * abs(float(m1["loss"]))
     assert abs(float(m1["grad_norm"]) - float(m2["grad_norm"])) < 1e-5 * float(m1["grad_norm"])
-    # Adam's first step is about lr * sign(g): compare updates to a small fraction of lr (1e-3)
-    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(accumulated)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
+    for p0, a, b in zip(jax.tree.leaves(before), jax.tree.leaves(whole), jax.tree.leaves(accumulated)):
+        update = np.abs(a - p0).max()
+        assert np.abs(a - b).max() <= 1e-4 * update + 1e-7, (np.abs(a - b).max(), update)
 
 
 def run_train(workdir, *overrides, timeout=600):
