@@ -78,7 +78,7 @@ def main():
     args = parser.parse_args()
     import torch
 
-    from preprocess import machine
+    from preprocess import append_results, machine
     from train_step import CONFIGS, save_random_model
 
     lines = [f"\n## Generation (batch 1, one image + 32 text tokens, {args.new} new tokens) ({datetime.date.today()})\n",
@@ -100,9 +100,7 @@ def main():
         lines.append(f"| {name} | {count / 1e6:.1f}M | {t_first * 1e3:.1f} | {o_first * 1e3:.1f} | "
                      f"{t_first / o_first:.2f}x | {t_rate:.1f} | {o_rate:.1f} | {o_rate / t_rate:.2f}x | {same} |")
         print(lines[-1], flush=True)
-    with open(args.out, "a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended to {args.out}")
+    append_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,15 @@ def machine() -> str:
             f"Pillow {Image.__version__}, transformers {transformers.__version__}, jax {jax.__version__}")
 
 
+def append_results(path: str, lines: list[str]) -> None:
+    """Appends one run's section to RESULTS.md (with the file's header when it is new)."""
+    with open(path, "a") as f:
+        if f.tell() == 0:
+            f.write("# Benchmark results\n\nEach section is one run of a script in `benchmarks/`.\n")
+        f.write("\n".join(lines) + "\n")
+    print(f"appended to {path}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=200)
@@ -126,11 +135,7 @@ def main():
     for workers in (0, 2):
         lines.append(f"| {workers} worker processes | {bench_pipeline(workers):.1f} |")
         print(lines[-1], flush=True)
-    with open(args.out, "a") as f:
-        if f.tell() == 0:
-            f.write("# Benchmark results\n\nEach section is one run of a script in `benchmarks/`.\n")
-        f.write("\n".join(lines) + "\n")
-    print(f"appended to {args.out}")
+    append_results(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def main():
     args = parser.parse_args()
     import torch
 
-    from preprocess import machine
+    from preprocess import append_results, machine
 
     torch.set_num_threads(torch.get_num_threads())
     lines = [f"\n## Train step ({datetime.date.today()})\n", f"Machine: {machine()}, torch {torch.__version__} "
@@ -151,9 +151,7 @@ def main():
         lines.append(f"| {name} | {count / 1e6:.1f}M | {spec['batch']} x {spec['seq']} | {theirs:.3f} | {ours:.3f} | "
                      f"{tokens / ours:,.0f} | {theirs / ours:.2f}x |")
         print(lines[-1], f"(first-step losses {loss_t:.3f} / {loss_o:.3f})", flush=True)
-    with open(args.out, "a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended to {args.out}")
+    append_results(args.out, lines)
 
 
 if __name__ == "__main__":
