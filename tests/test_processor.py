@@ -182,6 +182,10 @@ def test_chat_format_matches_reference(sp_model):
         for generation in (False, True):
             text = reference.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False)
             assert apply_chat_template(messages, add_generation_prompt=generation) == text
+            # the same turns written as strings with <image> placeholders (the data format)
+            inline = [{"role": m["role"], "content": "".join(p.get("text", "<image>") for p in m["content"])}
+                      for m in messages]
+            assert apply_chat_template(inline, add_generation_prompt=generation) == text
             n = text.count("<image>")
             images = [Image.new("RGB", (32, 32), "gray")] * n
             ref = reference(text=[text], images=[images] if n else None, return_tensors="np")

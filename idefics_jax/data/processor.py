@@ -29,13 +29,15 @@ Message = Mapping[str, Any]  # {"role": "user", "content": [{"type": "image"}, {
 
 
 def render_turn(message: Message) -> str:
-    """One chat turn as Idefics2's template writes it."""
+    """One chat turn as Idefics2's template writes it. Content is a list of parts, or a string
+    whose `<image>` placeholders stand for image parts."""
     content = message["content"]
-    if isinstance(content, str):
-        content = [{"type": "text", "text": content}]
     if not content:
         raise ValueError(f"A {message['role']!r} turn has no content")
-    head = str(message["role"]).capitalize() + (":" if content[0]["type"] == "image" else ": ")
+    opens_with_image = content.startswith(IMAGE_TOKEN) if isinstance(content, str) else content[0]["type"] == "image"
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    head = str(message["role"]).capitalize() + (":" if opens_with_image else ": ")
     body = []
     for part in content:
         if part["type"] == "text":

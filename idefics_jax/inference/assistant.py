@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idefics_jax.data.image_processing import ImageLike
-from idefics_jax.data.image_tokens import END_OF_UTTERANCE, IMAGE_TOKEN
+from idefics_jax.data.image_tokens import END_OF_UTTERANCE
 from idefics_jax.data.processor import Processor, apply_chat_template
 from idefics_jax.inference.generate import Generator
 from idefics_jax.inference.loading import LoadedModel
@@ -30,22 +30,6 @@ from idefics_jax.models.idefics2 import Idefics2
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def as_parts(message: dict) -> dict:
-    """A message whose content is a string with `<image>` placeholders -> Idefics2 content parts."""
-    content = message["content"]
-    if not isinstance(content, str):
-        return dict(message)
-    parts, text = [], content
-    while IMAGE_TOKEN in text:
-        before, text = text.split(IMAGE_TOKEN, 1)
-        if before:
-            parts.append({"type": "text", "text": before})
-        parts.append({"type": "image"})
-    if text:
-        parts.append({"type": "text", "text": text})
-    return {"role": message["role"], "content": parts}
 
 
 class Assistant:
@@ -69,7 +53,7 @@ class Assistant:
         """Chat conversations (each ending with a user turn) -> a padded model batch.
 
         `batch_size` pads the batch by repeating its last conversation (fixed shapes for evaluation)."""
-        prompts = [apply_chat_template([as_parts(m) for m in c], add_generation_prompt=True) for c in conversations]
+        prompts = [apply_chat_template(c, add_generation_prompt=True) for c in conversations]
         images = [list(row) for row in images]
         if batch_size:
             prompts += [prompts[-1]] * (batch_size - len(prompts))

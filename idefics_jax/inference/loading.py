@@ -18,6 +18,7 @@ from typing import Any
 
 from idefics_jax.config import Idefics2Config
 from idefics_jax.data.image_processing import ImageProcessor
+from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.data.tokenizer import Tokenizer
 
 PROCESSOR_FILES = ("tokenizer.model", "preprocessor_config.json", "processor_config.json")
@@ -93,10 +94,9 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None)
         raise FileNotFoundError(f"No tokenizer: {tokenizer_path} does not exist (pass --tokenizer PATH, a "
                                 f"sentencepiece .model)")
     tok = Tokenizer(tokenizer_path)
-    for token, token_id in [("<image>", config.image_token_id)]:
-        if tok.token_id(token) != token_id:
-            raise ValueError(f"The tokenizer {tokenizer_path} gives {token} the id {tok.token_id(token)} but the "
-                             f"model expects {token_id}: they were not made for each other")
+    if tok.token_id(IMAGE_TOKEN) != config.image_token_id:
+        raise ValueError(f"The tokenizer {tokenizer_path} gives {IMAGE_TOKEN} the id {tok.token_id(IMAGE_TOKEN)} but "
+                         f"the model expects {config.image_token_id}: they were not made for each other")
     if tok.vocab_size > config.text.vocab_size:
         raise ValueError(f"The tokenizer {tokenizer_path} has {tok.vocab_size} tokens, more than the model's "
                          f"vocabulary of {config.text.vocab_size}")
