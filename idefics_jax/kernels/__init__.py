@@ -1,0 +1,11 @@
+"""Pallas kernels: flash attention (any mask `ops.attention` describes) and Perceiver pooling.
+
+Each computes exactly what the pure-jnp reference in `ops.attention` computes; the tests compare
+them in interpret mode on CPU. `ops.attention.dot_product_attention(implementation="pallas")`
+is how the model reaches them.
+"""
+
+from idefics_jax.kernels.flash_attention import Blocks, flash_attention
+from idefics_jax.kernels.perceiver_pooling import perceiver_pooling
+
+__all__ = ["Blocks", "flash_attention", "perceiver_pooling"]

@@ -1,0 +1,441 @@
+"""Flash attention in Pallas: forward and backward, any mask `ops.attention` describes.
+
+One kernel family serves every attention of the decoder and the vision tower: the mask is computed
+inside the kernel, block by block, from per-token positions and segment ids, so nothing `[q, kv]`
+sized is ever written to memory. A key is visible to a query when
+
+    same segment  and  (not causal or kv_pos <= q_pos)  and  (no window or |q_pos - kv_pos| < window)
+
+(the window is one-sided when causal). Padding keys carry the segment id `INVALID`, which no query
+has. This is exactly `ops.attention.attention_mask`, the reference the tests compare against.
+
+Blocks: the grid runs over (batch, query head, query block); each program loops over the key
+blocks its queries can see. Which blocks those are is worked out before the kernel from each
+block's range of positions and segment ids (`block_ranges`): a conservative interval, so skipping is
+a speed-up only, and exactness comes from the element mask. Causal attention visits about half the
+blocks, a window of w visits about w / block_k of them, packed segments only their own.
+
+Backward (FlashAttention-2): `delta = rowsum(dO * O)`, then one kernel for dQ (loop over key
+blocks) and one for dK, dV (grid over key blocks, loop over query blocks, per query head; the query
+heads of a GQA group are summed afterwards).
+
+Lowering: Triton on GPU (head dim padded to a power of two, as Triton's tiles need), interpreted on
+CPU (`interpret=True`, how the tests run it). Layout `[batch, seq, heads, head_dim]` throughout.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+INVALID = jnp.iinfo(jnp.int32).min  # segment id of padding keys: equal to no query's
+MASKED = -1e30  # score of a hidden key: finite, so a row with no visible key stays NaN-free
+
+
+class Mask(NamedTuple):
+    """Static description of the mask; the per-token arrays travel separately."""
+
+    causal: bool = False
+    window: int | None = None  # Mistral's convention: q_pos - kv_pos < window
+    segments: bool = True  # compare segment ids (also how padding keys are hidden)
+
+
+class Blocks(NamedTuple):
+    block_q: int = 64
+    block_k: int = 64
+    num_warps: int | None = None  # Triton only
+    num_stages: int = 2
+
+
+def _visible(mask: Mask, q_pos, q_seg, kv_pos, kv_seg):
+    """[block_q, block_k] bool from per-token vectors; the element mask inside every kernel."""
+    visible = q_seg[:, None] == kv_seg[None, :]
+    if mask.causal or mask.window is not None:
+        delta = q_pos[:, None] - kv_pos[None, :]  # query position - key position
+        if mask.causal:
+            visible = visible & (delta >= 0)
+        if mask.window is not None:
+            visible = visible & (delta < mask.window)
+            if not mask.causal:
+                visible = visible & (-delta < mask.window)
+    return visible
+
+
+def _scores(q, k, scale):
+    """q [block_q, d] @ k [block_k, d]^T -> float32 [block_q, block_k], scaled."""
+    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+
+
+def _pick(row, index):
+    """row[index] for a traced index using vector ops only (Triton tiles have no scalar gather)."""
+    return jnp.sum(jnp.where(jnp.arange(row.shape[0]) == index, row, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Which key blocks each query block can see (and the transpose, for dK / dV).
+
+
+def block_ranges(q_pos, q_seg, kv_pos, kv_seg, mask: Mask, block_q: int, block_k: int):
+    """Conservative `[lo, hi)` key-block ranges per query block, and query-block ranges per key block.
+
+    Inputs are padded to whole blocks: q_* `[batch, nq * block_q]`, kv_* `[batch, nk * block_k]`;
+    padded queries carry segment `INVALID` too. Returns four int32 arrays, `kv_lo, kv_hi`
+    `[batch, nq]` and `q_lo, q_hi` `[batch, nk]`. A block pair is left out only when no pair of
+    tokens in it can be visible, judged from each block's min / max position and segment id.
+    """
+    big = jnp.iinfo(jnp.int32).max
+
+    def summary(pos, seg, block):
+        pos, seg = pos.reshape(pos.shape[0], -1, block), seg.reshape(seg.shape[0], -1, block)
+        real = seg != INVALID
+        lo = lambda x: jnp.min(jnp.where(real, x, big), axis=-1)
+        hi = lambda x: jnp.max(jnp.where(real, x, -big), axis=-1)
+        return lo(pos), hi(pos), lo(seg), hi(seg), jnp.any(real, axis=-1)
+
+    qp_lo, qp_hi, qs_lo, qs_hi, q_any = (x[:, :, None] for x in summary(q_pos, q_seg, block_q))
+    kp_lo, kp_hi, ks_lo, ks_hi, k_any = (x[:, None, :] for x in summary(kv_pos, kv_seg, block_k))
+    possible = q_any & k_any & (qs_lo <= ks_hi) & (ks_lo <= qs_hi)  # [batch, nq, nk]
+    if mask.causal:
+        possible &= kp_lo <= qp_hi
+    if mask.window is not None:
+        possible &= qp_lo - kp_hi < mask.window
+        if not mask.causal:
+            possible &= kp_lo - qp_hi < mask.window
+
+    def interval(p):  # first and one-past-last True along the last axis; (0, 0) when none
+        n = p.shape[-1]
+        idx = jnp.arange(n, dtype=jnp.int32)
+        first = jnp.min(jnp.where(p, idx, n), axis=-1)
+        last = jnp.max(jnp.where(p, idx, -1), axis=-1)
+        return jnp.where(last >= 0, first, 0).astype(jnp.int32), (last + 1).astype(jnp.int32)
+
+    kv_lo, kv_hi = interval(possible)
+    q_lo, q_hi = interval(jnp.swapaxes(possible, 1, 2))
+    return kv_lo, kv_hi, q_lo, q_hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Refs arrive as 2-D tiles: q / o `[block_q, d]`, k / v `[kv_len, d]` (whole sequence of
+# one head), positions / segments 1-D, range rows `[n_blocks_pow2]`.
+
+
+def _forward_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
+                    o_ref, lse_ref, *, mask: Mask, scale: float, block_k: int):
+    i = pl.program_id(2)
+    lo, hi = _pick(lo_ref[...], i), _pick(hi_ref[...], i)
+    q = q_ref[...]
+    q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
+    block_q, d = q.shape
+
+    def body(j, carry):
+        acc, m, l = carry
+        cols = pl.ds(j * block_k, block_k)
+        k, v = k_ref[cols, :], v_ref[cols, :]
+        visible = _visible(mask, q_pos, q_seg, kv_pos_ref[cols], kv_seg_ref[cols])
+        s = jnp.where(visible, _scores(q, k, scale), MASKED)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, m_new, l * alpha + jnp.sum(p, axis=-1)
+
+    init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), MASKED, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32))
+    acc, m, l = lax.fori_loop(lo, hi, body, init)
+    seen = l > 0.0  # rows with no visible key: output zero, lse irrelevant (p is masked to 0)
+    o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+
+
+def _probabilities(mask, scale, q, k, q_pos, q_seg, kv_pos, kv_seg, lse):
+    visible = _visible(mask, q_pos, q_seg, kv_pos, kv_seg)
+    return jnp.where(visible, jnp.exp(_scores(q, k, scale) - lse[:, None]), 0.0)
+
+
+def _dq_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
+               do_ref, lse_ref, delta_ref, dq_ref, *, mask: Mask, scale: float, block_k: int):
+    i = pl.program_id(2)
+    lo, hi = _pick(lo_ref[...], i), _pick(hi_ref[...], i)
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
+
+    def body(j, dq):
+        cols = pl.ds(j * block_k, block_k)
+        k, v = k_ref[cols, :], v_ref[cols, :]
+        p = _probabilities(mask, scale, q, k, q_pos, q_seg, kv_pos_ref[cols], kv_seg_ref[cols], lse)
+        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[:, None])
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
+                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, mask: Mask, scale: float, block_q: int):
+    j = pl.program_id(2)
+    lo, hi = _pick(lo_ref[...], j), _pick(hi_ref[...], j)
+    k, v = k_ref[...], v_ref[...]
+    kv_pos, kv_seg = kv_pos_ref[...], kv_seg_ref[...]
+    t = lambda a: a.T
+
+    def body(i, carry):
+        dk, dv = carry
+        rows = pl.ds(i * block_q, block_q)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        p = _probabilities(mask, scale, q, k, q_pos_ref[rows], q_seg_ref[rows], kv_pos, kv_seg, lse_ref[rows])
+        dv = dv + jnp.dot(t(p.astype(do.dtype)), do, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_ref[rows][:, None])
+        dk = dk + jnp.dot(t(ds.astype(q.dtype)), q, preferred_element_type=jnp.float32)
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# pallas_call plumbing.
+
+
+def _compiler_params(blocks: Blocks, head_dim: int, interpret: bool):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    warps = blocks.num_warps or (4 if head_dim <= 64 else 8)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=blocks.num_stages)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+    pad = size - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+class _Prepared(NamedTuple):
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    q_pos: jax.Array
+    q_seg: jax.Array
+    kv_pos: jax.Array
+    kv_seg: jax.Array
+
+
+def _row_spec(n: int, index_of_row):
+    """A `[batch, n]` int array handed whole to each program as a 1-D row."""
+    return pl.BlockSpec((None, n), index_of_row)
+
+
+def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: bool):
+    """Padded inputs -> (out [b, sq, h, d], lse float32 [b, h, sq])."""
+    b, sq, h, d = x.q.shape
+    sk, kvh = x.k.shape[1], x.k.shape[2]
+    groups = h // kvh
+    bq, bk = blocks.block_q, blocks.block_k
+    nq, nk = sq // bq, sk // bk
+    kv_lo, kv_hi, _, _ = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
+    n_rows = _pow2(nq)
+    kv_lo, kv_hi = _pad_axis(kv_lo, 1, n_rows), _pad_axis(kv_hi, 1, n_rows)
+    kernel = functools.partial(_forward_kernel, mask=mask, scale=scale, block_k=bk)
+    return pl.pallas_call(
+        kernel,
+        grid=(b, h, nq),
+        in_specs=[
+            _row_spec(n_rows, lambda bi, hi, qi: (bi, 0)),
+            _row_spec(n_rows, lambda bi, hi, qi: (bi, 0)),
+            pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
+            pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
+            _row_spec(sk, lambda bi, hi, qi: (bi, 0)),
+            _row_spec(sk, lambda bi, hi, qi: (bi, 0)),
+            pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
+            pl.BlockSpec((None, sk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),
+            pl.BlockSpec((None, sk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
+            pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(x.q.shape, x.q.dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
+        compiler_params=_compiler_params(blocks, d, interpret),
+        interpret=interpret,
+        name="idefics_flash_forward",
+    )(kv_lo, kv_hi, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v)
+
+
+def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Blocks, interpret: bool):
+    """Padded inputs and cotangent -> (dq, dk, dv), padded like the inputs."""
+    b, sq, h, d = x.q.shape
+    sk, kvh = x.k.shape[1], x.k.shape[2]
+    groups = h // kvh
+    bq, bk = blocks.block_q, blocks.block_k
+    nq, nk = sq // bq, sk // bk
+    delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
+    kv_lo, kv_hi, q_lo, q_hi = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
+    nq_rows, nk_rows = _pow2(nq), _pow2(nk)
+    kv_lo, kv_hi = _pad_axis(kv_lo, 1, nq_rows), _pad_axis(kv_hi, 1, nq_rows)
+    q_lo, q_hi = _pad_axis(q_lo, 1, nk_rows), _pad_axis(q_hi, 1, nk_rows)
+    params = _compiler_params(blocks, d, interpret)
+    row = lambda n: _row_spec(n, lambda bi, hi, i: (bi, 0))
+    kv_head = lambda bi, hi, i: (bi, 0, hi // groups, 0)
+
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, mask=mask, scale=scale, block_k=bk),
+        grid=(b, h, nq),
+        in_specs=[
+            row(nq_rows), row(nq_rows),
+            pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
+            pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
+            row(sk), row(sk),
+            pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
+            pl.BlockSpec((None, sk, None, d), kv_head),
+            pl.BlockSpec((None, sk, None, d), kv_head),
+            pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
+            pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
+            pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
+        ],
+        out_specs=pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
+        out_shape=jax.ShapeDtypeStruct(x.q.shape, x.q.dtype),
+        compiler_params=params,
+        interpret=interpret,
+        name="idefics_flash_dq",
+    )(kv_lo, kv_hi, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v, dout, lse, delta)
+
+    per_head = jax.ShapeDtypeStruct((b, sk, h, d), jnp.float32)  # one dK / dV per query head
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, mask=mask, scale=scale, block_q=bq),
+        grid=(b, h, nk),
+        in_specs=[
+            row(nk_rows), row(nk_rows),
+            row(sq), row(sq),
+            pl.BlockSpec((None, bk), lambda bi, hi, ki: (bi, ki)),
+            pl.BlockSpec((None, bk), lambda bi, hi, ki: (bi, ki)),
+            pl.BlockSpec((None, sq, None, d), lambda bi, hi, ki: (bi, 0, hi, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda bi, hi, ki: (bi, ki, hi // groups, 0)),
+            pl.BlockSpec((None, bk, None, d), lambda bi, hi, ki: (bi, ki, hi // groups, 0)),
+            pl.BlockSpec((None, sq, None, d), lambda bi, hi, ki: (bi, 0, hi, 0)),
+            pl.BlockSpec((None, None, sq), lambda bi, hi, ki: (bi, hi, 0)),
+            pl.BlockSpec((None, None, sq), lambda bi, hi, ki: (bi, hi, 0)),
+        ],
+        out_specs=[pl.BlockSpec((None, bk, None, d), lambda bi, hi, ki: (bi, ki, hi, 0))] * 2,
+        out_shape=[per_head, per_head],
+        compiler_params=params,
+        interpret=interpret,
+        name="idefics_flash_dkdv",
+    )(q_lo, q_hi, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v, dout, lse, delta)
+    group_sum = lambda g: g.reshape(b, sk, kvh, groups, d).sum(axis=3).astype(x.k.dtype)
+    return dq, group_sum(dk), group_sum(dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(x: _Prepared, q, k, v, mask, scale, blocks, interpret):
+    out, _ = _forward(x._replace(q=q, k=k, v=v), mask, scale, blocks, interpret)
+    return out
+
+
+def _flash_fwd(x, q, k, v, mask, scale, blocks, interpret):
+    x = x._replace(q=q, k=k, v=v)
+    out, lse = _forward(x, mask, scale, blocks, interpret)
+    return out, (x, out, lse)
+
+
+def _flash_bwd(mask, scale, blocks, interpret, residuals, dout):
+    x, out, lse = residuals
+    dq, dk, dv = _backward(x, out, lse, dout, mask, scale, blocks, interpret)
+    return jax.tree.map(lambda _: None, x._replace(q=None, k=None, v=None)), dq, dk, dv
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point.
+
+
+def default_blocks(backend: str, head_dim: int) -> Blocks:
+    if backend == "gpu":
+        return Blocks(block_q=128, block_k=64 if head_dim > 64 else 128, num_stages=3)
+    return Blocks(block_q=32, block_k=32)  # interpret mode: small tiles keep the loops short
+
+
+def token_arrays(batch, q_len, kv_len, *, kv_mask=None, q_positions=None, kv_positions=None,
+                 q_segment_ids=None, kv_segment_ids=None):
+    """Per-token int32 positions and segment ids for the kernels, with padding keys folded in.
+
+    Defaults follow `ops.attention.attention_mask`: queries are the last `q_len` of the keys.
+    """
+    i32 = lambda a: jnp.asarray(a, jnp.int32)
+    q_pos = jnp.arange(kv_len - q_len, kv_len, dtype=jnp.int32)[None] if q_positions is None else i32(q_positions)
+    kv_pos = jnp.arange(kv_len, dtype=jnp.int32)[None] if kv_positions is None else i32(kv_positions)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+    q_seg = jnp.zeros((1, q_len), jnp.int32) if q_segment_ids is None else i32(q_segment_ids)
+    kv_seg = jnp.zeros((1, kv_len), jnp.int32) if kv_segment_ids is None else i32(kv_segment_ids)
+    if kv_mask is not None:
+        kv_seg = jnp.where(jnp.asarray(kv_mask, bool), kv_seg, INVALID)
+    full = lambda a, n: jnp.broadcast_to(a, (batch, n))
+    return full(q_pos, q_len), full(q_seg, q_len), full(kv_pos, kv_len), full(kv_seg, kv_len)
+
+
+def flash_attention(query, key, value, *, scale: float | None = None, kv_mask=None, causal: bool = False,
+                    sliding_window: int | None = None, q_positions=None, kv_positions=None,
+                    q_segment_ids=None, kv_segment_ids=None, blocks: Blocks | None = None,
+                    interpret: bool | None = None):
+    """`ops.attention.dot_product_attention`'s contract, computed by the Pallas kernels.
+
+    query `[batch, q_len, heads, head_dim]`, key / value `[batch, kv_len, kv_heads, head_dim]`.
+    Any lengths: sequences are padded to whole blocks (padding keys hidden, padding queries cut
+    off), and on GPU the head dim to a power of two. Differentiable (custom VJP).
+    """
+    backend = jax.default_backend()
+    interpret = backend != "gpu" if interpret is None else interpret
+    batch, q_len, heads, head_dim = query.shape
+    kv_len, kv_heads = key.shape[1], key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    blocks = blocks or default_blocks("cpu" if interpret else backend, head_dim)
+    # Power-of-two tiles (Triton's rule), no larger than the sequence needs, at least 16 rows (MMA).
+    blocks = blocks._replace(block_q=max(16, min(blocks.block_q, _pow2(q_len))),
+                             block_k=max(16, min(blocks.block_k, _pow2(kv_len))))
+    bq, bk = blocks.block_q, blocks.block_k
+    sq, sk = pl.cdiv(q_len, bq) * bq, pl.cdiv(kv_len, bk) * bk
+    d = head_dim if interpret else max(16, _pow2(head_dim))
+
+    q_pos, q_seg, kv_pos, kv_seg = token_arrays(
+        batch, q_len, kv_len, kv_mask=kv_mask, q_positions=q_positions, kv_positions=kv_positions,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    pad_qkv = lambda t, s: _pad_axis(_pad_axis(t, 1, s), 3, d)
+    x = _Prepared(
+        q=None, k=None, v=None,
+        q_pos=_pad_axis(q_pos, 1, sq), q_seg=_pad_axis(q_seg, 1, sq, INVALID),
+        kv_pos=_pad_axis(kv_pos, 1, sk), kv_seg=_pad_axis(kv_seg, 1, sk, INVALID),
+    )
+    mask = Mask(causal=causal, window=sliding_window)
+    out = _flash(x, pad_qkv(query, sq), pad_qkv(key, sk), pad_qkv(value, sk), mask, scale, blocks, interpret)
+    return out[:, :q_len, :, :head_dim]
+
+
+def attention_flops(batch, q_len, kv_len, heads, head_dim, *, visible_fraction: float = 1.0, backward=False):
+    """Matmul FLOPs of attention over the visible pairs: 4 * pairs * d forward, 2.5x that backward."""
+    forward = 4.0 * batch * heads * q_len * kv_len * head_dim * visible_fraction
+    return forward * (3.5 if backward else 1.0)
+
+
+__all__ = ["Blocks", "Mask", "attention_flops", "block_ranges", "default_blocks", "flash_attention",
+           "token_arrays", "INVALID", "MASKED"]

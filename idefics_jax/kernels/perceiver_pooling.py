@@ -1,0 +1,137 @@
+"""Perceiver pooling in Pallas: the resampler's latents attend over [image context; latents].
+
+The resampler's attention is small on the query side (64 latents per image) and long on the key
+side (one image's patches, up to 4,900 at 980 px, then the latents). So every (image, head) is one
+query tile that streams the keys once:
+
+- forward: the flash forward kernel with a single query block (online softmax over key blocks,
+  the image's context mask hiding padded patches);
+- backward, fused in one kernel: with one query block, each key block is visited exactly once per
+  head, so its dK and dV are complete the moment they are computed and are stored right away,
+  while dQ accumulates over the loop. One pass instead of flash attention's two kernels, and no
+  re-read of the keys.
+
+GQA: dK / dV come out per query head and are summed over each key/value head's group.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from idefics_jax.kernels import flash_attention as fa
+
+
+def _pooling_backward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
+                             dq_ref, dk_ref, dv_ref, *, scale: float, block_k: int):
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    latents = q.shape[0]
+    q_pos = jnp.zeros((latents,), jnp.int32)
+    q_seg = q_seg_ref[...]  # padded latent rows carry INVALID: they see nothing
+    mask = fa.Mask()
+
+    def body(j, dq):
+        cols = pl.ds(j * block_k, block_k)
+        k, v = k_ref[cols, :], v_ref[cols, :]
+        kv_seg = kv_seg_ref[cols]
+        p = fa._probabilities(mask, scale, q, k, q_pos, q_seg, jnp.zeros_like(kv_seg), kv_seg, lse)
+        dv_ref[cols, :] = jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[:, None])
+        dk_ref[cols, :] = jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    dq = lax.fori_loop(0, k_ref.shape[0] // block_k, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _backward(x: fa._Prepared, out, lse, dout, scale: float, blocks: fa.Blocks, interpret: bool):
+    n, latents, h, d = x.q.shape
+    sk, kvh = x.k.shape[1], x.k.shape[2]
+    groups = h // kvh
+    delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
+    query_head = lambda ni, hi: (ni, 0, hi, 0)
+    kv_head = lambda ni, hi: (ni, 0, hi // groups, 0)
+    per_head = jax.ShapeDtypeStruct((n, sk, h, d), jnp.float32)
+    dq, dk, dv = pl.pallas_call(
+        functools.partial(_pooling_backward_kernel, scale=scale, block_k=blocks.block_k),
+        grid=(n, h),
+        in_specs=[
+            pl.BlockSpec((None, latents, None, d), query_head),
+            pl.BlockSpec((None, sk, None, d), kv_head),
+            pl.BlockSpec((None, sk, None, d), kv_head),
+            pl.BlockSpec((None, latents), lambda ni, hi: (ni, 0)),
+            pl.BlockSpec((None, sk), lambda ni, hi: (ni, 0)),
+            pl.BlockSpec((None, latents, None, d), query_head),
+            pl.BlockSpec((None, None, latents), lambda ni, hi: (ni, hi, 0)),
+            pl.BlockSpec((None, None, latents), lambda ni, hi: (ni, hi, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, latents, None, d), query_head),
+            pl.BlockSpec((None, sk, None, d), query_head),
+            pl.BlockSpec((None, sk, None, d), query_head),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(x.q.shape, x.q.dtype), per_head, per_head],
+        compiler_params=fa._compiler_params(blocks, d, interpret),
+        interpret=interpret,
+        name="idefics_perceiver_pooling_backward",
+    )(x.q, x.k, x.v, x.q_seg, x.kv_seg, dout, lse, delta)
+    group_sum = lambda g: g.reshape(n, sk, kvh, groups, d).sum(axis=3).astype(x.k.dtype)
+    return dq, group_sum(dk), group_sum(dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _pool(x: fa._Prepared, q, k, v, scale, blocks, interpret):
+    out, _ = fa._forward(x._replace(q=q, k=k, v=v), fa.Mask(), scale, blocks, interpret)
+    return out
+
+
+def _pool_fwd(x, q, k, v, scale, blocks, interpret):
+    x = x._replace(q=q, k=k, v=v)
+    out, lse = fa._forward(x, fa.Mask(), scale, blocks, interpret)
+    return out, (x, out, lse)
+
+
+def _pool_bwd(scale, blocks, interpret, residuals, dout):
+    x, out, lse = residuals
+    dq, dk, dv = _backward(x, out, lse, dout, scale, blocks, interpret)
+    return jax.tree.map(lambda _: None, x._replace(q=None, k=None, v=None)), dq, dk, dv
+
+
+_pool.defvjp(_pool_fwd, _pool_bwd)
+
+MAX_LATENTS = 128  # one query tile; more queries than this is not pooling: use flash_attention
+
+
+def perceiver_pooling(latent_queries, key, value, *, kv_mask=None, scale: float | None = None,
+                      blocks: fa.Blocks | None = None, interpret: bool | None = None):
+    """Latent queries `[images, latents, heads, head_dim]` over key / value `[images, kv_len, kv_heads,
+    head_dim]` (the image's context, then the latents), `kv_mask` `[images, kv_len]` hiding padded
+    patches. Returns `[images, latents, heads, head_dim]`; differentiable.
+    """
+    backend = jax.default_backend()
+    interpret = backend != "gpu" if interpret is None else interpret
+    n, latents, heads, head_dim = latent_queries.shape
+    kv_len, kv_heads = key.shape[1], key.shape[2]
+    if latents > MAX_LATENTS:
+        raise ValueError(f"perceiver_pooling takes at most {MAX_LATENTS} latent queries, got {latents}")
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    blocks = blocks or fa.default_blocks("cpu" if interpret else backend, head_dim)
+    bq = max(16, fa._pow2(latents))
+    bk = max(16, min(blocks.block_k, fa._pow2(kv_len)))
+    blocks = blocks._replace(block_q=bq, block_k=bk)
+    sk = pl.cdiv(kv_len, bk) * bk
+    d = head_dim if interpret else max(16, fa._pow2(head_dim))
+    _, q_seg, _, kv_seg = fa.token_arrays(n, latents, kv_len, kv_mask=kv_mask)
+    zeros = lambda length: jnp.zeros((n, length), jnp.int32)
+    x = fa._Prepared(q=None, k=None, v=None, q_pos=zeros(bq), q_seg=fa._pad_axis(q_seg, 1, bq, fa.INVALID),
+                     kv_pos=zeros(sk), kv_seg=fa._pad_axis(kv_seg, 1, sk, fa.INVALID))
+    pad = lambda t, s: fa._pad_axis(fa._pad_axis(t, 1, s), 3, d)
+    out = _pool(x, pad(latent_queries, bq), pad(key, sk), pad(value, sk), scale, blocks, interpret)
+    return out[:, :latents, :, :head_dim]
