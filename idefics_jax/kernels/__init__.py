@@ -5,7 +5,7 @@ them in interpret mode on CPU. `ops.attention.dot_product_attention(implementati
 is how the model reaches them.
 """
 
-from idefics_jax.kernels.flash_attention import Blocks, flash_attention
-from idefics_jax.kernels.perceiver_pooling import perceiver_pooling
+from idefics_jax.kernels.flash import Blocks, flash_attention
+from idefics_jax.kernels.perceiver_pooling import MAX_LATENTS, perceiver_pooling
 
-__all__ = ["Blocks", "flash_attention", "perceiver_pooling"]
+__all__ = ["MAX_LATENTS", "Blocks", "flash_attention", "perceiver_pooling"]

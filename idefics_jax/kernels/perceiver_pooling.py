@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from idefics_jax.kernels import flash_attention as fa
+from idefics_jax.kernels import flash as fa
 
 
 def _pooling_backward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
@@ -127,7 +127,7 @@ def perceiver_pooling(latent_queries, key, value, *, kv_mask=None, scale: float 
     bk = max(16, min(blocks.block_k, fa._pow2(kv_len)))
     blocks = blocks._replace(block_q=bq, block_k=bk)
     sk = pl.cdiv(kv_len, bk) * bk
-    d = head_dim if interpret else max(16, fa._pow2(head_dim))
+    d = max(16, fa._pow2(head_dim))
     _, q_seg, _, kv_seg = fa.token_arrays(n, latents, kv_len, kv_mask=kv_mask)
     zeros = lambda length: jnp.zeros((n, length), jnp.int32)
     x = fa._Prepared(q=None, k=None, v=None, q_pos=zeros(bq), q_seg=fa._pad_axis(q_seg, 1, bq, fa.INVALID),

@@ -6,15 +6,71 @@ The mask is described, not materialised, by the caller: key padding, causality, 
 and packed-segment ids. That lets kernels that never build an `[q, kv]` mask (Pallas flash
 attention, cuDNN, splash) replace the reference below without touching the model.
 
-Implementations: "xla" (the pure-jnp reference, always available). Kernels register more.
+Implementations (`implementation=`, the model's `attention_impl`):
+  "xla"     the pure-jnp reference below; always available, the ground truth of every test.
+  "pallas"  idefics_jax's Pallas kernels (kernels/): flash attention, and Perceiver pooling for
+            a single query tile; Triton on GPU, interpreted on CPU.
+  "cudnn"   `jax.nn.dot_product_attention(implementation="cudnn")`: GPU, bfloat16 / float16.
+  "splash"  jax's TPU splash attention (Pallas / Mosaic): TPU only.
+  "auto"    the best of these for the backend: pallas on GPU, splash on TPU, xla on CPU.
+An implementation that cannot serve a call (wrong backend, dtype, head dim, mask) falls back to
+"xla" and logs why, once per reason; it never computes something else.
 """
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn", "splash")
+AUTO = {"gpu": "pallas", "tpu": "splash"}  # any other backend: xla
+
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _fallback(implementation: str, reason: str) -> str:
+    message = f"attention: '{implementation}' cannot serve this call ({reason}); using 'xla'"
+    if message not in _logged:  # once per distinct reason: shapes are traced once per jit anyway
+        _logged.add(message)
+        log.warning(message)
+    return "xla"
+
+
+def select_implementation(implementation: str, query, key, *, causal: bool, positions: bool,
+                          segments: bool, backend: str | None = None) -> str:
+    """The implementation that will compute this call: the one asked for, or "xla" (logged)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown attention implementation '{implementation}'; available: {IMPLEMENTATIONS}")
+    backend = backend or jax.default_backend()
+    if implementation == "auto":
+        implementation = AUTO.get(backend, "xla")
+    head_dim = query.shape[-1]
+    if implementation == "pallas":
+        if backend not in ("gpu", "cpu"):
+            return _fallback("pallas", f"its kernels lower through Triton (GPU) or run interpreted (CPU), not on "
+                                       f"'{backend}'; use 'splash' on TPU")
+        if head_dim > 256:
+            return _fallback("pallas", f"head dim {head_dim} > 256")
+    elif implementation == "cudnn":
+        if backend != "gpu":
+            return _fallback("cudnn", f"cuDNN needs a GPU, the backend is '{backend}'")
+        if query.dtype not in (jnp.bfloat16, jnp.float16) or key.dtype != query.dtype:
+            return _fallback("cudnn", f"cuDNN attention takes bfloat16 / float16, got {query.dtype}")
+        if head_dim % 8 or head_dim > 128:
+            return _fallback("cudnn", f"cuDNN attention needs a head dim that is a multiple of 8 up to 128, "
+                                      f"got {head_dim}")
+    elif implementation == "splash":
+        if backend != "tpu":
+            return _fallback("splash", f"splash attention is TPU-only, the backend is '{backend}'")
+        if positions:
+            return _fallback("splash", "explicit positions (generation with a cache): splash masks by index")
+        if query.shape[1] != key.shape[1] or query.shape[1] % 128:
+            return _fallback("splash", f"splash needs equal query / key lengths that are multiples of 128, got "
+                                       f"{query.shape[1]} and {key.shape[1]}")
+    return implementation
 
 
 def attention_mask(
@@ -78,19 +134,55 @@ def dot_product_attention(
     `heads` must be a multiple of `kv_heads` (GQA: each group of `heads // kv_heads` query heads
     shares one key/value head). A query with no visible key returns zeros, never NaN.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"Unknown attention implementation '{implementation}'; available: {IMPLEMENTATIONS}")
     batch, q_len, heads, head_dim = query.shape
     kv_len, kv_heads = key.shape[1], key.shape[2]
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
     scale = head_dim**-0.5 if scale is None else scale
-    mask = attention_mask(
-        q_len, kv_len, kv_mask=kv_mask, causal=causal, sliding_window=sliding_window,
-        q_positions=q_positions, kv_positions=kv_positions,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-    )
-    return _xla_attention(query, key, value, mask, scale)
+    mask_kw = dict(kv_mask=kv_mask, causal=causal, sliding_window=sliding_window,
+                   q_positions=q_positions, kv_positions=kv_positions,
+                   q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    positions = q_positions is not None or kv_positions is not None
+    segments = q_segment_ids is not None or kv_segment_ids is not None
+    implementation = select_implementation(implementation, query, key, causal=causal, positions=positions,
+                                           segments=segments)
+    if implementation == "pallas":
+        from idefics_jax import kernels
+
+        pooling = not (causal or sliding_window or positions or segments) and q_len <= kernels.MAX_LATENTS
+        if pooling:  # one query tile over a long context: the Perceiver's shape
+            return kernels.perceiver_pooling(query, key, value, kv_mask=kv_mask, scale=scale)
+        return kernels.flash_attention(query, key, value, scale=scale, **mask_kw)
+    if implementation == "cudnn":
+        return _cudnn_attention(query, key, value, scale, mask_kw)
+    if implementation == "splash":
+        return _splash_attention(query, key, value, scale, mask_kw)
+    return _xla_attention(query, key, value, attention_mask(q_len, kv_len, **mask_kw), scale)
+
+
+def _cudnn_attention(query, key, value, scale, mask_kw):
+    """cuDNN's fused attention. A plain causal / sliding-window mask is passed as such; anything else
+    (padding keys, segments, positions) as a boolean mask. Rows with no visible key are zeroed, as
+    the reference does (cuDNN would average them)."""
+    q_len, kv_len = query.shape[1], key.shape[1]
+    simple = all(mask_kw[k] is None for k in ("kv_mask", "q_positions", "kv_positions", "q_segment_ids"))
+    window = mask_kw["sliding_window"]
+    mask = None if simple else attention_mask(q_len, kv_len, **mask_kw)
+    local = None
+    if simple and window is not None:
+        local = (window - 1, 0 if mask_kw["causal"] else window - 1)
+    out = jax.nn.dot_product_attention(
+        query, key, value, mask=mask, scale=scale, is_causal=simple and mask_kw["causal"],
+        local_window_size=local, implementation="cudnn")
+    if mask is not None:
+        out = jnp.where(jnp.any(mask, axis=-1)[:, 0, :, None, None], out, 0).astype(out.dtype)
+    return out
+
+
+def _splash_attention(query, key, value, scale, mask_kw):
+    from idefics_jax.kernels import splash
+
+    return splash.splash_attention(query, key, value, scale=scale, **mask_kw)
 
 
 def _xla_attention(query, key, value, mask, scale):

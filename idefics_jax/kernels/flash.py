@@ -415,7 +415,7 @@ def flash_attention(query, key, value, *, scale: float | None = None, kv_mask=No
                              block_k=max(16, min(blocks.block_k, _pow2(kv_len))))
     bq, bk = blocks.block_q, blocks.block_k
     sq, sk = pl.cdiv(q_len, bq) * bq, pl.cdiv(kv_len, bk) * bk
-    d = head_dim if interpret else max(16, _pow2(head_dim))
+    d = max(16, _pow2(head_dim))  # Triton tiles are powers of two; zero columns change nothing
 
     q_pos, q_seg, kv_pos, kv_seg = token_arrays(
         batch, q_len, kv_len, kv_mask=kv_mask, q_positions=q_positions, kv_positions=kv_positions,

@@ -1,0 +1,176 @@
+"""Pallas kernels (interpret mode on CPU) against the pure-jnp reference, and the selector.
+
+Fresh random inputs each run (the session seed). Tolerances are relative to the reference's
+largest entry: float32 below 1e-5, bfloat16 below 1e-2.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from idefics_jax import Idefics2
+from idefics_jax.kernels import Blocks, flash_attention, perceiver_pooling
+from idefics_jax.kernels.flash import INVALID, Mask, block_ranges
+from idefics_jax.ops import attention as attention_ops
+from idefics_jax.ops.attention import attention_mask, dot_product_attention
+from test_parity import make_batch
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def qkv(rng, batch, q_len, kv_len, heads, kv_heads, head_dim, dtype):
+    draw = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32).astype(dtype)
+    return (draw(batch, q_len, heads, head_dim), draw(batch, kv_len, kv_heads, head_dim),
+            draw(batch, kv_len, kv_heads, head_dim))
+
+
+def packed_segments(rng, batch, length):
+    """Ragged segments 1.. per row, sorted, the tail of some rows padding (segment 0, key masked)."""
+    seg = np.sort(rng.integers(1, 5, size=(batch, length)), axis=1)
+    positions = np.zeros_like(seg)
+    for b in range(batch):
+        for s in np.unique(seg[b]):
+            where = np.flatnonzero(seg[b] == s)
+            positions[b, where] = np.arange(len(where))  # restart per segment, as the packer does
+    kv_mask = np.ones((batch, length), bool)
+    kv_mask[0, -rng.integers(1, length // 3):] = False
+    return jnp.asarray(seg), jnp.asarray(positions), jnp.asarray(kv_mask)
+
+
+def compare(rng, q, k, v, kernel, dtype, **mask):
+    """Outputs and input gradients of `kernel` and of the reference, relative errors checked."""
+    cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, **mask).astype(jnp.float32) * cotangent)
+    ours, ref = kernel(q, k, v, **mask), dot_product_attention(q, k, v, **mask)
+    assert not np.isnan(np.asarray(ours, np.float32)).any()
+    assert rel_err(np.asarray(ours, np.float32), np.asarray(ref, np.float32)) < TOL[dtype]
+    grads = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(loss(dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+        assert not np.isnan(g).any(), name
+        assert rel_err(g, r) < TOL[dtype], (name, rel_err(g, r))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("window", [None, 7, 500])  # shorter and longer than the sequence
+def test_flash_causal_packed(seed, dtype, window):
+    rng = np.random.default_rng([seed, 1, window or 0])
+    length = 83  # not a multiple of the 32-token blocks
+    q, k, v = qkv(rng, 2, length, length, 4, 2, 24, dtype)
+    seg, positions, kv_mask = packed_segments(rng, 2, length)
+    compare(rng, q, k, v, flash_attention, dtype, causal=True, sliding_window=window, kv_mask=kv_mask,
+            q_positions=positions, kv_positions=positions, q_segment_ids=seg, kv_segment_ids=seg)
+
+
+@pytest.mark.parametrize("head_dim", [72, 96, 128])
+def test_flash_bidirectional_padding_head_dims(seed, head_dim):
+    """The vision tower's attention: no causality, padded patches, SigLIP / Perceiver / Mistral head dims."""
+    rng = np.random.default_rng([seed, 2, head_dim])
+    q, k, v = qkv(rng, 3, 150, 150, 2, 2, head_dim, jnp.float32)
+    kv_mask = jnp.asarray(rng.random((3, 150)) > 0.3).at[2].set(False)  # image 2: every key masked
+    compare(rng, q, k, v, flash_attention, jnp.float32, kv_mask=kv_mask)
+    out = flash_attention(q, k, v, kv_mask=kv_mask)
+    assert np.all(np.asarray(out[2]) == 0)  # no visible key: zeros, never NaN
+
+
+def test_flash_rows_without_keys_and_cache_shapes(seed):
+    """Queries after a cache (q_len < kv_len, explicit positions), left padding: first rows see nothing."""
+    rng = np.random.default_rng([seed, 3])
+    q, k, v = qkv(rng, 2, 20, 70, 4, 1, 32, jnp.float32)
+    kv_positions = jnp.broadcast_to(jnp.arange(70), (2, 70))
+    kv_mask = jnp.ones((2, 70), bool).at[1, :60].set(False)  # row 1: only the last 10 keys are real
+    q_positions = kv_positions[:, 50:]
+    compare(rng, q, k, v, flash_attention, jnp.float32, causal=True, sliding_window=16, kv_mask=kv_mask,
+            q_positions=q_positions, kv_positions=kv_positions)
+    out = np.asarray(flash_attention(q, k, v, causal=True, sliding_window=16, kv_mask=kv_mask,
+                                     q_positions=q_positions, kv_positions=kv_positions))
+    assert np.all(out[1, :10] == 0)  # queries 50..59 of row 1: their window holds only padding
+
+
+def test_flash_block_sizes_agree(seed):
+    rng = np.random.default_rng([seed, 4])
+    q, k, v = qkv(rng, 1, 100, 100, 2, 2, 16, jnp.float32)
+    seg, positions, kv_mask = packed_segments(rng, 1, 100)
+    mask = dict(causal=True, sliding_window=20, kv_mask=kv_mask, q_positions=positions, kv_positions=positions,
+                q_segment_ids=seg, kv_segment_ids=seg)
+    small = flash_attention(q, k, v, blocks=Blocks(block_q=16, block_k=16), **mask)
+    large = flash_attention(q, k, v, blocks=Blocks(block_q=64, block_k=32), **mask)
+    assert rel_err(small, dot_product_attention(q, k, v, **mask)) < 1e-5
+    assert rel_err(large, small) < 1e-5
+
+
+def test_block_ranges_are_conservative(seed):
+    """Every block pair holding a visible token pair lies inside the ranges; causal skips blocks."""
+    rng = np.random.default_rng([seed, 5])
+    length, block = 128, 16
+    seg, positions, kv_mask = packed_segments(rng, 2, length)
+    kv_seg = jnp.where(kv_mask, seg, INVALID)
+    mask = Mask(causal=True, window=24)
+    kv_lo, kv_hi, q_lo, q_hi = map(np.asarray, block_ranges(positions, seg, positions, kv_seg, mask, block, block))
+    visible = np.asarray(attention_mask(length, length, kv_mask=kv_mask, causal=True, sliding_window=24,
+                                        q_positions=positions, kv_positions=positions, q_segment_ids=seg,
+                                        kv_segment_ids=seg))[:, 0]
+    blocks = visible.reshape(2, length // block, block, length // block, block).any(axis=(2, 4))
+    for b, i, j in zip(*np.nonzero(blocks)):
+        assert kv_lo[b, i] <= j < kv_hi[b, i] and q_lo[b, j] <= i < q_hi[b, j]
+    assert (kv_hi - kv_lo).sum() < blocks.size  # something was skipped
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_perceiver_pooling(seed, dtype):
+    """64 latents over [context; latents], per-image context mask, GQA (4 query heads per key head)."""
+    rng = np.random.default_rng([seed, 6])
+    images, patches, latents = 3, 100, 64
+    q, k, v = qkv(rng, images, latents, patches + latents, 8, 2, 96, dtype)
+    kv_mask = np.ones((images, patches + latents), bool)
+    kv_mask[0, 70:patches] = False  # a smaller image: padded patches
+    kv_mask[2, :patches] = False  # no real patch at all: the latents still see themselves
+    compare(rng, q, k, v, perceiver_pooling, dtype, kv_mask=jnp.asarray(kv_mask))
+
+
+def test_splash_interpret(seed):
+    """jax's splash kernel (interpreted here; on TPU for real) behind our contract."""
+    from idefics_jax.kernels.splash import splash_attention
+
+    rng = np.random.default_rng([seed, 7])
+    q, k, v = qkv(rng, 1, 256, 256, 2, 1, 128, jnp.float32)
+    seg, _, kv_mask = packed_segments(rng, 1, 256)
+    mask = dict(causal=True, sliding_window=40, kv_mask=kv_mask, q_segment_ids=seg, kv_segment_ids=seg)
+    splash = lambda q, k, v, **m: splash_attention(q, k, v, scale=128**-0.5, interpret=True, **m)
+    compare(rng, q, k, v, splash, jnp.float32, **mask)
+
+
+def test_selector_falls_back_with_a_reason(seed, caplog):
+    rng = np.random.default_rng([seed, 8])
+    q, k, v = qkv(rng, 1, 16, 16, 2, 2, 8, jnp.float32)
+    ref = dot_product_attention(q, k, v, causal=True)
+    attention_ops._logged.clear()
+    with caplog.at_level(logging.WARNING, logger="idefics_jax.ops.attention"):
+        for impl in ("cudnn", "splash"):
+            assert np.array_equal(dot_product_attention(q, k, v, causal=True, implementation=impl), ref)
+    assert "cuDNN needs a GPU" in caplog.text and "splash attention is TPU-only" in caplog.text
+    assert attention_ops.select_implementation("auto", q, k, causal=True, positions=False, segments=False) == "xla"
+    assert attention_ops.select_implementation("auto", q, k, causal=True, positions=False, segments=False,
+                                               backend="gpu") == "pallas"
+    assert attention_ops.select_implementation("pallas", q, k, causal=True, positions=False, segments=False,
+                                               backend="tpu") == "xla"
+    with pytest.raises(ValueError, match="Unknown attention implementation 'palas'"):
+        dot_product_attention(q, k, v, implementation="palas")
+
+
+def test_model_logits_pallas_equal_xla(converted, seed):
+    """The whole model (vision tower, Perceiver, decoder) with every attention in Pallas: same logits."""
+    config, params = converted
+    rng = np.random.default_rng([seed, 9])
+    ids, mask, pixels, pixel_mask = make_batch(rng, [([4, 3], [(40, 36)]), ([9, 5], [(28, 52)])],
+                                               config.image_seq_len)
+    run = lambda impl: np.asarray(jax.jit(lambda p: Idefics2(config, attention_impl=impl).apply(
+        {"params": p}, ids, attention_mask=mask, pixel_values=pixels, pixel_attention_mask=pixel_mask))(params))
+    assert rel_err(run("pallas"), run("xla")) < 1e-5
