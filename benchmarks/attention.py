@@ -1,0 +1,166 @@
+"""Attention implementations at Idefics2's shapes: TFLOP/s and fraction of the measured bf16 peak.
+
+    python benchmarks/attention.py [--repeats 10] [--quick] [--out benchmarks/RESULTS.md]
+
+Runs on a GPU (every implementation the backend offers: xla, cudnn, pallas); elsewhere it
+measures what runs there (on CPU only a --quick smoke run makes sense). Shapes (bfloat16):
+  vision   SigLIP-SO400M: 4 images x 4,900 patches (980 px / 14), 16 heads x 72, bidirectional,
+           about 15% padded patches per image (the key mask of a non-square image);
+  text 4k  Mistral: 2 x 4,096 tokens, 32 query / 8 key-value heads x 128, causal, window 4,096,
+           packed rows of 4 segments;
+  text 8k  the same at 1 x 8,192.
+FLOPs are counted over the visible (query, key) pairs only (4 * pairs * head_dim forward, 2.5x
+that for the backward), so skipping masked blocks is not counted as work. Peak: a 8192^3 bf16
+matmul timed in the same run. Results are appended to RESULTS.md (a table per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from preprocess import append_results  # noqa: E402
+
+from idefics_jax.ops.attention import attention_mask, dot_product_attention, select_implementation  # noqa: E402
+
+
+def timed(fn, *args, repeats: int) -> float:
+    """Median seconds of `fn(*args)` after a warm-up call (compilation)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(repeats: int, n: int = 8192) -> float:
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    return 2 * n**3 / timed(f, a, b, repeats=repeats) / 1e12
+
+
+def shapes(quick: bool):
+    """name -> (batch, seq, heads, kv_heads, head_dim, mask kwargs builder)."""
+    scale = 8 if quick else 1
+
+    def vision(batch, seq, rng):
+        real = int(seq * 0.85)
+        kv_mask = np.zeros((batch, seq), bool)
+        kv_mask[:, :real] = True
+        return dict(kv_mask=jnp.asarray(kv_mask))
+
+    def text(batch, seq, rng, window=4096 // scale):
+        bounds = np.sort(rng.choice(np.arange(1, seq), size=3, replace=False))
+        seg = np.zeros((batch, seq), np.int32)
+        pos = np.zeros((batch, seq), np.int32)
+        for b in range(batch):
+            starts = np.concatenate([[0], bounds, [seq]])
+            for s, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+                seg[b, lo:hi], pos[b, lo:hi] = s, np.arange(hi - lo)
+        seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+        return dict(causal=True, sliding_window=window, q_positions=pos, kv_positions=pos,
+                    q_segment_ids=seg, kv_segment_ids=seg)
+
+    return {
+        "vision (4 x 4900, 16 x 72, bidirectional, padding)": (4, 4900 // scale, 16, 16, 72, vision),
+        "text 4k (2 x 4096, 32/8 x 128, causal, window 4096, packed)": (2, 4096 // scale, 32, 8, 128, text),
+        "text 8k (1 x 8192, 32/8 x 128, causal, window 4096, packed)": (1, 8192 // scale, 32, 8, 128, text),
+    }
+
+
+def visible_pairs(seq, mask_kw) -> float:
+    """Exact count of visible (query, key) pairs, summed over the batch, from the reference mask."""
+    total = 0
+    batch = next(iter(v.shape[0] for v in mask_kw.values() if hasattr(v, "shape")))
+    for b in range(batch):
+        one = {k: (v[b:b + 1] if hasattr(v, "shape") else v) for k, v in mask_kw.items()}
+        total += int(jnp.sum(attention_mask(seq, seq, **one)))
+    return float(total)
+
+
+def bench_shape(name, spec, implementations, repeats, rng):
+    batch, seq, heads, kv_heads, head_dim, make_mask = spec
+    mask_kw = make_mask(batch, seq, rng)
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q = jax.random.normal(keys[0], (batch, seq, heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
+    dout = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
+    pairs = visible_pairs(seq, mask_kw) * heads
+    fwd_flops = 4 * pairs * head_dim
+    ref = None
+    rows = []
+    for impl in implementations:
+        chosen = select_implementation(impl, q, k, causal=mask_kw.get("causal", False),
+                                       positions="q_positions" in mask_kw, segments="q_segment_ids" in mask_kw)
+        if chosen != impl:
+            rows.append((name, impl, None, None, f"falls back to {chosen}"))
+            continue
+        attend = lambda q, k, v: dot_product_attention(q, k, v, implementation=impl, **mask_kw)
+        fwd = jax.jit(attend)
+        fwd_bwd = jax.jit(lambda q, k, v: jax.vjp(attend, q, k, v)[1](dout))
+        try:
+            out = np.asarray(fwd(q, k, v), np.float32)
+            if ref is None:
+                ref = out
+            err = float(np.abs(out - ref).max() / np.abs(ref).max())
+            t_fwd = timed(fwd, q, k, v, repeats=repeats)
+            t_all = timed(fwd_bwd, q, k, v, repeats=repeats)
+        except Exception as e:  # an implementation that fails to compile is reported, not hidden
+            rows.append((name, impl, None, None, f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            print(rows[-1], flush=True)
+            continue
+        rows.append((name, impl, (t_fwd, fwd_flops / t_fwd / 1e12), (t_all, 3.5 * fwd_flops / t_all / 1e12),
+                     f"max rel. diff to xla {err:.1e}"))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def machine() -> str:
+    dev = jax.devices()[0]
+    return f"{dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="shapes / 8 (a smoke run, e.g. on CPU)")
+    parser.add_argument("--implementations", default="xla,cudnn,pallas")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    peak = matmul_peak(args.repeats)
+    print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
+    rows = []
+    for name, spec in shapes(args.quick).items():
+        rows += bench_shape(name, spec, args.implementations.split(","), args.repeats, rng)
+    lines = [f"\n## Attention ({datetime.date.today()})\n", f"Machine: {machine()}.\n",
+             f"Command: `python benchmarks/attention.py --repeats {args.repeats}"
+             f"{' --quick' if args.quick else ''}` (bfloat16; FLOPs over visible pairs; measured bf16 matmul "
+             f"peak {peak:.0f} TFLOP/s).\n",
+             "| shape | implementation | forward ms | forward TFLOP/s | % of peak | fwd+bwd ms | fwd+bwd TFLOP/s "
+             "| % of peak | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, impl, fwd, both, note in rows:
+        if fwd is None:
+            lines.append(f"| {name} | {impl} | | | | | | | {note} |")
+            continue
+        lines.append(f"| {name} | {impl} | {fwd[0] * 1e3:.2f} | {fwd[1]:.0f} | {100 * fwd[1] / peak:.0f}% "
+                     f"| {both[0] * 1e3:.2f} | {both[1]:.0f} | {100 * both[1] / peak:.0f}% | {note} |")
+    print("\n".join(lines))
+    append_results(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
