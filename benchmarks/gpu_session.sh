@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one go, for a session that is lent a GPU for a few minutes:
-# the kernel tests compiled for the GPU (Triton), the attention benchmark, the 8B decode benchmark.
+# the attention benchmark, the 8B decode benchmark, the kernel tests compiled for the GPU (Triton).
 # Logs and result tables go to $OUT (default: ./gpu_out). Usage: bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -9,8 +9,9 @@ PY=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
   $PY -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.log"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_S:-200}" $PY -m pytest -q tests/test_kernels.py \
-  -p no:cacheprovider --timeout 120 -k "${TESTS:-not splash}" 2>&1 | tail -40 | tee "$OUT/kernel_tests.log"
 timeout "${ATTN_S:-240}" $PY benchmarks/attention.py --repeats 10 --out "$OUT/attention.md" 2>&1 \
   | tee "$OUT/attention.log" | grep -v "^(" | tail -20
-timeout "${DECODE_S:-150}" $PY benchmarks/decode_gpu.py --out "$OUT/decode.md" 2>&1 | tail -12 | tee "$OUT/decode.log"
+timeout "${DECODE_S:-150}" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/decode.md" 2>&1 | tail -12 \
+  | tee "$OUT/decode.log"
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_S:-200}" $PY -m pytest -q tests/test_kernels.py \
+  -p no:cacheprovider --timeout 120 -k "${TESTS:-not splash}" 2>&1 | tail -40 | tee "$OUT/kernel_tests.log"
