@@ -125,6 +125,17 @@ def test_config_typo_is_an_error_naming_the_key(tmp_path):
     assert proc.returncode != 0 and "stepz" in err
 
 
+def test_unknown_attention_implementation_is_named():
+    from idefics_jax.train.config import base_config
+    from idefics_jax.train.loop import build
+
+    config = base_config("tiny")
+    config.data.synthetic = True
+    config.model.attention_impl = "flsh"
+    with pytest.raises(ValueError, match="attention_impl 'flsh' is not one of"):
+        build(config)
+
+
 def test_loss_plot(tmp_path):
     from idefics_jax.train.metrics import MetricWriter, plot_loss
 

@@ -33,7 +33,7 @@ def round_up(value: int, multiple: int) -> int:
 
 
 class Assistant:
-    def __init__(self, loaded: LoadedModel, *, dtype=jnp.float32, attention_impl: str = "xla",
+    def __init__(self, loaded: LoadedModel, *, dtype=jnp.float32, attention_impl: str = "auto",
                  prompt_multiple: int = 32, image_multiple: int | None = None):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer

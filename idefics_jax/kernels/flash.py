@@ -48,8 +48,9 @@ class Mask(NamedTuple):
 class Blocks(NamedTuple):
     block_q: int = 64
     block_k: int = 64
+    block_q_dkv: int | None = None  # the dK / dV kernel's query tile (None: block_q); a power of two
     num_warps: int | None = None  # Triton only
-    num_stages: int = 2
+    num_stages: int = 2  # Triton's software pipelining depth: each stage holds one more K / V tile
 
 
 def _visible(mask: Mask, q_pos, q_seg, kv_pos, kv_seg):
@@ -286,7 +287,9 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
     bq, bk = blocks.block_q, blocks.block_k
     nq, nk = sq // bq, sk // bk
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
-    kv_lo, kv_hi, q_lo, q_hi = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
+    kv_lo, kv_hi, _, _ = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
+    bq_dkv = min(bq, blocks.block_q_dkv or bq)  # divides sq: both are powers of two, sq a multiple of bq
+    _, _, q_lo, q_hi = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq_dkv, bk)
     nq_rows, nk_rows = _pow2(nq), _pow2(nk)
     kv_lo, kv_hi = _pad_axis(kv_lo, 1, nq_rows), _pad_axis(kv_hi, 1, nq_rows)
     q_lo, q_hi = _pad_axis(q_lo, 1, nk_rows), _pad_axis(q_hi, 1, nk_rows)
@@ -318,7 +321,7 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
 
     per_head = jax.ShapeDtypeStruct((b, sk, h, d), jnp.float32)  # one dK / dV per query head
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, mask=mask, scale=scale, block_q=bq),
+        functools.partial(_dkdv_kernel, mask=mask, scale=scale, block_q=bq_dkv),
         grid=(b, h, nk),
         in_specs=[
             row(nk_rows), row(nk_rows),
@@ -368,8 +371,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def default_blocks(backend: str, head_dim: int) -> Blocks:
-    if backend == "gpu":
-        return Blocks(block_q=128, block_k=64 if head_dim > 64 else 128, num_stages=3)
+    if backend == "gpu":  # Hopper's 227 KiB of shared memory: at head dim 128 the dK / dV kernel's
+        # [128, 128] query and dO tiles times 3 stages do not fit (measured on an H200)
+        return Blocks(block_q=128, block_k=64 if head_dim > 64 else 128,
+                      block_q_dkv=64 if head_dim > 64 else 128, num_stages=2)
     return Blocks(block_q=32, block_k=32)  # interpret mode: small tiles keep the loops short
 
 

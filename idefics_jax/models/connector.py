@@ -25,7 +25,7 @@ Dtype = Any
 
 class PerceiverAttention(nn.Module):
     config: Idefics2Config
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -48,7 +48,7 @@ class PerceiverAttention(nn.Module):
 
 class PerceiverLayer(nn.Module):
     config: Idefics2Config
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -72,7 +72,7 @@ class PerceiverResampler(nn.Module):
     """`context [n, patches, hidden]`, `context_mask [n, patches]` -> `[n, n_latents, hidden]`."""
 
     config: Idefics2Config
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
@@ -103,7 +103,7 @@ class PerceiverResampler(nn.Module):
 
 class Connector(nn.Module):
     config: Idefics2Config
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False

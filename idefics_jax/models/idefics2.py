@@ -83,7 +83,7 @@ def neftune_noise(rng, embeds, text_mask, alpha: float):
 
 class Idefics2Model(nn.Module):
     config: Idefics2Config
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
@@ -153,7 +153,7 @@ class Idefics2(nn.Module):
     """
 
     config: Idefics2Config
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # recompute each layer's activations in the backward pass

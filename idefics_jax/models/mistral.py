@@ -26,7 +26,7 @@ ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 class MistralAttention(nn.Module):
     config: TextConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -67,7 +67,7 @@ class MistralAttention(nn.Module):
 
 class MistralDecoderLayer(nn.Module):
     config: TextConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -89,7 +89,7 @@ class MistralDecoderLayer(nn.Module):
 
 class MistralModel(nn.Module):
     config: TextConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False

@@ -100,7 +100,7 @@ class VisionEmbeddings(nn.Module):
 
 class VisionAttention(nn.Module):
     config: VisionConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -133,7 +133,7 @@ class VisionMLP(nn.Module):
 
 class VisionEncoderLayer(nn.Module):
     config: VisionConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -152,7 +152,7 @@ class VisionEncoderLayer(nn.Module):
 
 class VisionEncoder(nn.Module):
     config: VisionConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
@@ -179,7 +179,7 @@ class VisionTransformer(nn.Module):
     """`pixel_values [n, height, width, 3]`, `patch_mask [n, h, w]` -> `[n, h * w, hidden]`."""
 
     config: VisionConfig
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False

@@ -12,7 +12,10 @@ Implementations (`implementation=`, the model's `attention_impl`):
             a single query tile; Triton on GPU, interpreted on CPU.
   "cudnn"   `jax.nn.dot_product_attention(implementation="cudnn")`: GPU, bfloat16 / float16.
   "splash"  jax's TPU splash attention (Pallas / Mosaic): TPU only.
-  "auto"    the best of these for the backend: pallas on GPU, splash on TPU, xla on CPU.
+  "auto"    the best of these for the call (benchmarks/RESULTS.md, H200): on GPU cuDNN for
+            bidirectional attention in bfloat16 / float16 (the vision tower, the Perceiver),
+            pallas for the rest (causal, windowed, packed: cuDNN needs them as a dense mask);
+            splash on TPU; xla on CPU.
 An implementation that cannot serve a call (wrong backend, dtype, head dim, mask) falls back to
 "xla" and logs why, once per reason; it never computes something else.
 """
@@ -25,7 +28,6 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn", "splash")
-AUTO = {"gpu": "pallas", "tpu": "splash"}  # any other backend: xla
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -39,6 +41,15 @@ def _fallback(implementation: str, reason: str) -> str:
     return "xla"
 
 
+def _auto(backend: str, query, *, causal: bool, positions: bool, segments: bool) -> str:
+    if backend == "tpu":
+        return "splash" if not positions else "xla"
+    if backend != "gpu":
+        return "xla"
+    plain = not (causal or positions or segments)
+    return "cudnn" if plain and query.dtype in (jnp.bfloat16, jnp.float16) and query.shape[-1] % 8 == 0 else "pallas"
+
+
 def select_implementation(implementation: str, query, key, *, causal: bool, positions: bool,
                           segments: bool, backend: str | None = None) -> str:
     """The implementation that will compute this call: the one asked for, or "xla" (logged)."""
@@ -46,7 +57,7 @@ def select_implementation(implementation: str, query, key, *, causal: bool, posi
         raise ValueError(f"Unknown attention implementation '{implementation}'; available: {IMPLEMENTATIONS}")
     backend = backend or jax.default_backend()
     if implementation == "auto":
-        implementation = AUTO.get(backend, "xla")
+        implementation = _auto(backend, query, causal=causal, positions=positions, segments=segments)
     head_dim = query.shape[-1]
     if implementation == "pallas":
         if backend not in ("gpu", "cpu"):

@@ -27,6 +27,7 @@ from idefics_jax.data.pipeline import Pipeline, SourceConfig
 from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.models.idefics2 import Idefics2
 from idefics_jax.models.scan import is_stacked, stack_layers, unstack_layers
+from idefics_jax.ops.attention import IMPLEMENTATIONS
 from idefics_jax.sharding import batch_sharding, make_mesh
 from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from idefics_jax.train.config import model_config
@@ -108,6 +109,8 @@ def build(config):
     mcfg = model_config(config.model)
     if config.data.tokenizer == "" and not config.data.synthetic and not config.data.dir:
         raise ValueError("config.data: set tokenizer/dir, or synthetic=True")
+    if config.model.attention_impl not in IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention_impl '{config.model.attention_impl}' is not one of {IMPLEMENTATIONS}")
     model = Idefics2(mcfg, attention_impl=config.model.attention_impl,
                      dtype=_dtype(config.model.dtype, "dtype"), param_dtype=_dtype(config.model.param_dtype, "param_dtype"),
                      remat=config.train.remat, neftune_alpha=config.train.neftune_alpha,
