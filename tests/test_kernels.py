@@ -163,8 +163,11 @@ def test_selector_falls_back_with_a_reason(seed, caplog):
     assert select(q, "gpu", causal=True) == "pallas"  # cuDNN would need a dense mask: pallas is faster
     assert select(q.astype(jnp.bfloat16), "gpu") == "cudnn"  # bidirectional bfloat16: cuDNN is faster
     assert select(q, "gpu") == "pallas"  # cuDNN takes no float32
-    assert select(q, "tpu", causal=True, segments=True) == "splash"
-    assert select(q, "tpu", causal=True, positions=True) == "xla"
+    long_q, long_k = jnp.zeros((1, 256, 2, 128)), jnp.zeros((1, 256, 1, 128))
+    on_tpu = lambda **kw: attention_ops.select_implementation("auto", long_q, long_k, backend="tpu", **kw)
+    assert on_tpu(causal=True, positions=False, segments=True) == "splash"
+    assert on_tpu(causal=True, positions=True, segments=False) == "xla"  # a KV cache: splash masks by index
+    assert select(q, "tpu", causal=True) == "xla"  # 16 tokens: splash needs multiples of 128
     assert attention_ops.select_implementation("pallas", q, k, causal=True, positions=False, segments=False,
                                                backend="tpu") == "xla"
     with pytest.raises(ValueError, match="Unknown attention implementation 'palas'"):
