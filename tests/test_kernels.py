@@ -163,6 +163,7 @@ def test_selector_falls_back_with_a_reason(seed, caplog):
     assert select(q, "gpu", causal=True) == "pallas"  # cuDNN would need a dense mask: pallas is faster
     assert select(q.astype(jnp.bfloat16), "gpu") == "cudnn"  # bidirectional bfloat16: cuDNN is faster
     assert select(q, "gpu") == "pallas"  # cuDNN takes no float32
+    assert select(q[:, :1], "gpu", causal=True, positions=True) == "xla"  # a decode step
     long_q, long_k = jnp.zeros((1, 256, 2, 128)), jnp.zeros((1, 256, 1, 128))
     on_tpu = lambda **kw: attention_ops.select_implementation("auto", long_q, long_k, backend="tpu", **kw)
     assert on_tpu(causal=True, positions=False, segments=True) == "splash"

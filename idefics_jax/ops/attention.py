@@ -14,7 +14,8 @@ Implementations (`implementation=`, the model's `attention_impl`):
   "splash"  jax's TPU splash attention (Pallas / Mosaic): TPU only.
   "auto"    the best of these for the call (benchmarks/RESULTS.md, H200): on GPU cuDNN for
             bidirectional attention in bfloat16 / float16 (the vision tower, the Perceiver),
-            pallas for the rest (causal, windowed, packed: cuDNN needs them as a dense mask);
+            pallas for the rest (causal, windowed, packed: cuDNN needs them as a dense mask),
+            xla for decode steps (fewer than 16 queries: a matrix-vector product);
             splash on TPU; xla on CPU.
 An implementation that cannot serve a call (wrong backend, dtype, head dim, mask) falls back to
 "xla" and logs why, once per reason; it never computes something else.
@@ -44,7 +45,7 @@ def _fallback(implementation: str, reason: str) -> str:
 def _auto(backend: str, query, *, causal: bool, positions: bool, segments: bool) -> str:
     if backend == "tpu":
         return "splash" if not positions else "xla"
-    if backend != "gpu":
+    if backend != "gpu" or query.shape[1] < 16:  # a decode step: one query row per sequence, a matvec
         return "xla"
     plain = not (causal or positions or segments)
     return "cudnn" if plain and query.dtype in (jnp.bfloat16, jnp.float16) and query.shape[-1] % 8 == 0 else "pallas"
