@@ -229,6 +229,9 @@ def _pad_axis(x, axis: int, size: int, value=0):
 
 
 class _Prepared(NamedTuple):
+    """Everything a kernel reads, padded to whole blocks. The int arrays are built once outside the
+    custom VJP (no gradient); q, k, v are filled in inside it."""
+
     q: jax.Array
     k: jax.Array
     v: jax.Array
@@ -249,7 +252,7 @@ def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: 
     sk, kvh = x.k.shape[1], x.k.shape[2]
     groups = h // kvh
     bq, bk = blocks.block_q, blocks.block_k
-    nq, nk = sq // bq, sk // bk
+    nq = sq // bq
     kv_lo, kv_hi, _, _ = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
     n_rows = _pow2(nq)
     kv_lo, kv_hi = _pad_axis(kv_lo, 1, n_rows), _pad_axis(kv_hi, 1, n_rows)
