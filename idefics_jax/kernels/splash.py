@@ -32,8 +32,9 @@ def _kernel(heads: int, seq: int, causal: bool, window: int | None, block: int, 
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
         block_q_dq=block, block_kv_dq=block)
-    return splash_kernel.make_splash_mha(splash_mask.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1,
-                                         block_sizes=sizes, interpret=interpret)
+    with jax.ensure_compile_time_eval():  # the mask tables are constants: never tracers of the caller's jit
+        return splash_kernel.make_splash_mha(splash_mask.MultiHeadMask([one] * heads), head_shards=1,
+                                             q_seq_shards=1, block_sizes=sizes, interpret=interpret)
 
 
 def splash_attention(query, key, value, *, scale: float, kv_mask=None, causal: bool = False,
