@@ -148,6 +148,11 @@ def test_splash_interpret(seed):
     mask = dict(causal=True, sliding_window=40, kv_mask=kv_mask, q_segment_ids=seg, kv_segment_ids=seg)
     splash = lambda q, k, v, **m: splash_attention(q, k, v, scale=128**-0.5, interpret=True, **m)
     compare(rng, q, k, v, splash, jnp.float32, **mask)
+    # lengths that are not multiples of 128: the vision tower's and the Perceiver's shapes
+    q, k, v = qkv(rng, 2, 40, 200, 2, 1, 128, jnp.float32)
+    kv_mask = jnp.asarray(rng.random((2, 200)) > 0.3)
+    compare(rng, q, k, v, splash, jnp.float32, kv_mask=kv_mask)
+    compare(rng, k[:, :, :1].repeat(2, 2), k, v, splash, jnp.float32, kv_mask=kv_mask)
 
 
 def test_selector_falls_back_with_a_reason(seed, caplog):
@@ -170,7 +175,9 @@ def test_selector_falls_back_with_a_reason(seed, caplog):
     on_tpu = lambda **kw: attention_ops.select_implementation("auto", long_q, long_k, backend="tpu", **kw)
     assert on_tpu(causal=True, positions=False, segments=True) == "splash"
     assert on_tpu(causal=True, positions=True, segments=False) == "xla"  # a KV cache: splash masks by index
-    assert select(q, "tpu", causal=True) == "xla"  # 16 tokens: splash needs multiples of 128
+    assert on_tpu(causal=False, positions=False, segments=False) == "splash"
+    assert attention_ops.select_implementation("splash", long_q[:, :64], long_k, causal=True, positions=False,
+                                               segments=False, backend="tpu") == "xla"  # 64 queries over 256 keys
     assert attention_ops.select_implementation("pallas", q, k, causal=True, positions=False, segments=False,
                                                backend="tpu") == "xla"
     with pytest.raises(ValueError, match="Unknown attention implementation 'palas'"):

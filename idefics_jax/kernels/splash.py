@@ -1,7 +1,8 @@
 """jax's TPU splash attention (Pallas / Mosaic) behind `ops.attention`'s contract.
 
 Splash takes one example at a time, heads first (`[heads, seq, head_dim]`), a static mask object
-(causal, local window, full) and optional segment ids; it does not scale the scores. Padding keys
+(causal, local window, full) and optional segment ids; it does not scale the scores, and its
+sequences are multiples of 128 (so ours are padded, the padding keys in a segment of their own). Padding keys
 are folded into the segment ids (a key segment no query has), and rows that see no key at all are
 zeroed afterwards, as the reference does. Explicit positions (a KV cache) are not expressible: the
 selector in `ops.attention` sends those calls to "xla".
@@ -20,8 +21,8 @@ PADDING_SEGMENT = -(2**30)  # a key segment no query carries
 
 
 @functools.lru_cache(maxsize=32)
-def _kernel(heads: int, seq: int, causal: bool, window: int | None, block: int, interpret: bool):
-    shape = (seq, seq)
+def _kernel(heads: int, q_len: int, kv_len: int, causal: bool, window: int | None, block: int, interpret: bool):
+    shape = (q_len, kv_len)
     if window is not None:
         one = splash_mask.LocalMask(shape, (window - 1, 0 if causal else window - 1), offset=0)
     elif causal:
@@ -40,31 +41,40 @@ def _kernel(heads: int, seq: int, causal: bool, window: int | None, block: int, 
 def splash_attention(query, key, value, *, scale: float, kv_mask=None, causal: bool = False,
                      sliding_window: int | None = None, q_positions=None, kv_positions=None,
                      q_segment_ids=None, kv_segment_ids=None, interpret: bool = False):
-    """query `[batch, seq, heads, head_dim]`, key / value `[batch, seq, kv_heads, head_dim]`, seq a
-    multiple of 128; masks by token index (no explicit positions)."""
+    """query `[batch, q_len, heads, head_dim]`, key / value `[batch, kv_len, kv_heads, head_dim]`;
+    masks by token index (no explicit positions). Causal or windowed attention needs
+    q_len == kv_len. Lengths are padded to multiples of 128 (padding keys hidden by their segment)."""
     from idefics_jax.ops.attention import attention_mask
 
     if q_positions is not None or kv_positions is not None:
         raise ValueError("splash attention masks by token index; explicit positions need 'xla' or 'pallas'")
-    batch, seq, heads, _ = query.shape
-    if key.shape[1] != seq:
-        raise ValueError(f"splash attention needs equal query and key lengths, got {seq} and {key.shape[1]}")
-    kernel = _kernel(heads, seq, causal, sliding_window, min(seq, 512 if seq % 512 == 0 else 128), interpret)
-    zeros = jnp.zeros((batch, seq), jnp.int32)
-    q_seg = zeros if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
-    kv_seg = zeros if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
+    batch, q_len, heads, _ = query.shape
+    kv_len = key.shape[1]
+    if (causal or sliding_window is not None) and kv_len != q_len:
+        raise ValueError(f"causal / windowed splash attention needs equal query and key lengths, got {q_len} "
+                         f"and {kv_len}")
+    round_up = lambda n: -(-n // 128) * 128
+    sq, sk = round_up(q_len), round_up(kv_len)
+    block = 512 if sq % 512 == 0 and sk % 512 == 0 else 128
+    kernel = _kernel(heads, sq, sk, causal, sliding_window, block, interpret)
+    zeros = lambda n: jnp.zeros((batch, n), jnp.int32)
+    q_seg = zeros(q_len) if q_segment_ids is None else jnp.asarray(q_segment_ids, jnp.int32)
+    kv_seg = zeros(kv_len) if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
     if kv_mask is not None:
         kv_seg = jnp.where(kv_mask, kv_seg, PADDING_SEGMENT)
+    pad = lambda t, n, value=0: jnp.pad(t, [(0, 0), (0, n - t.shape[1])] + [(0, 0)] * (t.ndim - 2),
+                                        constant_values=value)
     heads_first = lambda t: jnp.swapaxes(t, 1, 2)  # [batch, heads, seq, head_dim]
 
     def one(q, k, v, qs, ks):
         return kernel(q, k, v, segment_ids=splash_kernel.SegmentIds(q=qs, kv=ks))
 
-    q = heads_first(query * jnp.asarray(scale, query.dtype))
-    out = jax.vmap(one)(q, heads_first(key), heads_first(value), q_seg, kv_seg)
-    out = heads_first(out).astype(query.dtype)
+    q = heads_first(pad(query * jnp.asarray(scale, query.dtype), sq))
+    out = jax.vmap(one)(q, heads_first(pad(key, sk)), heads_first(pad(value, sk)), pad(q_seg, sq),
+                        pad(kv_seg, sk, PADDING_SEGMENT))
+    out = heads_first(out)[:, :q_len].astype(query.dtype)
     if kv_mask is not None or q_segment_ids is not None:  # rows that see nothing: zeros, like the reference
-        sees = jnp.any(attention_mask(seq, seq, kv_mask=kv_mask, causal=causal, sliding_window=sliding_window,
+        sees = jnp.any(attention_mask(q_len, kv_len, kv_mask=kv_mask, causal=causal, sliding_window=sliding_window,
                                       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids), axis=-1)
         out = jnp.where(sees[:, 0, :, None, None], out, 0).astype(out.dtype)
     return out

@@ -52,7 +52,7 @@ def _auto(backend: str, query, *, causal: bool, positions: bool, segments: bool)
 
 
 def select_implementation(implementation: str, query, key, *, causal: bool, positions: bool,
-                          segments: bool, backend: str | None = None) -> str:
+                          segments: bool, sliding_window: int | None = None, backend: str | None = None) -> str:
     """The implementation that will compute this call: the one asked for, or "xla" (logged)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"Unknown attention implementation '{implementation}'; available: {IMPLEMENTATIONS}")
@@ -79,9 +79,9 @@ def select_implementation(implementation: str, query, key, *, causal: bool, posi
             return _fallback("splash", f"splash attention is TPU-only, the backend is '{backend}'")
         if positions:
             return _fallback("splash", "explicit positions (generation with a cache): splash masks by index")
-        if query.shape[1] != key.shape[1] or query.shape[1] % 128:
-            return _fallback("splash", f"splash needs equal query / key lengths that are multiples of 128, got "
-                                       f"{query.shape[1]} and {key.shape[1]}")
+        if (causal or sliding_window is not None) and query.shape[1] != key.shape[1]:
+            return _fallback("splash", f"causal / windowed splash needs equal query / key lengths, got {query.shape[1]} "
+                                       f"and {key.shape[1]}")
     return implementation
 
 
@@ -157,7 +157,7 @@ def dot_product_attention(
     positions = q_positions is not None or kv_positions is not None
     segments = q_segment_ids is not None or kv_segment_ids is not None
     implementation = select_implementation(implementation, query, key, causal=causal, positions=positions,
-                                           segments=segments)
+                                           segments=segments, sliding_window=sliding_window)
     if implementation == "pallas":
         from idefics_jax import kernels
 
