@@ -344,8 +344,7 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
         interpret=interpret,
         name="idefics_flash_dkdv",
     )(q_lo, q_hi, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v, dout, lse, delta)
-    group_sum = lambda g: g.reshape(b, sk, kvh, groups, d).sum(axis=3).astype(x.k.dtype)
-    return dq, group_sum(dk), group_sum(dv)
+    return dq, sum_groups(dk, kvh, x.k.dtype), sum_groups(dv, kvh, x.k.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -400,15 +399,14 @@ def token_arrays(batch, q_len, kv_len, *, kv_mask=None, q_positions=None, kv_pos
     return full(q_pos, q_len), full(q_seg, q_len), full(kv_pos, kv_len), full(kv_seg, kv_len)
 
 
-def flash_attention(query, key, value, *, scale: float | None = None, kv_mask=None, causal: bool = False,
-                    sliding_window: int | None = None, q_positions=None, kv_positions=None,
-                    q_segment_ids=None, kv_segment_ids=None, blocks: Blocks | None = None,
-                    interpret: bool | None = None):
-    """`ops.attention.dot_product_attention`'s contract, computed by the Pallas kernels.
+def prepare(query, key, value, *, scale: float | None, blocks: Blocks | None, interpret: bool | None,
+            block_q: int | None = None, **token_kw):
+    """Checks, tile sizes and padding shared by the kernels' entry points.
 
-    query `[batch, q_len, heads, head_dim]`, key / value `[batch, kv_len, kv_heads, head_dim]`.
-    Any lengths: sequences are padded to whole blocks (padding keys hidden, padding queries cut
-    off), and on GPU the head dim to a power of two. Differentiable (custom VJP).
+    Returns `(x, q, k, v, scale, blocks, interpret)`: `x` the padded per-token arrays (its q, k, v
+    left empty: they are the differentiable arguments), q / k / v padded to whole blocks and, on
+    every backend, the head dim to a power of two (Triton's tiles; zero columns change nothing).
+    `block_q` overrides the query tile (the pooling kernel's single tile).
     """
     backend = jax.default_backend()
     interpret = backend != "gpu" if interpret is None else interpret
@@ -419,31 +417,43 @@ def flash_attention(query, key, value, *, scale: float | None = None, kv_mask=No
     scale = head_dim**-0.5 if scale is None else float(scale)
     blocks = blocks or default_blocks("cpu" if interpret else backend, head_dim)
     # Power-of-two tiles (Triton's rule), no larger than the sequence needs, at least 16 rows (MMA).
-    blocks = blocks._replace(block_q=max(16, min(blocks.block_q, _pow2(q_len))),
+    blocks = blocks._replace(block_q=max(16, min(block_q or blocks.block_q, _pow2(q_len))),
                              block_k=max(16, min(blocks.block_k, _pow2(kv_len))))
-    bq, bk = blocks.block_q, blocks.block_k
-    sq, sk = pl.cdiv(q_len, bq) * bq, pl.cdiv(kv_len, bk) * bk
-    d = max(16, _pow2(head_dim))  # Triton tiles are powers of two; zero columns change nothing
-
-    q_pos, q_seg, kv_pos, kv_seg = token_arrays(
-        batch, q_len, kv_len, kv_mask=kv_mask, q_positions=q_positions, kv_positions=kv_positions,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    pad_qkv = lambda t, s: _pad_axis(_pad_axis(t, 1, s), 3, d)
+    sq, sk = pl.cdiv(q_len, blocks.block_q) * blocks.block_q, pl.cdiv(kv_len, blocks.block_k) * blocks.block_k
+    d = max(16, _pow2(head_dim))
+    q_pos, q_seg, kv_pos, kv_seg = token_arrays(batch, q_len, kv_len, **token_kw)
     x = _Prepared(
         q=None, k=None, v=None,
         q_pos=_pad_axis(q_pos, 1, sq), q_seg=_pad_axis(q_seg, 1, sq, INVALID),
         kv_pos=_pad_axis(kv_pos, 1, sk), kv_seg=_pad_axis(kv_seg, 1, sk, INVALID),
     )
-    mask = Mask(causal=causal, window=sliding_window)
-    out = _flash(x, pad_qkv(query, sq), pad_qkv(key, sk), pad_qkv(value, sk), mask, scale, blocks, interpret)
-    return out[:, :q_len, :, :head_dim]
+    pad = lambda t, s: _pad_axis(_pad_axis(t, 1, s), 3, d)
+    return x, pad(query, sq), pad(key, sk), pad(value, sk), scale, blocks, interpret
 
 
-def attention_flops(batch, q_len, kv_len, heads, head_dim, *, visible_fraction: float = 1.0, backward=False):
-    """Matmul FLOPs of attention over the visible pairs: 4 * pairs * d forward, 2.5x that backward."""
-    forward = 4.0 * batch * heads * q_len * kv_len * head_dim * visible_fraction
-    return forward * (3.5 if backward else 1.0)
+def sum_groups(per_query_head, kv_heads: int, dtype):
+    """dK or dV computed per query head `[batch, kv_len, heads, d]` -> per key/value head (GQA)."""
+    b, sk, h, d = per_query_head.shape
+    return per_query_head.reshape(b, sk, kv_heads, h // kv_heads, d).sum(axis=3).astype(dtype)
 
 
-__all__ = ["Blocks", "Mask", "attention_flops", "block_ranges", "default_blocks", "flash_attention",
+def flash_attention(query, key, value, *, scale: float | None = None, kv_mask=None, causal: bool = False,
+                    sliding_window: int | None = None, q_positions=None, kv_positions=None,
+                    q_segment_ids=None, kv_segment_ids=None, blocks: Blocks | None = None,
+                    interpret: bool | None = None):
+    """`ops.attention.dot_product_attention`'s contract, computed by the Pallas kernels.
+
+    query `[batch, q_len, heads, head_dim]`, key / value `[batch, kv_len, kv_heads, head_dim]`.
+    Any lengths: sequences are padded to whole blocks (padding keys hidden, padding queries cut
+    off), the head dim to a power of two. Differentiable (custom VJP).
+    """
+    x, q, k, v, scale, blocks, interpret = prepare(
+        query, key, value, scale=scale, blocks=blocks, interpret=interpret, kv_mask=kv_mask,
+        q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids)
+    out = _flash(x, q, k, v, Mask(causal=causal, window=sliding_window), scale, blocks, interpret)
+    return out[:, :query.shape[1], :, :query.shape[3]]
+
+
+__all__ = ["Blocks", "Mask", "block_ranges", "default_blocks", "flash_attention", "prepare", "sum_groups",
            "token_arrays", "INVALID", "MASKED"]

@@ -80,8 +80,7 @@ def _backward(x: fa._Prepared, out, lse, dout, scale: float, blocks: fa.Blocks, 
         interpret=interpret,
         name="idefics_perceiver_pooling_backward",
     )(x.q, x.k, x.v, x.q_seg, x.kv_seg, dout, lse, delta)
-    group_sum = lambda g: g.reshape(n, sk, kvh, groups, d).sum(axis=3).astype(x.k.dtype)
-    return dq, group_sum(dk), group_sum(dv)
+    return dq, fa.sum_groups(dk, kvh, x.k.dtype), fa.sum_groups(dv, kvh, x.k.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -113,25 +112,11 @@ def perceiver_pooling(latent_queries, key, value, *, kv_mask=None, scale: float 
     head_dim]` (the image's context, then the latents), `kv_mask` `[images, kv_len]` hiding padded
     patches. Returns `[images, latents, heads, head_dim]`; differentiable.
     """
-    backend = jax.default_backend()
-    interpret = backend != "gpu" if interpret is None else interpret
-    n, latents, heads, head_dim = latent_queries.shape
-    kv_len, kv_heads = key.shape[1], key.shape[2]
+    latents = latent_queries.shape[1]
     if latents > MAX_LATENTS:
         raise ValueError(f"perceiver_pooling takes at most {MAX_LATENTS} latent queries, got {latents}")
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    scale = head_dim**-0.5 if scale is None else float(scale)
-    blocks = blocks or fa.default_blocks("cpu" if interpret else backend, head_dim)
-    bq = max(16, fa._pow2(latents))
-    bk = max(16, min(blocks.block_k, fa._pow2(kv_len)))
-    blocks = blocks._replace(block_q=bq, block_k=bk)
-    sk = pl.cdiv(kv_len, bk) * bk
-    d = max(16, fa._pow2(head_dim))
-    _, q_seg, _, kv_seg = fa.token_arrays(n, latents, kv_len, kv_mask=kv_mask)
-    zeros = lambda length: jnp.zeros((n, length), jnp.int32)
-    x = fa._Prepared(q=None, k=None, v=None, q_pos=zeros(bq), q_seg=fa._pad_axis(q_seg, 1, bq, fa.INVALID),
-                     kv_pos=zeros(sk), kv_seg=fa._pad_axis(kv_seg, 1, sk, fa.INVALID))
-    pad = lambda t, s: fa._pad_axis(fa._pad_axis(t, 1, s), 3, d)
-    out = _pool(x, pad(latent_queries, bq), pad(key, sk), pad(value, sk), scale, blocks, interpret)
-    return out[:, :latents, :, :head_dim]
+    x, q, k, v, scale, blocks, interpret = fa.prepare(
+        latent_queries, key, value, scale=scale, blocks=blocks, interpret=interpret,
+        block_q=fa._pow2(latents), kv_mask=kv_mask)  # all latents in one query tile
+    out = _pool(x, q, k, v, scale, blocks, interpret)
+    return out[:, :latents, :, :latent_queries.shape[3]]
