@@ -173,11 +173,13 @@ def dot_product_attention(
 
 
 def _cudnn_attention(query, key, value, scale, mask_kw):
-    """cuDNN's fused attention. A plain causal / sliding-window mask is passed as such; anything else
-    (padding keys, segments, positions) as a boolean mask. Rows with no visible key are zeroed, as
+    """cuDNN's fused attention. A plain causal / sliding-window mask over equal lengths is passed as
+    such; anything else (padding keys, segments, positions, fewer queries than keys) as a boolean mask. Rows with no visible key are zeroed, as
     the reference does (cuDNN would average them)."""
     q_len, kv_len = query.shape[1], key.shape[1]
-    simple = all(mask_kw[k] is None for k in ("kv_mask", "q_positions", "kv_positions", "q_segment_ids"))
+    # jax's is_causal aligns the first query with the first key; ours aligns the last with the last
+    simple = q_len == kv_len and all(mask_kw[k] is None for k in ("kv_mask", "q_positions", "kv_positions",
+                                                                  "q_segment_ids"))
     window = mask_kw["sliding_window"]
     mask = None if simple else attention_mask(q_len, kv_len, **mask_kw)
     local = None
