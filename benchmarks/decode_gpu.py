@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import timed  # noqa: E402
 from preprocess import append_results  # noqa: E402
 
 from idefics_jax import Idefics2, Idefics2Config  # noqa: E402
@@ -34,14 +35,7 @@ from idefics_jax.inference.generate import Generator  # noqa: E402
 
 def copy_bandwidth(gib: int = 4, repeats: int = 10) -> float:
     x = jnp.ones((gib * 2**29,), jnp.bfloat16)
-    f = jax.jit(lambda x: x * 1)
-    jax.block_until_ready(f(x))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / statistics.median(times)
+    return 2 * x.nbytes / timed(jax.jit(lambda x: x * 1), x, repeats=repeats)
 
 
 def random_params(model, ids):
