@@ -199,17 +199,51 @@ def _splash_attention(query, key, value, scale, mask_kw):
     return splash.splash_attention(query, key, value, scale=scale, **mask_kw)
 
 
+_MASKED = -1e30  # the bias of a masked score: finite, so that adding it can never overflow to -inf
+
+
+@jax.custom_vjp
+def softmax(scores):
+    """Softmax over the last axis with the textbook backward `p * (g - sum(g * p))`: one pass over
+    the saved probabilities (autodiff through exp / sum costs several passes over `[q, kv]`)."""
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _softmax_fwd(scores):
+    probs = jax.nn.softmax(scores, axis=-1)
+    return probs, probs
+
+
+def _softmax_bwd(probs, grad):
+    return (probs * (grad - jnp.sum(grad * probs, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def _xla_attention(query, key, value, mask, scale):
-    """Reference: scores in float32, masked softmax, weights cast back to the value dtype."""
+    """Reference: scores in float32, masked keys biased by -1e30 (exactly zero weight after the
+    softmax), weights cast back to the value dtype; a query with no visible key returns zeros.
+
+    Scores are laid out `[batch, heads, q_len, kv_len]`: for GQA the key / value heads are repeated
+    to the query heads (XLA:CPU runs 4-D batched matmuls and reductions several times faster than the
+    grouped 5-D form). Decode steps (few queries against a long cache) keep the grouped form, which
+    reads each cached key / value head once.
+    """
     batch, q_len, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     groups = heads // kv_heads
-    q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(scale)  # [batch, kv_heads, groups, q_len, kv_len]
-    mask = mask[:, :, None]  # [batch, 1, 1, q_len, kv_len]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1)
-    weights = jnp.where(mask, weights, 0.0).astype(value.dtype)  # rows with no key: all zero
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value)
-    return out.reshape(batch, q_len, heads, head_dim)
+    bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)  # [batch or 1, 1, q_len, kv_len]
+    if groups > 1 and q_len < 16:  # [batch, kv_heads, groups, q_len, kv_len]
+        q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
+        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=jnp.float32)
+        weights = softmax(scores * jnp.float32(scale) + bias[:, :, None]).astype(value.dtype)
+        out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value).reshape(batch, q_len, heads, head_dim)
+    else:
+        if groups > 1:
+            key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        weights = softmax(scores * jnp.float32(scale) + bias).astype(value.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    visible = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [batch or 1, q_len, 1, 1]
+    return jnp.where(visible, out, 0).astype(out.dtype)
