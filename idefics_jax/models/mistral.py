@@ -47,17 +47,21 @@ class MistralAttention(nn.Module):
         k = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x))
         v = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys, values, kv_positions = k, v, positions
+        # Without a cache, causality and the window go by index within the row, as in Hugging Face
+        # (the same as by position for packed rows, whose positions count up by one within each
+        # segment): then the TPU's splash kernel, which masks by index, can serve training. With a
+        # cache, the new tokens are placed among the cached columns by their stored positions.
+        keys, values, q_positions, kv_positions = k, v, None, None
         if past is not None:  # generation: the cached columns, then the new ones
             past_k, past_v, past_positions, past_valid = past
             keys = jnp.concatenate([past_k.astype(k.dtype), k], axis=1)
             values = jnp.concatenate([past_v.astype(v.dtype), v], axis=1)
-            kv_positions = jnp.concatenate([past_positions, positions], axis=1)
+            q_positions, kv_positions = positions, jnp.concatenate([past_positions, positions], axis=1)
             new_valid = jnp.ones(positions.shape, bool) if kv_mask is None else kv_mask
             kv_mask = jnp.concatenate([past_valid, new_valid], axis=1)
         out = dot_product_attention(
             q, keys, values, kv_mask=kv_mask, causal=True, sliding_window=cfg.sliding_window,
-            q_positions=positions, kv_positions=kv_positions,
+            q_positions=q_positions, kv_positions=kv_positions,
             q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
             implementation=self.attention_impl,
         )  # [batch, seq, heads, head_dim]
@@ -120,7 +124,8 @@ class MistralModel(nn.Module):
         """inputs_embeds `[batch, seq, hidden]` -> final hidden states `[batch, seq, hidden]`.
 
         attention_mask `[batch, seq]`: 0 marks padding keys (Hugging Face's convention).
-        positions `[batch, seq]`: RoPE and causal positions; default `0 .. seq - 1`.
+        positions `[batch, seq]`: RoPE positions; default `0 .. seq - 1`. Causality goes by index
+        within the row (Hugging Face's convention), or, with a cache, by these positions.
         segment_ids `[batch, seq]`: packed rows; tokens attend within their segment only.
         cache: generation. The new tokens also attend to the cached columns, and the call returns
         `(hidden states, cache with the new columns written)`.
