@@ -215,6 +215,17 @@ def test_same_seed_same_batches(synthetic):
     assert not np.array_equal(first[0], next(c)["tokens"])
 
 
+def test_reader_threads_do_not_change_the_batches(synthetic):
+    """read_threads / read_buffer only change speed: the same batches and the same resumable state."""
+    a, _ = make_pipeline(synthetic, seed=3)
+    b, _ = make_pipeline(synthetic, seed=3, read_threads=1, read_buffer=2)
+    for _ in range(3):
+        x, y = next(a), next(b)
+        for key in ("tokens", "targets", "segment_ids", "pixel_values"):
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    assert a.get_state() == b.get_state()
+
+
 @pytest.fixture
 def bad_data(synthetic, tmp_path):
     """A copy of the pairs source with broken records of every kind mixed in."""

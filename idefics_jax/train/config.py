@@ -44,6 +44,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "buckets": [(980, 980)],
         "batch_size": 8,  # global, across hosts
         "num_workers": 0,
+        "read_threads": 16,  # per source: threads reading + encoding records (grain's ReadOptions)
+        "read_buffer": 500,  # per source: records read ahead
         "seed": 0,
         "eval_source": "",  # held-out conversations for exact-match evaluation
     })

@@ -88,7 +88,8 @@ def make_pipeline(config, data_dir: Path, tokenizer: Tokenizer, image_seq_len: i
     pack = PackConfig(seq_len=config.data.seq_len, image_slots=config.data.image_slots,
                       buckets=tuple(tuple(b) for b in config.data.buckets), pad_id=tokenizer.pad_id)
     return Pipeline(sources, tokenizer, pack, config.data.batch_size // jax.process_count(),
-                    image_seq_len=image_seq_len, seed=config.data.seed, num_workers=config.data.num_workers)
+                    image_seq_len=image_seq_len, seed=config.data.seed, num_workers=config.data.num_workers,
+                    read_threads=config.data.read_threads, read_buffer=config.data.read_buffer)
 
 
 def global_batch(batch: dict, mesh) -> dict:
