@@ -193,3 +193,55 @@ def test_model_logits_pallas_equal_xla(converted, seed):
     run = lambda impl: np.asarray(jax.jit(lambda p: Idefics2(config, attention_impl=impl).apply(
         {"params": p}, ids, attention_mask=mask, pixel_values=pixels, pixel_attention_mask=pixel_mask))(params))
     assert rel_err(run("pallas"), run("xla")) < 1e-5
+
+
+def on_tpu(monkeypatch):
+    """Make the selector see a TPU (the kernels themselves still run interpreted or are only lowered)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+
+
+def test_model_logits_splash_equal_xla(converted, seed, monkeypatch, caplog):
+    """As on a TPU: `auto` sends every attention (vision, Perceiver, the decoder's packed causal
+    window, which masks by index) to splash, interpreted here; same logits, no fallback."""
+    import functools
+
+    from idefics_jax.kernels import splash
+
+    config, params = converted
+    rng = np.random.default_rng([seed, 10])
+    ids, mask, pixels, pixel_mask = make_batch(rng, [([4, 3], [(40, 36)]), ([9, 5], [(28, 52)])],
+                                               config.image_seq_len)
+    segments = np.ones(ids.shape, np.int32)
+    segments[:, -6:] = 2  # two packed samples a row
+    run = lambda impl: np.asarray(jax.jit(lambda p: Idefics2(config, attention_impl=impl).apply(
+        {"params": p}, ids, attention_mask=mask, pixel_values=pixels, pixel_attention_mask=pixel_mask,
+        segment_ids=segments))(params))
+    reference = run("xla")
+    attention_ops._logged.clear()
+    on_tpu(monkeypatch)
+    calls = []
+    interpreted = functools.partial(splash.splash_attention, interpret=True)
+    monkeypatch.setattr(splash, "splash_attention", lambda *a, **kw: calls.append(kw["causal"]) or interpreted(*a, **kw))
+    with caplog.at_level(logging.WARNING, logger="idefics_jax.ops.attention"):
+        logits = run("auto")
+    assert "cannot serve" not in caplog.text
+    layers = (config.vision.num_hidden_layers, config.perceiver.resampler_depth, config.text.num_hidden_layers)
+    assert (calls.count(False), calls.count(True)) == (layers[0] + layers[1], layers[2])  # every attention
+    assert rel_err(logits, reference) < 1e-5
+
+
+def test_training_step_lowers_for_tpu(converted, monkeypatch):
+    """The model's gradient lowers for a TPU (jax.export, no TPU needed) with splash's Mosaic kernels:
+    forward, dQ and dK / dV kernels for each of the three attention shapes."""
+    config, params = converted
+    model = Idefics2(config, attention_impl="auto")
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+
+    def loss(params, ids, pixels, segments):
+        return jnp.mean(model.apply({"params": params}, ids, pixel_values=pixels, segment_ids=segments) ** 2)
+
+    on_tpu(monkeypatch)
+    exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=["tpu"])(
+        jax.tree.map(lambda p: spec(p.shape, p.dtype), params), spec((2, 256), jnp.int32),
+        spec((2, 1, 56, 56, 3), jnp.float32), spec((2, 256), jnp.int32))
+    assert exported.mlir_module().count("tpu_custom_call") == 9

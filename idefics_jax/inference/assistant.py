@@ -96,7 +96,8 @@ class Assistant:
                      max_new_tokens: int = 256, sampling: Sampling = GREEDY, seed: int = 0) -> Iterator[str]:
         """Yields the answer's text piece by piece as tokens are chosen; the pieces join into
         `decode(tokens)`. Text that ends in an unfinished UTF-8 sequence (byte-fallback tokens) waits
-        for the bytes that complete it."""
+        for the bytes that complete it; trailing whitespace waits for the text after it (the answer
+        is stripped)."""
         batch = self.prepare([messages], [images], split=split)
         tokens, shown = [], ""
         for step in self.generator.stream(*self._inputs(batch), max_new_tokens=max_new_tokens, sampling=sampling,
@@ -105,7 +106,7 @@ class Assistant:
             if token in self.stop_ids:
                 break
             tokens.append(token)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             if not text.endswith("\ufffd") and text.startswith(shown) and len(text) > len(shown):
                 yield text[len(shown):]
                 shown = text
