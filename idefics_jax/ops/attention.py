@@ -30,6 +30,8 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn", "splash")
 
+DECODE_QUERIES = 16  # calls with fewer queries than this are decode steps (a KV cache, a matvec)
+
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
 
@@ -45,7 +47,7 @@ def _fallback(implementation: str, reason: str) -> str:
 def _auto(backend: str, query, *, causal: bool, positions: bool, segments: bool) -> str:
     if backend == "tpu":
         return "splash" if not positions else "xla"
-    if backend != "gpu" or query.shape[1] < 16:  # a decode step: one query row per sequence, a matvec
+    if backend != "gpu" or query.shape[1] < DECODE_QUERIES:  # a decode step: a matrix-vector product
         return "xla"
     plain = not (causal or positions or segments)
     return "cudnn" if plain and query.dtype in (jnp.bfloat16, jnp.float16) and query.shape[-1] % 8 == 0 else "pallas"
@@ -202,23 +204,17 @@ def _splash_attention(query, key, value, scale, mask_kw):
 _MASKED = -1e30  # the bias of a masked score: finite, so that adding it can never overflow to -inf
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def softmax(scores):
-    """Softmax over the last axis with the textbook backward `p * (g - sum(g * p))`: one pass over
-    the saved probabilities (autodiff through exp / sum costs several passes over `[q, kv]`)."""
+    """Softmax over the last axis, differentiated as `p * (t - sum(p * t))` from the saved
+    probabilities: one pass over `[q, kv]` per direction (autodiff through exp / sum makes several)."""
     return jax.nn.softmax(scores, axis=-1)
 
 
-def _softmax_fwd(scores):
-    probs = jax.nn.softmax(scores, axis=-1)
-    return probs, probs
-
-
-def _softmax_bwd(probs, grad):
-    return (probs * (grad - jnp.sum(grad * probs, axis=-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    probs = softmax(primals[0])
+    return probs, probs * (tangents[0] - jnp.sum(probs * tangents[0], axis=-1, keepdims=True))
 
 
 def _xla_attention(query, key, value, mask, scale):
@@ -234,7 +230,7 @@ def _xla_attention(query, key, value, mask, scale):
     kv_heads = key.shape[2]
     groups = heads // kv_heads
     bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)  # [batch or 1, 1, q_len, kv_len]
-    if groups > 1 and q_len < 16:  # [batch, kv_heads, groups, q_len, kv_len]
+    if groups > 1 and q_len < DECODE_QUERIES:  # [batch, kv_heads, groups, q_len, kv_len]
         q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
         scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=jnp.float32)
         weights = softmax(scores * jnp.float32(scale) + bias[:, :, None]).astype(value.dtype)
