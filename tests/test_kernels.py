@@ -195,7 +195,7 @@ def test_model_logits_pallas_equal_xla(converted, seed):
     assert rel_err(run("pallas"), run("xla")) < 1e-5
 
 
-def on_tpu(monkeypatch):
+def pretend_tpu(monkeypatch):
     """Make the selector see a TPU (the kernels themselves still run interpreted or are only lowered)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
 
@@ -218,7 +218,7 @@ def test_model_logits_splash_equal_xla(converted, seed, monkeypatch, caplog):
         segment_ids=segments))(params))
     reference = run("xla")
     attention_ops._logged.clear()
-    on_tpu(monkeypatch)
+    pretend_tpu(monkeypatch)
     calls = []
     interpreted = functools.partial(splash.splash_attention, interpret=True)
     monkeypatch.setattr(splash, "splash_attention", lambda *a, **kw: calls.append(kw["causal"]) or interpreted(*a, **kw))
@@ -240,7 +240,7 @@ def test_training_step_lowers_for_tpu(converted, monkeypatch):
     def loss(params, ids, pixels, segments):
         return jnp.mean(model.apply({"params": params}, ids, pixel_values=pixels, segment_ids=segments) ** 2)
 
-    on_tpu(monkeypatch)
+    pretend_tpu(monkeypatch)
     exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=["tpu"])(
         jax.tree.map(lambda p: spec(p.shape, p.dtype), params), spec((2, 256), jnp.int32),
         spec((2, 1, 56, 56, 3), jnp.float32), spec((2, 256), jnp.int32))
