@@ -64,7 +64,8 @@ def test_gradient_accumulation_equals_the_whole_batch(seed):
     assert abs(float(m1["grad_norm"]) - float(m2["grad_norm"])) < 1e-5 * float(m1["grad_norm"])
     for p0, a, b in zip(jax.tree.leaves(before), jax.tree.leaves(whole), jax.tree.leaves(accumulated)):
         update = np.abs(a - p0).max()
-        assert np.abs(a - b).max() <= 1e-4 * update + 1e-7, (np.abs(a - b).max(), update)
+        ulp = np.spacing(np.abs(a).max())  # p0 + update rounds to p's precision: one ulp may flip
+        assert np.abs(a - b).max() <= 1e-4 * update + 1e-7 + ulp, (np.abs(a - b).max(), update, ulp)
 
 
 def run_train(workdir, *overrides, timeout=600):
