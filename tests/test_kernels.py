@@ -109,6 +109,25 @@ def test_flash_block_sizes_agree(seed):
     compare(rng, q, k, v, large, jnp.float32, **mask)
 
 
+@pytest.mark.parametrize("window", [None, 7, 130])
+def test_chunked_equals_reference(seed, window):
+    """The CPU's chunked attention: same outputs and gradients as the reference for packed causal
+    rows, queries after a longer key sequence, and bidirectional windows; less work than the reference."""
+    rng = np.random.default_rng([seed, 13, window or 0])
+    chunked = lambda q, k, v, **m: dot_product_attention(q, k, v, implementation="chunked", **m)
+    q, k, v = qkv(rng, 2, 300, 300, 4, 2, 16, jnp.float32)  # 300: not a multiple of the chunk
+    seg, _, kv_mask = packed_segments(rng, 2, 300)
+    compare(rng, q, k, v, chunked, jnp.float32, causal=True, sliding_window=window, kv_mask=kv_mask,
+            q_segment_ids=seg, kv_segment_ids=seg)
+    q, k, v = qkv(rng, 1, 270, 400, 2, 1, 16, jnp.float32)  # queries aligned with the last 270 keys
+    compare(rng, q, k, v, chunked, jnp.float32, causal=True, sliding_window=window)
+    if window is not None:
+        compare(rng, q[:, :, :1], k[:, :270], v[:, :270], chunked, jnp.float32, sliding_window=window)
+    flops = lambda impl: jax.jit(lambda q: dot_product_attention(q, q, q, causal=True, implementation=impl)).lower(
+        jnp.zeros((1, 512, 2, 16))).compile().cost_analysis()["flops"]
+    assert flops("chunked") < 0.8 * flops("xla")
+
+
 def test_block_ranges_are_conservative(seed):
     """Every block pair holding a visible token pair lies inside the ranges; causal skips blocks."""
     rng = np.random.default_rng([seed, 5])
@@ -165,13 +184,20 @@ def test_selector_falls_back_with_a_reason(seed, caplog):
             assert np.array_equal(dot_product_attention(q, k, v, causal=True, implementation=impl), ref)
     assert "cuDNN needs a GPU" in caplog.text and "splash attention is TPU-only" in caplog.text
     assert attention_ops.select_implementation("auto", q, k, causal=True, positions=False, segments=False) == "xla"
+    long_q, long_k = jnp.zeros((1, 256, 2, 128)), jnp.zeros((1, 256, 1, 128))
+    on_cpu = lambda **kw: attention_ops.select_implementation(
+        "auto", long_q, long_k, **{"causal": True, "positions": False, "segments": True, **kw}, backend="cpu")
+    assert on_cpu() == "chunked" and on_cpu(causal=False, sliding_window=64) == "chunked"
+    assert on_cpu(causal=False) == "xla" and on_cpu(positions=True) == "xla"  # nothing to skip / a KV cache
+    with caplog.at_level(logging.WARNING, logger="idefics_jax.ops.attention"):
+        assert np.array_equal(dot_product_attention(q, k, v, implementation="chunked"), dot_product_attention(q, k, v))
+    assert "every chunk would see every key" in caplog.text
     select = lambda q, backend, **kw: attention_ops.select_implementation(
         "auto", q, k.astype(q.dtype), **{"causal": False, "positions": False, "segments": False, **kw}, backend=backend)
     assert select(q, "gpu", causal=True) == "pallas"  # cuDNN would need a dense mask: pallas is faster
     assert select(q.astype(jnp.bfloat16), "gpu") == "cudnn"  # bidirectional bfloat16: cuDNN is faster
     assert select(q, "gpu") == "pallas"  # cuDNN takes no float32
     assert select(q[:, :1], "gpu", causal=True, positions=True) == "xla"  # a decode step
-    long_q, long_k = jnp.zeros((1, 256, 2, 128)), jnp.zeros((1, 256, 1, 128))
     on_tpu = lambda **kw: attention_ops.select_implementation("auto", long_q, long_k, backend="tpu", **kw)
     assert on_tpu(causal=True, positions=False, segments=True) == "splash"
     assert on_tpu(causal=True, positions=True, segments=False) == "xla"  # a KV cache: splash masks by index

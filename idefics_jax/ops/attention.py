@@ -8,6 +8,10 @@ attention, cuDNN, splash) replace the reference below without touching the model
 
 Implementations (`implementation=`, the model's `attention_impl`):
   "xla"     the pure-jnp reference below; always available, the ground truth of every test.
+  "chunked" the reference computed per chunk of 128-256 queries, each chunk against only the keys
+            its causal / sliding-window mask can let it see (bounded by index, so not with explicit
+            positions): the same numbers with about half the work at 512+ tokens, and each chunk's
+            scores stay small. Any backend; "auto" takes it on CPU.
   "pallas"  idefics_jax's Pallas kernels (kernels/): flash attention, and Perceiver pooling for
             a single query tile; Triton on GPU, interpreted on CPU.
   "cudnn"   `jax.nn.dot_product_attention(implementation="cudnn")`: GPU, bfloat16 / float16.
@@ -16,7 +20,8 @@ Implementations (`implementation=`, the model's `attention_impl`):
             bidirectional attention in bfloat16 / float16 (the vision tower, the Perceiver),
             pallas for the rest (causal, windowed, packed: cuDNN needs them as a dense mask),
             xla for decode steps (fewer than 16 queries: a matrix-vector product);
-            splash on TPU; xla on CPU.
+            splash on TPU; on CPU chunked for causal / windowed self-attention of 256+ queries
+            (about 1.5x faster than xla forward + backward at 512-2048 tokens), xla otherwise.
 An implementation that cannot serve a call (wrong backend, dtype, head dim, mask) falls back to
 "xla" and logs why, once per reason; it never computes something else.
 """
@@ -25,12 +30,14 @@ from __future__ import annotations
 
 import logging
 
+import einops
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas", "cudnn", "splash")
 
 DECODE_QUERIES = 16  # calls with fewer queries than this are decode steps (a KV cache, a matvec)
+CHUNK = (128, 256)  # "chunked": query chunks of q_len // 2 clamped to this range (measured on XLA:CPU)
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -44,10 +51,13 @@ def _fallback(implementation: str, reason: str) -> str:
     return "xla"
 
 
-def _auto(backend: str, query, *, causal: bool, positions: bool, segments: bool) -> str:
+def _auto(backend: str, query, *, causal: bool, positions: bool, segments: bool, windowed: bool) -> str:
     if backend == "tpu":
         return "splash" if not positions else "xla"
-    if backend != "gpu" or query.shape[1] < DECODE_QUERIES:  # a decode step: a matrix-vector product
+    if backend != "gpu":  # CPU
+        long_masked = (causal or windowed) and not positions and query.shape[1] >= 2 * CHUNK[0]
+        return "chunked" if long_masked else "xla"
+    if query.shape[1] < DECODE_QUERIES:  # a decode step: a matrix-vector product
         return "xla"
     plain = not (causal or positions or segments)
     return "cudnn" if plain and query.dtype in (jnp.bfloat16, jnp.float16) and query.shape[-1] % 8 == 0 else "pallas"
@@ -60,7 +70,8 @@ def select_implementation(implementation: str, query, key, *, causal: bool, posi
         raise ValueError(f"Unknown attention implementation '{implementation}'; available: {IMPLEMENTATIONS}")
     backend = backend or jax.default_backend()
     if implementation == "auto":
-        implementation = _auto(backend, query, causal=causal, positions=positions, segments=segments)
+        implementation = _auto(backend, query, causal=causal, positions=positions, segments=segments,
+                               windowed=sliding_window is not None)
     head_dim = query.shape[-1]
     if implementation == "pallas":
         if backend not in ("gpu", "cpu"):
@@ -76,6 +87,13 @@ def select_implementation(implementation: str, query, key, *, causal: bool, posi
         if head_dim % 8 or head_dim > 128:
             return _fallback("cudnn", f"cuDNN attention needs a head dim that is a multiple of 8 up to 128, "
                                       f"got {head_dim}")
+    elif implementation == "chunked":
+        if not causal and sliding_window is None:
+            return _fallback("chunked", "no causal or windowed mask: every chunk would see every key")
+        if positions:
+            return _fallback("chunked", "explicit positions (generation with a cache): chunks are bounded by index")
+        if query.shape[1] > key.shape[1]:
+            return _fallback("chunked", f"more queries ({query.shape[1]}) than keys ({key.shape[1]})")
     elif implementation == "splash":
         if backend != "tpu":
             return _fallback("splash", f"splash attention is TPU-only, the backend is '{backend}'")
@@ -171,6 +189,8 @@ def dot_product_attention(
         return _cudnn_attention(query, key, value, scale, mask_kw)
     if implementation == "splash":
         return _splash_attention(query, key, value, scale, mask_kw)
+    if implementation == "chunked":
+        return _chunked_attention(query, key, value, scale, mask_kw)
     return _xla_attention(query, key, value, attention_mask(q_len, kv_len, **mask_kw), scale)
 
 
@@ -195,13 +215,40 @@ def _cudnn_attention(query, key, value, scale, mask_kw):
     return out
 
 
+def _chunked_attention(query, key, value, scale, mask_kw):
+    """The reference over query chunks `[start, end)`, each against keys `[lo, hi)`: the last key a
+    causal chunk can see is its last query's (queries align with the last keys, as in the reference),
+    and a sliding window `w` hides every key more than `w - 1` before the chunk's first query. The
+    keys cut off are exactly those the mask would hide, so the result is the reference's."""
+    q_len, kv_len = query.shape[1], key.shape[1]
+    offset, window = kv_len - q_len, mask_kw["sliding_window"]
+    chunk = min(max(q_len // 2, CHUNK[0]), CHUNK[1])
+    outs = []
+    for start in range(0, q_len, chunk):
+        end = min(start + chunk, q_len)
+        hi = end + offset if mask_kw["causal"] else kv_len
+        lo = 0 if window is None else max(0, start + offset - window + 1)
+        if window is not None and not mask_kw["causal"]:
+            hi = min(kv_len, end + offset + window - 1)
+        keys = slice(lo, hi)
+        take = lambda x, s: None if x is None else x[:, s]
+        mask = attention_mask(
+            end - start, hi - lo, kv_mask=take(mask_kw["kv_mask"], keys), causal=mask_kw["causal"],
+            sliding_window=window, q_positions=jnp.arange(start + offset, end + offset, dtype=jnp.int32)[None],
+            kv_positions=jnp.arange(lo, hi, dtype=jnp.int32)[None],
+            q_segment_ids=take(mask_kw["q_segment_ids"], slice(start, end)),
+            kv_segment_ids=take(mask_kw["kv_segment_ids"], keys))
+        outs.append(_xla_attention(query[:, start:end], key[:, keys], value[:, keys], mask, scale))
+    return jnp.concatenate(outs, axis=1)  # [batch, q_len, heads, head_dim]
+
+
 def _splash_attention(query, key, value, scale, mask_kw):
     from idefics_jax.kernels import splash
 
     return splash.splash_attention(query, key, value, scale=scale, **mask_kw)
 
 
-_MASKED = -1e30  # the bias of a masked score: finite, so that adding it can never overflow to -inf
+_MASKED = -1e30  # a masked score: finite, so that subtracting the row's maximum never gives NaN
 
 
 @jax.custom_jvp
@@ -218,28 +265,30 @@ def _softmax_jvp(primals, tangents):
 
 
 def _xla_attention(query, key, value, mask, scale):
-    """Reference: scores in float32, masked keys biased by -1e30 (exactly zero weight after the
-    softmax), weights cast back to the value dtype; a query with no visible key returns zeros.
+    """Reference: scores in float32, masked scores replaced by -1e30 (exactly zero weight after the
+    softmax; a select, not an added bias, which XLA:CPU would broadcast over the heads and write
+    out), weights cast back to the value dtype; a query with no visible key returns zeros.
 
-    Scores are laid out `[batch, heads, q_len, kv_len]`: for GQA the key / value heads are repeated
-    to the query heads (XLA:CPU runs 4-D batched matmuls and reductions several times faster than the
-    grouped 5-D form). Decode steps (few queries against a long cache) keep the grouped form, which
-    reads each cached key / value head once.
+    Scores are laid out `[batch, heads, q_len, kv_len]`, the inputs transposed to
+    `[batch, heads, len, head_dim]` first: for GQA the key / value heads are repeated to the query
+    heads (XLA:CPU runs 4-D batched matmuls and reductions several times faster than the grouped 5-D
+    form, and faster still on operands already in that layout). Decode steps (few queries against a
+    long cache) keep the grouped form, which reads each cached key / value head once.
     """
     batch, q_len, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     groups = heads // kv_heads
-    bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)  # [batch or 1, 1, q_len, kv_len]
     if groups > 1 and q_len < DECODE_QUERIES:  # [batch, kv_heads, groups, q_len, kv_len]
         q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
         scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, key, preferred_element_type=jnp.float32)
-        weights = softmax(scores * jnp.float32(scale) + bias[:, :, None]).astype(value.dtype)
+        weights = softmax(jnp.where(mask[:, :, None], scores * jnp.float32(scale), _MASKED)).astype(value.dtype)
         out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value).reshape(batch, q_len, heads, head_dim)
     else:
         if groups > 1:
             key, value = jnp.repeat(key, groups, axis=2), jnp.repeat(value, groups, axis=2)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-        weights = softmax(scores * jnp.float32(scale) + bias).astype(value.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        q, k, v = (einops.rearrange(t, "b s h d -> b h s d") for t in (query, key, value))
+        scores = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32)
+        weights = softmax(jnp.where(mask, scores * jnp.float32(scale), _MASKED)).astype(value.dtype)
+        out = einops.rearrange(jnp.matmul(weights, v), "b h q d -> b q h d")
     visible = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [batch or 1, q_len, 1, 1]
     return jnp.where(visible, out, 0).astype(out.dtype)
