@@ -223,15 +223,14 @@ def _chunked_attention(query, key, value, scale, mask_kw):
     q_len, kv_len = query.shape[1], key.shape[1]
     offset, window = kv_len - q_len, mask_kw["sliding_window"]
     chunk = min(max(q_len // 2, CHUNK[0]), CHUNK[1])
+    take = lambda x, s: None if x is None else x[:, s]
     outs = []
     for start in range(0, q_len, chunk):
         end = min(start + chunk, q_len)
-        hi = end + offset if mask_kw["causal"] else kv_len
+        # not causal: windowed (the selector sends nothing else here), keys up to w - 1 after the last query
+        hi = end + offset if mask_kw["causal"] else min(kv_len, end + offset + window - 1)
         lo = 0 if window is None else max(0, start + offset - window + 1)
-        if window is not None and not mask_kw["causal"]:
-            hi = min(kv_len, end + offset + window - 1)
         keys = slice(lo, hi)
-        take = lambda x, s: None if x is None else x[:, s]
         mask = attention_mask(
             end - start, hi - lo, kv_mask=take(mask_kw["kv_mask"], keys), causal=mask_kw["causal"],
             sliding_window=window, q_positions=jnp.arange(start + offset, end + offset, dtype=jnp.int32)[None],
