@@ -118,5 +118,4 @@ def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICA
         with mesh, nn.logical_axis_rules(rules):
             return jitted(state, batch)
 
-    run.jitted = jitted  # for lowering and cost analysis (benchmarks, profiles)
     return run
