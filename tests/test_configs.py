@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import pytest
 
 from idefics_jax.data.pipeline import SourceConfig
 from idefics_jax.train.loop import build
-
-CONFIGS = Path(__file__).parents[1] / "configs"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from train_helpers import load_config as load
 
 
 @pytest.mark.parametrize("name", ["tiny", "pretrain_stage1", "pretrain_stage2", "sft", "chat"])

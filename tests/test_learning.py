@@ -9,9 +9,6 @@ vector for every image.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,17 +19,13 @@ from idefics_jax.data.synthetic import Renderer
 from idefics_jax.sharding import make_mesh
 from idefics_jax.train.loop import build
 from idefics_jax.train.step import MODEL_KEYS, init_state, make_train_step
-
-CONFIGS = Path(__file__).parents[1] / "configs"
+from train_helpers import load_config
 QUESTION, DIGIT_0, FAKE = [300, 301], 500, 1024  # token ids: any fixed question; answers 500..509
 PROCESSOR = ImageProcessor(longest_edge=112, shortest_edge=28)  # the tiny config's sources
 
 
 def tiny_training_config(steps: int):
-    spec = importlib.util.spec_from_file_location("tiny", CONFIGS / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("tiny")
     config.train.steps = steps
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
     return config

@@ -1,4 +1,7 @@
-"""A tiny model, optimizer and packed batch for training tests (no files needed)."""
+"""Training-test helpers: a tiny model, optimizer and packed batch (no files needed); the stage configs."""
+
+import importlib.util
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +9,16 @@ import numpy as np
 from idefics_jax import Idefics2, Idefics2Config
 from idefics_jax.data.packing import PackConfig, collate, finalize, pack_row
 from idefics_jax.train.optimizer import make_optimizer
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def load_config(name: str):
+    """`configs/<name>.py`'s `get_config()`."""
+    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def tiny_config() -> Idefics2Config:
