@@ -7,6 +7,13 @@ Two configs: `tiny` (the preset at 112 px) and an ~80M-parameter one (vision 384
 at 378 px, Perceiver 64 latents x 3, decoder 512 wide x 8 layers, 32,003-token vocabulary). Both
 frameworks start from the same weights (converted) and run float32; compile time is excluded
 (first steps are warm-up), and the median step time is reported.
+
+Next to the times it reports how far a step could go on this machine: the FLOPs of our step
+(XLA's cost analysis of the compiled step), the GFLOP/s each framework reaches over the step, and
+a floor: every matrix product of our step (read off its jaxpr, scans counted `length` times)
+timed alone at its shape, in jax and in torch, the faster of the two counted. No step can beat
+that floor, since it leaves out attention's softmax, the norms, the optimizer and all layout
+copies; "speed-up at the floor" is torch's step over it.
 """
 
 from __future__ import annotations
@@ -89,14 +96,66 @@ def time_torch(hf_dir, ids, pixels, mask, labels, steps):
     return statistics.median(times[2:]), float(loss)
 
 
+def dot_shapes(jaxpr, times=1, out=None) -> dict:
+    """{(batch, m, k, n): count} of the `dot_general`s in a jaxpr and its sub-jaxprs (a scan's body
+    counted `length` times)."""
+    from jax.extend.core import jaxprs_in_params
+
+    out = {} if out is None else out
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            size = lambda shape, dims: int(np.prod([shape[d] for d in dims], dtype=np.int64))
+            free = lambda shape, used: int(np.prod([d for i, d in enumerate(shape) if i not in used], dtype=np.int64))
+            key = (size(lhs, lb), free(lhs, (*lc, *lb)), size(lhs, lc), free(rhs, (*rc, *rb)))
+            out[key] = out.get(key, 0) + times
+        repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for sub in jaxprs_in_params(eqn.params):
+            dot_shapes(sub, times * repeat, out)
+    return out
+
+
+def best_seconds(fn, min_time=0.2) -> float:
+    """Fastest of repeated calls of `fn` (which waits for its result), after one warm-up call."""
+    fn()
+    best, spent = float("inf"), 0.0
+    while spent < min_time:
+        start = time.perf_counter()
+        fn()
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+    return best
+
+
+def matmul_floor(shapes: dict) -> float:
+    """Seconds the products `{(batch, m, k, n): count}` take at the faster of jax and torch, each
+    shape timed alone as a (batched) float32 matrix product."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    total = 0.0
+    for (b, m, k, n), count in shapes.items():
+        lhs, rhs = np.ones((b, m, k), np.float32), np.ones((b, k, n), np.float32)
+        jl, jr = jnp.asarray(lhs), jnp.asarray(rhs)
+        product = jax.jit(jnp.matmul)
+        tl, tr = torch.from_numpy(lhs), torch.from_numpy(rhs)
+        seconds = min(best_seconds(lambda: product(jl, jr).block_until_ready()),
+                      best_seconds(lambda: torch.matmul(tl, tr)))
+        total += seconds * count
+    return total
+
+
 def time_ours(hf_dir, ids, pixels, mask, labels, steps):
+    import flax.linen as nn
     import jax
 
     from idefics_jax import Idefics2, load_hf_checkpoint
-    from idefics_jax.sharding import make_mesh
+    from idefics_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
     from idefics_jax.train.loop import global_batch
     from idefics_jax.train.optimizer import make_optimizer
-    from idefics_jax.train.step import init_state, make_train_step
+    from idefics_jax.train.step import init_state, make_train_step, train_step_fn
 
     config, params = load_hf_checkpoint(hf_dir, on_device=False)
     model = Idefics2(config)
@@ -114,13 +173,16 @@ def time_ours(hf_dir, ids, pixels, mask, labels, steps):
              "targets": targets.astype(np.int32), "loss_mask": loss_mask, "pixel_values": pixels,
              "pixel_attention_mask": mask}
     batch = global_batch(batch, mesh)
+    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        flops = jax.jit(train_step_fn(model, tx)).lower(state, batch).compile().cost_analysis()["flops"]
+        shapes = dot_shapes(jax.make_jaxpr(train_step_fn(model, tx))(state, batch).jaxpr)
     times = []
     for _ in range(steps + 2):
         start = time.perf_counter()
         state, metrics = step(state, batch)
         loss = float(metrics["loss"])  # waits for the step
         times.append(time.perf_counter() - start)
-    return statistics.median(times[2:]), loss
+    return statistics.median(times[2:]), loss, flops, shapes
 
 
 def main():
@@ -139,18 +201,21 @@ def main():
              f"Command: `python benchmarks/train_step.py --steps {args.steps}` (float32, AdamW, same weights "
              "and batch; median step after 2 warm-up steps; ours jitted, theirs eager with SDPA attention).\n",
              "| config | parameters | batch x tokens | transformers + torch (s/step) | ours (s/step) | "
-             "ours (tokens/s) | speed-up |", "|---|---|---|---|---|---|---|"]
+             "ours (tokens/s) | speed-up | step GFLOP | torch GFLOP/s | ours GFLOP/s | matrix-product floor (s) | "
+             "speed-up at the floor |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(0)
     for name in args.configs.split(","):
         spec = CONFIGS[name]
         hf_dir, count = save_random_model(name)
         data = make_batch(spec, rng)
         theirs, loss_t = time_torch(hf_dir, *data, args.steps)
-        ours, loss_o = time_ours(hf_dir, *data, args.steps)
+        ours, loss_o, flops, shapes = time_ours(hf_dir, *data, args.steps)
+        floor = matmul_floor(shapes)
         tokens = spec["batch"] * spec["seq"]
         lines.append(f"| {name} | {count / 1e6:.1f}M | {spec['batch']} x {spec['seq']} | {theirs:.3f} | {ours:.3f} | "
-                     f"{tokens / ours:,.0f} | {theirs / ours:.2f}x |")
-        print(lines[-1], f"(first-step losses {loss_t:.3f} / {loss_o:.3f})", flush=True)
+                     f"{tokens / ours:,.0f} | {theirs / ours:.2f}x | {flops / 1e9:.1f} | {flops / theirs / 1e9:.0f} | "
+                     f"{flops / ours / 1e9:.0f} | {floor:.3f} | {theirs / floor:.2f}x |")
+        print(lines[-1], f"(first-step losses {loss_t:.3f} / {loss_o:.3f}; {len(shapes)} product shapes)", flush=True)
     append_results(args.out, lines)
 
 

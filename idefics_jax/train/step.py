@@ -83,8 +83,8 @@ def place_batch(batch: dict, mesh: Mesh) -> dict:
     return {k: jax.device_put(batch[k], batch_sharding(mesh, batch[k].ndim)) for k in MODEL_KEYS if k in batch}
 
 
-def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICAL_AXIS_RULES, lora=None):
-    _, shardings = state_shardings(model, tx, mesh, rules, lora)
+def train_step_fn(model, tx, *, accum_steps: int = 1, lora=None):
+    """The step as a pure function `(state, batch) -> (state, metrics)`, not yet jitted."""
 
     def step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
@@ -111,6 +111,12 @@ def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICA
         metrics = {"loss": loss_sum / denom, "target_tokens": count, "grad_norm": optax.global_norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
+    return step
+
+
+def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICAL_AXIS_RULES, lora=None):
+    _, shardings = state_shardings(model, tx, mesh, rules, lora)
+    step = train_step_fn(model, tx, accum_steps=accum_steps, lora=lora)
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(step, out_shardings=(shardings, replicated), donate_argnums=(0,))
 
