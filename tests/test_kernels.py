@@ -17,7 +17,7 @@ import pytest
 from conftest import rel_err
 from idefics_jax import Idefics2
 from idefics_jax.kernels import Blocks, flash_attention, perceiver_pooling
-from idefics_jax.kernels.flash import INVALID, Mask, block_ranges
+from idefics_jax.kernels.flash import INVALID, BlockRanges, Mask, block_ranges
 from idefics_jax.ops import attention as attention_ops
 from idefics_jax.ops.attention import attention_mask, dot_product_attention
 from test_parity import make_batch
@@ -110,6 +110,22 @@ def test_flash_block_sizes_agree(seed):
     compare(rng, q, k, v, large, jnp.float32, **mask)
 
 
+@pytest.mark.parametrize("causal, window", [(True, None), (True, 40), (False, None)])
+def test_flash_full_blocks(seed, causal, window):
+    """Long segments, so that most visited blocks are full and skip the element mask (16-token
+    tiles): outputs and gradients still equal the reference's, GQA included; the bidirectional case
+    has padding keys at the end of one row (the vision tower's layout)."""
+    rng = np.random.default_rng([seed, 14, causal, window or 0])
+    length, index = 120, jnp.arange(120)
+    q, k, v = qkv(rng, 2, length, length, 4, 2, 16, jnp.float32)
+    seg = jnp.stack([jnp.ones(length, jnp.int32), jnp.where(index < 70, 1, 2)])
+    positions = jnp.stack([index, jnp.where(index < 70, index, index - 70)])
+    kv_mask = jnp.stack([index < 100, index >= 0])
+    blocks = lambda q, k, v, **m: flash_attention(q, k, v, blocks=Blocks(block_q=16, block_k=16), **m)
+    compare(rng, q, k, v, blocks, jnp.float32, causal=causal, sliding_window=window, kv_mask=kv_mask,
+            q_positions=positions, kv_positions=positions, q_segment_ids=seg, kv_segment_ids=seg)
+
+
 @pytest.mark.parametrize("window", [None, 7, 130])
 def test_chunked_equals_reference(seed, window):
     """The CPU's chunked attention: same outputs and gradients as the reference for packed causal
@@ -129,21 +145,38 @@ def test_chunked_equals_reference(seed, window):
     assert flops("chunked") < 0.8 * flops("xla")
 
 
-def test_block_ranges_are_conservative(seed):
-    """Every block pair holding a visible token pair lies inside the ranges; causal skips blocks."""
-    rng = np.random.default_rng([seed, 5])
+@pytest.mark.parametrize("causal, window", [(True, 40), (True, None), (False, None), (False, 40)])
+def test_block_ranges_are_conservative(seed, causal, window):
+    """Every block pair holding a visible token pair lies inside the ranges, and every pair inside
+    the full runs is visible (those blocks skip the element mask); blocks are skipped and full runs
+    found where the mask allows them."""
+    rng = np.random.default_rng([seed, 5, causal, window or 0])
     length, block = 128, 16
     seg, positions, kv_mask = packed_segments(rng, 2, length)
+    index = jnp.arange(length)  # row 1: two long segments, no padding
+    seg, kv_mask = seg.at[1].set(jnp.where(index < 100, 1, 2)), kv_mask.at[1].set(True)
+    positions = positions.at[1].set(jnp.where(index < 100, index, index - 100))
     kv_seg = jnp.where(kv_mask, seg, INVALID)
-    mask = Mask(causal=True, window=24)
-    kv_lo, kv_hi, q_lo, q_hi = map(np.asarray, block_ranges(positions, seg, positions, kv_seg, mask, block, block))
-    visible = np.asarray(attention_mask(length, length, kv_mask=kv_mask, causal=True, sliding_window=24,
+    r = BlockRanges(*map(np.asarray, block_ranges(positions, seg, positions, kv_seg, Mask(causal, window),
+                                                  block, block)))
+    visible = np.asarray(attention_mask(length, length, kv_mask=kv_mask, causal=causal, sliding_window=window,
                                         q_positions=positions, kv_positions=positions, q_segment_ids=seg,
                                         kv_segment_ids=seg))[:, 0]
-    blocks = visible.reshape(2, length // block, block, length // block, block).any(axis=(2, 4))
-    for b, i, j in zip(*np.nonzero(blocks)):
-        assert kv_lo[b, i] <= j < kv_hi[b, i] and q_lo[b, j] <= i < q_hi[b, j]
-    assert (kv_hi - kv_lo).sum() < blocks.size  # something was skipped
+    pairs = visible.reshape(2, length // block, block, length // block, block)
+    some, every = pairs.any(axis=(2, 4)), pairs.all(axis=(2, 4))
+    for b, i, j in zip(*np.nonzero(some)):
+        assert r.kv_lo[b, i] <= j < r.kv_hi[b, i] and r.q_lo[b, j] <= i < r.q_hi[b, j]
+    for b, i in np.ndindex(r.kv_lo.shape):
+        assert r.kv_lo[b, i] <= r.kv_full_lo[b, i] <= r.kv_full_hi[b, i] <= r.kv_hi[b, i]
+        assert every[b, i, r.kv_full_lo[b, i]:r.kv_full_hi[b, i]].all()
+        if r.kv_full_lo[b, i] == r.kv_full_hi[b, i]:
+            assert r.kv_full_lo[b, i] == r.kv_hi[b, i]  # no run: the masked loop covers [lo, hi)
+    for b, j in np.ndindex(r.q_lo.shape):
+        assert r.q_lo[b, j] <= r.q_full_lo[b, j] <= r.q_full_hi[b, j] <= r.q_hi[b, j]
+        assert every[b, r.q_full_lo[b, j]:r.q_full_hi[b, j], j].all()
+    if causal or window:
+        assert (r.kv_hi - r.kv_lo).sum() < some.size  # something was skipped
+    assert (r.kv_full_hi - r.kv_full_lo)[1].sum() > 0 and (r.q_full_hi - r.q_full_lo)[1].sum() > 0
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -13,7 +13,15 @@ Blocks: the grid runs over (batch, query head, query block); each program loops 
 blocks its queries can see. Which blocks those are is worked out before the kernel from each
 block's range of positions and segment ids (`block_ranges`): a conservative interval, so skipping is
 a speed-up only, and exactness comes from the element mask. Causal attention visits about half the
-blocks, a window of w visits about w / block_k of them, packed segments only their own.
+blocks, a window of w visits about w / block_k of them, packed segments only their own. Inside that
+interval, a run of blocks in which every pair is visible (one segment, no padding, wholly before
+the queries and inside the window) is visited without building the element mask at all
+(FlashAttention-3's split of masked and unmasked blocks): for long causal rows that is all but the
+diagonal blocks.
+
+Softmax in base 2: scores are scaled by `scale * log2(e)` in the same multiply, and `exp2` (one
+`ex2.approx` on NVIDIA GPUs, where `exp` is a library call) gives the same probabilities; the
+log-sum-exp kept for the backward is in base 2 too.
 
 Backward (FlashAttention-2): `delta = rowsum(dO * O)`, then one kernel for dQ (loop over key
 blocks) and one for dK, dV (grid over key blocks, loop over query blocks, per query head; the query
@@ -35,6 +43,7 @@ from jax.experimental import pallas as pl
 
 INVALID = jnp.iinfo(jnp.int32).min  # segment id of padding keys: equal to no query's
 MASKED = -1e30  # score of a hidden key: finite, so a row with no visible key stays NaN-free
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
 class Mask(NamedTuple):
@@ -68,8 +77,16 @@ def _visible(mask: Mask, q_pos, q_seg, kv_pos, kv_seg):
 
 
 def _scores(q, k, scale):
-    """q [block_q, d] @ k [block_k, d]^T -> float32 [block_q, block_k], scaled."""
-    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    """q [block_q, d] @ k [block_k, d]^T -> float32 [block_q, block_k], scaled, in base 2 (times log2(e))."""
+    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * (scale * LOG2E)
+
+
+def _visit(lo, full_lo, full_hi, hi, body, carry):
+    """`fori_loop` over blocks `[lo, hi)`: `body(True, j, carry)` (element mask built) outside
+    `[full_lo, full_hi)`, `body(False, j, carry)` (every pair visible, no mask) inside it."""
+    carry = lax.fori_loop(lo, full_lo, functools.partial(body, True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(body, True), carry)
 
 
 def _pick(row, index):
@@ -81,13 +98,50 @@ def _pick(row, index):
 # Which key blocks each query block can see (and the transpose, for dK / dV).
 
 
-def block_ranges(q_pos, q_seg, kv_pos, kv_seg, mask: Mask, block_q: int, block_k: int):
-    """Conservative `[lo, hi)` key-block ranges per query block, and query-block ranges per key block.
+class BlockRanges(NamedTuple):
+    """int32 block intervals `[lo, hi)`: key blocks per query block (`kv_*`, `[batch, nq]`) and query
+    blocks per key block (`q_*`, `[batch, nk]`). `*_lo, *_hi`: every block holding a visible pair
+    lies inside. `*_full_lo, *_full_hi`: a run inside `[lo, hi)` of blocks whose pairs are all
+    visible (`full_lo == full_hi == hi` when there is none)."""
+
+    kv_lo: jax.Array
+    kv_hi: jax.Array
+    kv_full_lo: jax.Array
+    kv_full_hi: jax.Array
+    q_lo: jax.Array
+    q_hi: jax.Array
+    q_full_lo: jax.Array
+    q_full_hi: jax.Array
+
+
+def _interval(p):
+    """First and one-past-last True along the last axis; (0, 0) when none."""
+    n = p.shape[-1]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    first = jnp.min(jnp.where(p, idx, n), axis=-1)
+    last = jnp.max(jnp.where(p, idx, -1), axis=-1)
+    return jnp.where(last >= 0, first, 0).astype(jnp.int32), (last + 1).astype(jnp.int32)
+
+
+def _longest_run(p, empty_at):
+    """`[start, end)` of the longest run of True along the last axis (the first such run);
+    `(empty_at, empty_at)` when there is no True."""
+    idx = jnp.arange(p.shape[-1], dtype=jnp.int32)
+    last_false = lax.cummax(jnp.where(p, -1, idx), axis=p.ndim - 1)
+    run = jnp.where(p, idx - last_false, 0)  # length of the run ending here
+    end = jnp.argmax(run, axis=-1).astype(jnp.int32) + 1
+    length = jnp.max(run, axis=-1)
+    none = length == 0
+    return jnp.where(none, empty_at, end - length), jnp.where(none, empty_at, end)
+
+
+def block_ranges(q_pos, q_seg, kv_pos, kv_seg, mask: Mask, block_q: int, block_k: int) -> BlockRanges:
+    """Which block pairs hold visible token pairs (conservatively), and which hold only visible ones.
 
     Inputs are padded to whole blocks: q_* `[batch, nq * block_q]`, kv_* `[batch, nk * block_k]`;
-    padded queries carry segment `INVALID` too. Returns four int32 arrays, `kv_lo, kv_hi`
-    `[batch, nq]` and `q_lo, q_hi` `[batch, nk]`. A block pair is left out only when no pair of
-    tokens in it can be visible, judged from each block's min / max position and segment id.
+    padded queries carry segment `INVALID` too. A block pair is left out only when no pair of tokens
+    in it can be visible, and called full only when every pair is, both judged from each block's
+    min / max position and segment id.
     """
     big = jnp.iinfo(jnp.int32).max
 
@@ -96,100 +150,110 @@ def block_ranges(q_pos, q_seg, kv_pos, kv_seg, mask: Mask, block_q: int, block_k
         real = seg != INVALID
         lo = lambda x: jnp.min(jnp.where(real, x, big), axis=-1)
         hi = lambda x: jnp.max(jnp.where(real, x, -big), axis=-1)
-        return lo(pos), hi(pos), lo(seg), hi(seg), jnp.any(real, axis=-1)
+        return lo(pos), hi(pos), lo(seg), hi(seg), jnp.any(real, axis=-1), jnp.all(real, axis=-1)
 
-    qp_lo, qp_hi, qs_lo, qs_hi, q_any = (x[:, :, None] for x in summary(q_pos, q_seg, block_q))
-    kp_lo, kp_hi, ks_lo, ks_hi, k_any = (x[:, None, :] for x in summary(kv_pos, kv_seg, block_k))
+    qp_lo, qp_hi, qs_lo, qs_hi, q_any, q_all = (x[:, :, None] for x in summary(q_pos, q_seg, block_q))
+    kp_lo, kp_hi, ks_lo, ks_hi, k_any, k_all = (x[:, None, :] for x in summary(kv_pos, kv_seg, block_k))
     possible = q_any & k_any & (qs_lo <= ks_hi) & (ks_lo <= qs_hi)  # [batch, nq, nk]
+    # full: no padding on either side, one segment throughout, every position pair inside the mask
+    full = q_all & k_all & (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo)
     if mask.causal:
         possible &= kp_lo <= qp_hi
+        full &= kp_hi <= qp_lo
     if mask.window is not None:
         possible &= qp_lo - kp_hi < mask.window
+        full &= qp_hi - kp_lo < mask.window
         if not mask.causal:
             possible &= kp_lo - qp_hi < mask.window
+            full &= kp_hi - qp_lo < mask.window
 
-    def interval(p):  # first and one-past-last True along the last axis; (0, 0) when none
-        n = p.shape[-1]
-        idx = jnp.arange(n, dtype=jnp.int32)
-        first = jnp.min(jnp.where(p, idx, n), axis=-1)
-        last = jnp.max(jnp.where(p, idx, -1), axis=-1)
-        return jnp.where(last >= 0, first, 0).astype(jnp.int32), (last + 1).astype(jnp.int32)
-
-    kv_lo, kv_hi = interval(possible)
-    q_lo, q_hi = interval(jnp.swapaxes(possible, 1, 2))
-    return kv_lo, kv_hi, q_lo, q_hi
+    kv_lo, kv_hi = _interval(possible)
+    q_lo, q_hi = _interval(jnp.swapaxes(possible, 1, 2))
+    kv_full = _longest_run(full, kv_hi)
+    q_full = _longest_run(jnp.swapaxes(full, 1, 2), q_hi)
+    return BlockRanges(kv_lo, kv_hi, *kv_full, q_lo, q_hi, *q_full)
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels. Refs arrive as 2-D tiles: q / o `[block_q, d]`, k / v `[kv_len, d]` (whole sequence of
-# one head), positions / segments 1-D, range rows `[n_blocks_pow2]`.
+# one head), positions / segments 1-D, range rows `[n_blocks_pow2]`: lo, hi, full_lo, full_hi.
 
 
-def _forward_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
-                    o_ref, lse_ref, *, mask: Mask, scale: float, block_k: int):
-    i = pl.program_id(2)
-    lo, hi = _pick(lo_ref[...], i), _pick(hi_ref[...], i)
+def _ranges(range_refs, index):
+    """This program's (lo, full_lo, full_hi, hi) from the four range rows."""
+    lo, hi, full_lo, full_hi = (_pick(ref[...], index) for ref in range_refs)
+    return lo, full_lo, full_hi, hi
+
+
+def _forward_kernel(lo_ref, hi_ref, full_lo_ref, full_hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
+                    q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: Mask, scale: float, block_k: int):
+    ranges = _ranges((lo_ref, hi_ref, full_lo_ref, full_hi_ref), pl.program_id(2))
     q = q_ref[...]
     q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
     block_q, d = q.shape
 
-    def body(j, carry):
+    def body(masked, j, carry):
         acc, m, l = carry
         cols = pl.ds(j * block_k, block_k)
         k, v = k_ref[cols, :], v_ref[cols, :]
-        visible = _visible(mask, q_pos, q_seg, kv_pos_ref[cols], kv_seg_ref[cols])
-        s = jnp.where(visible, _scores(q, k, scale), MASKED)
+        s = _scores(q, k, scale)
+        if masked:
+            visible = _visible(mask, q_pos, q_seg, kv_pos_ref[cols], kv_seg_ref[cols])
+            s = jnp.where(visible, s, MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
-        alpha = jnp.exp(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        if masked:
+            p = jnp.where(visible, p, 0.0)
+        alpha = jnp.exp2(m - m_new)
         acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc, m_new, l * alpha + jnp.sum(p, axis=-1)
 
     init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), MASKED, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = lax.fori_loop(lo, hi, body, init)
+    acc, m, l = _visit(*ranges, body, init)
     seen = l > 0.0  # rows with no visible key: output zero, lse irrelevant (p is masked to 0)
     o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), 0.0)  # base 2
 
 
-def _probabilities(mask, scale, q, k, q_pos, q_seg, kv_pos, kv_seg, lse):
-    visible = _visible(mask, q_pos, q_seg, kv_pos, kv_seg)
-    return jnp.where(visible, jnp.exp(_scores(q, k, scale) - lse[:, None]), 0.0)
+def _probabilities(mask, scale, q, k, q_pos, q_seg, kv_pos, kv_seg, lse, masked=True):
+    """The forward's softmax weights of a block, from the saved base-2 log-sum-exp `lse`."""
+    p = jnp.exp2(_scores(q, k, scale) - lse[:, None])
+    return jnp.where(_visible(mask, q_pos, q_seg, kv_pos, kv_seg), p, 0.0) if masked else p
 
 
-def _dq_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
-               do_ref, lse_ref, delta_ref, dq_ref, *, mask: Mask, scale: float, block_k: int):
-    i = pl.program_id(2)
-    lo, hi = _pick(lo_ref[...], i), _pick(hi_ref[...], i)
+def _dq_kernel(lo_ref, hi_ref, full_lo_ref, full_hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
+               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, mask: Mask, scale: float, block_k: int):
+    ranges = _ranges((lo_ref, hi_ref, full_lo_ref, full_hi_ref), pl.program_id(2))
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
 
-    def body(j, dq):
+    def body(masked, j, dq):
         cols = pl.ds(j * block_k, block_k)
         k, v = k_ref[cols, :], v_ref[cols, :]
-        p = _probabilities(mask, scale, q, k, q_pos, q_seg, kv_pos_ref[cols], kv_seg_ref[cols], lse)
+        p = _probabilities(mask, scale, q, k, q_pos, q_seg, kv_pos_ref[cols], kv_seg_ref[cols], lse, masked)
         dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         ds = p * (dp - delta[:, None])
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _visit(*ranges, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
-                 do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, mask: Mask, scale: float, block_q: int):
-    j = pl.program_id(2)
-    lo, hi = _pick(lo_ref[...], j), _pick(hi_ref[...], j)
+def _dkdv_kernel(lo_ref, hi_ref, full_lo_ref, full_hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
+                 q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, mask: Mask, scale: float,
+                 block_q: int):
+    ranges = _ranges((lo_ref, hi_ref, full_lo_ref, full_hi_ref), pl.program_id(2))
     k, v = k_ref[...], v_ref[...]
     kv_pos, kv_seg = kv_pos_ref[...], kv_seg_ref[...]
     t = lambda a: a.T
 
-    def body(i, carry):
+    def body(masked, i, carry):
         dk, dv = carry
         rows = pl.ds(i * block_q, block_q)
         q, do = q_ref[rows, :], do_ref[rows, :]
-        p = _probabilities(mask, scale, q, k, q_pos_ref[rows], q_seg_ref[rows], kv_pos, kv_seg, lse_ref[rows])
+        p = _probabilities(mask, scale, q, k, q_pos_ref[rows], q_seg_ref[rows], kv_pos, kv_seg, lse_ref[rows],
+                           masked)
         dv = dv + jnp.dot(t(p.astype(do.dtype)), do, preferred_element_type=jnp.float32)
         dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         ds = p * (dp - delta_ref[rows][:, None])
@@ -197,7 +261,7 @@ def _dkdv_kernel(lo_ref, hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+    dk, dv = _visit(*ranges, body, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -253,16 +317,15 @@ def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: 
     groups = h // kvh
     bq, bk = blocks.block_q, blocks.block_k
     nq = sq // bq
-    kv_lo, kv_hi, _, _ = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
+    r = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
     n_rows = _pow2(nq)
-    kv_lo, kv_hi = _pad_axis(kv_lo, 1, n_rows), _pad_axis(kv_hi, 1, n_rows)
+    rows = [_pad_axis(a, 1, n_rows) for a in (r.kv_lo, r.kv_hi, r.kv_full_lo, r.kv_full_hi)]
     kernel = functools.partial(_forward_kernel, mask=mask, scale=scale, block_k=bk)
     return pl.pallas_call(
         kernel,
         grid=(b, h, nq),
         in_specs=[
-            _row_spec(n_rows, lambda bi, hi, qi: (bi, 0)),
-            _row_spec(n_rows, lambda bi, hi, qi: (bi, 0)),
+            *[_row_spec(n_rows, lambda bi, hi, qi: (bi, 0))] * 4,
             pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
             pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
             _row_spec(sk, lambda bi, hi, qi: (bi, 0)),
@@ -279,7 +342,7 @@ def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: 
         compiler_params=_compiler_params(blocks, d, interpret),
         interpret=interpret,
         name="idefics_flash_forward",
-    )(kv_lo, kv_hi, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v)
+    )(*rows, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v)
 
 
 def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Blocks, interpret: bool):
@@ -290,12 +353,12 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
     bq, bk = blocks.block_q, blocks.block_k
     nq, nk = sq // bq, sk // bk
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
-    kv_lo, kv_hi, _, _ = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
+    r = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
     bq_dkv = min(bq, blocks.block_q_dkv or bq)  # divides sq: both are powers of two, sq a multiple of bq
-    _, _, q_lo, q_hi = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq_dkv, bk)
+    r_dkv = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq_dkv, bk)
     nq_rows, nk_rows = _pow2(nq), _pow2(nk)
-    kv_lo, kv_hi = _pad_axis(kv_lo, 1, nq_rows), _pad_axis(kv_hi, 1, nq_rows)
-    q_lo, q_hi = _pad_axis(q_lo, 1, nk_rows), _pad_axis(q_hi, 1, nk_rows)
+    kv_rows = [_pad_axis(a, 1, nq_rows) for a in (r.kv_lo, r.kv_hi, r.kv_full_lo, r.kv_full_hi)]
+    q_rows = [_pad_axis(a, 1, nk_rows) for a in (r_dkv.q_lo, r_dkv.q_hi, r_dkv.q_full_lo, r_dkv.q_full_hi)]
     params = _compiler_params(blocks, d, interpret)
     row = lambda n: _row_spec(n, lambda bi, hi, i: (bi, 0))
     kv_head = lambda bi, hi, i: (bi, 0, hi // groups, 0)
@@ -304,7 +367,7 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
         functools.partial(_dq_kernel, mask=mask, scale=scale, block_k=bk),
         grid=(b, h, nq),
         in_specs=[
-            row(nq_rows), row(nq_rows),
+            *[row(nq_rows)] * 4,
             pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
             pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
             row(sk), row(sk),
@@ -320,14 +383,14 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
         compiler_params=params,
         interpret=interpret,
         name="idefics_flash_dq",
-    )(kv_lo, kv_hi, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v, dout, lse, delta)
+    )(*kv_rows, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v, dout, lse, delta)
 
     per_head = jax.ShapeDtypeStruct((b, sk, h, d), jnp.float32)  # one dK / dV per query head
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, mask=mask, scale=scale, block_q=bq_dkv),
         grid=(b, h, nk),
         in_specs=[
-            row(nk_rows), row(nk_rows),
+            *[row(nk_rows)] * 4,
             row(sq), row(sq),
             pl.BlockSpec((None, bk), lambda bi, hi, ki: (bi, ki)),
             pl.BlockSpec((None, bk), lambda bi, hi, ki: (bi, ki)),
@@ -343,7 +406,7 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
         compiler_params=params,
         interpret=interpret,
         name="idefics_flash_dkdv",
-    )(q_lo, q_hi, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v, dout, lse, delta)
+    )(*q_rows, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v, dout, lse, delta)
     return dq, sum_groups(dk, kvh, x.k.dtype), sum_groups(dv, kvh, x.k.dtype)
 
 
@@ -455,5 +518,5 @@ def flash_attention(query, key, value, *, scale: float | None = None, kv_mask=No
     return out[:, :query.shape[1], :, :query.shape[3]]
 
 
-__all__ = ["Blocks", "Mask", "block_ranges", "default_blocks", "flash_attention", "prepare", "sum_groups",
+__all__ = ["BlockRanges", "Blocks", "Mask", "block_ranges", "default_blocks", "flash_attention", "prepare", "sum_groups",
            "token_arrays", "INVALID", "MASKED"]
