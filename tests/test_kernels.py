@@ -6,6 +6,7 @@ largest entry: float32 below 1e-5, bfloat16 below 1e-2.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -17,7 +18,7 @@ import pytest
 from conftest import rel_err
 from idefics_jax import Idefics2
 from idefics_jax.kernels import Blocks, flash_attention, perceiver_pooling
-from idefics_jax.kernels.flash import INVALID, BlockRanges, Mask, block_ranges
+from idefics_jax.kernels.flash import INVALID, BlockRanges, Mask, block_ranges, default_blocks, head_parts
 from idefics_jax.ops import attention as attention_ops
 from idefics_jax.ops.attention import attention_mask, dot_product_attention
 from test_parity import make_batch
@@ -263,8 +264,6 @@ def pretend_tpu(monkeypatch):
 def test_model_logits_splash_equal_xla(converted, seed, monkeypatch, caplog):
     """As on a TPU: `auto` sends every attention (vision, Perceiver, the decoder's packed causal
     window, which masks by index) to splash, interpreted here; same logits, no fallback."""
-    import functools
-
     from idefics_jax.kernels import splash
 
     config, params = converted
@@ -331,3 +330,32 @@ def test_training_step_lowers_for_gpu(converted, monkeypatch):
     assert calls == {"idefics_flash_forward": vision + perceiver + decoder, "idefics_flash_dq": vision + decoder,
                      "idefics_flash_dkdv": vision + decoder, "idefics_perceiver_pooling_backward": perceiver}
     assert text.count("__gpu$xla.gpu.triton") == sum(calls.values())
+
+
+def test_head_parts():
+    """Head dims as power-of-two tiles of at least 16, largest first, fewer than 16 zero columns."""
+    assert head_parts(72) == (64, 16) and head_parts(96) == (64, 32) and head_parts(128) == (128,)
+    for d in range(1, 257):
+        parts = head_parts(d)
+        assert all(w >= 16 and w & (w - 1) == 0 for w in parts) and list(parts) == sorted(parts, reverse=True)
+        assert 0 <= sum(parts) - d < 16 and len(set(parts)) == len(parts)
+
+
+@pytest.mark.parametrize("head_dim", [72, 96])
+def test_split_head_dims_lower_for_gpu(monkeypatch, head_dim):
+    """Split head dims (72 -> 64 + 16, 96 -> 64 + 32) through Triton's lowering for a GPU, bfloat16,
+    the GPU's tiles: flash forward and backward, and the pooling kernels."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    blocks = default_blocks("gpu", head_dim)
+
+    def grads(fn, q, k, v):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+
+    flash = lambda q, k, v: flash_attention(q, k, v, kv_mask=jnp.arange(300) < 280, blocks=blocks, interpret=False)
+    pool = lambda q, k, v: perceiver_pooling(q, k, v, kv_mask=jnp.arange(364) < 340, interpret=False)
+    for fn, shapes, kernels in ((flash, ((1, 300, 4, head_dim), (1, 300, 2, head_dim)), 3),
+                                (pool, ((2, 64, 4, head_dim), (2, 364, 2, head_dim)), 2)):
+        q, kv = spec(*shapes[0]), spec(*shapes[1])
+        text = jax.jit(functools.partial(grads, fn)).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == kernels

@@ -27,8 +27,12 @@ Backward (FlashAttention-2): `delta = rowsum(dO * O)`, then one kernel for dQ (l
 blocks) and one for dK, dV (grid over key blocks, loop over query blocks, per query head; the query
 heads of a GQA group are summed afterwards).
 
-Lowering: Triton on GPU (head dim padded to a power of two, as Triton's tiles need), interpreted on
-CPU (`interpret=True`, how the tests run it). Layout `[batch, seq, heads, head_dim]` throughout.
+Head dims that are not a power of two are split into power-of-two parts (Triton's tiles need
+power-of-two sides): SigLIP's 72 as 64 + 16 (8 zero columns), 96 as 64 + 32, each part its own
+tile and its own matrix product, rather than one tile padded to 128.
+
+Lowering: Triton on GPU, interpreted on CPU (`interpret=True`, how the tests run it). Layout
+`[batch, seq, heads, head_dim]` throughout.
 """
 
 from __future__ import annotations
@@ -76,9 +80,12 @@ def _visible(mask: Mask, q_pos, q_seg, kv_pos, kv_seg):
     return visible
 
 
-def _scores(q, k, scale):
-    """q [block_q, d] @ k [block_k, d]^T -> float32 [block_q, block_k], scaled, in base 2 (times log2(e))."""
-    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * (scale * LOG2E)
+def _scores(qs, ks, scale):
+    """Head-dim parts of q [block_q, w] and k [block_k, w] -> float32 scores [block_q, block_k],
+    scaled, in base 2 (times log2(e))."""
+    products = [lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                for q, k in zip(qs, ks)]
+    return sum(products[1:], products[0]) * (scale * LOG2E)
 
 
 def _visit(lo, full_lo, full_hi, hi, body, carry):
@@ -175,8 +182,19 @@ def block_ranges(q_pos, q_seg, kv_pos, kv_seg, mask: Mask, block_q: int, block_k
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels. Refs arrive as 2-D tiles: q / o `[block_q, d]`, k / v `[kv_len, d]` (whole sequence of
+# Kernels. Refs arrive as 2-D tiles: q / o `[block_q, w]`, k / v `[kv_len, w]` (whole sequence of
 # one head), positions / segments 1-D, range rows `[n_blocks_pow2]`: lo, hi, full_lo, full_hi.
+# Every q / k / v / o / dO / gradient tile comes as one ref per head-dim part (`head_parts`).
+
+
+def _take(refs, *counts):
+    """Splits a flat ref list into consecutive groups of the given sizes."""
+    groups, start = [], 0
+    for n in counts:
+        groups.append(refs[start:start + n])
+        start += n
+    assert start == len(refs), (start, len(refs))
+    return groups
 
 
 def _ranges(range_refs, index):
@@ -185,18 +203,25 @@ def _ranges(range_refs, index):
     return lo, full_lo, full_hi, hi
 
 
-def _forward_kernel(lo_ref, hi_ref, full_lo_ref, full_hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
-                    q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: Mask, scale: float, block_k: int):
-    ranges = _ranges((lo_ref, hi_ref, full_lo_ref, full_hi_ref), pl.program_id(2))
-    q = q_ref[...]
+def _dot(a, b):  # a [m, k] @ b [k, n], float32 accumulation
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):  # a [m, k] @ b [n, k]^T
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _forward_kernel(*refs, mask: Mask, scale: float, block_k: int, parts: int):
+    (lo, hi, full_lo, full_hi, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), q_refs, k_refs, v_refs, o_refs, \
+        (lse_ref,) = _take(refs, 8, parts, parts, parts, parts, 1)
+    qs = [r[...] for r in q_refs]
     q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
-    block_q, d = q.shape
+    block_q = qs[0].shape[0]
 
     def body(masked, j, carry):
-        acc, m, l = carry
+        accs, m, l = carry
         cols = pl.ds(j * block_k, block_k)
-        k, v = k_ref[cols, :], v_ref[cols, :]
-        s = _scores(q, k, scale)
+        s = _scores(qs, [r[cols, :] for r in k_refs], scale)
         if masked:
             visible = _visible(mask, q_pos, q_seg, kv_pos_ref[cols], kv_seg_ref[cols])
             s = jnp.where(visible, s, MASKED)
@@ -205,69 +230,97 @@ def _forward_kernel(lo_ref, hi_ref, full_lo_ref, full_hi_ref, q_pos_ref, q_seg_r
         if masked:
             p = jnp.where(visible, p, 0.0)
         alpha = jnp.exp2(m - m_new)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc, m_new, l * alpha + jnp.sum(p, axis=-1)
+        accs = tuple(acc * alpha[:, None] + _dot(p.astype(r.dtype), r[cols, :]) for acc, r in zip(accs, v_refs))
+        return accs, m_new, l * alpha + jnp.sum(p, axis=-1)
 
-    init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), MASKED, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = _visit(*ranges, body, init)
+    init = (tuple(jnp.zeros((block_q, r.shape[-1]), jnp.float32) for r in v_refs),
+            jnp.full((block_q,), MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+    accs, m, l = _visit(*_ranges((lo, hi, full_lo, full_hi), pl.program_id(2)), body, init)
     seen = l > 0.0  # rows with no visible key: output zero, lse irrelevant (p is masked to 0)
-    o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
+    for acc, o_ref in zip(accs, o_refs):
+        o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), 0.0)  # base 2
 
 
-def _probabilities(mask, scale, q, k, q_pos, q_seg, kv_pos, kv_seg, lse, masked=True):
+def _probabilities(mask, scale, qs, ks, q_pos, q_seg, kv_pos, kv_seg, lse, masked=True):
     """The forward's softmax weights of a block, from the saved base-2 log-sum-exp `lse`."""
-    p = jnp.exp2(_scores(q, k, scale) - lse[:, None])
+    p = jnp.exp2(_scores(qs, ks, scale) - lse[:, None])
     return jnp.where(_visible(mask, q_pos, q_seg, kv_pos, kv_seg), p, 0.0) if masked else p
 
 
-def _dq_kernel(lo_ref, hi_ref, full_lo_ref, full_hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
-               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, mask: Mask, scale: float, block_k: int):
-    ranges = _ranges((lo_ref, hi_ref, full_lo_ref, full_hi_ref), pl.program_id(2))
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+def _dq_kernel(*refs, mask: Mask, scale: float, block_k: int, parts: int):
+    (lo, hi, full_lo, full_hi, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), q_refs, k_refs, v_refs, do_refs, \
+        (lse_ref, delta_ref), dq_refs = _take(refs, 8, parts, parts, parts, parts, 2, parts)
+    qs, dos = [r[...] for r in q_refs], [r[...] for r in do_refs]
+    lse, delta = lse_ref[...], delta_ref[...]
     q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
 
-    def body(masked, j, dq):
+    def body(masked, j, dqs):
         cols = pl.ds(j * block_k, block_k)
-        k, v = k_ref[cols, :], v_ref[cols, :]
-        p = _probabilities(mask, scale, q, k, q_pos, q_seg, kv_pos_ref[cols], kv_seg_ref[cols], lse, masked)
-        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ks = [r[cols, :] for r in k_refs]
+        p = _probabilities(mask, scale, qs, ks, q_pos, q_seg, kv_pos_ref[cols], kv_seg_ref[cols], lse, masked)
+        dp = sum(_dot_t(do, r[cols, :]) for do, r in zip(dos, v_refs))
         ds = p * (dp - delta[:, None])
-        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        return tuple(dq + _dot(ds.astype(k.dtype), k) for dq, k in zip(dqs, ks))
 
-    dq = _visit(*ranges, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    dqs = _visit(*_ranges((lo, hi, full_lo, full_hi), pl.program_id(2)), body,
+                 tuple(jnp.zeros(q.shape, jnp.float32) for q in qs))
+    for dq, dq_ref in zip(dqs, dq_refs):
+        dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(lo_ref, hi_ref, full_lo_ref, full_hi_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
-                 q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, mask: Mask, scale: float,
-                 block_q: int):
-    ranges = _ranges((lo_ref, hi_ref, full_lo_ref, full_hi_ref), pl.program_id(2))
-    k, v = k_ref[...], v_ref[...]
+def _dkdv_kernel(*refs, mask: Mask, scale: float, block_q: int, parts: int):
+    (lo, hi, full_lo, full_hi, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), q_refs, k_refs, v_refs, do_refs, \
+        (lse_ref, delta_ref), dk_refs, dv_refs = _take(refs, 8, parts, parts, parts, parts, 2, parts, parts)
+    ks, vs = [r[...] for r in k_refs], [r[...] for r in v_refs]
     kv_pos, kv_seg = kv_pos_ref[...], kv_seg_ref[...]
-    t = lambda a: a.T
 
     def body(masked, i, carry):
-        dk, dv = carry
+        dks, dvs = carry
         rows = pl.ds(i * block_q, block_q)
-        q, do = q_ref[rows, :], do_ref[rows, :]
-        p = _probabilities(mask, scale, q, k, q_pos_ref[rows], q_seg_ref[rows], kv_pos, kv_seg, lse_ref[rows],
+        qs, dos = [r[rows, :] for r in q_refs], [r[rows, :] for r in do_refs]
+        p = _probabilities(mask, scale, qs, ks, q_pos_ref[rows], q_seg_ref[rows], kv_pos, kv_seg, lse_ref[rows],
                            masked)
-        dv = dv + jnp.dot(t(p.astype(do.dtype)), do, preferred_element_type=jnp.float32)
-        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_ref[rows][:, None])
-        dk = dk + jnp.dot(t(ds.astype(q.dtype)), q, preferred_element_type=jnp.float32)
-        return dk, dv
+        dvs = tuple(dv + _dot(p.astype(do.dtype).T, do) for dv, do in zip(dvs, dos))
+        dp = sum(_dot_t(do, v) for do, v in zip(dos, vs))
+        ds = (p * (dp - delta_ref[rows][:, None])).T
+        dks = tuple(dk + _dot(ds.astype(q.dtype), q) for dk, q in zip(dks, qs))
+        return dks, dvs
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = _visit(*ranges, body, (zeros, zeros))
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    zeros = tuple(jnp.zeros(k.shape, jnp.float32) for k in ks)
+    dks, dvs = _visit(*_ranges((lo, hi, full_lo, full_hi), pl.program_id(2)), body, (zeros, zeros))
+    for dk, dk_ref in zip(dks, dk_refs):
+        dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    for dv, dv_ref in zip(dvs, dv_refs):
+        dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # pallas_call plumbing.
+
+
+def head_parts(head_dim: int) -> tuple[int, ...]:
+    """The head dim as powers of two of at least 16 (Triton's tiles: power-of-two sides, MMA's
+    16-wide K), largest first, covering it with the fewest zero columns: 72 -> (64, 16), 96 ->
+    (64, 32), 128 -> (128,). Each part is read and multiplied as its own tile; against padding to
+    one power of two (72 -> 128) the matrix work and the loads shrink by 80 / 128 at SigLIP's 72."""
+    units = -(-head_dim // 16)
+    return tuple(16 << bit for bit in reversed(range(units.bit_length())) if units >> bit & 1)
+
+
+def _part_specs(block_shape, index_map, parts):
+    """One BlockSpec per head-dim part over the same `[..., sum(parts)]` array: part `i` is the
+    block at column `offset_i / width_i` (offsets are multiples of the smaller widths that follow)."""
+    specs, offset = [], 0
+    for width in parts:
+        specs.append(pl.BlockSpec((*block_shape, width),
+                                  lambda *ids, _o=offset // width: (*index_map(*ids), _o)))
+        offset += width
+    return specs
+
+
+def _join(parts_out):
+    return parts_out[0] if len(parts_out) == 1 else jnp.concatenate(parts_out, axis=-1)
 
 
 def _compiler_params(blocks: Blocks, head_dim: int, interpret: bool):
@@ -311,18 +364,20 @@ def _row_spec(n: int, index_of_row):
 
 
 def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: bool):
-    """Padded inputs -> (out [b, sq, h, d], lse float32 [b, h, sq])."""
+    """Padded inputs -> (out [b, sq, h, d], lse float32 [b, h, sq], base 2)."""
     b, sq, h, d = x.q.shape
     sk, kvh = x.k.shape[1], x.k.shape[2]
     groups = h // kvh
     bq, bk = blocks.block_q, blocks.block_k
-    nq = sq // bq
+    nq, parts = sq // bq, head_parts(d)
+    n = len(parts)
     r = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
     n_rows = _pow2(nq)
     rows = [_pad_axis(a, 1, n_rows) for a in (r.kv_lo, r.kv_hi, r.kv_full_lo, r.kv_full_hi)]
-    kernel = functools.partial(_forward_kernel, mask=mask, scale=scale, block_k=bk)
-    return pl.pallas_call(
-        kernel,
+    q_tile = lambda bi, hi, qi: (bi, qi, hi)
+    kv_whole = lambda bi, hi, qi: (bi, 0, hi // groups)
+    *outs, lse = pl.pallas_call(
+        functools.partial(_forward_kernel, mask=mask, scale=scale, block_k=bk, parts=n),
         grid=(b, h, nq),
         in_specs=[
             *[_row_spec(n_rows, lambda bi, hi, qi: (bi, 0))] * 4,
@@ -330,19 +385,19 @@ def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: 
             pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
             _row_spec(sk, lambda bi, hi, qi: (bi, 0)),
             _row_spec(sk, lambda bi, hi, qi: (bi, 0)),
-            pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
-            pl.BlockSpec((None, sk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),
-            pl.BlockSpec((None, sk, None, d), lambda bi, hi, qi: (bi, 0, hi // groups, 0)),
+            *_part_specs((None, bq, None), q_tile, parts),
+            *_part_specs((None, sk, None), kv_whole, parts),
+            *_part_specs((None, sk, None), kv_whole, parts),
         ],
-        out_specs=[
-            pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
-            pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct(x.q.shape, x.q.dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
+        out_specs=[*[pl.BlockSpec((None, bq, None, w), lambda bi, hi, qi: (bi, qi, hi, 0)) for w in parts],
+                   pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi))],
+        out_shape=[*[jax.ShapeDtypeStruct((b, sq, h, w), x.q.dtype) for w in parts],
+                   jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
         compiler_params=_compiler_params(blocks, d, interpret),
         interpret=interpret,
         name="idefics_flash_forward",
-    )(*rows, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v)
+    )(*rows, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, *[x.q] * n, *[x.k] * n, *[x.v] * n)
+    return _join(outs), lse
 
 
 def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Blocks, interpret: bool):
@@ -351,7 +406,8 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
     sk, kvh = x.k.shape[1], x.k.shape[2]
     groups = h // kvh
     bq, bk = blocks.block_q, blocks.block_k
-    nq, nk = sq // bq, sk // bk
+    nq, nk, parts = sq // bq, sk // bk, head_parts(d)
+    n = len(parts)
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
     r = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
     bq_dkv = min(bq, blocks.block_q_dkv or bq)  # divides sq: both are powers of two, sq a multiple of bq
@@ -360,54 +416,60 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
     kv_rows = [_pad_axis(a, 1, nq_rows) for a in (r.kv_lo, r.kv_hi, r.kv_full_lo, r.kv_full_hi)]
     q_rows = [_pad_axis(a, 1, nk_rows) for a in (r_dkv.q_lo, r_dkv.q_hi, r_dkv.q_full_lo, r_dkv.q_full_hi)]
     params = _compiler_params(blocks, d, interpret)
-    row = lambda n: _row_spec(n, lambda bi, hi, i: (bi, 0))
-    kv_head = lambda bi, hi, i: (bi, 0, hi // groups, 0)
+    row = lambda n_rows: _row_spec(n_rows, lambda bi, hi, i: (bi, 0))
+    operands = lambda: [x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, *[x.q] * n, *[x.k] * n, *[x.v] * n, *[dout] * n,
+                        lse, delta]
 
+    q_tile = lambda bi, hi, qi: (bi, qi, hi)
+    kv_whole = lambda bi, hi, qi: (bi, 0, hi // groups)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, mask=mask, scale=scale, block_k=bk),
+        functools.partial(_dq_kernel, mask=mask, scale=scale, block_k=bk, parts=n),
         grid=(b, h, nq),
         in_specs=[
             *[row(nq_rows)] * 4,
             pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
             pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
             row(sk), row(sk),
-            pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
-            pl.BlockSpec((None, sk, None, d), kv_head),
-            pl.BlockSpec((None, sk, None, d), kv_head),
-            pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
+            *_part_specs((None, bq, None), q_tile, parts),
+            *_part_specs((None, sk, None), kv_whole, parts),
+            *_part_specs((None, sk, None), kv_whole, parts),
+            *_part_specs((None, bq, None), q_tile, parts),
             pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
             pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
         ],
-        out_specs=pl.BlockSpec((None, bq, None, d), lambda bi, hi, qi: (bi, qi, hi, 0)),
-        out_shape=jax.ShapeDtypeStruct(x.q.shape, x.q.dtype),
+        out_specs=[pl.BlockSpec((None, bq, None, w), lambda bi, hi, qi: (bi, qi, hi, 0)) for w in parts],
+        out_shape=[jax.ShapeDtypeStruct((b, sq, h, w), x.q.dtype) for w in parts],
         compiler_params=params,
         interpret=interpret,
         name="idefics_flash_dq",
-    )(*kv_rows, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v, dout, lse, delta)
+    )(*kv_rows, *operands())
 
-    per_head = jax.ShapeDtypeStruct((b, sk, h, d), jnp.float32)  # one dK / dV per query head
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, mask=mask, scale=scale, block_q=bq_dkv),
+    q_whole = lambda bi, hi, ki: (bi, 0, hi)
+    kv_tile = lambda bi, hi, ki: (bi, ki, hi // groups)
+    dkv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, mask=mask, scale=scale, block_q=bq_dkv, parts=n),
         grid=(b, h, nk),
         in_specs=[
             *[row(nk_rows)] * 4,
             row(sq), row(sq),
             pl.BlockSpec((None, bk), lambda bi, hi, ki: (bi, ki)),
             pl.BlockSpec((None, bk), lambda bi, hi, ki: (bi, ki)),
-            pl.BlockSpec((None, sq, None, d), lambda bi, hi, ki: (bi, 0, hi, 0)),
-            pl.BlockSpec((None, bk, None, d), lambda bi, hi, ki: (bi, ki, hi // groups, 0)),
-            pl.BlockSpec((None, bk, None, d), lambda bi, hi, ki: (bi, ki, hi // groups, 0)),
-            pl.BlockSpec((None, sq, None, d), lambda bi, hi, ki: (bi, 0, hi, 0)),
+            *_part_specs((None, sq, None), q_whole, parts),
+            *_part_specs((None, bk, None), kv_tile, parts),
+            *_part_specs((None, bk, None), kv_tile, parts),
+            *_part_specs((None, sq, None), q_whole, parts),
             pl.BlockSpec((None, None, sq), lambda bi, hi, ki: (bi, hi, 0)),
             pl.BlockSpec((None, None, sq), lambda bi, hi, ki: (bi, hi, 0)),
         ],
-        out_specs=[pl.BlockSpec((None, bk, None, d), lambda bi, hi, ki: (bi, ki, hi, 0))] * 2,
-        out_shape=[per_head, per_head],
+        # one dK / dV per query head, summed over each GQA group afterwards
+        out_specs=[pl.BlockSpec((None, bk, None, w), lambda bi, hi, ki: (bi, ki, hi, 0)) for w in parts] * 2,
+        out_shape=[jax.ShapeDtypeStruct((b, sk, h, w), jnp.float32) for w in parts] * 2,
         compiler_params=params,
         interpret=interpret,
         name="idefics_flash_dkdv",
-    )(*q_rows, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, x.q, x.k, x.v, dout, lse, delta)
-    return dq, sum_groups(dk, kvh, x.k.dtype), sum_groups(dv, kvh, x.k.dtype)
+    )(*q_rows, *operands())
+    dk, dv = _join(dkv[:n]), _join(dkv[n:])
+    return _join(dq), sum_groups(dk, kvh, x.k.dtype), sum_groups(dv, kvh, x.k.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -468,7 +530,7 @@ def prepare(query, key, value, *, scale: float | None, blocks: Blocks | None, in
 
     Returns `(x, q, k, v, scale, blocks, interpret)`: `x` the padded per-token arrays (its q, k, v
     left empty: they are the differentiable arguments), q / k / v padded to whole blocks and, on
-    every backend, the head dim to a power of two (Triton's tiles; zero columns change nothing).
+    every backend, the head dim to the sum of its `head_parts` (zero columns change nothing).
     `block_q` overrides the query tile (the pooling kernel's single tile).
     """
     backend = jax.default_backend()
@@ -483,7 +545,7 @@ def prepare(query, key, value, *, scale: float | None, blocks: Blocks | None, in
     blocks = blocks._replace(block_q=max(16, min(block_q or blocks.block_q, _pow2(q_len))),
                              block_k=max(16, min(blocks.block_k, _pow2(kv_len))))
     sq, sk = pl.cdiv(q_len, blocks.block_q) * blocks.block_q, pl.cdiv(kv_len, blocks.block_k) * blocks.block_k
-    d = max(16, _pow2(head_dim))
+    d = sum(head_parts(head_dim))
     q_pos, q_seg, kv_pos, kv_seg = token_arrays(batch, q_len, kv_len, **token_kw)
     x = _Prepared(
         q=None, k=None, v=None,
@@ -518,5 +580,5 @@ def flash_attention(query, key, value, *, scale: float | None = None, kv_mask=No
     return out[:, :query.shape[1], :, :query.shape[3]]
 
 
-__all__ = ["BlockRanges", "Blocks", "Mask", "block_ranges", "default_blocks", "flash_attention", "prepare", "sum_groups",
-           "token_arrays", "INVALID", "MASKED"]
+__all__ = ["BlockRanges", "Blocks", "Mask", "block_ranges", "default_blocks", "flash_attention", "head_parts",
+           "prepare", "sum_groups", "token_arrays", "INVALID", "MASKED"]

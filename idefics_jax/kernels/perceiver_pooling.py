@@ -26,60 +26,66 @@ from jax.experimental import pallas as pl
 from idefics_jax.kernels import flash as fa
 
 
-def _pooling_backward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, do_ref, lse_ref, delta_ref,
-                             dq_ref, dk_ref, dv_ref, *, scale: float, block_k: int):
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    latents = q.shape[0]
+def _pooling_backward_kernel(*refs, scale: float, block_k: int, parts: int):
+    q_refs, k_refs, v_refs, (q_seg_ref, kv_seg_ref), do_refs, (lse_ref, delta_ref), dq_refs, dk_refs, dv_refs = \
+        fa._take(refs, parts, parts, parts, 2, parts, 2, parts, parts, parts)
+    qs, dos = [r[...] for r in q_refs], [r[...] for r in do_refs]
+    lse, delta = lse_ref[...], delta_ref[...]
+    latents = qs[0].shape[0]
     q_pos = jnp.zeros((latents,), jnp.int32)
     q_seg = q_seg_ref[...]  # padded latent rows carry INVALID: they see nothing
     mask = fa.Mask()
 
-    def body(j, dq):
+    def body(j, dqs):
         cols = pl.ds(j * block_k, block_k)
-        k, v = k_ref[cols, :], v_ref[cols, :]
+        ks = [r[cols, :] for r in k_refs]
         kv_seg = kv_seg_ref[cols]
-        p = fa._probabilities(mask, scale, q, k, q_pos, q_seg, jnp.zeros_like(kv_seg), kv_seg, lse)
-        dv_ref[cols, :] = jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        p = fa._probabilities(mask, scale, qs, ks, q_pos, q_seg, jnp.zeros_like(kv_seg), kv_seg, lse)
+        for do, dv_ref in zip(dos, dv_refs):
+            dv_ref[cols, :] = fa._dot(p.T.astype(do.dtype), do)
+        dp = sum(fa._dot_t(do, r[cols, :]) for do, r in zip(dos, v_refs))
         ds = p * (dp - delta[:, None])
-        dk_ref[cols, :] = jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale
-        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        for q, dk_ref in zip(qs, dk_refs):
+            dk_ref[cols, :] = fa._dot(ds.T.astype(q.dtype), q) * scale
+        return tuple(dq + fa._dot(ds.astype(k.dtype), k) for dq, k in zip(dqs, ks))
 
-    dq = lax.fori_loop(0, k_ref.shape[0] // block_k, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    dqs = lax.fori_loop(0, k_refs[0].shape[0] // block_k, body, tuple(jnp.zeros(q.shape, jnp.float32) for q in qs))
+    for dq, dq_ref in zip(dqs, dq_refs):
+        dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _backward(x: fa._Prepared, out, lse, dout, scale: float, blocks: fa.Blocks, interpret: bool):
     n, latents, h, d = x.q.shape
     sk, kvh = x.k.shape[1], x.k.shape[2]
     groups = h // kvh
+    parts = fa.head_parts(d)
+    m = len(parts)
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
-    query_head = lambda ni, hi: (ni, 0, hi, 0)
-    kv_head = lambda ni, hi: (ni, 0, hi // groups, 0)
-    per_head = jax.ShapeDtypeStruct((n, sk, h, d), jnp.float32)
-    dq, dk, dv = pl.pallas_call(
-        functools.partial(_pooling_backward_kernel, scale=scale, block_k=blocks.block_k),
+    query_head = lambda ni, hi: (ni, 0, hi)
+    kv_head = lambda ni, hi: (ni, 0, hi // groups)
+    outs = pl.pallas_call(
+        functools.partial(_pooling_backward_kernel, scale=scale, block_k=blocks.block_k, parts=m),
         grid=(n, h),
         in_specs=[
-            pl.BlockSpec((None, latents, None, d), query_head),
-            pl.BlockSpec((None, sk, None, d), kv_head),
-            pl.BlockSpec((None, sk, None, d), kv_head),
+            *fa._part_specs((None, latents, None), query_head, parts),
+            *fa._part_specs((None, sk, None), kv_head, parts),
+            *fa._part_specs((None, sk, None), kv_head, parts),
             pl.BlockSpec((None, latents), lambda ni, hi: (ni, 0)),
             pl.BlockSpec((None, sk), lambda ni, hi: (ni, 0)),
-            pl.BlockSpec((None, latents, None, d), query_head),
+            *fa._part_specs((None, latents, None), query_head, parts),
             pl.BlockSpec((None, None, latents), lambda ni, hi: (ni, hi, 0)),
             pl.BlockSpec((None, None, latents), lambda ni, hi: (ni, hi, 0)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, latents, None, d), query_head),
-            pl.BlockSpec((None, sk, None, d), query_head),
-            pl.BlockSpec((None, sk, None, d), query_head),
-        ],
-        out_shape=[jax.ShapeDtypeStruct(x.q.shape, x.q.dtype), per_head, per_head],
+        out_specs=[pl.BlockSpec((None, rows, None, w), lambda ni, hi: (ni, 0, hi, 0))
+                   for rows in (latents, sk, sk) for w in parts],
+        # dQ, then dK and dV per query head (summed over each GQA group afterwards)
+        out_shape=[jax.ShapeDtypeStruct((n, rows, h, w), dtype)
+                   for rows, dtype in ((latents, x.q.dtype), (sk, jnp.float32), (sk, jnp.float32)) for w in parts],
         compiler_params=fa._compiler_params(blocks, d, interpret),
         interpret=interpret,
         name="idefics_perceiver_pooling_backward",
-    )(x.q, x.k, x.v, x.q_seg, x.kv_seg, dout, lse, delta)
+    )(*[x.q] * m, *[x.k] * m, *[x.v] * m, x.q_seg, x.kv_seg, *[dout] * m, lse, delta)
+    dq, dk, dv = fa._join(outs[:m]), fa._join(outs[m:2 * m]), fa._join(outs[2 * m:])
     return dq, fa.sum_groups(dk, kvh, x.k.dtype), fa.sum_groups(dv, kvh, x.k.dtype)
 
 
