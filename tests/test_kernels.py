@@ -17,7 +17,8 @@ import pytest
 
 from conftest import rel_err
 from idefics_jax import Idefics2
-from idefics_jax.kernels import Blocks, flash_attention, perceiver_pooling
+from idefics_jax.kernels import (Blocks, flash_attention, flash_attention_tpu, perceiver_pooling,
+                                 perceiver_pooling_tpu)
 from idefics_jax.kernels.flash import INVALID, BlockRanges, Mask, block_ranges, default_blocks, head_parts
 from idefics_jax.ops import attention as attention_ops
 from idefics_jax.ops.attention import attention_mask, dot_product_attention
@@ -181,15 +182,19 @@ def test_block_ranges_are_conservative(seed, causal, window):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_perceiver_pooling(seed, dtype):
-    """64 latents over [context; latents], per-image context mask, GQA (4 query heads per key head)."""
+@pytest.mark.parametrize("build", ["triton", "mosaic"])
+def test_perceiver_pooling(seed, dtype, build):
+    """64 latents over [context; latents], per-image context mask, GQA (4 query heads per key head);
+    both builds interpreted (Mosaic's: fused backward over 128-key tiles)."""
     rng = np.random.default_rng([seed, 6])
-    images, patches, latents = 3, 100, 64
+    images, patches, latents = 3, 200, 64
     q, k, v = qkv(rng, images, latents, patches + latents, 8, 2, 96, dtype)
     kv_mask = np.ones((images, patches + latents), bool)
-    kv_mask[0, 70:patches] = False  # a smaller image: padded patches
+    kv_mask[0, 120:patches] = False  # a smaller image: padded patches
     kv_mask[2, :patches] = False  # no real patch at all: the latents still see themselves
-    compare(rng, q, k, v, perceiver_pooling, dtype, kv_mask=jnp.asarray(kv_mask))
+    pool = perceiver_pooling if build == "triton" else (
+        lambda q, k, v, **m: perceiver_pooling_tpu(q, k, v, interpret=True, **m))
+    compare(rng, q, k, v, pool, dtype, kv_mask=jnp.asarray(kv_mask))
 
 
 def test_splash_interpret(seed):
@@ -239,8 +244,9 @@ def test_selector_falls_back_with_a_reason(seed, caplog):
     assert on_tpu(causal=False, positions=False, segments=False) == "splash"
     assert attention_ops.select_implementation("splash", long_q[:, :64], long_k, causal=True, positions=False,
                                                segments=False, backend="tpu") == "xla"  # 64 queries over 256 keys
-    assert attention_ops.select_implementation("pallas", q, k, causal=True, positions=False, segments=False,
-                                               backend="tpu") == "xla"
+    on_tpu_pallas = lambda q: attention_ops.select_implementation("pallas", q, q, causal=True, positions=False,
+                                                                  segments=False, backend="tpu")
+    assert on_tpu_pallas(q) == "pallas" and on_tpu_pallas(jnp.zeros((1, 16, 2, 192))) == "xla"  # Mosaic's tiles
     with pytest.raises(ValueError, match="Unknown attention implementation 'palas'"):
         dot_product_attention(q, k, v, implementation="palas")
 
@@ -289,21 +295,29 @@ def test_model_logits_splash_equal_xla(converted, seed, monkeypatch, caplog):
     assert rel_err(logits, reference) < 1e-5
 
 
-def test_training_step_lowers_for_tpu(converted, monkeypatch):
-    """The model's gradient lowers for a TPU (jax.export, no TPU needed) with splash's Mosaic kernels:
-    forward, dQ and dK / dV kernels for each of the three attention shapes."""
+def lowered_model_gradient(converted, monkeypatch, implementation: str, backend: str) -> str:
+    """The text of the whole model's gradient (a 256-token packed row, one 56 px image) lowered for
+    `backend` ("tpu" through jax.export, "gpu" through jit's lowering for CUDA), as the selector
+    sees that backend; no such device needed."""
     config, params = converted
-    model = Idefics2(config, attention_impl="auto")
+    model = Idefics2(config, attention_impl=implementation)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
 
     def loss(params, ids, pixels, segments):
         return jnp.mean(model.apply({"params": params}, ids, pixel_values=pixels, segment_ids=segments) ** 2)
 
-    pretend_tpu(monkeypatch)
-    exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=["tpu"])(
-        jax.tree.map(lambda p: spec(p.shape, p.dtype), params), spec((2, 256), jnp.int32),
-        spec((2, 1, 56, 56, 3), jnp.float32), spec((2, 256), jnp.int32))
-    assert exported.mlir_module().count("tpu_custom_call") == 9
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    args = (jax.tree.map(lambda p: spec(p.shape, p.dtype), params), spec((2, 256), jnp.int32),
+            spec((2, 1, 56, 56, 3), jnp.float32), spec((2, 256), jnp.int32))
+    if backend == "tpu":
+        return jax.export.export(jax.jit(jax.grad(loss)), platforms=["tpu"])(*args).mlir_module()
+    return jax.jit(jax.grad(loss)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_training_step_lowers_for_tpu(converted, monkeypatch):
+    """The model's gradient lowers for a TPU (jax.export, no TPU needed) with splash's Mosaic kernels:
+    forward, dQ and dK / dV kernels for each of the three attention shapes."""
+    assert lowered_model_gradient(converted, monkeypatch, "auto", "tpu").count("tpu_custom_call") == 9
 
 
 def test_training_step_lowers_for_gpu(converted, monkeypatch):
@@ -311,18 +325,8 @@ def test_training_step_lowers_for_gpu(converted, monkeypatch):
     lowering: flash forward, dQ and dK / dV for every vision and decoder layer, the pooling forward
     and fused backward for every Perceiver layer. Catches what interpret mode cannot: an operation
     or tile shape that Triton does not take."""
-    config, params = converted
-    model = Idefics2(config, attention_impl="auto")
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
-
-    def loss(params, ids, pixels, segments):
-        return jnp.mean(model.apply({"params": params}, ids, pixel_values=pixels, segment_ids=segments) ** 2)
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    lowered = jax.jit(jax.grad(loss)).trace(
-        jax.tree.map(lambda p: spec(p.shape, p.dtype), params), spec((2, 256), jnp.int32),
-        spec((2, 1, 56, 56, 3), jnp.float32), spec((2, 256), jnp.int32)).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
+    config = converted[0]
+    text = lowered_model_gradient(converted, monkeypatch, "auto", "gpu")
     vision, perceiver, decoder = (config.vision.num_hidden_layers, config.perceiver.resampler_depth,
                                   config.text.num_hidden_layers)
     calls = {name: len(re.findall(f'name = "{name}"', text)) for name in (
@@ -359,3 +363,42 @@ def test_split_head_dims_lower_for_gpu(monkeypatch, head_dim):
         q, kv = spec(*shapes[0]), spec(*shapes[1])
         text = jax.jit(functools.partial(grads, fn)).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == kernels
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("window", [None, 7, 300])
+def test_flash_tpu_causal_packed(seed, dtype, window):
+    """The TPU (Mosaic) build, interpreted: packed causal rows with windows, GQA, 32-query tiles over
+    128-key tiles, lengths not multiples of either; long segments in one row so full blocks occur."""
+    rng = np.random.default_rng([seed, 15, window or 0])
+    length = 300
+    q, k, v = qkv(rng, 2, length, length, 4, 2, 64, dtype)
+    seg, positions, kv_mask = packed_segments(rng, 2, length)
+    index = jnp.arange(length)
+    seg, kv_mask = seg.at[1].set(jnp.where(index < 260, 1, 2)), kv_mask.at[1].set(True)
+    positions = positions.at[1].set(jnp.where(index < 260, index, index - 260))
+    tpu = lambda q, k, v, **m: flash_attention_tpu(q, k, v, block_q=32, interpret=True, **m)
+    compare(rng, q, k, v, tpu, dtype, causal=True, sliding_window=window, kv_mask=kv_mask, q_positions=positions,
+            kv_positions=positions, q_segment_ids=seg, kv_segment_ids=seg)
+
+
+@pytest.mark.parametrize("head_dim", [72, 128])
+def test_flash_tpu_bidirectional_padding(seed, head_dim):
+    """The vision tower's attention on the TPU build: padded patches, an image with every key masked."""
+    rng = np.random.default_rng([seed, 16, head_dim])
+    q, k, v = qkv(rng, 3, 150, 150, 2, 2, head_dim, jnp.float32)
+    kv_mask = jnp.asarray(rng.random((3, 150)) > 0.3).at[2].set(False).at[1].set(jnp.arange(150) < 140)
+    tpu = lambda q, k, v, **m: flash_attention_tpu(q, k, v, interpret=True, **m)
+    compare(rng, q, k, v, tpu, jnp.float32, kv_mask=kv_mask)
+
+
+def test_training_step_lowers_for_tpu_with_our_kernels(converted, monkeypatch):
+    """`attention_impl="pallas"` on a TPU: the model's gradient lowers (jax.export) with our Mosaic
+    kernels: forward, dQ and dK / dV per vision and decoder layer, forward and fused backward per
+    Perceiver layer."""
+    config = converted[0]
+    text = lowered_model_gradient(converted, monkeypatch, "pallas", "tpu")
+    vision, perceiver, decoder = (config.vision.num_hidden_layers, config.perceiver.resampler_depth,
+                                  config.text.num_hidden_layers)
+    assert text.count("tpu_custom_call") == 3 * (vision + decoder) + 2 * perceiver
+    assert len(re.findall("idefics_perceiver_pooling_backward_tpu", text)) >= perceiver

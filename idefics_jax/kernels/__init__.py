@@ -1,11 +1,14 @@
 """Pallas kernels: flash attention (any mask `ops.attention` describes) and Perceiver pooling.
 
 Each computes exactly what the pure-jnp reference in `ops.attention` computes; the tests compare
-them in interpret mode on CPU. `ops.attention.dot_product_attention(implementation="pallas")`
-is how the model reaches them.
+them in interpret mode on CPU. Two builds: `flash` / `perceiver_pooling` lower through Triton on
+GPU, `flash_tpu` through Mosaic on TPU. `ops.attention.dot_product_attention(implementation="pallas")`
+is how the model reaches them (the TPU build on a TPU backend, the Triton build elsewhere).
 """
 
 from idefics_jax.kernels.flash import Blocks, flash_attention
+from idefics_jax.kernels.flash_tpu import flash_attention_tpu, perceiver_pooling_tpu
 from idefics_jax.kernels.perceiver_pooling import MAX_LATENTS, perceiver_pooling
 
-__all__ = ["MAX_LATENTS", "Blocks", "flash_attention", "perceiver_pooling"]
+__all__ = ["MAX_LATENTS", "Blocks", "flash_attention", "flash_attention_tpu", "perceiver_pooling",
+           "perceiver_pooling_tpu"]

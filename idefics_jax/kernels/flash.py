@@ -66,11 +66,12 @@ class Blocks(NamedTuple):
     num_stages: int = 2  # Triton's software pipelining depth: each stage holds one more K / V tile
 
 
-def _visible(mask: Mask, q_pos, q_seg, kv_pos, kv_seg):
-    """[block_q, block_k] bool from per-token vectors; the element mask inside every kernel."""
-    visible = q_seg[:, None] == kv_seg[None, :]
+def pair_mask(mask: Mask, same_segment, delta):
+    """Visible pairs from the segment test and `delta()` (query position - key position), both
+    broadcast to the tile's shape: the mask of the module docstring, shared by both kernel builds."""
+    visible = same_segment
     if mask.causal or mask.window is not None:
-        delta = q_pos[:, None] - kv_pos[None, :]  # query position - key position
+        delta = delta()
         if mask.causal:
             visible = visible & (delta >= 0)
         if mask.window is not None:
@@ -78,6 +79,11 @@ def _visible(mask: Mask, q_pos, q_seg, kv_pos, kv_seg):
             if not mask.causal:
                 visible = visible & (-delta < mask.window)
     return visible
+
+
+def _visible(mask: Mask, q_pos, q_seg, kv_pos, kv_seg):
+    """[block_q, block_k] bool from per-token vectors; the element mask inside every kernel."""
+    return pair_mask(mask, q_seg[:, None] == kv_seg[None, :], lambda: q_pos[:, None] - kv_pos[None, :])
 
 
 def _scores(qs, ks, scale):

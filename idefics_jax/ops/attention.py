@@ -74,11 +74,13 @@ def select_implementation(implementation: str, query, key, *, causal: bool, posi
                                windowed=sliding_window is not None)
     head_dim = query.shape[-1]
     if implementation == "pallas":
-        if backend not in ("gpu", "cpu"):
-            return _fallback("pallas", f"its kernels lower through Triton (GPU) or run interpreted (CPU), not on "
-                                       f"'{backend}'; use 'splash' on TPU")
+        if backend not in ("gpu", "cpu", "tpu"):
+            return _fallback("pallas", f"its kernels lower through Triton (GPU) or Mosaic (TPU), or run interpreted "
+                                       f"(CPU), not on '{backend}'")
         if head_dim > 256:
             return _fallback("pallas", f"head dim {head_dim} > 256")
+        if backend == "tpu" and head_dim > 128 and head_dim % 128:
+            return _fallback("pallas", f"head dim {head_dim}: the TPU kernels take up to 128 or multiples of 128")
     elif implementation == "cudnn":
         if backend != "gpu":
             return _fallback("cudnn", f"cuDNN needs a GPU, the backend is '{backend}'")
@@ -181,10 +183,13 @@ def dot_product_attention(
     if implementation == "pallas":
         from idefics_jax import kernels
 
+        tpu = jax.default_backend() == "tpu"  # Mosaic kernels; Triton's on GPU, interpreted on CPU
         pooling = not (causal or sliding_window or positions or segments) and q_len <= kernels.MAX_LATENTS
         if pooling:  # one query tile over a long context: the Perceiver's shape
-            return kernels.perceiver_pooling(query, key, value, kv_mask=kv_mask, scale=scale)
-        return kernels.flash_attention(query, key, value, scale=scale, **mask_kw)
+            pool = kernels.perceiver_pooling_tpu if tpu else kernels.perceiver_pooling
+            return pool(query, key, value, kv_mask=kv_mask, scale=scale)
+        flash = kernels.flash_attention_tpu if tpu else kernels.flash_attention
+        return flash(query, key, value, scale=scale, **mask_kw)
     if implementation == "cudnn":
         return _cudnn_attention(query, key, value, scale, mask_kw)
     if implementation == "splash":
