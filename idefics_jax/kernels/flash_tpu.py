@@ -109,8 +109,8 @@ def _forward_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, q_pos_ref, q_
         l, m = l_scr[...], m_scr[...]
         seen = l > 0.0  # rows with no visible key: output zero
         safe = jnp.where(seen, l, 1.0)
-        d = acc_scr.shape[1]
-        o_ref[...] = jnp.where(_lanes(seen, d), acc_scr[...] / _lanes(safe, d), 0.0).astype(o_ref.dtype)
+        inverse = jnp.where(seen, 1.0 / safe, 0.0)  # [block_q, 128]
+        o_ref[...] = (acc_scr[...] * _lanes(inverse, acc_scr.shape[1])).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(seen, m + jnp.log2(safe), 0.0)
 
 
@@ -153,12 +153,10 @@ def _dkdv_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, do_ref, lse_ref,
     def compute(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(mask, scale, q, k, lse_ref[...], (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), masked)
-        dv_scr[...] += lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+        dv_scr[...] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
         dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         ds = p * (dp - _lanes(delta_ref[...], k.shape[0]))
-        dk_scr[...] += lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+        dk_scr[...] += jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
     _branches(*_step_kind((lo, hi, full_lo, full_hi), b * n_k + ki, qi), compute)
 
@@ -186,12 +184,11 @@ def _pooling_backward_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, do_r
     def compute(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(Mask(), scale, q, k, lse_ref[...], (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), masked)
-        dv_ref[...] = lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
-                                      preferred_element_type=jnp.float32).astype(dv_ref.dtype)
+        dv_ref[...] = jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32).astype(dv_ref.dtype)
         dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         ds = p * (dp - _lanes(delta_ref[...], k.shape[0]))
-        dk_ref[...] = (lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32) * scale).astype(dk_ref.dtype)
+        dk_ref[...] = (jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale).astype(
+            dk_ref.dtype)
         dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     _branches(*_step_kind((lo, hi, full_lo, full_hi), b * n_k + ki, 0), compute)
