@@ -1,6 +1,7 @@
 """Attention implementations at Idefics2's shapes: TFLOP/s and fraction of the measured bf16 peak.
 
-    python benchmarks/attention.py [--repeats 10] [--quick] [--out benchmarks/RESULTS.md]
+    python benchmarks/attention.py [--repeats 10] [--quick] [--implementations xla,cudnn,pallas,pallas:128x64w8s3]
+        [--out benchmarks/RESULTS.md]
 
 Runs on a GPU (every implementation the backend offers: xla, cudnn, pallas); elsewhere it
 measures what runs there (on CPU only a --quick smoke run makes sense). Shapes (bfloat16):
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import statistics
 import sys
 import time
@@ -30,7 +32,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from preprocess import append_results  # noqa: E402
 
+from idefics_jax.kernels import Blocks, flash_attention  # noqa: E402
 from idefics_jax.ops.attention import attention_mask, dot_product_attention, select_implementation  # noqa: E402
+
+
+def pallas_blocks(spec: str) -> Blocks:
+    """`pallas:<block_q>x<block_k>[d<dK/dV query tile>][w<warps>][s<stages>]`, e.g. `pallas:128x64d64w8s2`:
+    the Pallas kernels with these tiles instead of the defaults (a block-size sweep on a GPU)."""
+    match = re.fullmatch(r"(\d+)x(\d+)(?:d(\d+))?(?:w(\d+))?(?:s(\d+))?", spec)
+    if not match:
+        raise ValueError(f"pallas tiles '{spec}': expected e.g. 128x64d64w8s2")
+    bq, bk, dkv, warps, stages = (None if g is None else int(g) for g in match.groups())
+    return Blocks(block_q=bq, block_k=bk, block_q_dkv=dkv, num_warps=warps, num_stages=stages or 2)
+
+
+def attention_fn(impl: str, mask_kw: dict):
+    if impl.startswith("pallas:"):
+        blocks = pallas_blocks(impl.split(":", 1)[1])
+        return lambda q, k, v: flash_attention(q, k, v, blocks=blocks, **mask_kw)
+    return lambda q, k, v: dot_product_attention(q, k, v, implementation=impl, **mask_kw)
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -103,12 +123,13 @@ def bench_shape(name, spec, implementations, repeats, rng):
     ref = np.asarray(jax.jit(lambda q, k, v: dot_product_attention(q, k, v, **mask_kw))(q, k, v), np.float32)
     rows = []
     for impl in implementations:
-        chosen = select_implementation(impl, q, k, causal=mask_kw.get("causal", False),
+        family = impl.split(":")[0]
+        chosen = select_implementation(family, q, k, causal=mask_kw.get("causal", False),
                                        positions="q_positions" in mask_kw, segments="q_segment_ids" in mask_kw)
-        if chosen != impl:
+        if chosen != family:
             rows.append((name, impl, None, None, f"falls back to {chosen}"))
             continue
-        attend = lambda q, k, v: dot_product_attention(q, k, v, implementation=impl, **mask_kw)
+        attend = attention_fn(impl, mask_kw)
         fwd = jax.jit(attend)
         fwd_bwd = jax.jit(lambda q, k, v, dout: jax.vjp(attend, q, k, v)[1](dout))
         try:
@@ -135,7 +156,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="shapes / 8 (a smoke run, e.g. on CPU)")
-    parser.add_argument("--implementations", default="xla,cudnn,pallas")
+    parser.add_argument("--implementations", default="xla,cudnn,pallas",
+                        help="comma-separated; 'pallas:128x64d64w8s2' runs the Pallas kernels with those tiles")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -146,7 +168,7 @@ def main():
         rows += bench_shape(name, spec, args.implementations.split(","), args.repeats, rng)
     lines = [f"\n## Attention ({datetime.date.today()})\n", f"Machine: {machine()}.\n",
              f"Command: `python benchmarks/attention.py --repeats {args.repeats}"
-             f"{' --quick' if args.quick else ''}` (bfloat16; FLOPs over visible pairs; measured bf16 matmul "
+             f"{' --quick' if args.quick else ''} --implementations {args.implementations}` (bfloat16; FLOPs over visible pairs; measured bf16 matmul "
              f"peak {peak:.0f} TFLOP/s).\n",
              "| shape | implementation | forward ms | forward TFLOP/s | % of peak | fwd+bwd ms | fwd+bwd TFLOP/s "
              "| % of peak | note |", "|---|---|---|---|---|---|---|---|---|"]

@@ -10,7 +10,9 @@ PY=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
   $PY -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.log"
-timeout "${ATTN_S:-240}" $PY benchmarks/attention.py --repeats 10 --out "$OUT/attention.md" 2>&1 \
+# cuDNN, our kernels at their default tiles and one larger tiling (xla, the slow baseline, left out)
+timeout "${ATTN_S:-240}" $PY benchmarks/attention.py --repeats 10 --out "$OUT/attention.md" \
+  --implementations "${ATTN_IMPLS:-cudnn,pallas,pallas:128x128d64w8s2}" 2>&1 \
   | tee "$OUT/attention.log" | grep -v "^(" | tail -20
 timeout "${DECODE_S:-150}" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/decode.md" 2>&1 | tail -12 \
   | tee "$OUT/decode.log"
