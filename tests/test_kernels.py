@@ -251,15 +251,30 @@ def test_selector_falls_back_with_a_reason(seed, caplog):
         dot_product_attention(q, k, v, implementation="palas")
 
 
-def test_model_logits_pallas_equal_xla(converted, seed):
-    """The whole model (vision tower, Perceiver, decoder) with every attention in Pallas: same logits."""
+@pytest.mark.parametrize("build", ["triton", "mosaic"])
+def test_model_logits_pallas_equal_xla(converted, seed, monkeypatch, build):
+    """The whole model (vision tower, Perceiver, decoder) with every attention in Pallas: same logits.
+    `mosaic`: as on a TPU, the selector sends "pallas" to the TPU build (run interpreted here)."""
+    from idefics_jax import kernels
+
     config, params = converted
     rng = np.random.default_rng([seed, 9])
     ids, mask, pixels, pixel_mask = make_batch(rng, [([4, 3], [(40, 36)]), ([9, 5], [(28, 52)])],
                                                config.image_seq_len)
     run = lambda impl: np.asarray(jax.jit(lambda p: Idefics2(config, attention_impl=impl).apply(
         {"params": p}, ids, attention_mask=mask, pixel_values=pixels, pixel_attention_mask=pixel_mask))(params))
-    assert rel_err(run("pallas"), run("xla")) < 1e-5
+    reference = run("xla")
+    calls = []
+    if build == "mosaic":
+        pretend_tpu(monkeypatch)
+        for name in ("flash_attention_tpu", "perceiver_pooling_tpu"):
+            interpreted = functools.partial(getattr(kernels, name), interpret=True)
+            monkeypatch.setattr(kernels, name, lambda *a, _f=interpreted, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    assert rel_err(run("pallas"), reference) < 1e-5
+    if build == "mosaic":
+        layers = (config.vision.num_hidden_layers, config.perceiver.resampler_depth, config.text.num_hidden_layers)
+        assert (calls.count("flash_attention_tpu"), calls.count("perceiver_pooling_tpu")) == (
+            layers[0] + layers[2], layers[1])
 
 
 def pretend_tpu(monkeypatch):
