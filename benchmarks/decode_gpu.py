@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import time
@@ -85,9 +86,10 @@ def main():
     bandwidth = copy_bandwidth()
     bound = (weight_bytes + cache_bytes) / bandwidth
     dev = jax.devices()[0]
+    flags = f"XLA_FLAGS='{os.environ['XLA_FLAGS']}' " if os.environ.get("XLA_FLAGS") else ""
     lines = [f"\n## Decode, Idefics2-8B decoder, batch 1 ({datetime.date.today()})\n",
              f"Machine: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}.\n",
-             f"Command: `python benchmarks/decode_gpu.py --prompt {args.prompt} --new {args.new} --layers {args.layers}` (random bfloat16 "
+             f"Command: `{flags}python benchmarks/decode_gpu.py --prompt {args.prompt} --new {args.new} --layers {args.layers}` (random bfloat16 "
              f"weights, {args.layers} layers, {count / 1e9:.2f}B decoder + LM-head parameters, greedy, text-only prompt; "
              f"step time = (time for {args.new} tokens - time for 1) / {args.new - 1}; medians of "
              f"{args.repeats}).\n",
