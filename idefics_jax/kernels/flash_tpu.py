@@ -29,7 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from idefics_jax.kernels.flash import INVALID, LOG2E, MASKED, Mask, block_ranges, pair_mask, token_arrays
+from idefics_jax.kernels import flash as fa
+from idefics_jax.kernels.flash import INVALID, MASKED, Mask, block_ranges, pair_mask, token_arrays
 
 LANES, SUBLANES = 128, 8
 
@@ -47,7 +48,7 @@ def _visible(mask: Mask, q_pos, q_seg, kv_pos, kv_seg):
 
 
 def _scores(q, k, scale):  # [block_q, d] x [block_k, d] -> float32 [block_q, block_k], base 2
-    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * (scale * LOG2E)
+    return fa._scores([q], [k], scale)
 
 
 def _tile_mask(mask, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref):
@@ -99,8 +100,7 @@ def _forward_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, q_pos_ref, q_
         l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1)[:, None]
         m_scr[...] = m_next
         d = acc_scr.shape[1]
-        acc_scr[...] = acc_scr[...] * _lanes(alpha, d) + jnp.dot(p.astype(v.dtype), v,
-                                                                 preferred_element_type=jnp.float32)
+        acc_scr[...] = acc_scr[...] * _lanes(alpha, d) + fa._dot(p.astype(v.dtype), v)
 
     _branches(*_step_kind((lo, hi, full_lo, full_hi), b * n_q + qi, ki), compute)
 
@@ -130,9 +130,9 @@ def _dq_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, d
     def compute(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(mask, scale, q, k, lse_ref[...], (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), masked)
-        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        dp = fa._dot_t(do, v)
         ds = p * (dp - _lanes(delta_ref[...], k.shape[0]))
-        dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dq_scr[...] += fa._dot(ds.astype(k.dtype), k)
 
     _branches(*_step_kind((lo, hi, full_lo, full_hi), b * n_q + qi, ki), compute)
 
@@ -153,10 +153,10 @@ def _dkdv_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, do_ref, lse_ref,
     def compute(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(mask, scale, q, k, lse_ref[...], (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), masked)
-        dv_scr[...] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        dv_scr[...] += fa._dot(p.T.astype(do.dtype), do)
+        dp = fa._dot_t(do, v)
         ds = p * (dp - _lanes(delta_ref[...], k.shape[0]))
-        dk_scr[...] += jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        dk_scr[...] += fa._dot(ds.T.astype(q.dtype), q)
 
     _branches(*_step_kind((lo, hi, full_lo, full_hi), b * n_k + ki, qi), compute)
 
@@ -184,12 +184,12 @@ def _pooling_backward_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, do_r
     def compute(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(Mask(), scale, q, k, lse_ref[...], (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), masked)
-        dv_ref[...] = jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32).astype(dv_ref.dtype)
-        dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        dv_ref[...] = fa._dot(p.T.astype(do.dtype), do).astype(dv_ref.dtype)
+        dp = fa._dot_t(do, v)
         ds = p * (dp - _lanes(delta_ref[...], k.shape[0]))
-        dk_ref[...] = (jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale).astype(
+        dk_ref[...] = (fa._dot(ds.T.astype(q.dtype), q) * scale).astype(
             dk_ref.dtype)
-        dq_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dq_scr[...] += fa._dot(ds.astype(k.dtype), k)
 
     _branches(*_step_kind((lo, hi, full_lo, full_hi), b * n_k + ki, 0), compute)
 
@@ -223,6 +223,18 @@ def _tokens(q_pos, q_seg, kv_pos, kv_seg, mask: Mask, block_q: int, block_k: int
     return _Tokens(tiles=(lanes(q_pos), lanes(q_seg), sublanes(kv_pos), sublanes(kv_seg)),
                    kv_ranges=flat(r.kv_lo, r.kv_hi, r.kv_full_lo, r.kv_full_hi),
                    q_ranges=flat(r.q_lo, r.q_hi, r.q_full_lo, r.q_full_hi))
+
+
+def _delta(out, dout):
+    """rowsum(dO * O) `[b, h, sq]`, lane-broadcast to `[b, h, sq, 128]` for the backward kernels."""
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
+    return jnp.broadcast_to(delta[..., None], (*delta.shape, LANES))
+
+
+def _sum_groups(per_query_head, kv_heads: int, dtype):
+    """dK or dV per query head `[b, h, sk, d]` -> per key/value head (GQA), in the kernels' layout."""
+    b, h, sk, d = per_query_head.shape
+    return per_query_head.reshape(b, kv_heads, h // kv_heads, sk, d).sum(axis=2).astype(dtype)
 
 
 def _inner(row, inner, lo, hi):
@@ -284,8 +296,7 @@ def _backward(q, k, v, out, lse, dout, tok: _Tokens, mask: Mask, scale, block_q,
     kvh, sk = k.shape[1], k.shape[2]
     groups = h // kvh
     n_q, n_k = sq // block_q, sk // block_k
-    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)  # [b, h, sq]
-    delta = jnp.broadcast_to(delta[..., None], (*delta.shape, LANES))
+    delta = _delta(out, dout)
 
     # dQ: grid over query blocks, key blocks the reduction
     q_spec, kv_spec, tokens = _query_major_specs(block_q, block_k, d, groups, n_q)
@@ -310,8 +321,7 @@ def _backward(q, k, v, out, lse, dout, tok: _Tokens, mask: Mask, scale, block_q,
         [jax.ShapeDtypeStruct((b, h, sk, d), jnp.float32)] * 2, [pltpu.VMEM((block_k, d), jnp.float32)] * 2,
         "idefics_flash_dkdv_tpu", interpret,
     )(*tok.q_ranges, q, k, v, dout, lse, delta, *tok.tiles)
-    group_sum = lambda g: g.reshape(b, kvh, groups, sk, d).sum(axis=2).astype(k.dtype)
-    return dq, group_sum(dk), group_sum(dv)
+    return dq, _sum_groups(dk, kvh, k.dtype), _sum_groups(dv, kvh, k.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
@@ -338,8 +348,7 @@ def _pooling_backward(q, k, v, out, lse, dout, tok: _Tokens, scale, block_k, int
     kvh, sk = k.shape[1], k.shape[2]
     groups = h // kvh
     n_k = sk // block_k
-    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1)
-    delta = jnp.broadcast_to(delta[..., None], (*delta.shape, LANES))
+    delta = _delta(out, dout)
     q_map = lambda ni, hi, ki, *_: (ni, hi, 0, 0)
     q_spec = lambda width: pl.BlockSpec((None, None, latents, width), q_map)
     kv_spec = pl.BlockSpec((None, None, block_k, d), lambda ni, hi, ki, *_: (ni, lax.div(hi, groups), ki, 0))
@@ -352,8 +361,7 @@ def _pooling_backward(q, k, v, out, lse, dout, tok: _Tokens, scale, block_k, int
         [jax.ShapeDtypeStruct(q.shape, q.dtype), *[jax.ShapeDtypeStruct((n, h, sk, d), jnp.float32)] * 2],
         [pltpu.VMEM((latents, d), jnp.float32)], "idefics_perceiver_pooling_backward_tpu", interpret,
     )(*tok.q_ranges, q, k, v, dout, lse, delta, *tok.tiles)
-    group_sum = lambda g: g.reshape(n, kvh, groups, sk, d).sum(axis=2).astype(k.dtype)
-    return dq, group_sum(dk), group_sum(dv)
+    return dq, _sum_groups(dk, kvh, k.dtype), _sum_groups(dv, kvh, k.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
