@@ -174,8 +174,9 @@ def time_ours(hf_dir, ids, pixels, mask, labels, steps):
              "pixel_attention_mask": mask}
     batch = global_batch(batch, mesh)
     with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        flops = jax.jit(train_step_fn(model, tx)).lower(state, batch).compile().cost_analysis()["flops"]
-        shapes = dot_shapes(jax.make_jaxpr(train_step_fn(model, tx))(state, batch).jaxpr)
+        traced = jax.jit(train_step_fn(model, tx)).trace(state, batch)  # one trace: products and FLOPs
+        shapes = dot_shapes(traced.jaxpr.jaxpr)
+        flops = traced.lower().compile().cost_analysis()["flops"]
     times = []
     for _ in range(steps + 2):
         start = time.perf_counter()
