@@ -1,6 +1,7 @@
 """Attention implementations at Idefics2's shapes: TFLOP/s and fraction of the measured bf16 peak.
 
-    python benchmarks/attention.py [--repeats 10] [--quick] [--implementations xla,cudnn,pallas,pallas:128x64w8s3]
+    python benchmarks/attention.py [--repeats 10] [--quick]
+        [--implementations xla,cudnn,pallas,pallas:mgpu,pallas:128x64w8s3]
         [--out benchmarks/RESULTS.md]
 
 Runs on a GPU (every implementation the backend offers: xla, cudnn, pallas); elsewhere it
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from preprocess import append_results  # noqa: E402
 
 from idefics_jax.kernels import Blocks, flash_attention  # noqa: E402
+from idefics_jax.kernels.flash import default_blocks  # noqa: E402
 from idefics_jax.ops.attention import attention_mask, dot_product_attention, select_implementation  # noqa: E402
 
 
@@ -47,6 +49,9 @@ def pallas_blocks(spec: str) -> Blocks:
 
 
 def attention_fn(impl: str, mask_kw: dict):
+    if impl == "pallas:mgpu":  # the Mosaic GPU (Hopper) forward, the Triton backward at its default tiles
+        return lambda q, k, v: flash_attention(
+            q, k, v, blocks=default_blocks("gpu", q.shape[-1])._replace(forward="mgpu"), **mask_kw)
     if impl.startswith("pallas:"):
         blocks = pallas_blocks(impl.split(":", 1)[1])
         return lambda q, k, v: flash_attention(q, k, v, blocks=blocks, **mask_kw)
@@ -157,7 +162,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="shapes / 8 (a smoke run, e.g. on CPU)")
     parser.add_argument("--implementations", default="xla,cudnn,pallas",
-                        help="comma-separated; 'pallas:128x64d64w8s2' runs the Pallas kernels with those tiles")
+                        help="comma-separated; 'pallas:128x64d64w8s2' runs the Pallas kernels with those tiles, "
+                             "'pallas:mgpu' with the Mosaic GPU (Hopper) forward")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
     rng = np.random.default_rng(0)

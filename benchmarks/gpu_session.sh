@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one go, for a session that is lent a GPU for a few minutes:
-# the attention benchmark, the 8B decode benchmark, the kernel tests compiled for the GPU (Triton;
-# the TPU build's interpreted tests are left to the CPU suite).
+# the attention benchmark, the 8B decode benchmark, the kernel tests compiled for the GPU (Triton and
+# Mosaic GPU; the TPU build's interpreted tests are left to the CPU suite).
 # Logs and result tables go to $OUT (default: ./gpu_out). Usage: bash benchmarks/gpu_session.sh
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -10,9 +10,10 @@ PY=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
   $PY -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.log"
-# cuDNN, our kernels at their default tiles and one larger tiling (xla, the slow baseline, left out)
+# cuDNN, our kernels with the Mosaic GPU (Hopper) forward, then with the Triton one (xla, the slow
+# baseline, and tile sweeps such as pallas:128x128d64w8s2 left to ATTN_IMPLS)
 timeout "${ATTN_S:-240}" $PY benchmarks/attention.py --repeats 10 --out "$OUT/attention.md" \
-  --implementations "${ATTN_IMPLS:-cudnn,pallas,pallas:128x128d64w8s2}" 2>&1 \
+  --implementations "${ATTN_IMPLS:-cudnn,pallas:mgpu,pallas}" 2>&1 \
   | tee "$OUT/attention.log" | grep -v "^(" | tail -20
 timeout "${DECODE_S:-150}" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/decode.md" 2>&1 | tail -12 \
   | tee "$OUT/decode.log"

@@ -147,6 +147,107 @@ def test_chunked_equals_reference(seed, window):
     assert flops("chunked") < 0.8 * flops("xla")
 
 
+# The Mosaic GPU (Hopper) forward: GPU interpret mode on CPU simulates its three warpgroups, barriers
+# and TMA copies, about 2 s per CTA, so these use few heads and short rows. Its tiles are fixed:
+# 2 x 64 query rows per CTA, 128 keys per block.
+MGPU = Blocks(forward="mgpu")
+
+
+def mgpu_forward_matches(q, k, v, *, causal=False, sliding_window=None, detect_races=False, **token_kw):
+    """The Mosaic GPU forward's output against the reference, and its log-sum-exp (the backward's
+    input) against the Triton build's, on the real query rows; returns the output. Interpreted
+    (CPU) with `detect_races`: the interpreter's race detector must find none."""
+    from idefics_jax.kernels import flash, flash_mgpu
+
+    interpret = jax.default_backend() != "gpu"
+    if interpret and detect_races:
+        interpret = flash_mgpu.interpret_params(detect_races=True)
+    mask = Mask(causal=causal, window=sliding_window)
+    x, qp, kp, vp, scale, blocks, _ = flash.prepare(q, k, v, scale=None, blocks=MGPU, interpret=interpret,
+                                                    **token_kw)
+    x = x._replace(q=qp, k=kp, v=vp)
+    ours, lse = jax.jit(lambda x: flash_mgpu.forward(x, mask, scale, interpret=interpret))(x)
+    ours = np.asarray(ours[:, :q.shape[1], :, :q.shape[3]], np.float32)
+    if not isinstance(interpret, bool):
+        assert not flash_mgpu.races_found()
+    interpret = bool(interpret)
+    f32 = lambda t: t.astype(jnp.float32)  # the exact answer for these inputs: no second bf16 rounding
+    ref = dot_product_attention(f32(q), f32(k), f32(v), causal=causal, sliding_window=sliding_window, **token_kw)
+    assert not np.isnan(ours).any()
+    assert rel_err(ours, np.asarray(ref, np.float32)) < TOL[jnp.bfloat16]
+    _, lse_triton = jax.jit(lambda x: flash._forward(x, mask, scale, blocks._replace(forward="triton"),
+                                                     interpret))(x)
+    real = q.shape[1]  # padding queries see padding keys (both INVALID), differently per tiling: unused
+    assert np.abs(np.asarray(lse)[..., :real] - np.asarray(lse_triton)[..., :real]).max() < 1e-3
+    return ours
+
+
+def test_flash_mgpu_causal_windows_skip_full_and_masked_blocks(seed):
+    """Causal, one long segment then a short one, GQA, head dim 72: with a window of 40 the second
+    warpgroup of a CTA passes over a block only the first needs ("skip"); without a window, the
+    later rows see whole 128-key blocks with no element mask ("full"). The interpreter's race
+    detector watches the shared-memory slots (it found a read of a slot's key tokens after the
+    slot was released, in an earlier version)."""
+    rng = np.random.default_rng([seed, 30])
+    length, index = 300, jnp.arange(300)
+    q, k, v = qkv(rng, 1, length, length, 2, 1, 72, jnp.bfloat16)
+    seg = jnp.where(index < 260, 1, 2)[None]
+    positions = jnp.where(index < 260, index, index - 260)[None]
+    for window in (40, None):
+        mgpu_forward_matches(q, k, v, causal=True, sliding_window=window, detect_races=True, q_positions=positions,
+                             kv_positions=positions, q_segment_ids=seg, kv_segment_ids=seg)
+
+
+def test_flash_mgpu_packed_and_vision(seed):
+    """Ragged packed segments with padding (the decoder's training rows), and the vision tower's
+    bidirectional attention over padded patches with one image whose every key is masked."""
+    rng = np.random.default_rng([seed, 31])
+    q, k, v = qkv(rng, 1, 150, 150, 2, 1, 64, jnp.bfloat16)
+    seg, positions, kv_mask = packed_segments(rng, 1, 150)
+    mgpu_forward_matches(q, k, v, causal=True, sliding_window=30, kv_mask=kv_mask, q_positions=positions,
+                         kv_positions=positions, q_segment_ids=seg, kv_segment_ids=seg)
+    q, k, v = qkv(rng, 2, 100, 100, 1, 1, 128, jnp.bfloat16)
+    kv_mask = jnp.asarray(rng.random((2, 100)) > 0.3).at[1].set(False)
+    out = mgpu_forward_matches(q, k, v, kv_mask=kv_mask)
+    assert np.all(out[1] == 0)  # no visible key: zeros, never NaN
+
+
+def test_flash_mgpu_gradients_and_cache_shapes(seed):
+    """Gradients through the Mosaic GPU forward (its lse feeds the Triton backward), and queries after
+    a cache with left padding, whose first rows see no key."""
+    rng = np.random.default_rng([seed, 32])
+    q, k, v = qkv(rng, 1, 90, 90, 2, 1, 64, jnp.bfloat16)
+    mgpu = functools.partial(flash_attention, blocks=MGPU)
+    compare(rng, q, k, v, mgpu, jnp.bfloat16, causal=True, sliding_window=50)
+    q, k, v = qkv(rng, 1, 20, 70, 2, 1, 64, jnp.bfloat16)
+    kv_positions = jnp.arange(70)[None]
+    out = mgpu_forward_matches(q, k, v, causal=True, sliding_window=16, kv_mask=(kv_positions >= 60),
+                               q_positions=kv_positions[:, 50:], kv_positions=kv_positions)
+    assert np.all(out[0, :10] == 0)  # queries 50..59: their window holds only padding
+
+
+def test_flash_mgpu_lowers_for_gpu(monkeypatch):
+    """The Mosaic GPU forward lowered for a GPU from CPU (its layouts, wgmma shapes and barriers are
+    checked by Mosaic GPU's lowering; no GPU needed) at the benchmark's shapes: the decoder's 8k
+    packed causal window at head dim 128, the vision tower's 4,900 padded patches at 72; the
+    gradient's backward stays Triton; float32 keeps the Triton forward."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    spec = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype)
+    seg = jnp.repeat(jnp.arange(4), 2048)[None]
+
+    def lowered(dtype, q_shape, kv_shape, **mask):
+        loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, blocks=MGPU, **mask).astype(jnp.float32))
+        args = (spec(dtype, *q_shape), spec(dtype, *kv_shape), spec(dtype, *kv_shape))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    for text in (lowered(jnp.bfloat16, (1, 8192, 32, 128), (1, 8192, 8, 128), causal=True, sliding_window=4096,
+                         q_segment_ids=seg, kv_segment_ids=seg),
+                 lowered(jnp.bfloat16, (1, 4900, 16, 72), (1, 4900, 16, 72), kv_mask=jnp.arange(4900) < 4500)):
+        assert text.count("custom_call @mosaic_gpu") == 1 and text.count("__gpu$xla.gpu.triton") == 2
+    text = lowered(jnp.float32, (1, 256, 2, 64), (1, 256, 1, 64), causal=True)
+    assert "mosaic_gpu" not in text and text.count("__gpu$xla.gpu.triton") == 3
+
+
 @pytest.mark.parametrize("causal, window", [(True, 40), (True, None), (False, None), (False, 40)])
 def test_block_ranges_are_conservative(seed, causal, window):
     """Every block pair holding a visible token pair lies inside the ranges, and every pair inside

@@ -1,9 +1,11 @@
 """Pallas kernels: flash attention (any mask `ops.attention` describes) and Perceiver pooling.
 
 Each computes exactly what the pure-jnp reference in `ops.attention` computes; the tests compare
-them in interpret mode on CPU. Two builds: `flash` / `perceiver_pooling` lower through Triton on
-GPU, `flash_tpu` through Mosaic on TPU. `ops.attention.dot_product_attention(implementation="pallas")`
-is how the model reaches them (the TPU build on a TPU backend, the Triton build elsewhere).
+them in interpret mode on CPU. Builds: `flash` / `perceiver_pooling` lower through Triton on
+GPU, `flash_tpu` through Mosaic on TPU; `flash_mgpu` is a Hopper (Mosaic GPU) flash forward that
+`flash.Blocks(forward="mgpu")` puts in front of the Triton backward.
+`ops.attention.dot_product_attention(implementation="pallas")` is how the model reaches them (the
+TPU build on a TPU backend, the Triton build elsewhere).
 """
 
 from idefics_jax.kernels.flash import Blocks, flash_attention

@@ -31,6 +31,9 @@ Head dims that are not a power of two are split into power-of-two parts (Triton'
 power-of-two sides): SigLIP's 72 as 64 + 16 (8 zero columns), 96 as 64 + 32, each part its own
 tile and its own matrix product, rather than one tile padded to 128.
 
+On Hopper the forward can instead be `flash_mgpu`'s (Mosaic GPU: warp-specialised, wgmma, TMA),
+`Blocks(forward="mgpu")`, with the same outputs and log-sum-exp, so the backward here serves both.
+
 Lowering: Triton on GPU, interpreted on CPU (`interpret=True`, how the tests run it). Layout
 `[batch, seq, heads, head_dim]` throughout.
 """
@@ -64,6 +67,10 @@ class Blocks(NamedTuple):
     block_q_dkv: int | None = None  # the dK / dV kernel's query tile (None: block_q); a power of two
     num_warps: int | None = None  # Triton only
     num_stages: int = 2  # Triton's software pipelining depth: each stage holds one more K / V tile
+    forward: str = "triton"  # "mgpu": the forward by `flash_mgpu` (Hopper, bfloat16 / float16), its own tiles
+
+
+FORWARDS = ("triton", "mgpu")
 
 
 def pair_mask(mask: Mask, same_segment, delta):
@@ -371,6 +378,10 @@ def _row_spec(n: int, index_of_row):
 
 def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: bool):
     """Padded inputs -> (out [b, sq, h, d], lse float32 [b, h, sq], base 2)."""
+    if _mgpu_forward(blocks, x.q.dtype):
+        from idefics_jax.kernels import flash_mgpu
+
+        return flash_mgpu.forward(x, mask, scale, interpret=interpret)
     b, sq, h, d = x.q.shape
     sk, kvh = x.k.shape[1], x.k.shape[2]
     groups = h // kvh
@@ -503,6 +514,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # Public entry point.
 
 
+def _mgpu_forward(blocks: Blocks, dtype) -> bool:
+    """Whether the Mosaic GPU forward runs: asked for, and the dtype one it takes (else Triton's)."""
+    if blocks.forward not in FORWARDS:
+        raise ValueError(f"unknown flash forward {blocks.forward!r}; one of {FORWARDS}")
+    return blocks.forward == "mgpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def default_blocks(backend: str, head_dim: int) -> Blocks:
     if backend == "gpu":  # Hopper's 227 KiB of shared memory: at head dim 128 the dK / dV kernel's
         # [128, 128] query and dO tiles times 3 stages do not fit (measured on an H200)
@@ -550,7 +568,12 @@ def prepare(query, key, value, *, scale: float | None, blocks: Blocks | None, in
     # Power-of-two tiles (Triton's rule), no larger than the sequence needs, at least 16 rows (MMA).
     blocks = blocks._replace(block_q=max(16, min(block_q or blocks.block_q, _pow2(q_len))),
                              block_k=max(16, min(blocks.block_k, _pow2(kv_len))))
-    sq, sk = pl.cdiv(q_len, blocks.block_q) * blocks.block_q, pl.cdiv(kv_len, blocks.block_k) * blocks.block_k
+    multiple_q, multiple_k = blocks.block_q, blocks.block_k
+    if _mgpu_forward(blocks, query.dtype):  # its tiles too (powers of two, like the Triton ones)
+        from idefics_jax.kernels import flash_mgpu
+
+        multiple_q, multiple_k = max(multiple_q, flash_mgpu.CTA_ROWS), max(multiple_k, flash_mgpu.BLOCK_K)
+    sq, sk = pl.cdiv(q_len, multiple_q) * multiple_q, pl.cdiv(kv_len, multiple_k) * multiple_k
     d = sum(head_parts(head_dim))
     q_pos, q_seg, kv_pos, kv_seg = token_arrays(batch, q_len, kv_len, **token_kw)
     x = _Prepared(

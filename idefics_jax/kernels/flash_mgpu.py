@@ -1,0 +1,306 @@
+"""Flash attention forward for Hopper in Pallas Mosaic GPU: warp-specialised, wgmma, TMA.
+
+The Triton build (`flash.py`) leaves Hopper's tensor cores mostly idle: Triton's lowering of a Pallas
+kernel issues synchronous MMAs and does the softmax between them. This build is written the way
+FlashAttention-3 runs on Hopper, in Pallas' Mosaic GPU dialect:
+
+- one CTA takes `2 * block_q` query rows of one head, split between two *compute* warpgroups
+  (`block_q` rows each); a third, *memory* warpgroup streams key / value blocks into a ring of
+  `stages` shared-memory slots with TMA copies, each slot guarded by a "loaded" and a "consumed"
+  barrier;
+- scores (`Q K^T`) and the output update (`P V`) are asynchronous wgmma products with float32
+  accumulators in registers;
+- the two compute warpgroups take turns at the tensor cores (a shared "schedule" barrier, passed
+  twice per key block): while one multiplies, the other does its softmax.
+
+The mask is the one of `flash.py` (module docstring there): per-token positions and segment ids,
+causal, a sliding window, padding keys with segment `INVALID`; the same `flash.block_ranges` says
+which key blocks a query block visits and which of them are full (no element mask built). The
+memory warpgroup streams the blocks the CTA's 2 * block_q rows can see; a compute warpgroup passes
+over the blocks only the other one needs (it still waits on and releases their slots, since a
+barrier's phase is counted per waiter).
+
+Output: `(out, lse)` exactly as `flash._forward` returns them (lse in base 2, rows that see no key
+give out 0, lse 0), so `flash._backward` (Triton) computes the gradient from them.
+
+Shapes it serves: bfloat16 / float16 (wgmma takes no float32 without tf32), any head dim (padded to
+a multiple of 64 here: TMA's 128-byte swizzle is 64 elements wide; 72 costs 128's work). Chosen by
+`flash.Blocks(forward="mgpu")`; the default stays Triton's until a Hopper run shows this one faster
+(`benchmarks/attention.py --implementations pallas:mgpu`).
+
+Checked on CPU two ways: Pallas' GPU interpret mode runs the kernel (three simulated warpgroups,
+barriers with per-waiter phases, TMA copies, its race detector) against the reference, with the two
+products as plain dots, since the interpreter has no wgmma on a transposed or register operand;
+and the GPU build, wgmma included, goes through Mosaic GPU's lowering for CUDA (layouts, shapes).
+Compiling and timing it needs a Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from idefics_jax.kernels import flash as fa
+from idefics_jax.kernels.flash import LOG2E, MASKED, Mask, pair_mask
+
+COMPUTE_WGS = 2  # compute warpgroups per CTA; warpgroup COMPUTE_WGS is the memory one
+SWIZZLE = 128  # bytes: TMA / wgmma shared-memory swizzle
+
+
+class MgpuBlocks(NamedTuple):
+    block_q: int = 64  # rows per compute warpgroup (wgmma's M is 64 per warpgroup)
+    block_k: int = 128
+    stages: int = 2  # key / value slots in flight
+
+
+CTA_ROWS = COMPUTE_WGS * MgpuBlocks().block_q  # query rows per CTA: `flash.prepare` pads to these
+BLOCK_K = MgpuBlocks().block_k
+
+
+def _tile_transforms(dtype):
+    width = SWIZZLE // jnp.dtype(dtype).itemsize
+    return plgpu.TilingTransform((8, width)), plgpu.SwizzleTransform(SWIZZLE)
+
+
+def _row(x, shape):  # [block_q] (one value per row) -> [block_q, n]
+    return lax.broadcast_in_dim(x, shape, (0,))
+
+
+def _col(x, shape):  # [block_k] (one value per key) -> [block_q, block_k]
+    return lax.broadcast_in_dim(x, shape, (1,))
+
+
+def _load(ref, layout):
+    """A 1-D shared-memory row read into registers in `layout` (the cast right after the read is
+    what tells Mosaic GPU which layout to load in)."""
+    return plgpu.layout_cast(ref[...], layout)
+
+
+def _scores(q_smem, k_smem, after_issue, interpret: bool):
+    """q @ k^T -> float32 `[block_q, block_k]`: an asynchronous wgmma; `after_issue()` runs while it
+    is in flight. (Pallas' GPU interpreter has no wgmma on a transposed operand: there, a dot.)"""
+    if interpret:
+        s = lax.dot_general(q_smem[...], k_smem[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        after_issue()
+        return s
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        after_issue()
+        return acc_ref[...]
+
+    return pl.run_scoped(product, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
+
+
+def _accumulate(acc, p, v_smem, interpret: bool):
+    """acc + p @ v: wgmma with p from registers onto the running accumulator. (The interpreter has
+    neither register operands nor `run_state`: there, a dot.)"""
+    if interpret:
+        return acc + jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem))(plgpu.ACC.init(acc))
+
+
+def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped,
+                    *, mask: Mask, scale: float, blocks: MgpuBlocks, groups: int, interpret: bool):
+    (q_smem2, q_tok_smem2, k_smem, kv_tok_smem, v_smem, lse_smem2), (k_loaded, v_loaded, q_loaded), \
+        (k_free, v_free), turn = scoped
+    bq, bk, stages = blocks
+    batch, head, cta = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
+    wg = lax.axis_index("wg")
+    cta_lo, cta_hi = cta_ranges[0, batch, cta], cta_ranges[1, batch, cta]
+    slot_of = lambda j: lax.rem(j - cta_lo, stages)
+
+    def take_turn():  # the two compute warpgroups alternate at the tensor cores
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
+        row0 = cta * (COMPUTE_WGS * bq) + wg * bq
+        qb = cta * COMPUTE_WGS + wg  # this warpgroup's query block
+        lo, hi, full_lo, full_hi = (wg_ranges[i, batch, qb] for i in range(4))
+        q_tok_smem = q_tok_smem2.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, bq), head], q_smem, q_loaded.at[wg])
+        plgpu.copy_gmem_to_smem(q_tok_ref.at[batch, :, pl.ds(row0, bq)], q_tok_smem, q_loaded.at[wg])
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        col_layout = plgpu.Layout.WGMMA.reduce(0)
+        plgpu.barrier_wait(q_loaded.at[wg])
+        q_pos, q_seg = _load(q_tok_smem.at[0], row_layout), _load(q_tok_smem.at[1], row_layout)
+        d = q_smem.shape[-1]
+
+        def step(kind, j, carry):
+            """One key block: kind "skip" (another warpgroup's block), "masked" or "full"."""
+            acc, m, l = carry
+            slot = slot_of(j)
+            plgpu.barrier_wait(k_loaded.at[slot])
+            if kind == "skip":
+                take_turn()
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_loaded.at[slot])
+                take_turn()
+                plgpu.barrier_arrive(v_free.at[slot])
+                return carry
+
+            if kind == "masked":  # read before the slot is released (its tokens go with K)
+                kv_pos, kv_seg = _load(kv_tok_smem.at[slot, 0], col_layout), _load(kv_tok_smem.at[slot, 1], col_layout)
+            s = _scores(q_smem, k_smem.at[slot], take_turn, interpret)
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = s * (scale * LOG2E)
+            if kind == "masked":
+                shape = (bq, bk)
+                visible = pair_mask(mask, _row(q_seg, shape) == _col(kv_seg, shape),
+                                    lambda: _row(q_pos, shape) - _col(kv_pos, shape))
+                s = jnp.where(visible, s, MASKED)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            p = jnp.exp2(s - _row(m_new, s.shape))
+            if kind == "masked":
+                p = jnp.where(visible, p, 0.0)
+            alpha = jnp.exp2(m - m_new)
+            acc = acc * _row(alpha, acc.shape)
+            l = l * alpha + p.sum(axis=1)
+            p = p.astype(v_smem.dtype)
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(v_loaded.at[slot])
+            plgpu.barrier_wait(turn)
+
+            acc = _accumulate(acc, p, v_smem.at[slot], interpret)
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l
+
+        carry = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
+                 plgpu.layout_cast(jnp.full((bq,), MASKED, jnp.float32), row_layout),
+                 plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout))
+        pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind
+        for kind, start, stop in (("skip", cta_lo, lo), ("masked", lo, full_lo), ("full", full_lo, full_hi),
+                                  ("masked", full_hi, hi), ("skip", hi, cta_hi)):
+            carry = lax.fori_loop(start, stop, functools.partial(step, kind), carry)
+        pl.when(wg == 0)(take_turn)
+        acc, m, l = carry
+        seen = l > 0.0
+        inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
+        q_smem[...] = (acc * _row(inv, acc.shape)).astype(q_smem.dtype)
+        lse_smem[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), 0.0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(row0, bq), head])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(row0, bq)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, groups)
+
+        @pl.loop(cta_lo, cta_hi)
+        def _fetch(j):
+            slot = slot_of(j)
+            block = (batch, pl.ds(j * bk, bk), kv_head)
+
+            @pl.when(j - cta_lo >= stages)  # the slot's previous block must have been used by both
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_loaded.at[slot])
+            plgpu.copy_gmem_to_smem(kv_tok_ref.at[batch, :, pl.ds(j * bk, bk)], kv_tok_smem.at[slot],
+                                    k_loaded.at[slot])
+
+            @pl.when(j - cta_lo >= stages)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[block], v_smem.at[slot], v_loaded.at[slot])
+
+        @pl.loop(jnp.maximum(cta_lo, cta_hi - stages), cta_hi)
+        def _drain(j):  # the last releases: every phase of a barrier is waited for by its waiters
+            plgpu.barrier_wait(k_free.at[slot_of(j)])
+            plgpu.barrier_wait(v_free.at[slot_of(j)])
+
+
+def _ranges(x: fa._Prepared, mask: Mask, blocks: MgpuBlocks):
+    """Block intervals for the CTAs (`[2, batch, n_cta]`: lo, hi) and for each compute warpgroup's
+    query block (`[4, batch, n_q]`: lo, hi, full_lo, full_hi), the latter clipped into its CTA's
+    interval (an empty one placed at the CTA's lo, so that its "skip" loops cover the CTA's)."""
+    bq = blocks.block_q
+    cta = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, COMPUTE_WGS * bq, blocks.block_k)
+    wg = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, blocks.block_k)
+    cta_lo = jnp.repeat(cta.kv_lo, COMPUTE_WGS, axis=1)
+    empty = wg.kv_lo == wg.kv_hi
+    clip = lambda a: jnp.where(empty, cta_lo, a)
+    wg_rows = jnp.stack([clip(wg.kv_lo), clip(wg.kv_hi), clip(wg.kv_full_lo), clip(wg.kv_full_hi)])
+    return jnp.stack([cta.kv_lo, cta.kv_hi]), wg_rows
+
+
+def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = MgpuBlocks(), interpret=False):
+    """Padded inputs (`flash.prepare` with `block_q = 2 * blocks.block_q`, `block_k = blocks.block_k`)
+    -> (out `[b, sq, h, d]`, lse float32 `[b, h, sq]` base 2), as `flash._forward`. `interpret`:
+    False (compile for the GPU), True, or `interpret_params(...)`."""
+    b, sq, h, d = x.q.shape
+    kvh = x.k.shape[2]
+    bq, bk, stages = blocks
+    if x.q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"the Mosaic GPU kernel takes bfloat16 / float16, got {x.q.dtype}")
+    if sq % (COMPUTE_WGS * bq) or x.k.shape[1] % bk:
+        raise ValueError(f"sequences must be padded to whole blocks: {sq} % {COMPUTE_WGS * bq}, "
+                         f"{x.k.shape[1]} % {bk}")
+    width = SWIZZLE // x.q.dtype.itemsize
+    dp = -(-d // width) * width
+    q, k, v = (fa._pad_axis(t, 3, dp) for t in (x.q, x.k, x.v))
+    cta_ranges, wg_ranges = _ranges(x, mask, blocks)
+    transforms = _tile_transforms(q.dtype)
+
+    def entry(*refs):
+        kernel = functools.partial(_forward_kernel, *refs, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
+                                   interpret=interpret)
+        pl.run_scoped(
+            lambda *scoped: kernel(scoped),
+            (plgpu.SMEM((COMPUTE_WGS, bq, dp), q.dtype, transforms=transforms),
+             plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),
+             plgpu.SMEM((stages, bk, dp), k.dtype, transforms=transforms),
+             plgpu.SMEM((stages, 2, bk), jnp.int32),
+             plgpu.SMEM((stages, bk, dp), v.dtype, transforms=transforms),
+             plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32)),
+            # loaded: one arrival per copy (K + its tokens, V, Q + its tokens)
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS)),
+            (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+            collective_axes="wg",
+        )
+
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((b, sq, h, dp), q.dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
+        grid=(h, sq // (COMPUTE_WGS * bq), b),
+        grid_names=("heads", "q_blocks", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=(interpret_params() if interpret is True else interpret) or None,
+    )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1), q, k, v)
+    return out[..., :d], lse
+
+
+def interpret_params(detect_races: bool = False):
+    """Pallas' GPU interpret mode (CPU), optionally with its happens-before race detector (which
+    `races_found` then reports). Its interpreter evaluates `plgpu.layout_cast` as an ordinary
+    primitive, which has no CPU lowering; a layout cast changes no value, so it lowers to its input."""
+    from jax._src.interpreters import mlir
+    from jax._src.pallas.mosaic_gpu import core as gpu_core
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    mlir.register_lowering(gpu_core.layout_cast_p, lambda ctx, x, **_: [x], platform="cpu")
+    return InterpretGPUParams(detect_races=detect_races)
+
+
+def races_found() -> bool:
+    """Whether the last kernel interpreted with `detect_races` had a data race."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+    return bool(get_races().races_found)
