@@ -149,8 +149,13 @@ def test_chunked_equals_reference(seed, window):
 
 # The Mosaic GPU (Hopper) forward: GPU interpret mode on CPU simulates its three warpgroups, barriers
 # and TMA copies, about 2 s per CTA, so these use few heads and short rows. Its tiles are fixed:
-# 2 x 64 query rows per CTA, 128 keys per block.
+# 2 x 64 query rows per CTA, 128 keys per block. Marked slow (out of CI), and not only for time:
+# under `jit` the interpreter can hang (the simulated warpgroups run as computations with ordered
+# effects, which XLA:CPU may serialise while one of them blocks in a barrier wait: seen at 300
+# tokens, head dim 72, for this kernel before and after its head-dim split). On a GPU
+# (`gpu_session.sh` runs them with `-m ""`) they compile the kernel instead.
 MGPU = Blocks(forward="mgpu")
+interpreted_mgpu = pytest.mark.slow
 
 
 def mgpu_forward_matches(q, k, v, *, causal=False, sliding_window=None, detect_races=False, **token_kw):
@@ -166,7 +171,7 @@ def mgpu_forward_matches(q, k, v, *, causal=False, sliding_window=None, detect_r
     x, qp, kp, vp, scale, blocks, _ = flash.prepare(q, k, v, scale=None, blocks=MGPU, interpret=interpret,
                                                     **token_kw)
     x = x._replace(q=qp, k=kp, v=vp)
-    ours, lse = jax.jit(lambda x: flash_mgpu.forward(x, mask, scale, interpret=interpret))(x)
+    ours, lse = flash_mgpu.forward(x, mask, scale, interpret=interpret)  # eagerly: see above
     ours = np.asarray(ours[:, :q.shape[1], :, :q.shape[3]], np.float32)
     if not isinstance(interpret, bool):
         assert not flash_mgpu.races_found()
@@ -175,13 +180,13 @@ def mgpu_forward_matches(q, k, v, *, causal=False, sliding_window=None, detect_r
     ref = dot_product_attention(f32(q), f32(k), f32(v), causal=causal, sliding_window=sliding_window, **token_kw)
     assert not np.isnan(ours).any()
     assert rel_err(ours, np.asarray(ref, np.float32)) < TOL[jnp.bfloat16]
-    _, lse_triton = jax.jit(lambda x: flash._forward(x, mask, scale, blocks._replace(forward="triton"),
-                                                     interpret))(x)
+    _, lse_triton = flash._forward(x, mask, scale, blocks._replace(forward="triton"), interpret)
     real = q.shape[1]  # padding queries see padding keys (both INVALID), differently per tiling: unused
     assert np.abs(np.asarray(lse)[..., :real] - np.asarray(lse_triton)[..., :real]).max() < 1e-3
     return ours
 
 
+@interpreted_mgpu
 def test_flash_mgpu_causal_windows_skip_full_and_masked_blocks(seed):
     """Causal, one long segment then a short one, GQA, head dim 72: with a window of 40 the second
     warpgroup of a CTA passes over a block only the first needs ("skip"); without a window, the
@@ -198,6 +203,7 @@ def test_flash_mgpu_causal_windows_skip_full_and_masked_blocks(seed):
                              kv_positions=positions, q_segment_ids=seg, kv_segment_ids=seg)
 
 
+@interpreted_mgpu
 def test_flash_mgpu_packed_and_vision(seed):
     """Ragged packed segments with padding (the decoder's training rows), and the vision tower's
     bidirectional attention over padded patches with one image whose every key is masked."""
@@ -212,6 +218,7 @@ def test_flash_mgpu_packed_and_vision(seed):
     assert np.all(out[1] == 0)  # no visible key: zeros, never NaN
 
 
+@interpreted_mgpu
 def test_flash_mgpu_gradients_and_cache_shapes(seed):
     """Gradients through the Mosaic GPU forward (its lse feeds the Triton backward), and queries after
     a cache with left padding, whose first rows see no key."""

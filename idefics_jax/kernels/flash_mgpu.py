@@ -63,9 +63,11 @@ CTA_ROWS = COMPUTE_WGS * MgpuBlocks().block_q  # query rows per CTA: `flash.prep
 BLOCK_K = MgpuBlocks().block_k
 
 
-def _tile_transforms(dtype):
-    width = SWIZZLE // jnp.dtype(dtype).itemsize
-    return plgpu.TilingTransform((8, width)), plgpu.SwizzleTransform(SWIZZLE)
+def _tile_transforms(width: int, dtype):
+    """Shared-memory tiling of a `[rows, width]` tile (width a power of two >= 16): 128-byte swizzle
+    in 64-column tiles for wide parts, the part's own width in bytes (32 or 64) for narrow ones."""
+    swizzle = min(SWIZZLE, width * jnp.dtype(dtype).itemsize)
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
 def _row(x, shape):  # [block_q] (one value per row) -> [block_q, n]
@@ -82,35 +84,47 @@ def _load(ref, layout):
     return plgpu.layout_cast(ref[...], layout)
 
 
-def _scores(q_smem, k_smem, after_issue, interpret: bool):
-    """q @ k^T -> float32 `[block_q, block_k]`: an asynchronous wgmma; `after_issue()` runs while it
-    is in flight. (Pallas' GPU interpreter has no wgmma on a transposed operand: there, a dot.)"""
+def _scores(q_smems, k_smems, after_issue, interpret: bool):
+    """q @ k^T -> float32 `[block_q, block_k]`, summed over the head-dim parts: asynchronous wgmmas
+    into one accumulator; `after_issue()` runs while they are in flight. (Pallas' GPU interpreter
+    has no wgmma on a transposed operand: there, dots.)"""
     if interpret:
-        s = lax.dot_general(q_smem[...], k_smem[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        s = sum(lax.dot_general(q[...], k[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                for q, k in zip(q_smems, k_smems))
         after_issue()
         return s
 
     def product(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem, (1, 0)))
+        for q, k in zip(q_smems, k_smems):
+            plgpu.wgmma(acc_ref, q, plgpu.transpose_ref(k, (1, 0)))
         after_issue()
         return acc_ref[...]
 
-    return pl.run_scoped(product, plgpu.ACC((q_smem.shape[0], k_smem.shape[0]), jnp.float32))
+    return pl.run_scoped(product, plgpu.ACC((q_smems[0].shape[0], k_smems[0].shape[0]), jnp.float32))
 
 
-def _accumulate(acc, p, v_smem, interpret: bool):
-    """acc + p @ v: wgmma with p from registers onto the running accumulator. (The interpreter has
-    neither register operands nor `run_state`: there, a dot.)"""
+def _accumulate(accs, p, v_smems, interpret: bool):
+    """acc + p @ v per head-dim part: wgmma with p from registers onto the running accumulators.
+    (The interpreter has neither register operands nor `run_state`: there, dots.)"""
     if interpret:
-        return acc + jnp.dot(p, v_smem[...], preferred_element_type=jnp.float32)
-    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem))(plgpu.ACC.init(acc))
+        return tuple(acc + jnp.dot(p, v[...], preferred_element_type=jnp.float32) for acc, v in zip(accs, v_smems))
+
+    def products(acc_refs):
+        for acc_ref, v in zip(acc_refs, v_smems):
+            plgpu.wgmma(acc_ref, p, v)
+
+    return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
 
 def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped,
-                    *, mask: Mask, scale: float, blocks: MgpuBlocks, groups: int, interpret: bool):
+                    *, mask: Mask, scale: float, blocks: MgpuBlocks, groups: int, parts: tuple[int, ...],
+                    interpret: bool):
+    """One CTA: `2 * block_q` query rows of one head. Q / K / V tiles come as one shared-memory
+    buffer per head-dim part (`flash.head_parts`: 72 as 64 + 16), each multiplied on its own."""
     (q_smem2, q_tok_smem2, k_smem, kv_tok_smem, v_smem, lse_smem2), (k_loaded, v_loaded, q_loaded), \
         (k_free, v_free), turn = scoped
     bq, bk, stages = blocks
+    columns = [pl.ds(sum(parts[:i]), w) for i, w in enumerate(parts)]  # each part's head-dim columns
     batch, head, cta = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
     wg = lax.axis_index("wg")
     cta_lo, cta_hi = cta_ranges[0, batch, cta], cta_ranges[1, batch, cta]
@@ -123,18 +137,18 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
+        q_smems, lse_smem = [buf.at[wg] for buf in q_smem2], lse_smem2.at[wg]
         row0 = cta * (COMPUTE_WGS * bq) + wg * bq
         qb = cta * COMPUTE_WGS + wg  # this warpgroup's query block
         lo, hi, full_lo, full_hi = (wg_ranges[i, batch, qb] for i in range(4))
         q_tok_smem = q_tok_smem2.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, bq), head], q_smem, q_loaded.at[wg])
+        for q_smem, cols in zip(q_smems, columns):
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, bq), head, cols], q_smem, q_loaded.at[wg])
         plgpu.copy_gmem_to_smem(q_tok_ref.at[batch, :, pl.ds(row0, bq)], q_tok_smem, q_loaded.at[wg])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         col_layout = plgpu.Layout.WGMMA.reduce(0)
         plgpu.barrier_wait(q_loaded.at[wg])
         q_pos, q_seg = _load(q_tok_smem.at[0], row_layout), _load(q_tok_smem.at[1], row_layout)
-        d = q_smem.shape[-1]
 
         def step(kind, j, carry):
             """One key block: kind "skip" (another warpgroup's block), "masked" or "full"."""
@@ -151,7 +165,7 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
 
             if kind == "masked":  # read before the slot is released (its tokens go with K)
                 kv_pos, kv_seg = _load(kv_tok_smem.at[slot, 0], col_layout), _load(kv_tok_smem.at[slot, 1], col_layout)
-            s = _scores(q_smem, k_smem.at[slot], take_turn, interpret)
+            s = _scores(q_smems, [buf.at[slot] for buf in k_smem], take_turn, interpret)
             plgpu.barrier_arrive(k_free.at[slot])
             s = s * (scale * LOG2E)
             if kind == "masked":
@@ -164,18 +178,18 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
             if kind == "masked":
                 p = jnp.where(visible, p, 0.0)
             alpha = jnp.exp2(m - m_new)
-            acc = acc * _row(alpha, acc.shape)
+            acc = tuple(a * _row(alpha, a.shape) for a in acc)
             l = l * alpha + p.sum(axis=1)
-            p = p.astype(v_smem.dtype)
+            p = p.astype(q_ref.dtype)
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(v_loaded.at[slot])
             plgpu.barrier_wait(turn)
 
-            acc = _accumulate(acc, p, v_smem.at[slot], interpret)
+            acc = _accumulate(acc, p, [buf.at[slot] for buf in v_smem], interpret)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l
 
-        carry = (plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA),
+        carry = (tuple(plgpu.layout_cast(jnp.zeros((bq, w), jnp.float32), plgpu.Layout.WGMMA) for w in parts),
                  plgpu.layout_cast(jnp.full((bq,), MASKED, jnp.float32), row_layout),
                  plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout))
         pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind
@@ -186,10 +200,12 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
         acc, m, l = carry
         seen = l > 0.0
         inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
-        q_smem[...] = (acc * _row(inv, acc.shape)).astype(q_smem.dtype)
+        for a, q_smem in zip(acc, q_smems):  # the output goes out through the query's buffers
+            q_smem[...] = (a * _row(inv, a.shape)).astype(q_smem.dtype)
         lse_smem[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), 0.0)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(row0, bq), head])
+        for q_smem, cols in zip(q_smems, columns):
+            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(row0, bq), head, cols])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(row0, bq)])
         plgpu.wait_smem_to_gmem(0)
 
@@ -201,13 +217,14 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
         @pl.loop(cta_lo, cta_hi)
         def _fetch(j):
             slot = slot_of(j)
-            block = (batch, pl.ds(j * bk, bk), kv_head)
+            rows = (batch, pl.ds(j * bk, bk), kv_head)
 
             @pl.when(j - cta_lo >= stages)  # the slot's previous block must have been used by both
             def _():
                 plgpu.barrier_wait(k_free.at[slot])
 
-            plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_loaded.at[slot])
+            for buf, cols in zip(k_smem, columns):
+                plgpu.copy_gmem_to_smem(k_ref.at[(*rows, cols)], buf.at[slot], k_loaded.at[slot])
             plgpu.copy_gmem_to_smem(kv_tok_ref.at[batch, :, pl.ds(j * bk, bk)], kv_tok_smem.at[slot],
                                     k_loaded.at[slot])
 
@@ -215,7 +232,8 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
             def _():
                 plgpu.barrier_wait(v_free.at[slot])
 
-            plgpu.copy_gmem_to_smem(v_ref.at[block], v_smem.at[slot], v_loaded.at[slot])
+            for buf, cols in zip(v_smem, columns):
+                plgpu.copy_gmem_to_smem(v_ref.at[(*rows, cols)], buf.at[slot], v_loaded.at[slot])
 
         @pl.loop(jnp.maximum(cta_lo, cta_hi - stages), cta_hi)
         def _drain(j):  # the last releases: every phase of a barrier is waited for by its waiters
@@ -249,26 +267,26 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
     if sq % (COMPUTE_WGS * bq) or x.k.shape[1] % bk:
         raise ValueError(f"sequences must be padded to whole blocks: {sq} % {COMPUTE_WGS * bq}, "
                          f"{x.k.shape[1]} % {bk}")
-    width = SWIZZLE // x.q.dtype.itemsize
-    dp = -(-d // width) * width
-    q, k, v = (fa._pad_axis(t, 3, dp) for t in (x.q, x.k, x.v))
+    parts = fa.head_parts(d)
+    if sum(parts) != d:
+        raise ValueError(f"head dim {d} must be padded to its parts {parts} (flash.prepare does)")
     cta_ranges, wg_ranges = _ranges(x, mask, blocks)
-    transforms = _tile_transforms(q.dtype)
+    dtype = x.q.dtype
+    tiles = lambda n, rows: tuple(plgpu.SMEM((n, rows, w), dtype, transforms=_tile_transforms(w, dtype))
+                                  for w in parts)
 
     def entry(*refs):
         kernel = functools.partial(_forward_kernel, *refs, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
-                                   interpret=interpret)
+                                   parts=parts, interpret=interpret)
         pl.run_scoped(
             lambda *scoped: kernel(scoped),
-            (plgpu.SMEM((COMPUTE_WGS, bq, dp), q.dtype, transforms=transforms),
-             plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),
-             plgpu.SMEM((stages, bk, dp), k.dtype, transforms=transforms),
-             plgpu.SMEM((stages, 2, bk), jnp.int32),
-             plgpu.SMEM((stages, bk, dp), v.dtype, transforms=transforms),
-             plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32)),
-            # loaded: one arrival per copy (K + its tokens, V, Q + its tokens)
-            (plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS)),
+            (tiles(COMPUTE_WGS, bq), plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),
+             tiles(stages, bk), plgpu.SMEM((stages, 2, bk), jnp.int32),
+             tiles(stages, bk), plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32)),
+            # loaded: one arrival per copy (K's parts + its tokens, V's parts, Q's parts + its tokens)
+            (plgpu.Barrier(num_arrivals=len(parts) + 1, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=len(parts), num_barriers=stages),
+             plgpu.Barrier(num_arrivals=len(parts) + 1, num_barriers=COMPUTE_WGS)),
             (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),
             collective_axes="wg",
@@ -276,15 +294,16 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
 
     out, lse = plgpu.kernel(
         entry,
-        out_type=(jax.ShapeDtypeStruct((b, sq, h, dp), q.dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
+        out_type=(jax.ShapeDtypeStruct((b, sq, h, d), dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
         grid=(h, sq // (COMPUTE_WGS * bq), b),
         grid_names=("heads", "q_blocks", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=(interpret_params() if interpret is True else interpret) or None,
-    )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1), q, k, v)
-    return out[..., :d], lse
+    )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1),
+      x.q, x.k, x.v)
+    return out, lse
 
 
 def interpret_params(detect_races: bool = False):
