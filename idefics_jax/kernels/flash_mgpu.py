@@ -116,15 +116,16 @@ def _accumulate(accs, p, v_smems, interpret: bool):
     return pl.run_state(products)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
 
-def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped,
-                    *, mask: Mask, scale: float, blocks: MgpuBlocks, groups: int, parts: tuple[int, ...],
+def _forward_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBlocks, groups: int, n_parts: int,
                     interpret: bool):
-    """One CTA: `2 * block_q` query rows of one head. Q / K / V tiles come as one shared-memory
-    buffer per head-dim part (`flash.head_parts`: 72 as 64 + 16), each multiplied on its own."""
+    """One CTA: `2 * block_q` query rows of one head. Q / K / V / output come as one array and one
+    shared-memory buffer per head-dim part (`flash.head_parts`: 72 as 64 + 16; a TMA tile cannot
+    cut an 80-wide row at 64), each multiplied on its own."""
+    (cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref), q_refs, k_refs, v_refs, out_refs, (lse_ref, scoped) = \
+        fa._take(refs, 4, n_parts, n_parts, n_parts, n_parts, 2)
     (q_smem2, q_tok_smem2, k_smem, kv_tok_smem, v_smem, lse_smem2), (k_loaded, v_loaded, q_loaded), \
         (k_free, v_free), turn = scoped
     bq, bk, stages = blocks
-    columns = [pl.ds(sum(parts[:i]), w) for i, w in enumerate(parts)]  # each part's head-dim columns
     batch, head, cta = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
     wg = lax.axis_index("wg")
     cta_lo, cta_hi = cta_ranges[0, batch, cta], cta_ranges[1, batch, cta]
@@ -142,8 +143,8 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
         qb = cta * COMPUTE_WGS + wg  # this warpgroup's query block
         lo, hi, full_lo, full_hi = (wg_ranges[i, batch, qb] for i in range(4))
         q_tok_smem = q_tok_smem2.at[wg]
-        for q_smem, cols in zip(q_smems, columns):
-            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, bq), head, cols], q_smem, q_loaded.at[wg])
+        for q_smem, q_ref in zip(q_smems, q_refs):
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, bq), head], q_smem, q_loaded.at[wg])
         plgpu.copy_gmem_to_smem(q_tok_ref.at[batch, :, pl.ds(row0, bq)], q_tok_smem, q_loaded.at[wg])
         row_layout = plgpu.Layout.WGMMA.reduce(1)
         col_layout = plgpu.Layout.WGMMA.reduce(0)
@@ -180,7 +181,7 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
             alpha = jnp.exp2(m - m_new)
             acc = tuple(a * _row(alpha, a.shape) for a in acc)
             l = l * alpha + p.sum(axis=1)
-            p = p.astype(q_ref.dtype)
+            p = p.astype(q_refs[0].dtype)
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(v_loaded.at[slot])
             plgpu.barrier_wait(turn)
@@ -189,7 +190,8 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l
 
-        carry = (tuple(plgpu.layout_cast(jnp.zeros((bq, w), jnp.float32), plgpu.Layout.WGMMA) for w in parts),
+        carry = (tuple(plgpu.layout_cast(jnp.zeros((bq, r.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+                       for r in q_refs),
                  plgpu.layout_cast(jnp.full((bq,), MASKED, jnp.float32), row_layout),
                  plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout))
         pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind
@@ -204,8 +206,8 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
             q_smem[...] = (a * _row(inv, a.shape)).astype(q_smem.dtype)
         lse_smem[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), 0.0)
         plgpu.commit_smem()
-        for q_smem, cols in zip(q_smems, columns):
-            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(row0, bq), head, cols])
+        for q_smem, out_ref in zip(q_smems, out_refs):
+            plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(row0, bq), head])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(row0, bq)])
         plgpu.wait_smem_to_gmem(0)
 
@@ -223,8 +225,8 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
             def _():
                 plgpu.barrier_wait(k_free.at[slot])
 
-            for buf, cols in zip(k_smem, columns):
-                plgpu.copy_gmem_to_smem(k_ref.at[(*rows, cols)], buf.at[slot], k_loaded.at[slot])
+            for buf, k_ref in zip(k_smem, k_refs):
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], buf.at[slot], k_loaded.at[slot])
             plgpu.copy_gmem_to_smem(kv_tok_ref.at[batch, :, pl.ds(j * bk, bk)], kv_tok_smem.at[slot],
                                     k_loaded.at[slot])
 
@@ -232,8 +234,8 @@ def _forward_kernel(cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, q_ref, k_ref, 
             def _():
                 plgpu.barrier_wait(v_free.at[slot])
 
-            for buf, cols in zip(v_smem, columns):
-                plgpu.copy_gmem_to_smem(v_ref.at[(*rows, cols)], buf.at[slot], v_loaded.at[slot])
+            for buf, v_ref in zip(v_smem, v_refs):
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], buf.at[slot], v_loaded.at[slot])
 
         @pl.loop(jnp.maximum(cta_lo, cta_hi - stages), cta_hi)
         def _drain(j):  # the last releases: every phase of a barrier is waited for by its waiters
@@ -270,16 +272,17 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
     parts = fa.head_parts(d)
     if sum(parts) != d:
         raise ValueError(f"head dim {d} must be padded to its parts {parts} (flash.prepare does)")
+    offsets = [sum(parts[:i]) for i in range(len(parts))]
     cta_ranges, wg_ranges = _ranges(x, mask, blocks)
     dtype = x.q.dtype
     tiles = lambda n, rows: tuple(plgpu.SMEM((n, rows, w), dtype, transforms=_tile_transforms(w, dtype))
                                   for w in parts)
 
     def entry(*refs):
-        kernel = functools.partial(_forward_kernel, *refs, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
-                                   parts=parts, interpret=interpret)
+        kernel = functools.partial(_forward_kernel, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
+                                   n_parts=len(parts), interpret=interpret)
         pl.run_scoped(
-            lambda *scoped: kernel(scoped),
+            lambda *scoped: kernel(*refs, scoped),
             (tiles(COMPUTE_WGS, bq), plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),
              tiles(stages, bk), plgpu.SMEM((stages, 2, bk), jnp.int32),
              tiles(stages, bk), plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32)),
@@ -292,9 +295,11 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
             collective_axes="wg",
         )
 
-    out, lse = plgpu.kernel(
+    split = lambda t: [t[..., o:o + w] for o, w in zip(offsets, parts)] if len(parts) > 1 else [t]
+    *outs, lse = plgpu.kernel(
         entry,
-        out_type=(jax.ShapeDtypeStruct((b, sq, h, d), dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
+        out_type=(*[jax.ShapeDtypeStruct((b, sq, h, w), dtype) for w in parts],
+                  jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
         grid=(h, sq // (COMPUTE_WGS * bq), b),
         grid_names=("heads", "q_blocks", "batch"),
         num_threads=COMPUTE_WGS + 1,
@@ -302,8 +307,8 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=(interpret_params() if interpret is True else interpret) or None,
     )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1),
-      x.q, x.k, x.v)
-    return out, lse
+      *split(x.q), *split(x.k), *split(x.v))
+    return fa._join(outs), lse
 
 
 def interpret_params(detect_races: bool = False):
