@@ -23,8 +23,9 @@ barrier's phase is counted per waiter).
 Output: `(out, lse)` exactly as `flash._forward` returns them (lse in base 2, rows that see no key
 give out 0, lse 0), so `flash._backward` (Triton) computes the gradient from them.
 
-Shapes it serves: bfloat16 / float16 (wgmma takes no float32 without tf32), any head dim (padded to
-a multiple of 64 here: TMA's 128-byte swizzle is 64 elements wide; 72 costs 128's work). Chosen by
+Shapes it serves: bfloat16 / float16 (wgmma takes no float32 without tf32), any head dim, as the
+power-of-two parts of `flash.head_parts` (SigLIP's 72 as 64 + 16, 80 / 128 of padding it to 128),
+each part its own array, shared-memory buffer (swizzled to its width) and wgmma. Chosen by
 `flash.Blocks(forward="mgpu")`; the default stays Triton's until a Hopper run shows this one faster
 (`benchmarks/attention.py --implementations pallas:mgpu`).
 
