@@ -90,8 +90,7 @@ def _scores(q_smems, k_smems, after_issue, interpret: bool):
     into one accumulator; `after_issue()` runs while they are in flight. (Pallas' GPU interpreter
     has no wgmma on a transposed operand: there, dots.)"""
     if interpret:
-        s = sum(lax.dot_general(q[...], k[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-                for q, k in zip(q_smems, k_smems))
+        s = sum(fa._dot_t(q[...], k[...]) for q, k in zip(q_smems, k_smems))
         after_issue()
         return s
 
@@ -108,7 +107,7 @@ def _accumulate(accs, p, v_smems, interpret: bool):
     """acc + p @ v per head-dim part: wgmma with p from registers onto the running accumulators.
     (The interpreter has neither register operands nor `run_state`: there, dots.)"""
     if interpret:
-        return tuple(acc + jnp.dot(p, v[...], preferred_element_type=jnp.float32) for acc, v in zip(accs, v_smems))
+        return tuple(acc + fa._dot(p, v[...]) for acc, v in zip(accs, v_smems))
 
     def products(acc_refs):
         for acc_ref, v in zip(acc_refs, v_smems):
