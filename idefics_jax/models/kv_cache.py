@@ -6,6 +6,13 @@ generated tokens the columns after it. Column `c` lives in slot `c % length`, so
 is exactly what Mistral's window lets a query see. Each slot keeps the RoPE position of its token
 and whether it holds a real token (left padding and never-written slots do not), so attention
 over the cache needs no other bookkeeping: causality and the window are decided by positions.
+
+Keys and values are stored heads-major, `[batch, kv_heads, length, head_dim]`, the layout of
+attention's batched products (one per head). A decode step (one new column) writes its column into
+the cache in place and then attends over the cache alone (`LayerCache.slot`), with no concatenated
+copy of the cache: the slot it overwrites held a column the window already hides. Longer calls
+(prefill) attend over [cache; new columns] and write afterwards, since a chunk's later columns may
+overwrite slots its earlier queries still see.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax
+import jax
 import jax.numpy as jnp
 
 from idefics_jax.config import TextConfig
@@ -20,8 +28,8 @@ from idefics_jax.config import TextConfig
 
 @flax.struct.dataclass
 class KVCache:
-    keys: tuple[Any, ...]  # per layer [batch, length, kv_heads, head_dim], after RoPE
-    values: tuple[Any, ...]  # per layer [batch, length, kv_heads, head_dim]
+    keys: tuple[Any, ...]  # per layer [batch, kv_heads, length, head_dim], after RoPE
+    values: tuple[Any, ...]  # per layer [batch, kv_heads, length, head_dim]
     positions: Any  # int32 [batch, length]: RoPE position of each slot's token
     valid: Any  # bool [batch, length]: the slot holds a real token
     index: Any  # int32 []: columns written so far (the next column)
@@ -30,7 +38,7 @@ class KVCache:
     def create(cls, config: TextConfig, batch: int, max_columns: int, dtype=jnp.float32) -> "KVCache":
         """An empty cache for `max_columns` columns (prompt + new tokens), ring-buffered to the window."""
         length = cache_length(config, max_columns)
-        shape = (batch, length, config.num_key_value_heads, config.attention_head_dim)
+        shape = (batch, config.num_key_value_heads, length, config.attention_head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
         return cls(keys=zeros, values=zeros, positions=jnp.zeros((batch, length), jnp.int32),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
@@ -44,20 +52,61 @@ class KVCache:
         start = max(0, seq - self.length)
         return start, (self.index + jnp.arange(start, seq, dtype=jnp.int32)) % self.length
 
+    def layer(self, i: int, slot=None) -> "LayerCache":
+        """Layer `i`'s view; `slot` (from `written`) makes it a decode step's, which writes first."""
+        return LayerCache(self.keys[i], self.values[i], self.positions, self.valid, slot)
+
+    def written(self, positions, valid) -> tuple["KVCache", Any]:
+        """A decode step's bookkeeping, before its layers run: writes one new column's positions
+        `[batch, 1]` and valid `[batch, 1]`; returns (this cache with them, the column's slot: int32
+        `[]`), the keys and values still to be written by each layer (`LayerCache.write`)."""
+        if positions.shape[1] != 1:
+            raise ValueError(f"written() is for one new column, got {positions.shape[1]}")
+        slot = self.index % self.length
+        put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), slot, axis=1)
+        cache = self.replace(positions=put(self.positions, positions), valid=put(self.valid, valid),
+                             index=self.index + 1)
+        return cache, slot
+
     def update(self, new_keys, new_values, positions, valid) -> "KVCache":
         """Writes `seq` new columns: new_keys / new_values per layer `[batch, seq, kv_heads, head_dim]`,
         positions int `[batch, seq]`, valid bool `[batch, seq]`."""
         seq = positions.shape[1]
         start, slots = self.slots(seq)
         write = lambda cache, new: cache.at[:, slots].set(new[:, start:].astype(cache.dtype))
+        write_kv = lambda cache, new: cache.at[:, :, slots].set(heads_major(new[:, start:]).astype(cache.dtype))
         return self.replace(
-            keys=tuple(write(c, n) for c, n in zip(self.keys, new_keys)),
-            values=tuple(write(c, n) for c, n in zip(self.values, new_values)),
+            keys=tuple(write_kv(c, n) for c, n in zip(self.keys, new_keys)),
+            values=tuple(write_kv(c, n) for c, n in zip(self.values, new_values)),
             positions=write(self.positions, positions.astype(jnp.int32)),
             valid=write(self.valid, valid.astype(bool)),
             index=self.index + seq,
         )
 
+
+@flax.struct.dataclass
+class LayerCache:
+    """One decoder layer's part of a `KVCache`, as its attention sees it."""
+
+    keys: Any  # [batch, kv_heads, length, head_dim]
+    values: Any  # [batch, kv_heads, length, head_dim]
+    positions: Any  # int32 [batch, length]
+    valid: Any  # bool [batch, length]
+    slot: Any = None  # int32 []: a decode step's column (positions / valid already written there)
+
+    def write(self, keys, values) -> "LayerCache":
+        """A decode step's new column `[batch, 1, kv_heads, head_dim]` twice, into its slot (in place)."""
+        put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
+            cache, heads_major(new).astype(cache.dtype), self.slot, axis=2)
+        return self.replace(keys=put(self.keys, keys), values=put(self.values, values))
+
+
+def heads_major(x):  # [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
+    return jnp.swapaxes(x, 1, 2)
+
+
+def seq_major(x):  # [batch, heads, seq, head_dim] -> [batch, seq, heads, head_dim]
+    return jnp.swapaxes(x, 1, 2)
 
 def cache_length(config: TextConfig, max_columns: int) -> int:
     window = config.sliding_window

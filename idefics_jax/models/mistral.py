@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from idefics_jax.config import TextConfig
-from idefics_jax.models.kv_cache import KVCache
+from idefics_jax.models.kv_cache import KVCache, LayerCache, seq_major
 from idefics_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
 from idefics_jax.models.scan import scanned
 from idefics_jax.ops.attention import dot_product_attention
@@ -31,13 +31,14 @@ class MistralAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, kv_mask, segment_ids, past=None):
+    def __call__(self, x, cos, sin, positions, kv_mask, segment_ids, past: LayerCache | None = None):
         """x [batch, seq, hidden]; cos / sin [batch, seq, head_dim]; positions [batch, seq].
 
-        past: None, or a cached `(keys, values, positions, valid)` of earlier columns
-        (`[batch, length, kv_heads, head_dim]` twice, then `[batch, length]` twice) that the new
-        tokens attend to as well. Returns (output [batch, seq, hidden], (keys, values) of the new
-        tokens `[batch, seq, kv_heads, head_dim]`, after RoPE: what a cache stores).
+        past: generation, this layer's `LayerCache`. Prefill: the new tokens attend to the cached
+        columns and their own; returns (output [batch, seq, hidden], (keys, values) of the new tokens
+        `[batch, seq, kv_heads, head_dim]`, after RoPE: what the cache stores). A decode step
+        (`past.slot` set): the new column is written into the cache first and the query attends
+        over the cache alone; returns (output, the written `LayerCache`).
         """
         cfg = self.config
         head_dim = cfg.attention_head_dim
@@ -51,14 +52,17 @@ class MistralAttention(nn.Module):
         # (the same as by position for packed rows, whose positions count up by one within each
         # segment): then the TPU's splash kernel, which masks by index, can serve training. With a
         # cache, the new tokens are placed among the cached columns by their stored positions.
-        keys, values, q_positions, kv_positions = k, v, None, None
-        if past is not None:  # generation: the cached columns, then the new ones
-            past_k, past_v, past_positions, past_valid = past
-            keys = jnp.concatenate([past_k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([past_v.astype(v.dtype), v], axis=1)
-            q_positions, kv_positions = positions, jnp.concatenate([past_positions, positions], axis=1)
+        keys, values, q_positions, kv_positions, new = k, v, None, None, (k, v)
+        if past is not None and past.slot is not None:  # decode: the column into its slot, then the cache
+            new = past.write(k, v)
+            keys, values = seq_major(new.keys).astype(k.dtype), seq_major(new.values).astype(v.dtype)
+            q_positions, kv_positions, kv_mask = positions, past.positions, past.valid
+        elif past is not None:  # prefill: the cached columns, then the new ones
+            keys = jnp.concatenate([seq_major(past.keys).astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([seq_major(past.values).astype(v.dtype), v], axis=1)
+            q_positions, kv_positions = positions, jnp.concatenate([past.positions, positions], axis=1)
             new_valid = jnp.ones(positions.shape, bool) if kv_mask is None else kv_mask
-            kv_mask = jnp.concatenate([past_valid, new_valid], axis=1)
+            kv_mask = jnp.concatenate([past.valid, new_valid], axis=1)
         out = dot_product_attention(
             q, keys, values, kv_mask=kv_mask, causal=True, sliding_window=cfg.sliding_window,
             q_positions=q_positions, kv_positions=kv_positions,
@@ -66,7 +70,7 @@ class MistralAttention(nn.Module):
             implementation=self.attention_impl,
         )  # [batch, seq, heads, head_dim]
         out = einops.rearrange(out, "b s h d -> b s (h d)")
-        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out), (k, v)
+        return dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", **kw)(out), new
 
 
 class MistralDecoderLayer(nn.Module):
@@ -76,8 +80,8 @@ class MistralDecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, kv_mask, segment_ids, past=None):
-        """Returns (x [batch, seq, hidden], the new tokens' (keys, values)); see MistralAttention."""
+    def __call__(self, x, cos, sin, positions, kv_mask, segment_ids, past: LayerCache | None = None):
+        """Returns (x [batch, seq, hidden], what the attention returns of the cache); see MistralAttention."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
@@ -142,17 +146,21 @@ class MistralModel(nn.Module):
                                  "idefics_jax.models.scan.unstack_layers(params)")
             x, _ = self.layers(x, cos, sin, positions, kv_mask, segment_ids)
             return self.norm(x)
-        new_keys, new_values = [], []
+        valid = jnp.ones((batch, seq), bool) if kv_mask is None else kv_mask
+        slot = None
+        if cache is not None and seq == 1:  # decode: positions / valid first, each layer writes its column
+            cache, slot = cache.written(positions, valid)
+        written = []
         for i, layer in enumerate(self.layers):
-            past = None if cache is None else (cache.keys[i], cache.values[i], cache.positions, cache.valid)
-            x, (k, v) = layer(x, cos, sin, positions, kv_mask, segment_ids, past)
-            new_keys.append(k)
-            new_values.append(v)
+            past = None if cache is None else cache.layer(i, slot)
+            x, new = layer(x, cos, sin, positions, kv_mask, segment_ids, past)
+            written.append(new)
         x = self.norm(x)
         if cache is None:
             return x
-        valid = jnp.ones((batch, seq), bool) if kv_mask is None else kv_mask
-        return x, cache.update(new_keys, new_values, positions, valid)
+        if slot is not None:
+            return x, cache.replace(keys=tuple(w.keys for w in written), values=tuple(w.values for w in written))
+        return x, cache.update([k for k, _ in written], [v for _, v in written], positions, valid)
 
     def attend(self, hidden):  # tied output projection: [batch, seq, hidden] -> [batch, seq, vocab]
         return self.embed_tokens.attend(hidden)
