@@ -173,7 +173,7 @@ def time_ours(hf_dir, ids, pixels, mask, labels, steps):
              "targets": targets.astype(np.int32), "loss_mask": loss_mask, "pixel_values": pixels,
              "pixel_attention_mask": mask}
     batch = global_batch(batch, mesh)
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         traced = jax.jit(train_step_fn(model, tx)).trace(state, batch)  # one trace: products and FLOPs
         shapes = dot_shapes(traced.jaxpr.jaxpr)
         flops = traced.lower().compile().cost_analysis()["flops"]

@@ -10,8 +10,11 @@ parameters are sharded over `fsdp` (ZeRO-3 style) along their model width and ov
     mesh = make_mesh(data=1, fsdp=-1, tensor=1, dcn=(4, 1, 1))   # 4 slices: data parallel across them
     shardings = param_shardings(Idefics2(config), mesh)
     params = jax.device_put(params, shardings)
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         logits = jax.jit(model.apply)({"params": params}, input_ids)
+
+Inside that context, `constrain(x, *logical_axes)` lays out activations (the model's layer
+boundaries, generation's KV cache); outside it, it does nothing.
 """
 
 from __future__ import annotations
@@ -110,18 +113,33 @@ def logical_specs(model: nn.Module, *init_args, **init_kwargs):
     return nn.get_partition_spec(variables)["params"]
 
 
-def fit_sharding(shape: tuple[int, ...], sharding: NamedSharding) -> NamedSharding:
+def fit_spec(shape: tuple[int, ...], spec: PartitionSpec, mesh_shape) -> PartitionSpec:
     """Drops the mesh axes of dimensions they do not divide (such as a vocabulary of 32,003 over
     tensor=2): those dimensions stay whole on each device instead of failing to shard."""
-    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    spec = list(spec) + [None] * (len(shape) - len(spec))
     for i, axes in enumerate(spec):
         if axes is None:
             continue
         names = axes if isinstance(axes, tuple) else (axes,)
-        size = int(np.prod([sharding.mesh.shape[a] for a in names]))
-        if shape[i] % size:
+        if shape[i] % int(np.prod([mesh_shape[a] for a in names])):
             spec[i] = None
-    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+    return PartitionSpec(*spec)
+
+
+def fit_sharding(shape: tuple[int, ...], sharding: NamedSharding) -> NamedSharding:
+    """`fit_spec` for a `NamedSharding`."""
+    return NamedSharding(sharding.mesh, fit_spec(shape, sharding.spec, sharding.mesh.shape))
+
+
+def constrain(x, *logical_axes: str | None):
+    """`x` laid out by logical axis names (one per dimension) under the rules and the mesh in context
+    (`jax.set_mesh`, `nn.logical_axis_rules`), fitted to its shape (`fit_spec`: a batch of 3 over
+    data=2 stays whole); `x` itself outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not nn.get_logical_axis_rules():
+        return x
+    spec = PartitionSpec(*nn.logical_to_mesh_axes(logical_axes))
+    return jax.lax.with_sharding_constraint(x, fit_spec(x.shape, spec, mesh.shape))
 
 
 def fit_shardings(abstract_tree, shardings):

@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from idefics_jax import Idefics2, Idefics2Config
-from idefics_jax.sharding import LOGICAL_AXIS_RULES, logical_specs, make_mesh
+from idefics_jax.sharding import LOGICAL_AXIS_RULES, constrain, fit_spec, logical_specs, make_mesh
 
 
 def test_every_parameter_has_logical_axis_names():
@@ -29,6 +29,21 @@ def test_every_parameter_has_logical_axis_names():
         assert len(spec) == len(shape.shape), name
         assert any(axis is not None for axis in spec), f"{name} has no named axis"
         assert all(axis is None or axis in known for axis in spec), f"{name}: {spec} not in the rule table"
+
+
+def test_constrain_is_live_only_under_a_mesh_and_fits_the_shape():
+    """Activation layouts take effect under `jax.set_mesh` (the legacy `with mesh:` leaves jax's
+    abstract mesh empty, and flax's constraints were silently dropped under it)."""
+    f = jax.jit(lambda x: constrain(x * 2, "activation_batch", None))
+    x = jax.numpy.ones((4, 3))
+    assert "sharding_constraint" not in f.lower(x).as_text()
+    with jax.set_mesh(make_mesh(-1, 1, 1)), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        assert "sharding_constraint" in f.lower(x).as_text()
+    mesh_shape = {"data": 2, "fsdp": 2, "tensor": 4}
+    spec = jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
+    assert fit_spec((8, 12), spec, mesh_shape) == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
+    assert fit_spec((3, 12, 5), spec, mesh_shape) == jax.sharding.PartitionSpec(None, "tensor", None)
+    assert fit_spec((8, 2), spec, mesh_shape) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
 
 
 def test_make_mesh_checks_device_count():

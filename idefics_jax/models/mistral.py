@@ -18,6 +18,7 @@ from idefics_jax.models.kv_cache import KVCache, LayerCache, seq_major
 from idefics_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
 from idefics_jax.models.scan import scanned
 from idefics_jax.ops.attention import dot_product_attention
+from idefics_jax.sharding import constrain
 
 Dtype = Any
 
@@ -84,7 +85,7 @@ class MistralDecoderLayer(nn.Module):
         """Returns (x [batch, seq, hidden], what the attention returns of the cache); see MistralAttention."""
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        x = constrain(x, *ACTIVATION_AXES)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         attn, kv = MistralAttention(cfg, self.attention_impl, name="self_attn", **kw)(
             h, cos, sin, positions, kv_mask, segment_ids, past)

@@ -74,7 +74,7 @@ def state_shardings(model, tx, mesh: Mesh, rules=LOGICAL_AXIS_RULES, lora=None):
 def init_state(model, tx, mesh: Mesh, rng, rules=LOGICAL_AXIS_RULES, lora=None) -> TrainState:
     """A fresh state, each array created directly with its sharding."""
     init, shardings = state_shardings(model, tx, mesh, rules, lora)
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
 
 
@@ -121,7 +121,7 @@ def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICA
     jitted = jax.jit(step, out_shardings=(shardings, replicated), donate_argnums=(0,))
 
     def run(state, batch):
-        with mesh, nn.logical_axis_rules(rules):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch)
 
     return run
