@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=16)
     p.add_argument("--split", action="store_true", help="320 visual tokens per image (4 crops + whole), not 64")
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
+    p.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of the visible devices, e.g. 1,1,8 "
+                                  "(tensor parallel over 8); -1 takes the rest of the devices: --mesh=1,1,-1; "
+                                  "default: one device")
     args = p.parse_args(argv)
 
     from idefics_jax.config import ConfigError
@@ -36,12 +39,14 @@ def main(argv=None) -> int:
     from idefics_jax.inference.assistant import Assistant
     from idefics_jax.inference.evaluate import evaluate_records, load_records
     from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.sharding import parse_mesh
 
     try:
         records, base_dir = load_records(args.data, args.limit)
+        mesh = parse_mesh(args.mesh) if args.mesh else None
         loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
         start = time.perf_counter()
-        report = evaluate_records(Assistant(loaded), records, base_dir, batch_size=args.batch_size,
+        report = evaluate_records(Assistant(loaded, mesh=mesh), records, base_dir, batch_size=args.batch_size,
                                   max_new_tokens=args.max_new_tokens, split=args.split, progress=True)
     except (ValueError, FileNotFoundError, ImageError, CheckpointError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)

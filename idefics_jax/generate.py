@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of the visible devices, e.g. 1,1,8 "
+                                  "(tensor parallel over 8); -1 takes the rest of the devices: --mesh=1,1,-1; "
+                                  "default: one device")
     return p
 
 
@@ -57,12 +60,14 @@ def main(argv=None) -> int:
     from idefics_jax.inference.assistant import Assistant
     from idefics_jax.inference.loading import load_for_inference
     from idefics_jax.inference.sampling import Sampling
+    from idefics_jax.sharding import parse_mesh
 
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p)
         images = [load_image(path) for path in args.image]  # fail on a bad image before loading the model
+        mesh = parse_mesh(args.mesh) if args.mesh else None
         assistant = Assistant(load_for_inference(args.checkpoint, tokenizer=args.tokenizer),
-                              dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+                              dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, mesh=mesh)
         options = dict(split=args.split, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
         if not args.chat:
             for piece in assistant.stream_reply([user_turn(args.prompt, len(images))], images, **options):

@@ -60,6 +60,20 @@ def _fill(sizes: list[int], count: int, what: str) -> list[int]:
     return sizes
 
 
+def parse_mesh(text: str, devices=None) -> Mesh:
+    """A mesh from a command line's `DATA,FSDP,TENSOR` (one of them may be -1: the rest of the devices),
+    e.g. `1,1,8`: tensor parallel over 8 devices."""
+    parts = text.split(",")
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3 or any(size == 0 or size < -1 for size in sizes):
+        raise ValueError(f"--mesh takes DATA,FSDP,TENSOR sizes (positive, or -1 for the rest of the devices), "
+                         f"got {text!r}")
+    return make_mesh(*sizes, devices=devices)
+
+
 def default_granule(device) -> int:
     """The slice a device belongs to: TPU devices know their slice; elsewhere one host is one granule."""
     slice_index = getattr(device, "slice_index", None)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -178,3 +183,14 @@ def test_bad_requests_are_named(converted, seed):
     right_padded = np.concatenate([input_ids, np.zeros((1, 2), input_ids.dtype)], 1)
     with pytest.raises(ValueError, match="left padded"):
         generator.generate(right_padded, np.concatenate([mask, np.zeros((1, 2), mask.dtype)], 1), max_new_tokens=4)
+
+
+def test_generation_on_eight_simulated_devices(hf_dir, seed):
+    """Greedy, sampled and streamed tokens on (data, fsdp, tensor) meshes equal one device's; the
+    parameters and the KV cache are sharded (tests/sharded_generate.py, in a fresh process)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    script = Path(__file__).with_name("sharded_generate.py")
+    result = subprocess.run([sys.executable, str(script), str(hf_dir[0]), str(seed)], env=env, capture_output=True,
+                            text=True, timeout=900, cwd=script.parent)
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
+    assert result.stdout.count("equal: True") == 7, result.stdout

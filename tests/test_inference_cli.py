@@ -6,6 +6,7 @@ import io
 import json
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -107,6 +108,8 @@ def test_generate_cli_names_bad_input(chat_dir, capsys, tmp_path):
         (["--image", str(tmp_path / "missing.png"), "--prompt", "hi"], "missing.png"),
         (["--image", str(path / "a.png"), "--prompt", "<image> and <image>?"], "2 <image> placeholder(s) but 1 image"),
         (["--prompt", "the quick brown fox " * 150, "--max_new_tokens", "8"], "context of 400 tokens"),
+        (["--prompt", "hi", "--mesh", "1,x,1"], "--mesh takes DATA,FSDP,TENSOR"),
+        (["--prompt", "hi", "--mesh", f"{len(jax.devices()) + 1},1,1"], "devices"),
     ]
     for argv, message in cases:
         code, _, err = run_cli(generate, ["--checkpoint", str(path), *argv], capsys)
@@ -135,7 +138,7 @@ def test_evaluate_cli_scores_answers(chat_dir, capsys, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     report_path = tmp_path / "report.json"
     code, out, err = run_cli(evaluate, ["--checkpoint", str(path), "--data", str(data), "--output", str(report_path),
-                                        "--batch_size", "2"], capsys)
+                                        "--batch_size", "2", "--mesh=-1,1,1"], capsys)
     assert code == 0, err
     report = json.loads(report_path.read_text())
     assert [r["prediction"] for r in report["results"]] == predicted

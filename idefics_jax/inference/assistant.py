@@ -34,13 +34,15 @@ def round_up(value: int, multiple: int) -> int:
 
 class Assistant:
     def __init__(self, loaded: LoadedModel, *, dtype=jnp.float32, attention_impl: str = "auto",
-                 prompt_multiple: int = 32, image_multiple: int | None = None):
+                 prompt_multiple: int = 32, image_multiple: int | None = None, mesh=None):
+        """mesh: generate on a `(data, fsdp, tensor)` device mesh (`Generator`); one device by default."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model = Idefics2(loaded.config, attention_impl=attention_impl, dtype=dtype)
         stops = [self.tokenizer.token_id(END_OF_UTTERANCE), self.tokenizer.eos_id]
         self.stop_ids = tuple(i for i in stops if i >= 0)
-        self.generator = Generator(self.model, loaded.params, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id)
+        self.generator = Generator(self.model, loaded.params, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id,
+                                   mesh=mesh)
         self.prompt_multiple = prompt_multiple
         self.image_multiple = image_multiple or loaded.config.vision.patch_size * 8
 

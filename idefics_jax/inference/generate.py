@@ -12,21 +12,31 @@ as the sliding window). Decoding then feeds one token per step. `generate` runs 
 the device (`lax.while_loop`, stopping when every row has produced a stop token);
 `stream` runs the same jitted step from the host, one token per call, for streaming output.
 After a row's stop token its remaining tokens are `pad_id`, as transformers' `generate` does.
+
+On a device mesh (`Generator(..., mesh=make_mesh(data, fsdp, tensor))`) the parameters are placed
+by the rule table of `idefics_jax.sharding` (tensor parallel over heads / MLP / vocabulary, fsdp
+over the model width), the batch is split over data and fsdp, and the KV cache over batch and
+key/value heads, as the keys are computed; sampled tokens are replicated. An axis that does not
+divide a dimension (a batch of 3 over data=2, 2 key/value heads over tensor=4) leaves it whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Iterator, Sequence
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from idefics_jax.inference.sampling import GREEDY, Sampling, next_token
 from idefics_jax.models.idefics2 import check_image_token_count
 from idefics_jax.models.kv_cache import KVCache
+from idefics_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, constrain, fit_sharding, param_shardings
 
 
 @flax.struct.dataclass
@@ -63,17 +73,28 @@ def decode(model, params, state: DecodeState, tokens) -> DecodeState:
     return DecodeState(cache=cache, positions=state.positions + 1, logits=logits[:, -1].astype(jnp.float32))
 
 
+def _laid_out(state: DecodeState, token, done):
+    """The decode state's layout on a mesh: cache over batch and key/value heads, tokens replicated."""
+    cache = state.cache
+    kv = lambda t: constrain(t, "activation_batch", "kv_heads", None, None)  # [batch, kv_heads, length, head_dim]
+    rows = lambda t: constrain(t, "activation_batch", None)
+    cache = cache.replace(keys=tuple(map(kv, cache.keys)), values=tuple(map(kv, cache.values)),
+                          positions=rows(cache.positions), valid=rows(cache.valid))
+    state = state.replace(cache=cache, logits=rows(state.logits))
+    return state, constrain(token, None), constrain(done, None)
+
+
 def _first(model, params, inputs, rng, *, max_columns, sampling, stop_ids, pad_id):
     state = prefill(model, params, *inputs, max_columns=max_columns)
     token = next_token(state.logits, sampling, rng)
-    return state, token, jnp.isin(token, jnp.asarray(stop_ids, jnp.int32))
+    return _laid_out(state, token, jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
 
 
 def _step(model, params, state, token, done, rng, *, sampling, stop_ids, pad_id):
     """Feeds `token` `[batch]`; returns (state, next token, done). Finished rows emit `pad_id`."""
     state = decode(model, params, state, token)
     token = jnp.where(done, pad_id, next_token(state.logits, sampling, rng))
-    return state, token, done | jnp.isin(token, jnp.asarray(stop_ids, jnp.int32))
+    return _laid_out(state, token, done | jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
 
 
 def _generate(model, params, inputs, rng, *, max_new_tokens, max_columns, sampling, stop_ids, pad_id):
@@ -81,7 +102,7 @@ def _generate(model, params, inputs, rng, *, max_new_tokens, max_columns, sampli
     rng, first_rng = jax.random.split(rng)
     state, token, done = _first(model, params, inputs, first_rng, max_columns=max_columns, **settings)
     batch = token.shape[0]
-    tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+    tokens = constrain(jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token), None, None)
 
     def cond(carry):
         t, _, _, done, _, _ = carry
@@ -98,15 +119,37 @@ def _generate(model, params, inputs, rng, *, max_new_tokens, max_columns, sampli
 
 
 class Generator:
-    """Cached generation for one model and its parameters; compiled programs are kept per shape."""
+    """Cached generation for one model and its parameters; compiled programs are kept per shape.
 
-    def __init__(self, model, params, *, stop_ids: Sequence[int] = (), pad_id: int = 0):
-        self.model, self.params = model, params
+    mesh: a `(data, fsdp, tensor)` mesh (`idefics_jax.sharding.make_mesh`) to generate on several
+    devices; the parameters are placed on it here (see the module docstring)."""
+
+    def __init__(self, model, params, *, stop_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
+                 rules=LOGICAL_AXIS_RULES):
+        self.model, self.mesh, self.rules = model, mesh, rules
+        self.params = params if mesh is None else jax.device_put(params, param_shardings(model, mesh, rules))
         self.stop_ids, self.pad_id = tuple(int(i) for i in stop_ids), int(pad_id)
         statics = ("max_columns", "sampling", "stop_ids", "pad_id")
         self._generate = jax.jit(functools.partial(_generate, model), static_argnames=("max_new_tokens",) + statics)
         self._first = jax.jit(functools.partial(_first, model), static_argnames=statics)
         self._step = jax.jit(functools.partial(_step, model), static_argnames=statics[1:], donate_argnums=(1,))
+
+    def _on_mesh(self):
+        """The mesh and the rule table in context (tracing reads them); nothing without a mesh."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def _place(self, inputs):
+        """Prompt arrays onto the mesh, rows over (data, fsdp) where they divide; as given without a mesh."""
+        if self.mesh is None:
+            return inputs
+        place = lambda x: None if x is None else jax.device_put(
+            x, fit_sharding(np.shape(x), batch_sharding(self.mesh, np.ndim(x), self.rules)))
+        return tuple(place(x) for x in inputs)
 
     def _check(self, input_ids, attention_mask, pixel_values, max_new_tokens: int) -> int:
         if max_new_tokens < 1:
@@ -133,9 +176,11 @@ class Generator:
                  max_new_tokens: int, sampling: Sampling = GREEDY, seed: int = 0) -> np.ndarray:
         """Left-padded prompts `[batch, prompt]` -> new tokens int32 `[batch, max_new_tokens]`."""
         max_columns = self._check(input_ids, attention_mask, pixel_values, max_new_tokens)
-        inputs = (input_ids, attention_mask, pixel_values, pixel_attention_mask)
-        out = self._generate(self.params, inputs, jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
-                             max_columns=max_columns, sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
+        inputs = self._place((input_ids, attention_mask, pixel_values, pixel_attention_mask))
+        with self._on_mesh():
+            out = self._generate(self.params, inputs, jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
+                                 max_columns=max_columns, sampling=sampling, stop_ids=self.stop_ids,
+                                 pad_id=self.pad_id)
         return np.asarray(out)
 
     def stream(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, *,
@@ -144,12 +189,14 @@ class Generator:
         max_columns = self._check(input_ids, attention_mask, pixel_values, max_new_tokens)
         settings = dict(sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
         rng, first_rng = jax.random.split(jax.random.PRNGKey(seed))
-        inputs = (input_ids, attention_mask, pixel_values, pixel_attention_mask)
-        state, token, done = self._first(self.params, inputs, first_rng, max_columns=max_columns, **settings)
+        inputs = self._place((input_ids, attention_mask, pixel_values, pixel_attention_mask))
+        with self._on_mesh():
+            state, token, done = self._first(self.params, inputs, first_rng, max_columns=max_columns, **settings)
         yield np.asarray(token)
         for _ in range(max_new_tokens - 1):
             if bool(done.all()):
                 return
             rng, step_rng = jax.random.split(rng)
-            state, token, done = self._step(self.params, state, token, done, step_rng, **settings)
+            with self._on_mesh():
+                state, token, done = self._step(self.params, state, token, done, step_rng, **settings)
             yield np.asarray(token)

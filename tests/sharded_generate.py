@@ -1,0 +1,68 @@
+"""Run by test_generate.py in a fresh process with 8 simulated CPU devices.
+
+Generates with a converted checkpoint unsharded and on several (data, fsdp, tensor) meshes, and
+exits non-zero unless the tokens are identical and the parameters and the KV cache are sharded.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from idefics_jax import Idefics2, load_hf_checkpoint  # noqa: E402
+from idefics_jax.inference.generate import Generator  # noqa: E402
+from idefics_jax.inference.sampling import GREEDY, Sampling  # noqa: E402
+from idefics_jax.sharding import make_mesh  # noqa: E402
+from test_parity import make_batch  # noqa: E402
+
+NEW = 12
+
+
+def mesh(*shape):
+    return make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+
+
+def main(hf_dir, seed):
+    assert len(jax.devices()) == 8, jax.devices()
+    config, params = load_hf_checkpoint(hf_dir)
+    model = Idefics2(config)
+    rng = np.random.default_rng([seed, 500])
+    rows = [([4, 3], [(40, 36)]), ([9, 15], [(28, 52)]), ([2], []), ([5, 6], [(20, 44)])]
+    ids, mask, pixels, pixel_mask = make_batch(rng, rows, config.image_seq_len)
+    pixels[2], pixel_mask[2] = 0, False  # the third row has no image
+    inputs = (ids, mask, pixels, pixel_mask)
+    sampled = Sampling(temperature=0.8, top_k=20)
+    expected = Generator(model, params).generate(*inputs, max_new_tokens=NEW)
+    expected_sampled = Generator(model, params).generate(*inputs, max_new_tokens=NEW, sampling=sampled, seed=3)
+    for shape in [(1, 1, 2), (2, 1, 2), (1, 2, 4), (4, 2, 1)]:
+        generator = Generator(model, params, mesh=mesh(*shape))
+        k_proj = generator.params["model"]["text_model"]["layers_0"]["self_attn"]["k_proj"]["kernel"]
+        if k_proj.addressable_shards[0].data.size == k_proj.size and shape[1] * shape[2] > 1:
+            sys.exit(f"mesh {shape}: the parameters were not sharded")
+        got = generator.generate(*inputs, max_new_tokens=NEW)
+        print(f"mesh {shape}: greedy tokens equal: {np.array_equal(got, expected)}")
+        if not np.array_equal(got, expected):
+            sys.exit(f"mesh {shape}: greedy tokens differ\n{got}\n{expected}")
+    generator = Generator(model, params, mesh=mesh(2, 1, 2))
+    got = generator.generate(*inputs, max_new_tokens=NEW, sampling=sampled, seed=3)
+    streamed = np.stack(list(generator.stream(*inputs, max_new_tokens=NEW)), axis=1)
+    odd = Generator(model, params).generate(*(x[:3] for x in inputs), max_new_tokens=NEW)
+    got_odd = generator.generate(*(x[:3] for x in inputs), max_new_tokens=NEW)  # 3 rows: data=2 cannot split them
+    for name, a, b in [("sampled", got, expected_sampled), ("streamed", streamed, expected), ("3 rows", got_odd, odd)]:
+        print(f"mesh (2, 1, 2), {name}: equal: {np.array_equal(a, b)}")
+        if not np.array_equal(a, b):
+            sys.exit(f"mesh (2, 1, 2), {name}: tokens differ\n{a}\n{b}")
+    settings = dict(max_columns=ids.shape[1] + NEW, sampling=GREEDY, stop_ids=(), pad_id=0)
+    with generator._on_mesh():
+        state, token, _ = generator._first(generator.params, generator._place(inputs), jax.random.PRNGKey(0), **settings)
+    specs = (tuple(state.cache.keys[0].sharding.spec), tuple(token.sharding.spec))
+    print(f"cache keys {state.cache.keys[0].shape} laid out {specs[0]}, tokens {specs[1]}")
+    if specs[0][:2] != ("data", "tensor") or any(specs[1]):
+        sys.exit(f"the KV cache should be split over (data, tensor) and tokens replicated, got {specs}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
