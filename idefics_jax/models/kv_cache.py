@@ -11,8 +11,9 @@ Keys and values are stored heads-major, `[batch, kv_heads, length, head_dim]`, t
 attention's batched products (one per head). A decode step (one new column) writes its column into
 the cache in place and then attends over the cache alone (`LayerCache.slot`), with no concatenated
 copy of the cache: the slot it overwrites held a column the window already hides. Longer calls
-(prefill) attend over [cache; new columns] and write afterwards, since a chunk's later columns may
-overwrite slots its earlier queries still see.
+attend over [cache; new columns] and write afterwards, since a chunk's later columns may overwrite
+slots its earlier queries still see; the first call into a fresh cache (prefill) attends over its
+own columns alone, as an uncached forward pass (any attention kernel can serve it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class KVCache:
     positions: Any  # int32 [batch, length]: RoPE position of each slot's token
     valid: Any  # bool [batch, length]: the slot holds a real token
     index: Any  # int32 []: columns written so far (the next column)
+    # static: nothing written yet, so the first call (prefill) attends over its own tokens alone, by
+    # index, as a forward pass without a cache does (and with any attention kernel)
+    fresh: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(cls, config: TextConfig, batch: int, max_columns: int, dtype=jnp.float32) -> "KVCache":
@@ -41,7 +45,7 @@ class KVCache:
         shape = (batch, config.num_key_value_heads, length, config.attention_head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
         return cls(keys=zeros, values=zeros, positions=jnp.zeros((batch, length), jnp.int32),
-                   valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
+                   valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32), fresh=True)
 
     @property
     def length(self) -> int:
@@ -65,7 +69,7 @@ class KVCache:
         slot = self.index % self.length
         put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), slot, axis=1)
         cache = self.replace(positions=put(self.positions, positions), valid=put(self.valid, valid),
-                             index=self.index + 1)
+                             index=self.index + 1, fresh=False)
         return cache, slot
 
     def update(self, new_keys, new_values, positions, valid) -> "KVCache":
@@ -81,6 +85,7 @@ class KVCache:
             positions=write(self.positions, positions.astype(jnp.int32)),
             valid=write(self.valid, valid.astype(bool)),
             index=self.index + seq,
+            fresh=False,
         )
 
 

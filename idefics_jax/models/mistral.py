@@ -130,7 +130,7 @@ class MistralModel(nn.Module):
 
         attention_mask `[batch, seq]`: 0 marks padding keys (Hugging Face's convention).
         positions `[batch, seq]`: RoPE positions; default `0 .. seq - 1`. Causality goes by index
-        within the row (Hugging Face's convention), or, with a cache, by these positions.
+        within the row (Hugging Face's convention), or, with a cache that holds columns, by these positions.
         segment_ids `[batch, seq]`: packed rows; tokens attend within their segment only.
         cache: generation. The new tokens also attend to the cached columns, and the call returns
         `(hidden states, cache with the new columns written)`.
@@ -149,11 +149,13 @@ class MistralModel(nn.Module):
             return self.norm(x)
         valid = jnp.ones((batch, seq), bool) if kv_mask is None else kv_mask
         slot = None
-        if cache is not None and seq == 1:  # decode: positions / valid first, each layer writes its column
-            cache, slot = cache.written(positions, valid)
+        if cache is not None and seq == 1 and not cache.fresh:  # decode: positions / valid, then each layer
+            cache, slot = cache.written(positions, valid)       # writes its column
         written = []
         for i, layer in enumerate(self.layers):
-            past = None if cache is None else cache.layer(i, slot)
+            # a fresh cache holds nothing to attend to: prefill is an uncached pass (by index: the same
+            # as by position for left-padded rows) whose keys and values are then written
+            past = None if cache is None or cache.fresh else cache.layer(i, slot)
             x, new = layer(x, cos, sin, positions, kv_mask, segment_ids, past)
             written.append(new)
         x = self.norm(x)
