@@ -94,7 +94,3 @@ def count_trainable(params, frozen: Iterable[str] = (), trainable_mask=None) -> 
         if tower_of(path) not in frozen and (trainable_mask is None or trainable_mask(path)):
             total += leaf.size
     return total
-
-
-def global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)

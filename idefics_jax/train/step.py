@@ -108,7 +108,7 @@ def train_step_fn(model, tx, *, accum_steps: int = 1, lora=None):
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denom, "target_tokens": count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss_sum / denom, "target_tokens": count, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
     return step
