@@ -113,6 +113,7 @@ def heads_major(x):  # [batch, seq, heads, head_dim] -> [batch, heads, seq, head
 def seq_major(x):  # [batch, heads, seq, head_dim] -> [batch, seq, heads, head_dim]
     return jnp.swapaxes(x, 1, 2)
 
+
 def cache_length(config: TextConfig, max_columns: int) -> int:
     window = config.sliding_window
     return max_columns if window is None else min(window, max_columns)
