@@ -124,6 +124,35 @@ def test_cached_decoding_equals_full_forward(converted, seed):
     assert rel_err(state.logits, full[:, -1]) < 1e-5
 
 
+def test_chunks_into_a_filled_cache_equal_full_forward(converted, seed):
+    """Several columns at a time into a cache that already holds columns (attention over [cache; chunk],
+    then the write), chunks that wrap the ring buffer included: logits equal the full pass's."""
+    rng = np.random.default_rng([seed, 407])
+    config, params = converted
+    window = config.text.sliding_window
+    input_ids, mask, pixels, pixel_mask = make_batch(rng, [([5, 2], [(40, 36)]), ([3], [])], config.image_seq_len)
+    pixels[1], pixel_mask[1] = 0, False
+    chunks = [5, 1, 7, window - 2, 13]
+    forced = rng.integers(3, IMAGE_TOKEN_ID, size=(2, sum(chunks)))
+    full_ids = np.concatenate([input_ids, forced], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(forced)], axis=1)
+    model = Idefics2(config)
+    positions = np.maximum(np.cumsum(full_mask, axis=1) - 1, 0)
+    full = np.asarray(model.apply({"params": params}, full_ids, attention_mask=full_mask, positions=positions,
+                                  pixel_values=pixels, pixel_attention_mask=pixel_mask))
+    prompt = input_ids.shape[1]
+    state = prefill(model, params, input_ids, mask, pixels, pixel_mask, max_columns=full_ids.shape[1])
+    assert state.cache.length == window and not state.cache.fresh
+    cache, start = state.cache, 0
+    for size in chunks:
+        cols = slice(prompt + start, prompt + start + size)
+        logits, cache = model.apply({"params": params}, forced[:, start:start + size],
+                                    attention_mask=np.ones((2, size), np.int32), positions=positions[:, cols],
+                                    cache=cache)
+        assert rel_err(logits, full[:, cols]) < 1e-5, (start, size)
+        start += size
+
+
 def test_stream_equals_generate(converted, seed):
     rng = np.random.default_rng([seed, 403])
     config, params = converted
