@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from idefics_jax.generate import MESH_HELP
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m idefics_jax.evaluate", description=__doc__,
@@ -28,9 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=16)
     p.add_argument("--split", action="store_true", help="320 visual tokens per image (4 crops + whole), not 64")
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
-    p.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of the visible devices, e.g. 1,1,8 "
-                                  "(tensor parallel over 8); -1 takes the rest of the devices: --mesh=1,1,-1; "
-                                  "default: one device")
+    p.add_argument("--mesh", help=MESH_HELP)
     args = p.parse_args(argv)
 
     from idefics_jax.config import ConfigError

@@ -18,6 +18,9 @@ import sys
 
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 
+MESH_HELP = ("DATA,FSDP,TENSOR: generate on a mesh of the visible devices, e.g. 1,1,8 (tensor parallel over 8); "
+             "-1 takes the rest of the devices: --mesh=1,1,-1; default: one device")  # also evaluate's
+
 
 def user_turn(text: str, images: int) -> dict:
     """A user message; without placeholders, the images go first (as Idefics2's examples put them)."""
@@ -42,9 +45,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    p.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of the visible devices, e.g. 1,1,8 "
-                                  "(tensor parallel over 8); -1 takes the rest of the devices: --mesh=1,1,-1; "
-                                  "default: one device")
+    p.add_argument("--mesh", help=MESH_HELP)
     return p
 
 

@@ -35,8 +35,9 @@ def main(hf_dir, seed):
     pixels[2], pixel_mask[2] = 0, False  # the third row has no image
     inputs = (ids, mask, pixels, pixel_mask)
     sampled = Sampling(temperature=0.8, top_k=20)
-    expected = Generator(model, params).generate(*inputs, max_new_tokens=NEW)
-    expected_sampled = Generator(model, params).generate(*inputs, max_new_tokens=NEW, sampling=sampled, seed=3)
+    one_device = Generator(model, params)
+    expected = one_device.generate(*inputs, max_new_tokens=NEW)
+    expected_sampled = one_device.generate(*inputs, max_new_tokens=NEW, sampling=sampled, seed=3)
     for shape in [(1, 1, 2), (2, 1, 2), (1, 2, 4), (4, 2, 1)]:
         generator = Generator(model, params, mesh=mesh(*shape))
         k_proj = generator.params["model"]["text_model"]["layers_0"]["self_attn"]["k_proj"]["kernel"]
@@ -49,7 +50,7 @@ def main(hf_dir, seed):
     generator = Generator(model, params, mesh=mesh(2, 1, 2))
     got = generator.generate(*inputs, max_new_tokens=NEW, sampling=sampled, seed=3)
     streamed = np.stack(list(generator.stream(*inputs, max_new_tokens=NEW)), axis=1)
-    odd = Generator(model, params).generate(*(x[:3] for x in inputs), max_new_tokens=NEW)
+    odd = one_device.generate(*(x[:3] for x in inputs), max_new_tokens=NEW)
     got_odd = generator.generate(*(x[:3] for x in inputs), max_new_tokens=NEW)  # 3 rows: data=2 cannot split them
     for name, a, b in [("sampled", got, expected_sampled), ("streamed", streamed, expected), ("3 rows", got_odd, odd)]:
         print(f"mesh (2, 1, 2), {name}: equal: {np.array_equal(a, b)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import einops
 import flax
 import jax
 import jax.numpy as jnp
@@ -78,7 +79,8 @@ class KVCache:
         seq = positions.shape[1]
         start, slots = self.slots(seq)
         write = lambda cache, new: cache.at[:, slots].set(new[:, start:].astype(cache.dtype))
-        write_kv = lambda cache, new: cache.at[:, :, slots].set(heads_major(new[:, start:]).astype(cache.dtype))
+        heads_major = lambda new: einops.rearrange(new[:, start:], "b s h d -> b h s d")
+        write_kv = lambda cache, new: cache.at[:, :, slots].set(heads_major(new).astype(cache.dtype))
         return self.replace(
             keys=tuple(write_kv(c, n) for c, n in zip(self.keys, new_keys)),
             values=tuple(write_kv(c, n) for c, n in zip(self.values, new_values)),
@@ -102,16 +104,8 @@ class LayerCache:
     def write(self, keys, values) -> "LayerCache":
         """A decode step's new column `[batch, 1, kv_heads, head_dim]` twice, into its slot (in place)."""
         put = lambda cache, new: jax.lax.dynamic_update_slice_in_dim(
-            cache, heads_major(new).astype(cache.dtype), self.slot, axis=2)
+            cache, einops.rearrange(new, "b s h d -> b h s d").astype(cache.dtype), self.slot, axis=2)
         return self.replace(keys=put(self.keys, keys), values=put(self.values, values))
-
-
-def heads_major(x):  # [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim]
-    return jnp.swapaxes(x, 1, 2)
-
-
-def seq_major(x):  # [batch, heads, seq, head_dim] -> [batch, seq, heads, head_dim]
-    return jnp.swapaxes(x, 1, 2)
 
 
 def cache_length(config: TextConfig, max_columns: int) -> int:

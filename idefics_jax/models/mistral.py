@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from idefics_jax.config import TextConfig
-from idefics_jax.models.kv_cache import KVCache, LayerCache, seq_major
+from idefics_jax.models.kv_cache import KVCache, LayerCache
 from idefics_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
 from idefics_jax.models.scan import scanned
 from idefics_jax.ops.attention import dot_product_attention
@@ -45,6 +45,7 @@ class MistralAttention(nn.Module):
         head_dim = cfg.attention_head_dim
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, init_std=cfg.initializer_range)
         split = lambda t: einops.rearrange(t, "b s (h d) -> b s h d", d=head_dim)
+        seq_major = lambda t: einops.rearrange(t, "b h s d -> b s h d")  # the cache's layout -> attention's
         q = split(dense(cfg.num_attention_heads * head_dim, ("embed", "heads"), name="q_proj", **kw)(x))
         k = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x))
         v = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x))
