@@ -82,9 +82,10 @@ def main(argv=None) -> int:
 
 
 def chat(assistant, images, options) -> int:
+    """Each turn prefills only what is new: the conversation's KV cache is kept between turns."""
     from idefics_jax.data.image_processing import load_image
 
-    messages, all_images, pending = [], [], list(images)
+    conversation, pending = assistant.chat(**options), list(images)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -100,17 +101,19 @@ def chat(assistant, images, options) -> int:
                 print(f"error: {error}", file=sys.stderr)
             continue
         if line == "/reset":
-            messages, all_images, pending = [], [], []
+            conversation.reset()
+            pending = []
             continue
-        turn = user_turn(line, len(pending))
-        print("Assistant: ", end="", flush=True)
-        answer = ""
-        for piece in assistant.stream_reply(messages + [turn], all_images + pending, **options):
-            answer += piece
+        try:
+            pieces = conversation.stream(user_turn(line, len(pending)), pending)
+            first = next(pieces, "")  # a turn the model cannot take fails here, before any answer
+        except ValueError as error:  # the conversation so far and the pending images stay
+            print(f"error: {error}", file=sys.stderr)
+            continue
+        print("Assistant: " + first, end="", flush=True)
+        for piece in pieces:
             print(piece, end="", flush=True)
         print(flush=True)
-        messages += [turn, {"role": "assistant", "content": answer}]
-        all_images += pending
         pending = []
 
 

@@ -13,6 +13,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from idefics_jax import Idefics2, load_hf_checkpoint  # noqa: E402
+from idefics_jax.inference.conversation import Conversation  # noqa: E402
 from idefics_jax.inference.generate import Generator  # noqa: E402
 from idefics_jax.inference.sampling import GREEDY, Sampling  # noqa: E402
 from idefics_jax.sharding import make_mesh  # noqa: E402
@@ -63,6 +64,22 @@ def main(hf_dir, seed):
     print(f"cache keys {state.cache.keys[0].shape} laid out {specs[0]}, tokens {specs[1]}")
     if specs[0][:2] != ("data", "tensor") or any(specs[1]):
         sys.exit(f"the KV cache should be split over (data, tensor) and tokens replicated, got {specs}")
+    check_conversation(model, params, config, rng, one_device)
+
+
+def check_conversation(model, params, config, rng, one_device):
+    """Two chat turns on a (1, 1, 2) mesh, the second reusing the cache, equal those on one device."""
+    image = rng.uniform(-1, 1, size=(24, 36, 3)).astype(np.float32)
+    first = rng.integers(3, 90, size=5).tolist() + [config.image_token_id] * config.image_seq_len + [7, 8]
+    answers = []
+    for generator in (one_device, Generator(model, params, mesh=mesh(1, 1, 2))):
+        conversation = Conversation(generator, image_token_id=config.image_token_id, image_seq_len=config.image_seq_len)
+        answer = list(conversation.stream(first, [image], max_new_tokens=NEW))
+        second = first + [5 if t == config.image_token_id else t for t in answer] + [9, 10, 11]
+        answers.append((answer, list(conversation.stream(second, [image], max_new_tokens=NEW)), conversation.reused))
+    print(f"mesh (1, 1, 2), conversation: equal: {answers[0] == answers[1]}, reused {answers[1][2]} tokens")
+    if answers[0] != answers[1] or answers[1][2] < len(first):
+        sys.exit(f"mesh (1, 1, 2): the conversation differs from one device's\n{answers[1]}\n{answers[0]}")
 
 
 if __name__ == "__main__":

@@ -87,8 +87,10 @@ def test_chat_keeps_the_conversation(chat_dir, capsys, monkeypatch):
 
     path = chat_dir[0]
     code, out, err = run_cli(generate, ["--checkpoint", str(path), "--image", str(path / "a.png"), "--chat",
-                                        "--max_new_tokens", "6"], capsys, "hello world\nthe red fox\n\n", monkeypatch)
+                                        "--max_new_tokens", "6"], capsys, "hello world\nwhat <image>\nthe red fox\n\n",
+                             monkeypatch)
     assert code == 0, err
+    assert "1 <image> placeholder(s) but 0 image(s)" in err  # the bad turn is named and the chat goes on
     # split on newlines only: str.splitlines() also breaks at \x1c-\x1e, which a random model may emit
     answers = [line[len("Assistant: "):] for line in out.split("\n") if line.startswith("Assistant: ")]
     assert len(answers) == 2
@@ -96,6 +98,31 @@ def test_chat_keeps_the_conversation(chat_dir, capsys, monkeypatch):
     assert answers[0] == reference_answer(chat_dir, first, ["a.png"], 6)
     second = first + [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": "the red fox"}]
     assert answers[1] == reference_answer(chat_dir, second, ["a.png"], 6)
+
+
+def test_chat_prefills_only_new_turns_and_answers_as_whole_prefills(chat_dir):
+    from idefics_jax.inference.assistant import Assistant
+    from idefics_jax.inference.loading import load_for_inference
+
+    assistant = Assistant(load_for_inference(chat_dir[0]))
+    a, b = (Image.open(chat_dir[0] / name) for name in ("a.png", "b.png"))
+    chat = assistant.chat(split=True, max_new_tokens=8)
+    turns = [("<image>what is written", [a]), ("and here <image>?", [b]), ("the red fox", [])]
+    messages, images = [], []
+    for text, new_images in turns:
+        answer = "".join(chat.stream({"role": "user", "content": text}, new_images))
+        messages.append({"role": "user", "content": text})
+        images += new_images
+        assert answer == assistant.reply(messages, images, split=True, max_new_tokens=8)
+        messages.append({"role": "assistant", "content": answer})
+        assert chat.messages == messages
+        # later turns reuse the cache: at least the earlier turns up to their answers
+        assert chat.conversation.reused >= (0 if len(messages) == 2 else 5 * assistant.loaded.config.image_seq_len + 10)
+    with pytest.raises(ValueError, match="1 <image> placeholder"):
+        list(chat.stream({"role": "user", "content": "<image>?"}))
+    assert chat.messages == messages and len(chat.images) == 2
+    chat.reset()
+    assert chat.messages == [] and chat.conversation.cached_tokens == 0
 
 
 def test_generate_cli_names_bad_input(chat_dir, capsys, tmp_path):

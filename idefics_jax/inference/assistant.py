@@ -14,22 +14,19 @@ bounded number of programs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from idefics_jax.data.image_processing import ImageLike
-from idefics_jax.data.image_tokens import END_OF_UTTERANCE
+from idefics_jax.data.image_tokens import END_OF_UTTERANCE, IMAGE_TOKEN, count_placeholders
 from idefics_jax.data.processor import Processor, apply_chat_template
+from idefics_jax.inference.conversation import Conversation, round_up
 from idefics_jax.inference.generate import Generator
 from idefics_jax.inference.loading import LoadedModel
 from idefics_jax.inference.sampling import GREEDY, Sampling
 from idefics_jax.models.idefics2 import Idefics2
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 class Assistant:
@@ -96,22 +93,91 @@ class Assistant:
 
     def stream_reply(self, messages: Sequence[dict], images: Sequence[ImageLike] = (), *, split: bool = False,
                      max_new_tokens: int = 256, sampling: Sampling = GREEDY, seed: int = 0) -> Iterator[str]:
-        """Yields the answer's text piece by piece as tokens are chosen; the pieces join into
-        `decode(tokens)`. Text that ends in an unfinished UTF-8 sequence (byte-fallback tokens) waits
-        for the bytes that complete it; trailing whitespace waits for the text after it (the answer
-        is stripped)."""
+        """Yields the answer's text piece by piece as tokens are chosen (see `text_pieces`)."""
         batch = self.prepare([messages], [images], split=split)
-        tokens, shown = [], ""
-        for step in self.generator.stream(*self._inputs(batch), max_new_tokens=max_new_tokens, sampling=sampling,
-                                          seed=seed):
-            token = int(step[0])
+        steps = self.generator.stream(*self._inputs(batch), max_new_tokens=max_new_tokens, sampling=sampling,
+                                      seed=seed)
+        yield from self.text_pieces(int(step[0]) for step in steps)
+
+    def text_pieces(self, tokens: Iterable[int]) -> Iterator[str]:
+        """New tokens -> the answer's text piece by piece, up to the first stop token; the pieces join
+        into `decode(tokens)`. Text that ends in an unfinished UTF-8 sequence (byte-fallback tokens)
+        waits for the bytes that complete it; trailing whitespace waits for the text after it (the
+        answer is stripped)."""
+        kept, shown = [], ""
+        for token in tokens:
             if token in self.stop_ids:
                 break
-            tokens.append(token)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            kept.append(token)
+            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
             if not text.endswith("\ufffd") and text.startswith(shown) and len(text) > len(shown):
                 yield text[len(shown):]
                 shown = text
-        final = self.decode(tokens)
+        final = self.decode(kept)
         if final.startswith(shown) and len(final) > len(shown):
             yield final[len(shown):]
+
+    def chat(self, **options) -> "Chat":
+        """A conversation that keeps its KV cache between turns; options as `Chat`'s."""
+        return Chat(self, **options)
+
+
+class Chat:
+    """A conversation with an `Assistant` whose turns each prefill only what is new (`Conversation`):
+    the images of earlier turns are processed and encoded once, the earlier turns' text is not run again.
+
+        chat = assistant.chat(max_new_tokens=128)
+        for piece in chat.stream({"role": "user", "content": "<image>What is this?"}, ["photo.png"]):
+            print(piece, end="")
+        answer = "".join(chat.stream({"role": "user", "content": "And its colour?"}))
+
+    The answers equal `Assistant.reply` on the whole conversation. A turn is kept (in `messages`)
+    once its answer has been streamed, also in part when the caller stops early.
+    """
+
+    def __init__(self, assistant: Assistant, *, split: bool = False, max_new_tokens: int = 256,
+                 sampling: Sampling = GREEDY, seed: int = 0):
+        self.assistant = assistant
+        self.processor = assistant.processor(split)
+        self.options = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        config = assistant.loaded.config
+        self.conversation = Conversation(assistant.generator, image_token_id=config.image_token_id,
+                                         image_seq_len=config.image_seq_len, prompt_multiple=assistant.prompt_multiple,
+                                         image_multiple=assistant.image_multiple)
+        self.reset()
+
+    def reset(self):
+        """Starts a new conversation."""
+        self.messages: list[dict] = []
+        self.images: list[list] = []  # per image, its processed arrays (1, or 5 with splitting)
+        self.conversation.reset()
+
+    def stream(self, message: dict, images: Sequence[ImageLike] = ()) -> Iterator[str]:
+        """A user message and its images (one per `<image>` in it) -> the answer's text, piece by piece."""
+        if message.get("role") != "user":
+            raise ValueError(f"A chat turn is a user message, got role {message.get('role')!r}")
+        messages = self.messages + [message]
+        text = apply_chat_template(messages, add_generation_prompt=True)
+        given = len(self.images)
+        if count_placeholders(text) != given + len(images):
+            raise ValueError(f"The message has {count_placeholders(text) - given} {IMAGE_TOKEN} placeholder(s) but "
+                             f"{len(images)} image(s) were given")
+        processed = [self.processor.image_processor.process_image(image) for image in images]  # bad images raise here
+        arrays = [array for image in self.images + processed for array in image]
+        tokens = self.conversation.stream(self.processor.encode_prompt(text), arrays, **self.options)
+        pieces, answer = self.assistant.text_pieces(tokens), []
+        try:
+            for piece in pieces:
+                answer.append(piece)
+                yield piece
+        except GeneratorExit:  # the caller stopped early: keep the turn as far as it went
+            self._keep(messages, answer, processed)
+            raise
+        finally:
+            pieces.close()
+            tokens.close()  # the conversation records its cache now
+        self._keep(messages, answer, processed)
+
+    def _keep(self, messages, answer, processed):
+        self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
+        self.images += processed

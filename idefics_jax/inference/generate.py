@@ -47,21 +47,31 @@ class DecodeState:
 
 
 def prefill(model, params, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, *,
-            max_columns: int) -> DecodeState:
-    """Runs the left-padded prompt `[batch, prompt]` into a fresh cache sized for `max_columns`."""
+            max_columns: int, cache_length: int | None = None) -> DecodeState:
+    """Runs the left-padded prompt `[batch, prompt]` into a fresh cache sized for `max_columns`
+    (a ring buffer as long as the window; `cache_length` slots instead: one that never wraps)."""
     batch = input_ids.shape[0]
+    cache = KVCache.create(model.config.text, batch, max_columns, model.dtype, length=cache_length)
+    start = DecodeState(cache=cache, positions=jnp.zeros((batch,), jnp.int32), logits=None)
+    return extend(model, params, start, input_ids, attention_mask, pixel_values, pixel_attention_mask)
+
+
+def extend(model, params, state: DecodeState, input_ids, attention_mask, pixel_values=None,
+           pixel_attention_mask=None) -> DecodeState:
+    """Runs left-padded new tokens `[batch, seq]` (and their images) into the cache after its columns;
+    their positions count on from `state.positions`. Returns the distribution after the last column."""
     attention_mask = attention_mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)  # as transformers' generate
-    cache = KVCache.create(model.config.text, batch, max_columns, model.dtype)
+    # as transformers' generate: real tokens count up, left padding takes the first real one's position
+    positions = state.positions[:, None] + jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
 
     def last_logits(module):
         hidden, new_cache = module.hidden_states(
             input_ids, attention_mask=attention_mask, positions=positions, pixel_values=pixel_values,
-            pixel_attention_mask=pixel_attention_mask, cache=cache)
+            pixel_attention_mask=pixel_attention_mask, cache=state.cache)
         return module.logits(hidden[:, -1]), new_cache  # left padding: the last column is real
 
     logits, cache = model.apply({"params": params}, method=last_logits)
-    return DecodeState(cache=cache, positions=attention_mask.sum(axis=1).astype(jnp.int32),
+    return DecodeState(cache=cache, positions=state.positions + attention_mask.sum(axis=1).astype(jnp.int32),
                        logits=logits.astype(jnp.float32))
 
 
@@ -84,10 +94,21 @@ def _laid_out(state: DecodeState, token, done):
     return state, constrain(token, None), constrain(done, None)
 
 
-def _first(model, params, inputs, rng, *, max_columns, sampling, stop_ids, pad_id):
-    state = prefill(model, params, *inputs, max_columns=max_columns)
+def _chosen(state, rng, sampling, stop_ids):
     token = next_token(state.logits, sampling, rng)
     return _laid_out(state, token, jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
+
+
+def _first(model, params, inputs, rng, *, max_columns, sampling, stop_ids, pad_id, cache_length=None):
+    state = prefill(model, params, *inputs, max_columns=max_columns, cache_length=cache_length)
+    return _chosen(state, rng, sampling, stop_ids)
+
+
+def _continued(model, params, state, column, positions, inputs, rng, *, sampling, stop_ids, pad_id):
+    """A cache that has not wrapped, cut back to its first `column` columns (next positions `[batch]`),
+    then the new tokens `inputs` run into it."""
+    state = extend(model, params, state.replace(cache=state.cache.rewound(column), positions=positions), *inputs)
+    return _chosen(state, rng, sampling, stop_ids)
 
 
 def _step(model, params, state, token, done, rng, *, sampling, stop_ids, pad_id):
@@ -131,7 +152,9 @@ class Generator:
         self.stop_ids, self.pad_id = tuple(int(i) for i in stop_ids), int(pad_id)
         statics = ("max_columns", "sampling", "stop_ids", "pad_id")
         self._generate = jax.jit(functools.partial(_generate, model), static_argnames=("max_new_tokens",) + statics)
-        self._first = jax.jit(functools.partial(_first, model), static_argnames=statics)
+        self._first = jax.jit(functools.partial(_first, model), static_argnames=statics + ("cache_length",))
+        self._continued = jax.jit(functools.partial(_continued, model), donate_argnums=(1,),
+                                  static_argnames=statics[1:])
         self._step = jax.jit(functools.partial(_step, model), static_argnames=statics[1:], donate_argnums=(1,))
 
     def _on_mesh(self):
@@ -187,16 +210,25 @@ class Generator:
                max_new_tokens: int, sampling: Sampling = GREEDY, seed: int = 0) -> Iterator[np.ndarray]:
         """Yields each step's tokens `[batch]` as soon as they are chosen; stops when all rows are done."""
         max_columns = self._check(input_ids, attention_mask, pixel_values, max_new_tokens)
-        settings = dict(sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
         rng, first_rng = jax.random.split(jax.random.PRNGKey(seed))
         inputs = self._place((input_ids, attention_mask, pixel_values, pixel_attention_mask))
         with self._on_mesh():
-            state, token, done = self._first(self.params, inputs, first_rng, max_columns=max_columns, **settings)
-        yield np.asarray(token)
+            first = self._first(self.params, inputs, first_rng, max_columns=max_columns, sampling=sampling,
+                                stop_ids=self.stop_ids, pad_id=self.pad_id)
+        for token, _ in self.steps(first, rng, max_new_tokens=max_new_tokens, sampling=sampling):
+            yield token
+
+    def steps(self, first, rng, *, max_new_tokens: int, sampling: Sampling) -> Iterator[tuple[np.ndarray, DecodeState]]:
+        """The decode loop from the host: `first` is (state, token, done) after a prefill; yields
+        (tokens `[batch]`, the state whose cache holds every column before them) until all rows are
+        done or `max_new_tokens` were yielded. Each step consumes (donates) the state before it."""
+        state, token, done = first
+        settings = dict(sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
+        yield np.asarray(token), state
         for _ in range(max_new_tokens - 1):
             if bool(done.all()):
                 return
             rng, step_rng = jax.random.split(rng)
             with self._on_mesh():
                 state, token, done = self._step(self.params, state, token, done, step_rng, **settings)
-            yield np.asarray(token)
+            yield np.asarray(token), state

@@ -14,6 +14,11 @@ copy of the cache: the slot it overwrites held a column the window already hides
 attend over [cache; new columns] and write afterwards, since a chunk's later columns may overwrite
 slots its earlier queries still see; the first call into a fresh cache (prefill) attends over its
 own columns alone, as an uncached forward pass (any attention kernel can serve it).
+
+A conversation keeps its cache between turns (`inference/conversation.py`): there the cache is as
+long as the columns (it never wraps), so it can be cut back to the prefix the next turn shares
+(`rewound`) and grown for the turn's new columns (`resized`); masking by stored positions keeps
+the window exact in a cache longer than the window.
 """
 
 from __future__ import annotations
@@ -40,9 +45,13 @@ class KVCache:
     fresh: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def create(cls, config: TextConfig, batch: int, max_columns: int, dtype=jnp.float32) -> "KVCache":
-        """An empty cache for `max_columns` columns (prompt + new tokens), ring-buffered to the window."""
-        length = cache_length(config, max_columns)
+    def create(cls, config: TextConfig, batch: int, max_columns: int, dtype=jnp.float32,
+               length: int | None = None) -> "KVCache":
+        """An empty cache for `max_columns` columns (prompt + new tokens), ring-buffered to the window;
+        `length` (at least `max_columns`) instead: one that never wraps, however long the window."""
+        if length is not None and length < max_columns:
+            raise ValueError(f"A cache of {length} slots cannot hold {max_columns} columns without wrapping")
+        length = cache_length(config, max_columns) if length is None else length
         shape = (batch, config.num_key_value_heads, length, config.attention_head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
         return cls(keys=zeros, values=zeros, positions=jnp.zeros((batch, length), jnp.int32),
@@ -72,6 +81,22 @@ class KVCache:
         cache = self.replace(positions=put(self.positions, positions), valid=put(self.valid, valid),
                              index=self.index + 1, fresh=False)
         return cache, slot
+
+    def rewound(self, column) -> "KVCache":
+        """This cache cut back to its first `column` columns (int32 `[]`): later slots stop being valid
+        and the next call writes at `column`. Only for a cache that has not wrapped."""
+        kept = jnp.arange(self.length, dtype=jnp.int32)[None, :] < column
+        return self.replace(valid=self.valid & kept, index=jnp.asarray(column, jnp.int32))
+
+    def resized(self, length: int) -> "KVCache":
+        """This cache with `length` slots (static, at least its written columns): new slots are empty.
+        Only for a cache that has not wrapped, whose slot `c` holds column `c`."""
+        grow = length - self.length
+        if grow < 0:
+            raise ValueError(f"resized({length}) would drop slots of a {self.length}-slot cache")
+        pad = lambda t, axis: jnp.pad(t, [(0, grow if a == axis else 0) for a in range(t.ndim)])
+        return self.replace(keys=tuple(pad(k, 2) for k in self.keys), values=tuple(pad(v, 2) for v in self.values),
+                            positions=pad(self.positions, 1), valid=pad(self.valid, 1))
 
     def update(self, new_keys, new_values, positions, valid) -> "KVCache":
         """Writes `seq` new columns: new_keys / new_values per layer `[batch, seq, kv_heads, head_dim]`,
