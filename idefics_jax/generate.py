@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_k", type=int, default=0, help="0: off")
     p.add_argument("--top_p", type=float, default=1.0, help="1.0: off")
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="CTRL's penalty on the prompt's and answer's tokens, as transformers' (1.0: off; 1.2 is common)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     from idefics_jax.sharding import parse_mesh
 
     try:
-        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
         images = [load_image(path) for path in args.image]  # fail on a bad image before loading the model
         mesh = parse_mesh(args.mesh) if args.mesh else None
         assistant = Assistant(load_for_inference(args.checkpoint, tokenizer=args.tokenizer),

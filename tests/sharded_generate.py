@@ -35,7 +35,7 @@ def main(hf_dir, seed):
     ids, mask, pixels, pixel_mask = make_batch(rng, rows, config.image_seq_len)
     pixels[2], pixel_mask[2] = 0, False  # the third row has no image
     inputs = (ids, mask, pixels, pixel_mask)
-    sampled = Sampling(temperature=0.8, top_k=20)
+    sampled = Sampling(temperature=0.8, top_k=20, repetition_penalty=1.2)
     one_device = Generator(model, params)
     expected = one_device.generate(*inputs, max_new_tokens=NEW)
     expected_sampled = one_device.generate(*inputs, max_new_tokens=NEW, sampling=sampled, seed=3)

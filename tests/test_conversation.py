@@ -41,7 +41,8 @@ def fresh(generator, ids, images, **kwargs):
 
 
 def test_turns_equal_fresh_prefills(converted, seed):
-    """Four turns with images (split and whole), an answer cut back, sampling; the cache goes past the window."""
+    """Four turns with images (split and whole), an answer cut back, sampling, a repetition penalty;
+    the cache goes past the window."""
     rng = np.random.default_rng([seed, 700])
     config, params = converted
     latents = config.image_seq_len
@@ -65,7 +66,7 @@ def test_turns_equal_fresh_prefills(converted, seed):
     answer = list(conversation.stream(ids, images, max_new_tokens=NEW))
     assert answer == fresh(generator, ids, images) and conversation.reused == shared
 
-    sampling = Sampling(temperature=1.5, top_k=20)
+    sampling = Sampling(temperature=1.5, top_k=20, repetition_penalty=1.3)
     shared = len(ids) + common(answer[:-1], as_text(answer))
     ids = ids + as_text(answer) + text(rng, 9)
     answer = list(conversation.stream(ids, images, max_new_tokens=NEW, sampling=sampling, seed=3))
@@ -76,8 +77,9 @@ def test_turns_equal_fresh_prefills(converted, seed):
     shared = len(ids) + common(answer[:-1], as_text(answer))
     ids = ids + as_text(answer) + image_tokens(1, latents) + text(rng, 1)
     images = images + whole.process_image(picture(20, 44))
-    answer = list(conversation.stream(ids, images, max_new_tokens=NEW))
-    assert answer == fresh(generator, ids, images) and conversation.reused == shared
+    penalised = Sampling(repetition_penalty=1.5)  # counts the whole conversation's tokens
+    answer = list(conversation.stream(ids, images, max_new_tokens=NEW, sampling=penalised))
+    assert answer == fresh(generator, ids, images, sampling=penalised) and conversation.reused == shared
 
 
 def test_logits_after_a_turn_equal_a_fresh_prefill(converted, seed):

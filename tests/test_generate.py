@@ -16,7 +16,7 @@ from conftest import IMAGE_TOKEN_ID, rel_err
 from idefics_jax import Idefics2
 from idefics_jax.data.image_processing import ImageProcessor, pad_images
 from idefics_jax.inference.generate import Generator, decode, prefill
-from idefics_jax.inference.sampling import Sampling, process_logits
+from idefics_jax.inference.sampling import Sampling, process_logits, seen_tokens
 from test_parity import make_batch
 
 NEW = 32
@@ -167,20 +167,46 @@ def test_stream_equals_generate(converted, seed):
     np.testing.assert_array_equal(again, whole)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.8), (1.3, 10, 0.5), (1.0, 0, 0.05)])
-def test_logit_filters_equal_transformers(seed, temperature, top_k, top_p):
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+@pytest.mark.parametrize("temperature,top_k,top_p,penalty",
+                         [(1.0, 5, 1.0, 1.0), (0.7, 0, 0.8, 1.0), (1.3, 10, 0.5, 1.0), (1.0, 0, 0.05, 1.0),
+                          (0.0, 0, 1.0, 1.4), (0.8, 7, 0.9, 0.7)])
+def test_logit_filters_equal_transformers(seed, temperature, top_k, top_p, penalty):
+    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
     rng = np.random.default_rng([seed, 404])
     logits = rng.normal(size=(4, 300)).astype(np.float32) * 3
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] +
-                                  ([TopKLogitsWarper(top_k)] if top_k else []) +
-                                  ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
-    expected = warpers(None, torch.tensor(logits)).numpy()
-    ours = np.asarray(process_logits(logits, Sampling(temperature, top_k, top_p)))
+    tokens = rng.integers(0, 300, size=(4, 40))
+    processors = LogitsProcessorList(([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1 else []) +
+                                     ([TemperatureLogitsWarper(temperature)] if temperature else []) +
+                                     ([TopKLogitsWarper(top_k)] if top_k else []) +
+                                     ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    expected = processors(torch.tensor(tokens), torch.tensor(logits)).numpy()
+    seen = seen_tokens(tokens, np.ones_like(tokens), logits.shape[1])
+    ours = np.asarray(process_logits(logits, Sampling(temperature, top_k, top_p, penalty), seen))
     np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
     np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["text_only", "one_image"])
+def test_repetition_penalty_equals_transformers_generate(hf_dir, converted, seed, case):
+    """Greedy with a repetition penalty; also on a 2-row batch with the prompt's tokens in both rows."""
+    rng = np.random.default_rng([seed, 406, len(case)])
+    config, params = converted
+    rows = CASES[case] * 2
+    input_ids, mask, pixels, pixel_mask = make_batch(rng, rows, config.image_seq_len)
+    if case == "text_only":
+        pixels = pixel_mask = None
+    generator = Generator(Idefics2(config), params)
+    for penalty in (1.8, 0.6):
+        expected = hf_generate(hf_dir[1], input_ids, mask, pixels, pixel_mask, eos_token_id=None,
+                               repetition_penalty=penalty)
+        ours = generator.generate(input_ids, mask, pixels, pixel_mask, max_new_tokens=NEW,
+                                  sampling=Sampling(repetition_penalty=penalty))
+        np.testing.assert_array_equal(ours, expected)
+        streamed = np.stack(list(generator.stream(input_ids, mask, pixels, pixel_mask, max_new_tokens=NEW,
+                                                  sampling=Sampling(repetition_penalty=penalty))), axis=1)
+        np.testing.assert_array_equal(streamed, expected)
 
 
 def test_sampled_tokens_stay_in_top_k(converted, seed):

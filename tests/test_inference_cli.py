@@ -136,6 +136,7 @@ def test_generate_cli_names_bad_input(chat_dir, capsys, tmp_path):
         (["--image", str(path / "a.png"), "--prompt", "<image> and <image>?"], "2 <image> placeholder(s) but 1 image"),
         (["--prompt", "the quick brown fox " * 150, "--max_new_tokens", "8"], "context of 400 tokens"),
         (["--prompt", "hi", "--mesh", "1,x,1"], "--mesh takes DATA,FSDP,TENSOR"),
+        (["--prompt", "hi", "--repetition_penalty", "0"], "repetition_penalty must be > 0"),
         (["--prompt", "hi", "--mesh", f"{len(jax.devices()) + 1},1,1"], "devices"),
     ]
     for argv, message in cases:

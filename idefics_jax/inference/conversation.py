@@ -126,8 +126,13 @@ class Conversation:
             if shared:
                 if state.cache.length < length:
                     state = _grown(state, length)
+                seen = None
+                if sampling.penalised:  # the whole conversation's tokens
+                    seen = np.zeros((1, state.logits.shape[-1]), bool)
+                    seen[0, input_ids] = True
                 first = self.generator._continued(self.generator.params, state, jnp.int32(start),
-                                                  jnp.full((1,), shared, jnp.int32), inputs, first_rng, **settings)
+                                                  jnp.full((1,), shared, jnp.int32), seen, inputs, first_rng,
+                                                  **settings)
             else:
                 first = self.generator._first(self.generator.params, inputs, first_rng,
                                               max_columns=padded + max_new_tokens, cache_length=length, **settings)

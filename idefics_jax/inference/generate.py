@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from idefics_jax.inference.sampling import GREEDY, Sampling, next_token
+from idefics_jax.inference.sampling import GREEDY, Sampling, next_token, seen_tokens
 from idefics_jax.models.idefics2 import check_image_token_count
 from idefics_jax.models.kv_cache import KVCache
 from idefics_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, constrain, fit_sharding, param_shardings
@@ -44,6 +44,7 @@ class DecodeState:
     cache: KVCache
     positions: jax.Array  # int32 [batch]: RoPE position of each row's next token
     logits: jax.Array  # float32 [batch, vocab]: the distribution of each row's next token
+    seen: jax.Array | None = None  # bool [batch, vocab]: the tokens so far (for a repetition penalty)
 
 
 def prefill(model, params, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, *,
@@ -71,8 +72,8 @@ def extend(model, params, state: DecodeState, input_ids, attention_mask, pixel_v
         return module.logits(hidden[:, -1]), new_cache  # left padding: the last column is real
 
     logits, cache = model.apply({"params": params}, method=last_logits)
-    return DecodeState(cache=cache, positions=state.positions + attention_mask.sum(axis=1).astype(jnp.int32),
-                       logits=logits.astype(jnp.float32))
+    return state.replace(cache=cache, positions=state.positions + attention_mask.sum(axis=1).astype(jnp.int32),
+                         logits=logits.astype(jnp.float32))
 
 
 def decode(model, params, state: DecodeState, tokens) -> DecodeState:
@@ -80,7 +81,7 @@ def decode(model, params, state: DecodeState, tokens) -> DecodeState:
     positions = state.positions[:, None]
     logits, cache = model.apply({"params": params}, tokens[:, None].astype(jnp.int32),
                                 attention_mask=jnp.ones_like(positions), positions=positions, cache=state.cache)
-    return DecodeState(cache=cache, positions=state.positions + 1, logits=logits[:, -1].astype(jnp.float32))
+    return state.replace(cache=cache, positions=state.positions + 1, logits=logits[:, -1].astype(jnp.float32))
 
 
 def _laid_out(state: DecodeState, token, done):
@@ -90,31 +91,37 @@ def _laid_out(state: DecodeState, token, done):
     rows = lambda t: constrain(t, "activation_batch", None)
     cache = cache.replace(keys=tuple(map(kv, cache.keys)), values=tuple(map(kv, cache.values)),
                           positions=rows(cache.positions), valid=rows(cache.valid))
-    state = state.replace(cache=cache, logits=rows(state.logits))
+    seen = None if state.seen is None else rows(state.seen)
+    state = state.replace(cache=cache, logits=rows(state.logits), seen=seen)
     return state, constrain(token, None), constrain(done, None)
 
 
 def _chosen(state, rng, sampling, stop_ids):
-    token = next_token(state.logits, sampling, rng)
+    token = next_token(state.logits, sampling, rng, state.seen)
     return _laid_out(state, token, jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
 
 
 def _first(model, params, inputs, rng, *, max_columns, sampling, stop_ids, pad_id, cache_length=None):
     state = prefill(model, params, *inputs, max_columns=max_columns, cache_length=cache_length)
+    if sampling.penalised:
+        state = state.replace(seen=seen_tokens(inputs[0], inputs[1], state.logits.shape[-1]))
     return _chosen(state, rng, sampling, stop_ids)
 
 
-def _continued(model, params, state, column, positions, inputs, rng, *, sampling, stop_ids, pad_id):
+def _continued(model, params, state, column, positions, seen, inputs, rng, *, sampling, stop_ids, pad_id):
     """A cache that has not wrapped, cut back to its first `column` columns (next positions `[batch]`),
-    then the new tokens `inputs` run into it."""
-    state = extend(model, params, state.replace(cache=state.cache.rewound(column), positions=positions), *inputs)
-    return _chosen(state, rng, sampling, stop_ids)
+    then the new tokens `inputs` run into it; `seen`: the whole conversation's tokens, or None
+    without a repetition penalty."""
+    state = state.replace(cache=state.cache.rewound(column), positions=positions, seen=seen)
+    return _chosen(extend(model, params, state, *inputs), rng, sampling, stop_ids)
 
 
 def _step(model, params, state, token, done, rng, *, sampling, stop_ids, pad_id):
     """Feeds `token` `[batch]`; returns (state, next token, done). Finished rows emit `pad_id`."""
     state = decode(model, params, state, token)
-    token = jnp.where(done, pad_id, next_token(state.logits, sampling, rng))
+    if sampling.penalised:
+        state = state.replace(seen=state.seen.at[jnp.arange(token.shape[0]), token].set(True))
+    token = jnp.where(done, pad_id, next_token(state.logits, sampling, rng, state.seen))
     return _laid_out(state, token, done | jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
 
 

@@ -1,7 +1,10 @@
-"""Choosing the next token: greedy, or sampling with temperature, top-k and top-p.
+"""Choosing the next token: greedy, or sampling with temperature, top-k and top-p; a repetition
+penalty with either.
 
-The logits are processed in the order of Hugging Face's `generate` (temperature, then top-k,
-then top-p), with the same tie and boundary rules, so the same settings keep the same tokens.
+The logits are processed in the order of Hugging Face's `generate` (the repetition penalty, then
+temperature, top-k and top-p), with the same tie and boundary rules, so the same settings keep the
+same tokens. One difference: the penalty counts the tokens of the prompt and of the answer so far,
+not the pad id of left padding (which transformers penalises in padded rows).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ class Sampling:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL's: seen tokens' logits divided by it (multiplied when negative); 1.0 off
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -27,10 +31,17 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        """Whether choosing needs the tokens seen so far (`seen_tokens`)."""
+        return self.repetition_penalty != 1.0
 
 
 GREEDY = Sampling()
@@ -59,17 +70,34 @@ def top_p_filter(logits, p: float):
     return jnp.where(remove, NEG_INF, logits)
 
 
-def process_logits(logits, sampling: Sampling):
-    """`[batch, vocab]` float32 logits -> the logits sampling draws from."""
+def seen_tokens(tokens, mask, vocab: int):
+    """bool `[batch, vocab]`: which ids occur among `tokens` `[batch, seq]` where `mask` is set."""
+    rows = jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
+    return jnp.zeros((tokens.shape[0], vocab), bool).at[rows, tokens].max(mask.astype(bool))
+
+
+def repetition_penalty(logits, seen, penalty: float):
+    """CTRL's penalty (Keskar et al. 2019) on `[batch, vocab]`: a seen token's logit is divided by
+    `penalty` when positive, multiplied when negative."""
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def process_logits(logits, sampling: Sampling, seen=None):
+    """`[batch, vocab]` float32 logits -> the logits the token is chosen from (argmax when greedy);
+    `seen` bool `[batch, vocab]`, the prompt's and answer's tokens, when `sampling.penalised`."""
     logits = logits.astype(jnp.float32)
+    if sampling.penalised:
+        logits = repetition_penalty(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
         return logits
     logits = logits / sampling.temperature
     return top_p_filter(top_k_filter(logits, sampling.top_k), sampling.top_p)
 
 
-def next_token(logits, sampling: Sampling, rng):
-    """`[batch, vocab]` logits -> int32 `[batch]` tokens."""
+def next_token(logits, sampling: Sampling, rng, seen=None):
+    """`[batch, vocab]` logits -> int32 `[batch]` tokens; `seen` as in `process_logits`."""
+    logits = process_logits(logits, sampling, seen)
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, process_logits(logits, sampling), axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
