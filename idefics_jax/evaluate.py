@@ -4,8 +4,8 @@
 
 DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir; the
 data is a jsonl of conversations (the format of `idefics_jax.data`, for example the synthetic
-set's `conversations_eval/`). Prints exact match and VQA accuracy and writes a JSON report with
-every question's prediction.
+set's `conversations_eval/`). Prints exact match, VQA accuracy and ANLS and writes a JSON report
+with every question's prediction.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
     print(f"{report['n']} questions: exact match {report['exact_match']:.1%}, VQA accuracy "
-          f"{report['vqa_accuracy']:.1%} -> {args.output}")
+          f"{report['vqa_accuracy']:.1%}, ANLS {report['anls']:.3f} -> {args.output}")
     return 0
 
 

@@ -9,6 +9,8 @@ answer counts as the only one.
 - VQA accuracy (VQAv2's metric): answers are normalised (lower case, punctuation, articles, number
   words) and an answer scores min(1, matches / 3) against the human answers, averaged over the
   leave-one-out subsets when there are several.
+- ANLS (DocVQA's metric, Biten et al. 2019): 1 minus the normalised Levenshtein distance to the
+  closest reference answer (lower case, white space collapsed), 0 when that distance is 0.5 or more.
 """
 
 from __future__ import annotations
@@ -46,6 +48,29 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
         others = answers[:left_out] + answers[left_out + 1:]
         scores.append(min(1.0, sum(a == prediction for a in others) / 3))
     return float(np.mean(scores))
+
+
+def levenshtein(a: str, b: str) -> int:
+    """The edit distance (insertions, deletions, substitutions) between two strings."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
+    """Average normalised Levenshtein similarity of one prediction: the best over the answers."""
+    clean = lambda text: " ".join(text.strip().lower().split())
+    prediction, best = clean(prediction), 0.0
+    for answer in map(clean, answers):
+        distance = levenshtein(prediction, answer) / max(len(prediction), len(answer), 1)
+        best = max(best, 1.0 - distance if distance < threshold else 0.0)
+    return best
 
 
 def load_records(path: str | Path, limit: int | None = None) -> tuple[list[dict], Path]:
@@ -92,9 +117,9 @@ def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *
             answers = record.get("answers") or [answer]
             results.append({"id": record.get("id"), "answer": answer, "prediction": prediction,
                             "exact_match": prediction == answer.strip(),
-                            "vqa_accuracy": vqa_accuracy(prediction, answers)})
+                            "vqa_accuracy": vqa_accuracy(prediction, answers), "anls": anls(prediction, answers)})
         bar.update(len(chunk))
     bar.close()
     mean = lambda key: float(np.mean([r[key] for r in results])) if results else 0.0
     return {"n": len(results), "exact_match": mean("exact_match"), "vqa_accuracy": mean("vqa_accuracy"),
-            "results": results}
+            "anls": mean("anls"), "results": results}
