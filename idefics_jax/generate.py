@@ -8,7 +8,8 @@ DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a trainin
 Without `<image>` placeholders the images go before the prompt's text. `--split` gives each image
 320 visual tokens (4 crops + the whole image) instead of 64. In chat mode every line is a user
 turn; `/image PATH` attaches an image to the next turn, `/reset` starts over, an empty line or
-end of input quits.
+end of input quits. Each turn prefills only what is new (the KV cache is kept); when the
+conversation outgrows the model's context, its oldest turns are dropped.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def chat(assistant, images, options) -> int:
             conversation.reset()
             pending = []
             continue
+        dropped = conversation.dropped
         try:
             pieces = conversation.stream(user_turn(line, len(pending)), pending)
             first = next(pieces, "")  # a turn the model cannot take fails here, before any answer
@@ -117,6 +119,9 @@ def chat(assistant, images, options) -> int:
             print(piece, end="", flush=True)
         print(flush=True)
         pending = []
+        if conversation.dropped > dropped:
+            print(f"(the {conversation.dropped - dropped} oldest message(s) no longer fit the model's context and "
+                  f"were dropped)", file=sys.stderr)
 
 
 if __name__ == "__main__":

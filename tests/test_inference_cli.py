@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import HF_TINY, build_hf_model
 from idefics_jax.data.tokenizer import Tokenizer
-from idefics_jax.inference.evaluate import normalize_answer, vqa_accuracy
+from idefics_jax.inference.evaluate import anls, levenshtein, normalize_answer, vqa_accuracy
 
 PREPROCESSOR = {"do_image_splitting": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                 "rescale_factor": 1 / 255, "size": {"longest_edge": 56, "shortest_edge": 28}}
@@ -125,6 +125,33 @@ def test_chat_prefills_only_new_turns_and_answers_as_whole_prefills(chat_dir):
     assert chat.messages == [] and chat.conversation.cached_tokens == 0
 
 
+def test_chat_drops_its_oldest_turns_to_fit_the_context(chat_dir):
+    from idefics_jax.data.processor import apply_chat_template
+    from idefics_jax.inference.assistant import Assistant
+    from idefics_jax.inference.loading import load_for_inference
+
+    assistant = Assistant(load_for_inference(chat_dir[0]))
+    context = assistant.loaded.config.text.max_position_embeddings
+    a = Image.open(chat_dir[0] / "a.png")
+    chat = assistant.chat(max_new_tokens=8)
+    words = "the red fox jumps over the lazy dog and runs away "
+    for turn in range(40):
+        text = ("<image>" if turn == 0 else "") + words * 2 + str(turn)
+        answer = "".join(chat.stream({"role": "user", "content": text}, [a] if turn == 0 else []))
+        kept, images = chat.messages[:-1], [a] if chat.images else []
+        assert kept[0]["role"] == "user" and kept[-1]["content"] == text
+        assert len(chat.processor.encode_prompt(apply_chat_template(kept, add_generation_prompt=True))) + 8 <= context
+        assert answer == assistant.reply(kept, images, max_new_tokens=8)
+        if chat.dropped and not chat.images:  # the first turn and its image are gone
+            break
+    assert chat.dropped >= 2 and not any(m["content"].startswith("<image>") for m in chat.messages)
+    too_long = {"role": "user", "content": words * 200}  # alone more than the context: named, nothing lost
+    before = list(chat.messages)
+    with pytest.raises(ValueError, match="context"):
+        list(chat.stream(too_long))
+    assert chat.messages == before
+
+
 def test_generate_cli_names_bad_input(chat_dir, capsys, tmp_path):
     from idefics_jax import generate
 
@@ -174,8 +201,22 @@ def test_evaluate_cli_scores_answers(chat_dir, capsys, tmp_path):
     vqa_expected = 1.0 if normalize_answer(predicted[2]) != "other" else 0.0
     assert report["results"][2]["vqa_accuracy"] == pytest.approx(0.9 * vqa_expected)  # 7/10 x 1 + 3/10 x 2/3
     assert report["n"] == 3 and report["exact_match"] == pytest.approx(np.mean([r["exact_match"] for r in report["results"]]))
+    clean = " ".join(predicted[1].lower().split())
+    wrong_anls = 1 - 2 / (len(clean) + 2) if len(clean) > 2 else 0.0  # 2 edits: " x" appended
+    assert [r["anls"] for r in report["results"][:2]] == [1.0, pytest.approx(wrong_anls)]
+    assert report["anls"] == pytest.approx(np.mean([r["anls"] for r in report["results"]]))
     code, _, err = run_cli(evaluate, ["--checkpoint", str(path), "--data", str(tmp_path / "none.jsonl")], capsys)
     assert code == 2 and "none.jsonl" in err
+
+
+def test_anls_rules():
+    assert levenshtein("kitten", "sitting") == 3 and levenshtein("", "abc") == 3 and levenshtein("abc", "abc") == 0
+    assert anls(" Hello  World ", ["hello world"]) == 1.0
+    assert anls("helo", ["hello"]) == pytest.approx(0.8)
+    assert anls("abcd", ["abxy"]) == 0.0  # distance 0.5: at the threshold, no credit
+    assert anls("abcde", ["abxye"]) == pytest.approx(0.6)
+    assert anls("invoice 12", ["total", "Invoice 13"]) == pytest.approx(0.9)  # the closest answer counts
+    assert anls("", [""]) == 1.0
 
 
 def test_vqa_accuracy_rules():

@@ -21,7 +21,7 @@ import numpy as np
 
 from idefics_jax.data.image_processing import ImageLike
 from idefics_jax.data.image_tokens import END_OF_UTTERANCE, IMAGE_TOKEN, count_placeholders
-from idefics_jax.data.processor import Processor, apply_chat_template
+from idefics_jax.data.processor import Processor, apply_chat_template, render_turn
 from idefics_jax.inference.conversation import Conversation, round_up
 from idefics_jax.inference.generate import Generator
 from idefics_jax.inference.loading import LoadedModel
@@ -132,14 +132,19 @@ class Chat:
         answer = "".join(chat.stream({"role": "user", "content": "And its colour?"}))
 
     The answers equal `Assistant.reply` on the whole conversation. A turn is kept (in `messages`)
-    once its answer has been streamed, also in part when the caller stops early.
+    once its answer has been streamed, also in part when the caller stops early. When a turn and its
+    answer would not fit the model's context, the oldest turns are dropped, with their images, until
+    they do (`drop_oldest`; `dropped` counts them): the conversation goes on, and that turn
+    prefills what is left of it in full.
     """
 
     def __init__(self, assistant: Assistant, *, split: bool = False, max_new_tokens: int = 256,
-                 sampling: Sampling = GREEDY, seed: int = 0):
+                 sampling: Sampling = GREEDY, seed: int = 0, drop_oldest: bool = True):
         self.assistant = assistant
         self.processor = assistant.processor(split)
         self.options = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        self.drop_oldest = drop_oldest
+        self.dropped = 0  # messages dropped from the front so far, to fit the context
         config = assistant.loaded.config
         self.conversation = Conversation(assistant.generator, image_token_id=config.image_token_id,
                                          image_seq_len=config.image_seq_len, prompt_multiple=assistant.prompt_multiple,
@@ -163,21 +168,37 @@ class Chat:
             raise ValueError(f"The message has {count_placeholders(text) - given} {IMAGE_TOKEN} placeholder(s) but "
                              f"{len(images)} image(s) were given")
         processed = [self.processor.image_processor.process_image(image) for image in images]  # bad images raise here
-        arrays = [array for image in self.images + processed for array in image]
-        tokens = self.conversation.stream(self.processor.encode_prompt(text), arrays, **self.options)
+        messages, kept_images, ids = self._fitted(messages, self.images + processed)
+        arrays = [array for image in kept_images for array in image]
+        tokens = self.conversation.stream(ids, arrays, **self.options)
         pieces, answer = self.assistant.text_pieces(tokens), []
         try:
             for piece in pieces:
                 answer.append(piece)
                 yield piece
         except GeneratorExit:  # the caller stopped early: keep the turn as far as it went
-            self._keep(messages, answer, processed)
+            self._keep(messages, answer, kept_images)
             raise
         finally:
             pieces.close()
             tokens.close()  # the conversation records its cache now
-        self._keep(messages, answer, processed)
+        self._keep(messages, answer, kept_images)
 
-    def _keep(self, messages, answer, processed):
+    def _fitted(self, messages: list[dict], images: list) -> tuple[list[dict], list, list[int]]:
+        """(messages, their images, the prompt's token ids), the oldest messages dropped while the
+        prompt and the answer's `max_new_tokens` do not fit the context (the new turn always stays)."""
+        budget = self.assistant.loaded.config.text.max_position_embeddings - self.options["max_new_tokens"]
+        while True:
+            ids = self.processor.encode_prompt(apply_chat_template(messages, add_generation_prompt=True))
+            if len(ids) <= budget or len(messages) == 1 or not self.drop_oldest:
+                return messages, images, ids
+            # the oldest message goes, and the messages after it up to the next user turn
+            first = True
+            while len(messages) > 1 and (first or messages[0]["role"] != "user"):
+                images = images[count_placeholders(render_turn(messages[0])):]
+                messages, first = messages[1:], False
+
+    def _keep(self, messages, answer, images):
+        self.dropped += len(self.messages) + 1 - len(messages)
         self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
-        self.images += processed
+        self.images = images
