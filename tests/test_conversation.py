@@ -121,3 +121,7 @@ def test_cut_inside_an_image_and_early_stop(converted, seed):
     conversation.tokens[start], conversation.as_image[start] = IMAGE_TOKEN_ID, False
     assert conversation.shared_prefix(ids) == start
     assert second == fresh(conversation.generator, ids, images)[1]
+    # the same conversation again (a regenerated answer): the cache is cut back to its last token
+    conversation.as_image[start] = True
+    again = list(conversation.stream(ids, images, max_new_tokens=NEW))
+    assert again == fresh(conversation.generator, ids, images) and conversation.reused == len(ids) - 1
