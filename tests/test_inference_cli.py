@@ -135,16 +135,21 @@ def test_chat_drops_its_oldest_turns_to_fit_the_context(chat_dir):
     a = Image.open(chat_dir[0] / "a.png")
     chat = assistant.chat(max_new_tokens=8)
     words = "the red fox jumps over the lazy dog and runs away "
-    for turn in range(40):
-        text = ("<image>" if turn == 0 else "") + words * 2 + str(turn)
+    prompt_length = lambda messages: len(chat.processor.encode_prompt(apply_chat_template(messages, True)))
+    drop_turn = None
+    for turn in range(60):
+        text = ("<image>" if turn == 0 else "") + words + str(turn)
         answer = "".join(chat.stream({"role": "user", "content": text}, [a] if turn == 0 else []))
         kept, images = chat.messages[:-1], [a] if chat.images else []
-        assert kept[0]["role"] == "user" and kept[-1]["content"] == text
-        assert len(chat.processor.encode_prompt(apply_chat_template(kept, add_generation_prompt=True))) + 8 <= context
+        assert kept[0]["role"] == "user" and kept[-1]["content"] == text and prompt_length(kept) + 8 <= context
         assert answer == assistant.reply(kept, images, max_new_tokens=8)
-        if chat.dropped and not chat.images:  # the first turn and its image are gone
+        if chat.dropped and drop_turn is None:  # down to 3/4 of the context, prefilled in full (but "User:")
+            drop_turn, after_drop = turn, prompt_length(kept)
+            assert chat.conversation.reused < 8 and after_drop <= (context - 8) * 3 // 4
+        elif drop_turn is not None:  # the next turn reuses the cache again
+            assert chat.conversation.reused > after_drop // 2
             break
-    assert chat.dropped >= 2 and not any(m["content"].startswith("<image>") for m in chat.messages)
+    assert drop_turn and chat.dropped >= 2 and not chat.images
     too_long = {"role": "user", "content": words * 200}  # alone more than the context: named, nothing lost
     before = list(chat.messages)
     with pytest.raises(ValueError, match="context"):

@@ -133,9 +133,9 @@ class Chat:
 
     The answers equal `Assistant.reply` on the whole conversation. A turn is kept (in `messages`)
     once its answer has been streamed, also in part when the caller stops early. When a turn and its
-    answer would not fit the model's context, the oldest turns are dropped, with their images, until
-    they do (`drop_oldest`; `dropped` counts them): the conversation goes on, and that turn
-    prefills what is left of it in full.
+    answer would not fit the model's context, the oldest turns are dropped, with their images, down
+    to 3/4 of it (`drop_oldest`; `dropped` counts the messages): the conversation goes on, that
+    turn prefills what is left of it in full, and the next turns reuse the cache again.
     """
 
     def __init__(self, assistant: Assistant, *, split: bool = False, max_new_tokens: int = 256,
@@ -185,13 +185,17 @@ class Chat:
         self._keep(messages, answer, kept_images)
 
     def _fitted(self, messages: list[dict], images: list) -> tuple[list[dict], list, list[int]]:
-        """(messages, their images, the prompt's token ids), the oldest messages dropped while the
-        prompt and the answer's `max_new_tokens` do not fit the context (the new turn always stays)."""
+        """(messages, their images, the prompt's token ids). When the prompt and the answer's
+        `max_new_tokens` do not fit the context, the oldest messages are dropped until the prompt
+        takes at most 3/4 of what is left (the new turn always stays): the turns after that reuse
+        the cache again, where dropping just enough would prefill the whole conversation every turn."""
         budget = self.assistant.loaded.config.text.max_position_embeddings - self.options["max_new_tokens"]
+        limit = budget
         while True:
             ids = self.processor.encode_prompt(apply_chat_template(messages, add_generation_prompt=True))
-            if len(ids) <= budget or len(messages) == 1 or not self.drop_oldest:
+            if len(ids) <= limit or len(messages) == 1 or not self.drop_oldest:
                 return messages, images, ids
+            limit = budget * 3 // 4
             # the oldest message goes, and the messages after it up to the next user turn
             first = True
             while len(messages) > 1 and (first or messages[0]["role"] != "user"):
