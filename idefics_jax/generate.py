@@ -7,8 +7,8 @@
 DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir.
 Without `<image>` placeholders the images go before the prompt's text. `--split` gives each image
 320 visual tokens (4 crops + the whole image) instead of 64. In chat mode every line is a user
-turn; `/image PATH` attaches an image to the next turn, `/reset` starts over, an empty line or
-end of input quits. Each turn prefills only what is new (the KV cache is kept); when the
+turn; `/image PATH` attaches an image to the next turn, `/retry` answers the last turn again (a
+new draw when sampling), `/reset` starts over, an empty line or end of input quits. Each turn prefills only what is new (the KV cache is kept); when the
 conversation outgrows the model's context, its oldest turns are dropped.
 """
 
@@ -109,7 +109,10 @@ def chat(assistant, images, options) -> int:
             continue
         dropped = conversation.dropped
         try:
-            pieces = conversation.stream(user_turn(line, len(pending)), pending)
+            if line == "/retry":
+                pieces = conversation.retry()
+            else:
+                pieces = conversation.stream(user_turn(line, len(pending)), pending)
             first = next(pieces, "")  # a turn the model cannot take fails here, before any answer
         except ValueError as error:  # the conversation so far and the pending images stay
             print(f"error: {error}", file=sys.stderr)
@@ -118,7 +121,8 @@ def chat(assistant, images, options) -> int:
         for piece in pieces:
             print(piece, end="", flush=True)
         print(flush=True)
-        pending = []
+        if line != "/retry":
+            pending = []
         if conversation.dropped > dropped:
             print(f"(the {conversation.dropped - dropped} oldest message(s) no longer fit the model's context and "
                   f"were dropped)", file=sys.stderr)

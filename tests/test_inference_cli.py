@@ -87,13 +87,14 @@ def test_chat_keeps_the_conversation(chat_dir, capsys, monkeypatch):
 
     path = chat_dir[0]
     code, out, err = run_cli(generate, ["--checkpoint", str(path), "--image", str(path / "a.png"), "--chat",
-                                        "--max_new_tokens", "6"], capsys, "hello world\nwhat <image>\nthe red fox\n\n",
-                             monkeypatch)
+                                        "--max_new_tokens", "6"], capsys,
+                             "/retry\nhello world\nwhat <image>\n/retry\nthe red fox\n\n", monkeypatch)
     assert code == 0, err
-    assert "1 <image> placeholder(s) but 0 image(s)" in err  # the bad turn is named and the chat goes on
+    assert "no answer to retry" in err and "1 <image> placeholder(s) but 0 image(s)" in err  # named, the chat goes on
     # split on newlines only: str.splitlines() also breaks at \x1c-\x1e, which a random model may emit
     answers = [line[len("Assistant: "):] for line in out.split("\n") if line.startswith("Assistant: ")]
-    assert len(answers) == 2
+    assert len(answers) == 3 and answers[1] == answers[0]  # greedy: the retried answer is the same
+    answers = answers[1:]
     first = [{"role": "user", "content": "<image>hello world"}]
     assert answers[0] == reference_answer(chat_dir, first, ["a.png"], 6)
     second = first + [{"role": "assistant", "content": answers[0]}, {"role": "user", "content": "the red fox"}]
@@ -101,8 +102,10 @@ def test_chat_keeps_the_conversation(chat_dir, capsys, monkeypatch):
 
 
 def test_chat_prefills_only_new_turns_and_answers_as_whole_prefills(chat_dir):
+    from idefics_jax.data.processor import apply_chat_template
     from idefics_jax.inference.assistant import Assistant
     from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.inference.sampling import Sampling
 
     assistant = Assistant(load_for_inference(chat_dir[0]))
     a, b = (Image.open(chat_dir[0] / name) for name in ("a.png", "b.png"))
@@ -121,8 +124,22 @@ def test_chat_prefills_only_new_turns_and_answers_as_whole_prefills(chat_dir):
     with pytest.raises(ValueError, match="1 <image> placeholder"):
         list(chat.stream({"role": "user", "content": "<image>?"}))
     assert chat.messages == messages and len(chat.images) == 2
+    # greedy: the same answer again, only the last prompt token run again
+    prompt = len(chat.processor.encode_prompt(apply_chat_template(messages[:-1], add_generation_prompt=True)))
+    assert "".join(chat.retry()) == messages[-1]["content"] and chat.messages == messages
+    assert chat.conversation.reused == prompt - 1
     chat.reset()
     assert chat.messages == [] and chat.conversation.cached_tokens == 0
+    with pytest.raises(ValueError, match="no answer to retry"):
+        list(chat.retry())
+    # sampled: answer n draws with seed + n, retries included
+    sampling = Sampling(temperature=1.5)
+    chat = assistant.chat(split=True, max_new_tokens=8, sampling=sampling, seed=5)
+    first = {"role": "user", "content": "<image>what is written"}
+    answers = ["".join(chat.stream(first, [a]))] + ["".join(chat.retry()) for _ in range(2)]
+    expected = [assistant.reply([first], [a], split=True, max_new_tokens=8, sampling=sampling, seed=5 + n)
+                for n in range(3)]
+    assert answers == expected and chat.messages[-1]["content"] == answers[-1] and len(chat.messages) == 2
 
 
 def test_chat_drops_its_oldest_turns_to_fit_the_context(chat_dir):

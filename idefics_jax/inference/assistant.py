@@ -131,8 +131,9 @@ class Chat:
             print(piece, end="")
         answer = "".join(chat.stream({"role": "user", "content": "And its colour?"}))
 
-    The answers equal `Assistant.reply` on the whole conversation. A turn is kept (in `messages`)
-    once its answer has been streamed, also in part when the caller stops early. When a turn and its
+    The answers equal `Assistant.reply` on the whole conversation (answer n, retries counted, with
+    `seed + n`). A turn is kept (in `messages`) once its answer has been streamed, also in part when
+    the caller stops early; `retry()` answers the last turn again in place. When a turn and its
     answer would not fit the model's context, the oldest turns are dropped, with their images, down
     to 3/4 of it (`drop_oldest`; `dropped` counts the messages): the conversation goes on, that
     turn prefills what is left of it in full, and the next turns reuse the cache again.
@@ -155,34 +156,49 @@ class Chat:
         """Starts a new conversation."""
         self.messages: list[dict] = []
         self.images: list[list] = []  # per image, its processed arrays (1, or 5 with splitting)
+        self.answers = 0  # answers given (retries too); answer n samples with seed + n
         self.conversation.reset()
 
     def stream(self, message: dict, images: Sequence[ImageLike] = ()) -> Iterator[str]:
         """A user message and its images (one per `<image>` in it) -> the answer's text, piece by piece."""
         if message.get("role") != "user":
             raise ValueError(f"A chat turn is a user message, got role {message.get('role')!r}")
-        messages = self.messages + [message]
-        text = apply_chat_template(messages, add_generation_prompt=True)
         given = len(self.images)
-        if count_placeholders(text) != given + len(images):
-            raise ValueError(f"The message has {count_placeholders(text) - given} {IMAGE_TOKEN} placeholder(s) but "
+        placeholders = count_placeholders(apply_chat_template(self.messages + [message]))
+        if placeholders != given + len(images):
+            raise ValueError(f"The message has {placeholders - given} {IMAGE_TOKEN} placeholder(s) but "
                              f"{len(images)} image(s) were given")
         processed = [self.processor.image_processor.process_image(image) for image in images]  # bad images raise here
-        messages, kept_images, ids = self._fitted(messages, self.images + processed)
+        yield from self._turn(self.messages, self.images, message, processed)
+
+    def retry(self) -> Iterator[str]:
+        """The last answer again, in place of the old one: a new draw when sampling (each answer
+        draws with the next seed), the same answer when greedy. Only the last user turn's end runs
+        again: the cache still holds the conversation before the old answer."""
+        if not self.messages:
+            raise ValueError("There is no answer to retry yet")
+        message = self.messages[-2]
+        own = len(self.images) - count_placeholders(render_turn(message))  # the images before that turn
+        yield from self._turn(self.messages[:-2], self.images[:own], message, self.images[own:])
+
+    def _turn(self, history: list[dict], history_images: list, message: dict, processed: list) -> Iterator[str]:
+        """Answers `message` (its images processed) after `history`; the turn is kept at the end."""
+        messages, kept_images, ids = self._fitted(history + [message], history_images + processed)
         arrays = [array for image in kept_images for array in image]
-        tokens = self.conversation.stream(ids, arrays, **self.options)
+        seed = self.options["seed"] + self.answers  # every answer its own draw, reproducibly
+        tokens = self.conversation.stream(ids, arrays, **{**self.options, "seed": seed})
         pieces, answer = self.assistant.text_pieces(tokens), []
         try:
             for piece in pieces:
                 answer.append(piece)
                 yield piece
         except GeneratorExit:  # the caller stopped early: keep the turn as far as it went
-            self._keep(messages, answer, kept_images)
+            self._keep(history, messages, answer, kept_images)
             raise
         finally:
             pieces.close()
             tokens.close()  # the conversation records its cache now
-        self._keep(messages, answer, kept_images)
+        self._keep(history, messages, answer, kept_images)
 
     def _fitted(self, messages: list[dict], images: list) -> tuple[list[dict], list, list[int]]:
         """(messages, their images, the prompt's token ids). When the prompt and the answer's
@@ -202,7 +218,8 @@ class Chat:
                 images = images[count_placeholders(render_turn(messages[0])):]
                 messages, first = messages[1:], False
 
-    def _keep(self, messages, answer, images):
-        self.dropped += len(self.messages) + 1 - len(messages)
+    def _keep(self, history, messages, answer, images):
+        self.dropped += len(history) + 1 - len(messages)
         self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
         self.images = images
+        self.answers += 1
