@@ -145,7 +145,6 @@ class Chat:
         self.processor = assistant.processor(split)
         self.options = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
         self.drop_oldest = drop_oldest
-        self.dropped = 0  # messages dropped from the front so far, to fit the context
         config = assistant.loaded.config
         self.conversation = Conversation(assistant.generator, image_token_id=config.image_token_id,
                                          image_seq_len=config.image_seq_len, prompt_multiple=assistant.prompt_multiple,
@@ -157,6 +156,7 @@ class Chat:
         self.messages: list[dict] = []
         self.images: list[list] = []  # per image, its processed arrays (1, or 5 with splitting)
         self.answers = 0  # answers given (retries too); answer n samples with seed + n
+        self.dropped = 0  # messages dropped from the front so far, to fit the context
         self.conversation.reset()
 
     def stream(self, message: dict, images: Sequence[ImageLike] = ()) -> Iterator[str]:
