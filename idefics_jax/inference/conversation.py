@@ -91,9 +91,9 @@ class Conversation:
 
     def stream(self, input_ids: Sequence[int], images: Sequence[np.ndarray] = (), *,
                max_new_tokens: int, sampling: Sampling = GREEDY, seed: int = 0) -> Iterator[int]:
-        """The whole conversation's token ids (no padding) and its images in order, each processed
-        (`ImageProcessor.process_image`: one or five arrays `[h, w, 3]` per image, one per run of
-        `image_seq_len` image tokens) -> yields the new tokens as they are chosen.
+        """The whole conversation's token ids (no padding) and its processed (sub-)images in order,
+        one array `[h, w, 3]` per run of `image_seq_len` image tokens (`ImageProcessor.process_image`
+        gives one per image, five when split) -> yields the new tokens as they are chosen.
 
         Only the tokens after the shared prefix run through the model, with the images among them.
         Stops after a stop token or `max_new_tokens`; the cache then holds the conversation and every
