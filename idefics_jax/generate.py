@@ -8,8 +8,9 @@ DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a trainin
 Without `<image>` placeholders the images go before the prompt's text. `--split` gives each image
 320 visual tokens (4 crops + the whole image) instead of 64. In chat mode every line is a user
 turn; `/image PATH` attaches an image to the next turn, `/retry` answers the last turn again (a
-new draw when sampling), `/reset` starts over, an empty line or end of input quits. Each turn prefills only what is new (the KV cache is kept); when the
-conversation outgrows the model's context, its oldest turns are dropped.
+new draw when sampling), `/reset` starts over, an empty line or end of input quits. Each turn
+prefills only what is new (the KV cache is kept); when the conversation outgrows the model's
+context, its oldest turns are dropped.
 """
 
 from __future__ import annotations

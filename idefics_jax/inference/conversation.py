@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from idefics_jax.data.image_processing import pad_images
-from idefics_jax.inference.generate import DecodeState, Generator
-from idefics_jax.inference.sampling import GREEDY, Sampling
+from idefics_jax.inference.generate import DecodeState, Generator, check_context
+from idefics_jax.inference.sampling import GREEDY, Sampling, seen_tokens
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -83,11 +83,7 @@ class Conversation:
         if image_tokens != len(images) * self.image_seq_len:
             raise ValueError(f"The conversation has {image_tokens} image tokens but there are {len(images)} images x "
                              f"{self.image_seq_len} latents = {len(images) * self.image_seq_len} image features")
-        context = self.generator.model.config.text.max_position_embeddings
-        if len(input_ids) + max_new_tokens > context:
-            raise ValueError(f"The conversation has {len(input_ids)} tokens and {max_new_tokens} new ones were asked "
-                             f"for: {len(input_ids) + max_new_tokens} is more than the model's context of {context} "
-                             f"tokens")
+        check_context(self.generator.model.config, len(input_ids), max_new_tokens, what="conversation")
 
     def stream(self, input_ids: Sequence[int], images: Sequence[np.ndarray] = (), *,
                max_new_tokens: int, sampling: Sampling = GREEDY, seed: int = 0) -> Iterator[int]:
@@ -128,8 +124,8 @@ class Conversation:
                     state = _grown(state, length)
                 seen = None
                 if sampling.penalised:  # the whole conversation's tokens
-                    seen = np.zeros((1, state.logits.shape[-1]), bool)
-                    seen[0, input_ids] = True
+                    seen = seen_tokens(np.asarray([input_ids]), np.ones((1, len(input_ids)), bool),
+                                       state.logits.shape[-1])
                 first = self.generator._continued(self.generator.params, state, jnp.int32(start),
                                                   jnp.full((1,), shared, jnp.int32), seen, inputs, first_rng,
                                                   **settings)

@@ -84,6 +84,14 @@ def decode(model, params, state: DecodeState, tokens) -> DecodeState:
     return state.replace(cache=cache, positions=state.positions + 1, logits=logits[:, -1].astype(jnp.float32))
 
 
+def check_context(config, tokens: int, max_new_tokens: int, what: str = "prompt"):
+    """Raises ValueError unless `tokens` real tokens and `max_new_tokens` new ones fit the model's context."""
+    context = config.text.max_position_embeddings
+    if tokens + max_new_tokens > context:
+        raise ValueError(f"The {what} has {tokens} tokens and {max_new_tokens} new ones were asked for: "
+                         f"{tokens + max_new_tokens} is more than the model's context of {context} tokens")
+
+
 def _laid_out(state: DecodeState, token, done):
     """The decode state's layout on a mesh: cache over batch and key/value heads, tokens replicated."""
     cache = state.cache
@@ -190,12 +198,8 @@ class Generator:
         mask = np.asarray(attention_mask)
         if not mask[:, -1].all():
             raise ValueError("Prompts must be left padded: every row's last column must be a real token")
-        context = self.model.config.text.max_position_embeddings
-        longest = int(mask.sum(axis=1).max())
-        if longest + max_new_tokens > context:
-            raise ValueError(f"The prompt has {longest} tokens and {max_new_tokens} new ones were asked for: "
-                             f"{longest + max_new_tokens} is more than the model's context of {context} tokens")
         config = self.model.config
+        check_context(config, int(mask.sum(axis=1).max()), max_new_tokens)
         if pixel_values is not None:
             check_image_token_count(input_ids, pixel_values, config.image_token_id, config.image_seq_len)
         elif (np.asarray(input_ids)[mask.astype(bool)] == config.image_token_id).any():
