@@ -6,6 +6,10 @@ DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a trainin
 data is a jsonl of conversations (the format of `idefics_jax.data`, for example the synthetic
 set's `conversations_eval/`). Prints exact match, VQA accuracy and ANLS and writes a JSON report
 with every question's prediction.
+
+On several hosts (`launch/gpu_multihost.sh`, a TPU pod) every process runs the same command: each
+batch is generated once on the mesh that spans them (`--mesh`; by default data parallel over the
+processes, tensor parallel within each), and process 0 writes the report and prints.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from idefics_jax.generate import MESH_HELP
+from idefics_jax.generate import DTYPE_HELP, DTYPES, MESH_HELP, start
 
 
 def main(argv=None) -> int:
@@ -30,29 +34,37 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=16)
     p.add_argument("--split", action="store_true", help="320 visual tokens per image (4 crops + whole), not 64")
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     p.add_argument("--mesh", help=MESH_HELP)
     args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
 
     from idefics_jax.config import ConfigError
     from idefics_jax.convert import CheckpointError
     from idefics_jax.data.image_processing import ImageError
+    from idefics_jax.distributed import DistributedError
     from idefics_jax.inference.assistant import Assistant
     from idefics_jax.inference.evaluate import evaluate_records, load_records
     from idefics_jax.inference.loading import load_for_inference
-    from idefics_jax.sharding import parse_mesh
 
     try:
+        mesh = start(args.mesh)
         records, base_dir = load_records(args.data, args.limit)
-        mesh = parse_mesh(args.mesh) if args.mesh else None
-        loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer)
-        start = time.perf_counter()
-        report = evaluate_records(Assistant(loaded, mesh=mesh), records, base_dir, batch_size=args.batch_size,
-                                  max_new_tokens=args.max_new_tokens, split=args.split, progress=True)
-    except (ValueError, FileNotFoundError, ImageError, CheckpointError, ConfigError) as error:
+        dtype = jnp.dtype(args.dtype)
+        loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype)
+        began = time.perf_counter()
+        report = evaluate_records(Assistant(loaded, dtype=dtype, mesh=mesh), records, base_dir, batch_size=args.batch_size,
+                                  max_new_tokens=args.max_new_tokens, split=args.split,
+                                  progress=jax.process_index() == 0)
+    except (ValueError, FileNotFoundError, ImageError, CheckpointError, ConfigError, DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    report = {"checkpoint": loaded.description, "data": str(args.data), "seconds": time.perf_counter() - start,
-              **report}
+    if jax.process_index() != 0:  # the others computed the same report
+        return 0
+    report = {"checkpoint": loaded.description, "data": str(args.data), "seconds": time.perf_counter() - began,
+              "processes": jax.process_count(), "devices": 1 if mesh is None else mesh.size, **report}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
     print(f"{report['n']} questions: exact match {report['exact_match']:.1%}, VQA accuracy "

@@ -11,17 +11,42 @@ turn; `/image PATH` attaches an image to the next turn, `/retry` answers the las
 new draw when sampling), `/reset` starts over, an empty line or end of input quits. Each turn
 prefills only what is new (the KV cache is kept); when the conversation outgrows the model's
 context, its oldest turns are dropped.
+
+On several hosts (a TPU pod, GPU hosts: `launch/gpu_multihost.sh` sets up `jax.distributed`), every
+process runs the same command on the same files; the model is sharded over `--mesh` (by default
+data parallel over the processes and tensor parallel over each one's devices) and process 0
+prints. Chat mode reads one terminal and runs in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 
 MESH_HELP = ("DATA,FSDP,TENSOR: generate on a mesh of the visible devices, e.g. 1,1,8 (tensor parallel over 8); "
-             "-1 takes the rest of the devices: --mesh=1,1,-1; default: one device")  # also evaluate's
+             "-1 takes the rest of the devices: --mesh=1,1,-1; default: one device, or with several processes "
+             "PROCESSES,1,-1")  # also evaluate's
+
+DTYPES = ("float32", "bfloat16")
+DTYPE_HELP = "the parameters' and the computation's dtype (bfloat16: half the memory)"  # also evaluate's
+
+
+def start(mesh: str | None):
+    """`jax.distributed` set up when the launcher asked for it (`idefics_jax.distributed.initialize`),
+    then the mesh to generate on: `--mesh`'s; without one, None (one device) in a single process and
+    (processes, 1, devices per process) in several."""
+    import jax
+
+    from idefics_jax.distributed import initialize
+    from idefics_jax.sharding import make_mesh, parse_mesh
+
+    initialize()
+    if mesh:
+        return parse_mesh(mesh)
+    return make_mesh(jax.process_count(), 1, -1) if jax.process_count() > 1 else None
 
 
 def user_turn(text: str, images: int) -> dict:
@@ -48,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
                    help="CTRL's penalty on the prompt's and answer's tokens, as transformers' (1.0: off; 1.2 is common)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
     p.add_argument("--mesh", help=MESH_HELP)
     return p
 
@@ -57,30 +82,36 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if not args.chat and args.prompt is None:
         parser().error("--prompt is required (or use --chat)")
+    import jax
     import jax.numpy as jnp
 
     from idefics_jax.config import ConfigError
     from idefics_jax.convert import CheckpointError
     from idefics_jax.data.image_processing import ImageError, load_image
+    from idefics_jax.distributed import DistributedError
     from idefics_jax.inference.assistant import Assistant
     from idefics_jax.inference.loading import load_for_inference
     from idefics_jax.inference.sampling import Sampling
-    from idefics_jax.sharding import parse_mesh
 
     try:
+        mesh = start(args.mesh)
+        if args.chat and jax.process_count() > 1:
+            raise ValueError(f"--chat reads one terminal and runs in one process, not {jax.process_count()}; "
+                             f"run it without jax.distributed (--mesh spreads the model over this host's devices)")
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
         images = [load_image(path) for path in args.image]  # fail on a bad image before loading the model
-        mesh = parse_mesh(args.mesh) if args.mesh else None
-        assistant = Assistant(load_for_inference(args.checkpoint, tokenizer=args.tokenizer),
-                              dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, mesh=mesh)
+        dtype = jnp.dtype(args.dtype)
+        assistant = Assistant(load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype),
+                              dtype=dtype, mesh=mesh)
         options = dict(split=args.split, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
         if not args.chat:
+            out = sys.stdout if jax.process_index() == 0 else io.StringIO()  # every process generates; one prints
             for piece in assistant.stream_reply([user_turn(args.prompt, len(images))], images, **options):
-                print(piece, end="", flush=True)
-            print()
+                print(piece, end="", flush=True, file=out)
+            print(file=out)
             return 0
         return chat(assistant, images, options)
-    except (ValueError, FileNotFoundError, ImageError, CheckpointError, ConfigError) as error:
+    except (ValueError, FileNotFoundError, ImageError, CheckpointError, ConfigError, DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -170,6 +170,25 @@ def param_shardings(model: nn.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES, *ini
     return fit_shardings(nn.meta.unbox(abstract["params"]), shardings)
 
 
+def put_everywhere(tree, shardings):
+    """Arrays that every process holds whole (the same checkpoint, the same prompts) onto
+    `shardings`, which may span processes: each process copies only its own devices' slices, with
+    no traffic between processes. (`jax.device_put` of a host array onto another process's devices
+    first checks that every process holds the same value: an all-gather of each array, for
+    parameters the whole model on every host.) With one process it is `jax.device_put`; arrays
+    already spread over several processes are resharded; `None` leaves stay `None`."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
     """Sharding for a batch array `[batch, ...]`: the batch axis over (data, fsdp)."""
     spec = nn.logical_to_mesh_axes(("activation_batch",) + (None,) * (ndim - 1), rules)

@@ -6,6 +6,7 @@ exits non-zero unless the tokens are identical and the parameters and the KV cac
 
 import os
 import sys
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
@@ -16,7 +17,7 @@ from idefics_jax import Idefics2, load_hf_checkpoint  # noqa: E402
 from idefics_jax.inference.conversation import Conversation  # noqa: E402
 from idefics_jax.inference.generate import Generator  # noqa: E402
 from idefics_jax.inference.sampling import GREEDY, Sampling  # noqa: E402
-from idefics_jax.sharding import make_mesh  # noqa: E402
+from idefics_jax.sharding import make_mesh, param_shardings  # noqa: E402
 from test_parity import make_batch  # noqa: E402
 
 NEW = 12
@@ -65,6 +66,27 @@ def main(hf_dir, seed):
     if specs[0][:2] != ("data", "tensor") or any(specs[1]):
         sys.exit(f"the KV cache should be split over (data, tensor) and tokens replicated, got {specs}")
     check_conversation(model, params, config, rng, one_device)
+    check_sharded_loading(hf_dir, model, params, inputs, expected)
+
+
+def check_sharded_loading(hf_dir, model, params, inputs, expected):
+    """Checkpoints read straight into a (1, 2, 4) mesh's shards (safetensors and orbax) hold the
+    parameters in the layout Generator uses, and generate the same tokens."""
+    import tempfile
+
+    from idefics_jax.convert import load_checkpoint, save_checkpoint
+
+    on = mesh(1, 2, 4)
+    shardings = param_shardings(model, on)
+    with tempfile.TemporaryDirectory() as ours:
+        save_checkpoint(Path(ours) / "ckpt", model.config, params)
+        for name, (_, loaded) in [("safetensors", load_hf_checkpoint(hf_dir, shardings=shardings)),
+                                  ("orbax", load_checkpoint(Path(ours) / "ckpt", shardings=shardings))]:
+            placed = jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), loaded, shardings))
+            got = Generator(model, loaded, mesh=on).generate(*inputs, max_new_tokens=NEW)
+            print(f"mesh (1, 2, 4), read sharded from {name}: placed {all(placed)}, equal: {np.array_equal(got, expected)}")
+            if not all(placed) or not np.array_equal(got, expected):
+                sys.exit(f"{name}: {sum(placed)} of {len(placed)} parameters placed as the rules say\n{got}\n{expected}")
 
 
 def check_conversation(model, params, config, rng, one_device):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -80,6 +84,14 @@ def test_generate_cli_streams_the_reference_answer(chat_dir, capsys, tmp_path):
     code, out_ours, err = run_cli(generate, ["--checkpoint", str(tmp_path / "ours"), *argv], capsys)
     assert code == 0, err
     assert out_ours.strip() == expected
+    # --dtype bfloat16: the parameters are read as bfloat16 (half the memory), from either kind
+    from idefics_jax.inference.loading import load_for_inference
+
+    for directory in (path, tmp_path / "ours"):
+        params = load_for_inference(directory, dtype=jnp.bfloat16).params
+        assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+        code, _, err = run_cli(generate, ["--checkpoint", str(directory), *argv, "--dtype", "bfloat16"], capsys)
+        assert code == 0, err
 
 
 def test_chat_keeps_the_conversation(chat_dir, capsys, monkeypatch):
@@ -229,6 +241,61 @@ def test_evaluate_cli_scores_answers(chat_dir, capsys, tmp_path):
     assert report["anls"] == pytest.approx(np.mean([r["anls"] for r in report["results"]]))
     code, _, err = run_cli(evaluate, ["--checkpoint", str(path), "--data", str(tmp_path / "none.jsonl")], capsys)
     assert code == 2 and "none.jsonl" in err
+
+
+def run_two_processes(module: str, argv: list[str], devices_each: int = 2) -> list[subprocess.CompletedProcess]:
+    """`python -m module argv` as two jax.distributed processes on localhost (launch/gpu_multihost.sh),
+    each with `devices_each` CPU devices."""
+    import portpicker
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+    port = portpicker.pick_unused_port()
+    launcher = str(Path(__file__).parents[1] / "launch" / "gpu_multihost.sh")
+    procs = [subprocess.Popen(["bash", launcher, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i), "--", sys.executable, "-m", module, *argv],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    # CPU collectives (gloo) log their connections to stdout from C++; GPUs and TPUs do not use them
+    plain = lambda out: "".join(line for line in out.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+    return [subprocess.CompletedProcess(p.args, p.returncode, plain(out), err) for p, (out, err) in zip(procs, outputs)]
+
+
+def test_two_processes_evaluate_and_generate_as_one(chat_dir, capsys, tmp_path):
+    """evaluate and generate over two jax.distributed processes (a (2, 1, 2) mesh: data over the
+    processes, tensor parallel within each) give one process's report and answer; process 0 alone
+    writes and prints. Each process reads only its shards: of the safetensors for evaluate, of an
+    orbax checkpoint for generate."""
+    from idefics_jax import evaluate, generate
+    from idefics_jax.convert import __main__ as convert
+
+    path = chat_dir[0]
+    records = [{"id": str(i), "images": [str(path / image)], "messages": [{"role": "user", "content": "<image>" + question},
+                                                               {"role": "assistant", "content": "a fox"}]}
+               for i, (image, question) in enumerate([("a.png", "what is written"), ("b.png", "what number"),
+                                                      ("a.png", "read it"), ("b.png", "and here")])]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    options = ["--checkpoint", str(path), "--data", str(data), "--batch_size", "4", "--max_new_tokens", "8"]
+    code, _, err = run_cli(evaluate, [*options, "--output", str(tmp_path / "one.json")], capsys)
+    assert code == 0, err
+    ask = ["--checkpoint", str(path), "--image", str(path / "a.png"), "--prompt", "what is written",
+           "--max_new_tokens", "10"]
+    code, answer, err = run_cli(generate, ask, capsys)
+    assert code == 0, err
+
+    runs = run_two_processes("idefics_jax.evaluate", [*options, "--output", str(tmp_path / "two.json")])
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ["one.json", "two.json"])
+    assert (two["processes"], two["devices"], one["processes"], one["devices"]) == (2, 4, 1, 1)
+    assert [r["prediction"] for r in two["results"]] == [r["prediction"] for r in one["results"]]
+    assert "questions: exact match" in runs[0].stdout and runs[1].stdout == ""
+
+    assert convert.main(["from-hf", str(path), str(tmp_path / "ours")]) == 0
+    runs = run_two_processes("idefics_jax.generate", ["--checkpoint", str(tmp_path / "ours"), *ask[2:]])
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
+    assert runs[0].stdout == answer and runs[1].stdout == ""
+    runs = run_two_processes("idefics_jax.generate", ["--checkpoint", str(path), "--chat"], devices_each=1)
+    assert [run.returncode for run in runs] == [2, 2] and "runs in one process, not 2" in runs[0].stderr
 
 
 def test_anls_rules():

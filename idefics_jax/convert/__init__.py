@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from idefics_jax.config import Idefics2Config
 from idefics_jax.convert.names import hf_name, hf_shape, leaf_rule
 from idefics_jax.models.idefics2 import Idefics2
+from idefics_jax.sharding import put_everywhere
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -138,7 +139,7 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool
                     if target_dtype is not None and array.dtype != target_dtype:
                         array = array.astype(target_dtype)
                     if flat_shardings is not None:
-                        array = jax.device_put(array, flat_shardings[path])
+                        array = put_everywhere(array, flat_shardings[path])
                     elif on_device:
                         array = jax.device_put(array)
                     flat[path] = array
@@ -244,8 +245,12 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, config: Idefics2Config, params)
     return ckpt_dir
 
 
-def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True):
-    """Reads a checkpoint written by `save_checkpoint`; returns `(config, params)`."""
+def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True, shardings: Mapping | None = None,
+                    dtype=None):
+    """Reads a checkpoint written by `save_checkpoint`; returns `(config, params)`.
+
+    shardings: optional tree of `jax.sharding.Sharding` (the params' structure): each array is read
+    straight into its shards (on several hosts, each reads its own). dtype: cast as read (None: as stored)."""
     import orbax.checkpoint as ocp
 
     ckpt_dir = Path(ckpt_dir).absolute()
@@ -255,13 +260,18 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True):
     config = Idefics2Config.from_json_file(ckpt_dir / "config.json")
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(ckpt_dir / "params").item_metadata.tree
-    restore_type = jax.Array if on_device else np.ndarray
+    target_dtype = _np_dtype(dtype)
     is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=restore_type), tree, is_leaf=is_leaf)
-    if on_device:
-        device = jax.devices()[0]
-        sharding = jax.sharding.SingleDeviceSharding(device)
-        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), tree, is_leaf=is_leaf)
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def restore_arg(path, _):
+        names = tuple(getattr(key, "key", key) for key in path)
+        if not on_device and shardings is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=target_dtype)
+        return ocp.ArrayRestoreArgs(sharding=flat_shardings.get(names, one_device), dtype=target_dtype)
+
+    restore_args = jax.tree_util.tree_map_with_path(restore_arg, tree, is_leaf=is_leaf)
     params = checkpointer.restore(ckpt_dir / "params", restore_args=restore_args)
     # check against the model the config describes
     expected = traverse_util.flatten_dict(abstract_params(config))

@@ -36,7 +36,8 @@ from jax.sharding import Mesh
 from idefics_jax.inference.sampling import GREEDY, Sampling, next_token, seen_tokens
 from idefics_jax.models.idefics2 import check_image_token_count
 from idefics_jax.models.kv_cache import KVCache
-from idefics_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, constrain, fit_sharding, param_shardings
+from idefics_jax.sharding import (LOGICAL_AXIS_RULES, batch_sharding, constrain, fit_sharding, param_shardings,
+                                  put_everywhere)
 
 
 @flax.struct.dataclass
@@ -163,7 +164,7 @@ class Generator:
     def __init__(self, model, params, *, stop_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
                  rules=LOGICAL_AXIS_RULES):
         self.model, self.mesh, self.rules = model, mesh, rules
-        self.params = params if mesh is None else jax.device_put(params, param_shardings(model, mesh, rules))
+        self.use_params(params)
         self.stop_ids, self.pad_id = tuple(int(i) for i in stop_ids), int(pad_id)
         statics = ("max_columns", "sampling", "stop_ids", "pad_id")
         self._generate = jax.jit(functools.partial(_generate, model), static_argnames=("max_new_tokens",) + statics)
@@ -171,6 +172,11 @@ class Generator:
         self._continued = jax.jit(functools.partial(_continued, model), donate_argnums=(1,),
                                   static_argnames=statics[1:])
         self._step = jax.jit(functools.partial(_step, model), static_argnames=statics[1:], donate_argnums=(1,))
+
+    def use_params(self, params):
+        """Generates with `params` from now on (placed on the mesh; the compiled programs are kept)."""
+        self.params = params if self.mesh is None else put_everywhere(
+            params, param_shardings(self.model, self.mesh, self.rules))
 
     def _on_mesh(self):
         """The mesh and the rule table in context (tracing reads them); nothing without a mesh."""
@@ -185,7 +191,7 @@ class Generator:
         """Prompt arrays onto the mesh, rows over (data, fsdp) where they divide; as given without a mesh."""
         if self.mesh is None:
             return inputs
-        place = lambda x: None if x is None else jax.device_put(
+        place = lambda x: None if x is None else put_everywhere(
             x, fit_sharding(np.shape(x), batch_sharding(self.mesh, np.ndim(x), self.rules)))
         return tuple(place(x) for x in inputs)
 

@@ -77,16 +77,29 @@ def _load_workdir(path: Path):
     return mcfg, params, tokenizer, images, f"training workdir {path} at step {step}"
 
 
-def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None) -> LoadedModel:
-    """Loads the model and processor settings of `path` (see the module docstring) onto the device."""
+def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None,
+                       dtype=None) -> LoadedModel:
+    """Loads the model and processor settings of `path` (see the module docstring) onto the device,
+    or with a `mesh` straight into the shards `Generator` places them in (each process reads only
+    what its devices hold), so that a model that fits the mesh but not one device loads.
+    dtype: the parameters' dtype (None: as stored; bfloat16 halves a float32 checkpoint's memory)."""
+    import jax
+
     from idefics_jax.convert import load_checkpoint, load_hf_checkpoint
+    from idefics_jax.models.idefics2 import Idefics2
+    from idefics_jax.sharding import param_shardings
 
     path = Path(path)
     kind = checkpoint_kind(path)
     if kind == "workdir":
         config, params, default_tokenizer, images, description = _load_workdir(path)
+        if dtype is not None:
+            params = jax.tree.map(lambda x: x.astype(dtype), params)
     else:
-        config, params = (load_hf_checkpoint if kind == "hf" else load_checkpoint)(path)
+        config = Idefics2Config.from_json_file(path / "config.json")
+        shardings = None if mesh is None else param_shardings(Idefics2(config), mesh)
+        config, params = (load_hf_checkpoint if kind == "hf" else load_checkpoint)(path, shardings=shardings,
+                                                                                    dtype=dtype)
         default_tokenizer, images = path / "tokenizer.model", image_processor_from(path)
         description = f"{'Hugging Face' if kind == 'hf' else 'idefics_jax'} checkpoint {path}"
     tokenizer_path = Path(tokenizer) if tokenizer else default_tokenizer

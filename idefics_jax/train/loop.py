@@ -28,7 +28,7 @@ from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.models.idefics2 import Idefics2
 from idefics_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from idefics_jax.ops.attention import IMPLEMENTATIONS
-from idefics_jax.sharding import batch_sharding, make_mesh
+from idefics_jax.sharding import batch_sharding, make_mesh, put_everywhere
 from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from idefics_jax.train.config import model_config
 from idefics_jax.train.metrics import MetricWriter, peak_flops, step_flops
@@ -142,13 +142,15 @@ def load_initial_params(state, path: str, mcfg, shardings):
     if is_stacked(state.params):  # scan_layers: the model keeps each tower's layers stacked
         params = stack_layers(params)
     model_keys = [k for k in state.params if k != "lora"]
-    loaded = jax.tree.map(lambda x, s, old: jax.device_put(np.asarray(x).astype(old.dtype), s),
+    loaded = jax.tree.map(lambda x, s, old: put_everywhere(np.asarray(x).astype(old.dtype), s),
                           params, {k: shardings.params[k] for k in model_keys}, {k: state.params[k] for k in model_keys})
     return state.replace(params={**state.params, **loaded})
 
 
-def evaluate(config, mcfg, params, lora, data_dir: Path, tokenizer: Tokenizer, assistant=None) -> tuple[dict, object]:
-    """Exact match (and VQA accuracy) of cached greedy answers on `config.data.eval_source`.
+def evaluate(config, mcfg, params, lora, data_dir: Path, tokenizer: Tokenizer, mesh,
+             assistant=None) -> tuple[dict, object]:
+    """Exact match (and VQA accuracy) of cached greedy answers on `config.data.eval_source`, generated
+    on the training mesh (every process takes part; each gets the whole report).
 
     Returns (report, assistant): pass the assistant back next time to reuse its compiled programs."""
     from idefics_jax.data.image_processing import ImageProcessor
@@ -162,8 +164,9 @@ def evaluate(config, mcfg, params, lora, data_dir: Path, tokenizer: Tokenizer, a
         images = ImageProcessor(longest_edge=source.get("longest_edge", 980),
                                 shortest_edge=source.get("shortest_edge", 378))
         assistant = Assistant(LoadedModel(mcfg, params, tokenizer, images, "training"),
-                              dtype=_dtype(config.model.dtype, "dtype"))
-    assistant.generator.params = params
+                              dtype=_dtype(config.model.dtype, "dtype"), mesh=mesh)
+    else:
+        assistant.generator.use_params(params)
     records, base_dir = load_records(data_dir / config.data.eval_source, config.train.eval_samples)
     report = evaluate_records(assistant, records, base_dir, max_new_tokens=config.train.max_new_tokens)
     return report, assistant
@@ -240,7 +243,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
                 checkpointer.save(step, state, {"pipeline": pipeline.get_state()}, force=step == config.train.steps)
             eval_now = config.train.eval_every and step % config.train.eval_every == 0
             if config.data.eval_source and (eval_now or step == config.train.steps):
-                report, assistant = evaluate(config, mcfg, state.params, lora, data_dir, tokenizer, assistant)
+                report, assistant = evaluate(config, mcfg, state.params, lora, data_dir, tokenizer, mesh, assistant)
                 writer.write(step, {"eval/exact_match": report["exact_match"],
                                     "eval/vqa_accuracy": report["vqa_accuracy"]})
                 if jax.process_index() == 0:
