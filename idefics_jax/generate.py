@@ -10,7 +10,7 @@ Without `<image>` placeholders the images go before the prompt's text. `--split`
 turn; `/image PATH` attaches an image to the next turn, `/retry` answers the last turn again (a
 new draw when sampling), `/reset` starts over, an empty line or end of input quits. Each turn
 prefills only what is new (the KV cache is kept); when the conversation outgrows the model's
-context, its oldest turns are dropped.
+context, its oldest turns are dropped (a `--system` message stays).
 
 On several hosts (a TPU pod, GPU hosts: `launch/gpu_multihost.sh` sets up `jax.distributed`), every
 process runs the same command on the same files; the model is sharded over `--mesh` (by default
@@ -64,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     p.add_argument("--prompt", help="the question (required unless --chat)")
     p.add_argument("--chat", action="store_true", help="a conversation: user turns from stdin")
+    p.add_argument("--system", help="a system message that opens the conversation (kept when old turns are dropped)")
     p.add_argument("--split", action="store_true", help="320 visual tokens per image (4 crops + whole), not 64")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     from idefics_jax.convert import CheckpointError
     from idefics_jax.data.image_processing import ImageError, load_image
     from idefics_jax.distributed import DistributedError
-    from idefics_jax.inference.assistant import Assistant
+    from idefics_jax.inference.assistant import Assistant, system_message
     from idefics_jax.inference.loading import load_for_inference
     from idefics_jax.inference.sampling import Sampling
 
@@ -106,11 +107,12 @@ def main(argv=None) -> int:
         options = dict(split=args.split, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
         if not args.chat:
             out = sys.stdout if jax.process_index() == 0 else io.StringIO()  # every process generates; one prints
-            for piece in assistant.stream_reply([user_turn(args.prompt, len(images))], images, **options):
+            messages = system_message(args.system) + [user_turn(args.prompt, len(images))]
+            for piece in assistant.stream_reply(messages, images, **options):
                 print(piece, end="", flush=True, file=out)
             print(file=out)
             return 0
-        return chat(assistant, images, options)
+        return chat(assistant, images, {**options, "system": args.system})
     except (ValueError, FileNotFoundError, ImageError, CheckpointError, ConfigError, DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

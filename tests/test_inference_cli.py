@@ -84,6 +84,11 @@ def test_generate_cli_streams_the_reference_answer(chat_dir, capsys, tmp_path):
     code, out_ours, err = run_cli(generate, ["--checkpoint", str(tmp_path / "ours"), *argv], capsys)
     assert code == 0, err
     assert out_ours.strip() == expected
+    code, out, err = run_cli(generate, ["--checkpoint", str(path), *argv, "--system", "Answer briefly."], capsys)
+    assert code == 0, err
+    system = [{"role": "system", "content": "Answer briefly."}]
+    assert out.strip() == reference_answer(chat_dir, system + [{"role": "user", "content": "<image><image>what is written"}],
+                                           ["a.png", "b.png"], 12)
     # --dtype bfloat16: the parameters are read as bfloat16 (half the memory), from either kind
     from idefics_jax.inference.loading import load_for_inference
 
@@ -155,6 +160,7 @@ def test_chat_prefills_only_new_turns_and_answers_as_whole_prefills(chat_dir):
 
 
 def test_chat_drops_its_oldest_turns_to_fit_the_context(chat_dir):
+    """... and keeps its system message, whose tokens the turn after a drop reuses from the cache."""
     from idefics_jax.data.processor import apply_chat_template
     from idefics_jax.inference.assistant import Assistant
     from idefics_jax.inference.loading import load_for_inference
@@ -162,19 +168,23 @@ def test_chat_drops_its_oldest_turns_to_fit_the_context(chat_dir):
     assistant = Assistant(load_for_inference(chat_dir[0]))
     context = assistant.loaded.config.text.max_position_embeddings
     a = Image.open(chat_dir[0] / "a.png")
-    chat = assistant.chat(max_new_tokens=8)
+    system = "You are a careful reader. Answer in a few words."
+    chat = assistant.chat(max_new_tokens=8, system=system)
+    opening = [{"role": "system", "content": system}]  # kept first, never dropped
     words = "the red fox jumps over the lazy dog and runs away "
-    prompt_length = lambda messages: len(chat.processor.encode_prompt(apply_chat_template(messages, True)))
+    prompt_length = lambda messages: len(chat.processor.encode_prompt(apply_chat_template(opening + messages, True)))
+    system_tokens = len(chat.processor.encode_prompt(apply_chat_template(opening)))
     drop_turn = None
     for turn in range(60):
         text = ("<image>" if turn == 0 else "") + words + str(turn)
         answer = "".join(chat.stream({"role": "user", "content": text}, [a] if turn == 0 else []))
         kept, images = chat.messages[:-1], [a] if chat.images else []
         assert kept[0]["role"] == "user" and kept[-1]["content"] == text and prompt_length(kept) + 8 <= context
-        assert answer == assistant.reply(kept, images, max_new_tokens=8)
-        if chat.dropped and drop_turn is None:  # down to 3/4 of the context, prefilled in full (but "User:")
+        assert answer == assistant.reply(opening + kept, images, max_new_tokens=8)
+        if chat.dropped and drop_turn is None:  # down to 3/4 of the context, prefilled after the system message
             drop_turn, after_drop = turn, prompt_length(kept)
-            assert chat.conversation.reused < 8 and after_drop <= (context - 8) * 3 // 4
+            assert system_tokens <= chat.conversation.reused < system_tokens + 8
+            assert after_drop <= (context - 8) * 3 // 4
         elif drop_turn is not None:  # the next turn reuses the cache again
             assert chat.conversation.reused > after_drop // 2
             break
@@ -199,6 +209,8 @@ def test_generate_cli_names_bad_input(chat_dir, capsys, tmp_path):
         (["--prompt", "hi", "--mesh", "1,x,1"], "--mesh takes DATA,FSDP,TENSOR"),
         (["--prompt", "hi", "--repetition_penalty", "0"], "repetition_penalty must be > 0"),
         (["--prompt", "hi", "--mesh", f"{len(jax.devices()) + 1},1,1"], "devices"),
+        (["--prompt", "hi", "--system", "<image>look"], "system message is text without <image>"),
+        (["--chat", "--system", " "], "system message is text without <image>"),
     ]
     for argv, message in cases:
         code, _, err = run_cli(generate, ["--checkpoint", str(path), *argv], capsys)

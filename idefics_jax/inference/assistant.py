@@ -122,6 +122,15 @@ class Assistant:
         return Chat(self, **options)
 
 
+def system_message(text: str | None) -> list[dict]:
+    """[the system message] to open a conversation with, or [] without one."""
+    if text is None:
+        return []
+    if not text.strip() or IMAGE_TOKEN in text:
+        raise ValueError(f"A system message is text without {IMAGE_TOKEN} placeholders, got {text!r}")
+    return [{"role": "system", "content": text}]
+
+
 class Chat:
     """A conversation with an `Assistant` whose turns each prefill only what is new (`Conversation`):
     the images of earlier turns are processed and encoded once, the earlier turns' text is not run again.
@@ -131,16 +140,22 @@ class Chat:
             print(piece, end="")
         answer = "".join(chat.stream({"role": "user", "content": "And its colour?"}))
 
-    The answers equal `Assistant.reply` on the whole conversation (answer n, retries counted, with
-    `seed + n`). A turn is kept (in `messages`) once its answer has been streamed, also in part when
-    the caller stops early; `retry()` answers the last turn again in place. When a turn and its
-    answer would not fit the model's context, the oldest turns are dropped, with their images, down
-    to 3/4 of it (`drop_oldest`; `dropped` counts the messages): the conversation goes on, that
-    turn prefills what is left of it in full, and the next turns reuse the cache again.
+    The answers equal `Assistant.reply` on the whole conversation, system message first (answer n,
+    retries counted, with `seed + n`). A turn is kept (in `messages`) once its answer has been
+    streamed, also in part when the caller stops early; `retry()` answers the last turn again in
+    place. When a turn and its answer would not fit the model's context, the oldest turns are
+    dropped, with their images, down to 3/4 of it (`drop_oldest`; `dropped` counts the messages):
+    the conversation goes on, that turn prefills what is left of it after the system message, and
+    the next turns reuse the cache again.
+
+    `system`: a system message (text, no images) that opens every prompt (Idefics2's template
+    writes it as a "System:" turn); it is never dropped, `reset()` keeps it, and its tokens stay in
+    the cache across a drop. `messages` holds the turns after it.
     """
 
     def __init__(self, assistant: Assistant, *, split: bool = False, max_new_tokens: int = 256,
-                 sampling: Sampling = GREEDY, seed: int = 0, drop_oldest: bool = True):
+                 sampling: Sampling = GREEDY, seed: int = 0, drop_oldest: bool = True, system: str | None = None):
+        self.system = system_message(system)
         self.assistant = assistant
         self.processor = assistant.processor(split)
         self.options = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
@@ -208,7 +223,7 @@ class Chat:
         budget = self.assistant.loaded.config.text.max_position_embeddings - self.options["max_new_tokens"]
         limit = budget
         while True:
-            ids = self.processor.encode_prompt(apply_chat_template(messages, add_generation_prompt=True))
+            ids = self.processor.encode_prompt(apply_chat_template(self.system + messages, add_generation_prompt=True))
             if len(ids) <= limit or len(messages) == 1 or not self.drop_oldest:
                 return messages, images, ids
             limit = budget * 3 // 4
