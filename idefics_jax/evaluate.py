@@ -5,7 +5,9 @@
 DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir; the
 data is a jsonl of conversations (the format of `idefics_jax.data`, for example the synthetic
 set's `conversations_eval/`). Prints exact match, VQA accuracy and ANLS and writes a JSON report
-with every question's prediction.
+with every question's prediction. A question whose images cannot be read is named and left out
+of the scores (the report counts it in `failed`). Results are saved as they come
+(`OUTPUT.partial.jsonl`): run the same command again after a stop and it goes on from there.
 
 On several hosts (`launch/gpu_multihost.sh`, a TPU pod) every process runs the same command: each
 batch is generated once on the mesh that spans them (`--mesh`; by default data parallel over the
@@ -15,6 +17,7 @@ processes, tensor parallel within each), and process 0 writes the report and pri
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -40,36 +43,64 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
+    from jax.experimental import multihost_utils
 
     from idefics_jax.config import ConfigError
     from idefics_jax.convert import CheckpointError
     from idefics_jax.data.image_processing import ImageError
     from idefics_jax.distributed import DistributedError
     from idefics_jax.inference.assistant import Assistant
-    from idefics_jax.inference.evaluate import evaluate_records, load_records
+    from idefics_jax.inference.evaluate import ProgressFile, evaluate_records, load_records, summarize
     from idefics_jax.inference.loading import load_for_inference
 
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     try:
         mesh = start(args.mesh)
         records, base_dir = load_records(args.data, args.limit)
         dtype = jnp.dtype(args.dtype)
         loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype)
+        main_process = jax.process_index() == 0  # every process generates; process 0 saves and prints
+        settings = {"checkpoint": loaded.description, "path": str(Path(args.checkpoint).resolve()),
+                    "records": records_digest(records),
+                    **{k: getattr(args, k) for k in ("tokenizer", "batch_size", "max_new_tokens", "split", "dtype")}}
+        progress = ProgressFile(f"{args.output}.partial.jsonl", settings, args.batch_size)
+        done = progress.done() if main_process else []
+        skip = len(done) if jax.process_count() == 1 else int(multihost_utils.broadcast_one_to_all(len(done)))
+        if main_process:
+            progress.start(done)
+            if done:
+                print(f"Going on from {progress.path}: {len(done)} of {len(records)} questions answered before",
+                      file=sys.stderr)
         began = time.perf_counter()
-        report = evaluate_records(Assistant(loaded, dtype=dtype, mesh=mesh), records, base_dir, batch_size=args.batch_size,
-                                  max_new_tokens=args.max_new_tokens, split=args.split,
-                                  progress=jax.process_index() == 0)
+        report = evaluate_records(Assistant(loaded, dtype=dtype, mesh=mesh), records[skip:], base_dir,
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, split=args.split,
+                                  progress=main_process, on_batch=progress.append if main_process else None)
     except (ValueError, FileNotFoundError, ImageError, CheckpointError, ConfigError, DistributedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if jax.process_index() != 0:  # the others computed the same report
+    if not main_process:
         return 0
     report = {"checkpoint": loaded.description, "data": str(args.data), "seconds": time.perf_counter() - began,
-              "processes": jax.process_count(), "devices": 1 if mesh is None else mesh.size, **report}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=1))
-    print(f"{report['n']} questions: exact match {report['exact_match']:.1%}, VQA accuracy "
+              "processes": jax.process_count(), "devices": 1 if mesh is None else mesh.size,
+              **summarize(done + report["results"])}
+    for result in report["results"]:
+        if "error" in result:
+            print(f"warning: question {result['id']!r} was not scored: {result['error']}", file=sys.stderr)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_name(output.name + ".tmp").write_text(json.dumps(report, indent=1))
+    output.with_name(output.name + ".tmp").replace(output)  # a whole report or the old one, never half
+    progress.remove()
+    failed = f" ({report['failed']} not scored)" if report["failed"] else ""
+    print(f"{report['n']} questions{failed}: exact match {report['exact_match']:.1%}, VQA accuracy "
           f"{report['vqa_accuracy']:.1%}, ANLS {report['anls']:.3f} -> {args.output}")
     return 0
+
+
+def records_digest(records) -> str:
+    """A fingerprint of the questions (and answers): saved progress is only reused for the same data."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
 
 
 if __name__ == "__main__":

@@ -16,13 +16,16 @@ answer counts as the only one.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from idefics_jax.data.image_processing import load_image
+from idefics_jax.data.image_tokens import IMAGE_TOKEN, count_placeholders
+from idefics_jax.data.processor import apply_chat_template
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -98,28 +101,104 @@ def load_records(path: str | Path, limit: int | None = None) -> tuple[list[dict]
     return records, file.parent
 
 
+def _inputs(record: dict, base_dir: Path) -> tuple[list[dict], list]:
+    """A record's question turns and its images, checked: an unreadable image or a placeholder count
+    that differs from the images raises (ImageError, FileNotFoundError or ValueError)."""
+    conversation = record["messages"][:-1]
+    images = [load_image(base_dir / ref) for ref in record.get("images", [])]
+    placeholders = count_placeholders(apply_chat_template(conversation))
+    if placeholders != len(images):
+        raise ValueError(f"{placeholders} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)")
+    return conversation, images
+
+
+def score(record: dict, prediction: str) -> dict:
+    answer = record["messages"][-1]["content"]
+    answers = record.get("answers") or [answer]
+    return {"id": record.get("id"), "answer": answer, "prediction": prediction,
+            "exact_match": prediction == answer.strip(), "vqa_accuracy": vqa_accuracy(prediction, answers),
+            "anls": anls(prediction, answers)}
+
+
+def summarize(results: Sequence[dict]) -> dict:
+    """The report: mean scores over the records that were answered, how many could not be, and every result."""
+    scored = [r for r in results if "error" not in r]
+    mean = lambda key: float(np.mean([r[key] for r in scored])) if scored else 0.0
+    return {"n": len(scored), "failed": len(results) - len(scored), "exact_match": mean("exact_match"),
+            "vqa_accuracy": mean("vqa_accuracy"), "anls": mean("anls"), "results": list(results)}
+
+
 def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *, batch_size: int = 16,
-                     max_new_tokens: int = 16, split: bool = False, progress: bool = False) -> dict:
-    """Greedy answers for every record, scored; returns the report (totals and one entry per record)."""
+                     max_new_tokens: int = 16, split: bool = False, progress: bool = False,
+                     on_batch: Callable[[list[dict]], None] | None = None) -> dict:
+    """Greedy answers for every record, scored; returns the report (`summarize`).
+
+    A record whose images cannot be read, or whose `<image>` count differs from its images, is not
+    scored: its result holds the `error` (the report counts it in `failed`), and the others go on.
+    `on_batch(results)` is called with each batch's results as they come (to save progress)."""
     from tqdm import tqdm
 
     base_dir = Path(base_dir)
     results = []
     bar = tqdm(total=len(records), desc="evaluate", unit="question", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        conversations = [record["messages"][:-1] for record in chunk]
-        images = [[load_image(base_dir / ref) for ref in record.get("images", [])] for record in chunk]
-        predictions = assistant.generate_batch(conversations, images, split=split, max_new_tokens=max_new_tokens,
-                                               batch_size=batch_size)
-        for record, prediction in zip(chunk, predictions):
-            answer = record["messages"][-1]["content"]
-            answers = record.get("answers") or [answer]
-            results.append({"id": record.get("id"), "answer": answer, "prediction": prediction,
-                            "exact_match": prediction == answer.strip(),
-                            "vqa_accuracy": vqa_accuracy(prediction, answers), "anls": anls(prediction, answers)})
+        chunk, inputs, failed, predictions = records[start:start + batch_size], {}, {}, {}
+        for i, record in enumerate(chunk):
+            try:
+                inputs[i] = _inputs(record, base_dir)
+            except (ValueError, FileNotFoundError) as error:  # ImageError is a ValueError
+                failed[i] = {"id": record.get("id"), "error": str(error)}
+        if inputs:
+            conversations, images = zip(*inputs.values())
+            answers = assistant.generate_batch(list(conversations), list(images), split=split,
+                                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+            predictions = dict(zip(inputs, answers))
+        batch = [failed[i] if i in failed else score(record, predictions[i]) for i, record in enumerate(chunk)]
+        results += batch
+        if on_batch is not None:
+            on_batch(batch)
         bar.update(len(chunk))
     bar.close()
-    mean = lambda key: float(np.mean([r[key] for r in results])) if results else 0.0
-    return {"n": len(results), "exact_match": mean("exact_match"), "vqa_accuracy": mean("vqa_accuracy"),
-            "anls": mean("anls"), "results": results}
+    return summarize(results)
+
+
+class ProgressFile:
+    """The results of a long evaluation as they come (jsonl, after a header line naming its settings),
+    so that a run that was stopped goes on where it was: `done()` gives the results of the whole
+    batches written before, when the settings are the same."""
+
+    def __init__(self, path: str | Path, settings: dict, batch_size: int):
+        self.path, self.settings, self.batch_size = Path(path), settings, batch_size
+
+    def done(self) -> list[dict]:
+        """Results saved by an earlier run with these settings, whole batches only; [] otherwise."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text().split("\n")
+        try:
+            header = json.loads(lines[0])
+        except json.JSONDecodeError:
+            return []
+        if header != self.settings:
+            return []
+        results = []
+        for line in lines[1:]:
+            try:
+                results.append(json.loads(line))
+            except json.JSONDecodeError:  # the line a kill cut short, and what follows
+                break
+        return results[:len(results) // self.batch_size * self.batch_size]
+
+    def start(self, done: list[dict]):
+        """Rewrites the file with the header and the results kept (a fresh file without them)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in [self.settings, *done]))
+
+    def append(self, results: list[dict]):
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in results))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self):
+        self.path.unlink(missing_ok=True)
