@@ -5,8 +5,8 @@
 DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir; the
 data is a jsonl of conversations (the format of `idefics_jax.data`, for example the synthetic
 set's `conversations_eval/`). Prints exact match, VQA accuracy and ANLS and writes a JSON report
-with every question's prediction. A question whose images cannot be read is named and left out
-of the scores (the report counts it in `failed`). Results are saved as they come
+with every question's prediction. A question whose images cannot be read (or that does not fit the
+context) is named and left out of the scores (the report counts it in `failed`). Results are saved as they come
 (`OUTPUT.partial.jsonl`): run the same command again after a stop and it goes on from there.
 
 On several hosts (`launch/gpu_multihost.sh`, a TPU pod) every process runs the same command: each
@@ -84,9 +84,10 @@ def main(argv=None) -> int:
     report = {"checkpoint": loaded.description, "data": str(args.data), "seconds": time.perf_counter() - began,
               "processes": jax.process_count(), "devices": 1 if mesh is None else mesh.size,
               **summarize(done + report["results"])}
-    for result in report["results"]:
+    for number, result in enumerate(report["results"], 1):
         if "error" in result:
-            print(f"warning: question {result['id']!r} was not scored: {result['error']}", file=sys.stderr)
+            name = repr(result["id"]) if result["id"] is not None else f"number {number}"
+            print(f"warning: question {name} was not scored: {result['error']}", file=sys.stderr)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_name(output.name + ".tmp").write_text(json.dumps(report, indent=1))

@@ -311,8 +311,8 @@ def test_two_processes_evaluate_and_generate_as_one(chat_dir, capsys, tmp_path):
 
 
 def test_evaluate_names_bad_records_and_goes_on_after_a_stop(chat_dir, capsys, tmp_path, monkeypatch):
-    """A record with an unreadable image or a wrong placeholder count is named and left out of the
-    scores; a run stopped after its first batch goes on from its saved results, generating only the
+    """A record with an unreadable image, a wrong placeholder count or a question longer than the
+    context is named and left out of the scores; a run stopped after its first batch goes on from its saved results, generating only the
     rest, and reports what an uninterrupted run does."""
     from idefics_jax import evaluate
     from idefics_jax.inference.assistant import Assistant
@@ -325,7 +325,7 @@ def test_evaluate_names_bad_records_and_goes_on_after_a_stop(chat_dir, capsys, t
                question("q2", "<image>read it", ["a.png"]), question("q3", "and here?", []),
                question("q4", "<image>this one", ["b.png"]), question("q5", "<image>and that", ["a.png"])]
     bad = [question("broken", "<image>what is it", [str(tmp_path / "broken.png")]),
-           question("mismatch", "<image><image>both", ["a.png"])]
+           question("mismatch", "<image><image>both", ["a.png"]), question(None, "the red fox " * 150, [])]
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records[:3] + bad + records[3:]))
     argv = ["--checkpoint", str(path), "--data", str(data), "--batch_size", "2", "--max_new_tokens", "6"]
@@ -342,24 +342,26 @@ def test_evaluate_names_bad_records_and_goes_on_after_a_stop(chat_dir, capsys, t
     code, _, err = run_cli(evaluate, [*argv, "--output", str(tmp_path / "whole.json")], capsys)
     assert code == 0, err
     whole = json.loads((tmp_path / "whole.json").read_text())
-    assert (whole["n"], whole["failed"]) == (6, 2) and not (tmp_path / "whole.json.partial.jsonl").exists()
+    assert (whole["n"], whole["failed"]) == (6, 3) and not (tmp_path / "whole.json.partial.jsonl").exists()
     errors = {r["id"]: r["error"] for r in whole["results"] if "error" in r}
     assert "broken.png" in errors["broken"] and "2 <image> placeholder(s) but 1 image(s)" in errors["mismatch"]
-    assert "'broken' was not scored" in err and "'mismatch' was not scored" in err
-    assert [r["id"] for r in whole["results"]] == ["q0", "q1", "q2", "broken", "mismatch", "q3", "q4", "q5"]
+    assert "context of 400 tokens" in errors[None]
+    assert all(f"question {name} was not scored" in err for name in ("'broken'", "'mismatch'", "number 6"))
+    assert [r["id"] for r in whole["results"]] == ["q0", "q1", "q2", "broken", "mismatch", None, "q3", "q4", "q5"]
 
     generated.clear()
     stop_after, output = 2, tmp_path / "stopped.json"
     with pytest.raises(KeyboardInterrupt):
         run_cli(evaluate, [*argv, "--output", str(output)], capsys)
     partial = tmp_path / "stopped.json.partial.jsonl"
-    assert len(partial.read_text().splitlines()) == 1 + 4 and not output.exists()  # settings + two batches
+    # settings + three batches (the third, "mismatch" and the long one, generated nothing)
+    assert len(partial.read_text().splitlines()) == 1 + 6 and not output.exists()
     partial.write_text(partial.read_text() + '{"id": "q2", "answ')  # a line cut short by the kill
     generated.clear()
     stop_after = None
     code, _, err = run_cli(evaluate, [*argv, "--output", str(output)], capsys)
     assert code == 0, err
-    assert "4 of 8 questions answered before" in err and sum(generated) == 3  # q3 (with "mismatch"), q4, q5
+    assert "6 of 9 questions answered before" in err and sum(generated) == 3  # q3, q4, q5
     assert json.loads(output.read_text())["results"] == whole["results"] and not partial.exists()
     # other settings: the saved results are not used
     generated.clear()

@@ -26,6 +26,7 @@ import numpy as np
 from idefics_jax.data.image_processing import load_image
 from idefics_jax.data.image_tokens import IMAGE_TOKEN, count_placeholders
 from idefics_jax.data.processor import apply_chat_template
+from idefics_jax.inference.generate import check_context
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -101,14 +102,17 @@ def load_records(path: str | Path, limit: int | None = None) -> tuple[list[dict]
     return records, file.parent
 
 
-def _inputs(record: dict, base_dir: Path) -> tuple[list[dict], list]:
-    """A record's question turns and its images, checked: an unreadable image or a placeholder count
-    that differs from the images raises (ImageError, FileNotFoundError or ValueError)."""
+def _inputs(record: dict, base_dir: Path, processor, config, max_new_tokens: int) -> tuple[list[dict], list]:
+    """A record's question turns and its images, checked: an unreadable image, a placeholder count
+    that differs from the images, or a prompt too long for the context raises (ImageError,
+    FileNotFoundError or ValueError)."""
     conversation = record["messages"][:-1]
     images = [load_image(base_dir / ref) for ref in record.get("images", [])]
-    placeholders = count_placeholders(apply_chat_template(conversation))
+    prompt = apply_chat_template(conversation, add_generation_prompt=True)
+    placeholders = count_placeholders(prompt)
     if placeholders != len(images):
         raise ValueError(f"{placeholders} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)")
+    check_context(config, len(processor.encode_prompt(prompt)), max_new_tokens, "question")
     return conversation, images
 
 
@@ -133,21 +137,23 @@ def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *
                      on_batch: Callable[[list[dict]], None] | None = None) -> dict:
     """Greedy answers for every record, scored; returns the report (`summarize`).
 
-    A record whose images cannot be read, or whose `<image>` count differs from its images, is not
-    scored: its result holds the `error` (the report counts it in `failed`), and the others go on.
+    A record whose images cannot be read, whose `<image>` count differs from its images, or whose
+    question does not fit the context with `max_new_tokens` is not scored: its result holds the `error` (the report counts it in `failed`), and the others go on.
     `on_batch(results)` is called with each batch's results as they come (to save progress)."""
     from tqdm import tqdm
 
-    base_dir = Path(base_dir)
+    base_dir, processor, config = Path(base_dir), assistant.processor(split), assistant.loaded.config
     results = []
     bar = tqdm(total=len(records), desc="evaluate", unit="question", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(records), batch_size):
         chunk, inputs, failed, predictions = records[start:start + batch_size], {}, {}, {}
         for i, record in enumerate(chunk):
             try:
-                inputs[i] = _inputs(record, base_dir)
+                inputs[i] = _inputs(record, base_dir, processor, config, max_new_tokens)
             except (ValueError, FileNotFoundError) as error:  # ImageError is a ValueError
                 failed[i] = {"id": record.get("id"), "error": str(error)}
+            except KeyError as error:
+                failed[i] = {"id": record.get("id"), "error": f"a message has no {error}"}
         if inputs:
             conversations, images = zip(*inputs.values())
             answers = assistant.generate_batch(list(conversations), list(images), split=split,
