@@ -3,11 +3,12 @@
     python -m idefics_jax.evaluate --checkpoint DIR --data DIR_OR_JSONL [--output report.json]
 
 DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir; the
-data is a jsonl of conversations (the format of `idefics_jax.data`, for example the synthetic
-set's `conversations_eval/`). Prints exact match, VQA accuracy and ANLS and writes a JSON report
-with every question's prediction. A question whose images cannot be read (or that does not fit the
-context) is named and left out of the scores (the report counts it in `failed`). Results are saved as they come
-(`OUTPUT.partial.jsonl`): run the same command again after a stop and it goes on from there.
+data is conversations in any format of `idefics_jax.data` (a jsonl, for example the synthetic
+set's `conversations_eval/`; ArrayRecord files; a TFDS build). Prints exact match, VQA accuracy
+and ANLS and writes a JSON report with every question's prediction. A question that cannot be
+asked (an unreadable image, a prompt longer than the context) is named and left out of the
+scores (the report counts it in `failed`). Results are saved as they come (`OUTPUT.partial.jsonl`):
+run the same command again after a stop and it goes on from there.
 
 On several hosts (`launch/gpu_multihost.sh`, a TPU pod) every process runs the same command: each
 batch is generated once on the mesh that spans them (`--mesh`; by default data parallel over the
@@ -17,7 +18,6 @@ processes, tensor parallel within each), and process 0 writes the report and pri
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m idefics_jax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="Hugging Face directory, idefics_jax checkpoint or workdir")
-    p.add_argument("--data", required=True, help="a jsonl of conversations, or a directory with data.jsonl")
+    p.add_argument("--data", required=True, help="a jsonl of conversations, or a directory with data.jsonl, "
+                   ".array_record files or a TFDS build (idefics_jax.data's formats)")
     p.add_argument("--output", default="eval_report.json", help="where the JSON report goes")
     p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
     p.add_argument("--batch_size", type=int, default=16)
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype)
         main_process = jax.process_index() == 0  # every process generates; process 0 saves and prints
         settings = {"checkpoint": loaded.description, "path": str(Path(args.checkpoint).resolve()),
-                    "records": records_digest(records),
+                    "records": records.fingerprint(),
                     **{k: getattr(args, k) for k in ("tokenizer", "batch_size", "max_new_tokens", "split", "dtype")}}
         progress = ProgressFile(f"{args.output}.partial.jsonl", settings, args.batch_size)
         done = progress.done() if main_process else []
@@ -98,10 +99,6 @@ def main(argv=None) -> int:
           f"{report['vqa_accuracy']:.1%}, ANLS {report['anls']:.3f} -> {args.output}")
     return 0
 
-
-def records_digest(records) -> str:
-    """A fingerprint of the questions (and answers): saved progress is only reused for the same data."""
-    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
 
 
 if __name__ == "__main__":

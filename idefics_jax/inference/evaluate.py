@@ -1,7 +1,8 @@
 """Scoring answers on local question/answer data: exact match and VQA accuracy.
 
 A record is a conversation in the data format of `idefics_jax.data` (`images`, relative to the
-jsonl's directory, and `messages`, the last of which is the assistant's reference answer).
+jsonl's directory or embedded in ArrayRecord / TFDS entries, and `messages`, the last of which is
+the assistant's reference answer), read from any of that package's formats (`QuestionSet`).
 An optional `answers` list holds several human answers, as VQAv2 has; without it the reference
 answer counts as the only one.
 
@@ -15,17 +16,19 @@ answer counts as the only one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from idefics_jax.data.image_processing import load_image
 from idefics_jax.data.image_tokens import IMAGE_TOKEN, count_placeholders
 from idefics_jax.data.processor import apply_chat_template
+from idefics_jax.data.sources import open_source
 from idefics_jax.inference.generate import check_context
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
@@ -77,37 +80,68 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> flo
     return best
 
 
-def load_records(path: str | Path, limit: int | None = None) -> tuple[list[dict], Path]:
-    """(records, the directory their image paths are relative to) from a jsonl file or a directory
-    holding `data.jsonl`."""
-    path = Path(path)
-    file = path / "data.jsonl" if path.is_dir() else path
-    if not file.exists():
-        raise FileNotFoundError(f"No question/answer data at {file}")
-    records = []
-    with open(file) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{file}:{number}: not JSON ({error})") from None
-            messages = record.get("messages")
-            if not messages or messages[-1].get("role") != "assistant":
-                raise ValueError(f"{file}:{number}: a record needs `messages` ending with the assistant's answer")
-            records.append(record)
-            if limit and len(records) == limit:
-                break
-    return records, file.parent
+class QuestionSet(Sequence):
+    """Question/answer records, read as they are needed, from any format of `idefics_jax.data`: a
+    jsonl file or a directory holding `data.jsonl` (images as files beside it), a directory of
+    `.array_record` files (images embedded) or a TFDS build. `limit`: the first N records only."""
+
+    def __init__(self, path: str | Path, limit: int | None = None):
+        self.path = Path(path)
+        self.format = data_format(self.path)
+        self.source = open_source(self.path, self.format)
+        self.base_dir = Path(self.source.base_dir)
+        self.size = len(self.source) if not limit else min(limit, len(self.source))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.size))]
+        if not -self.size <= index < self.size:
+            raise IndexError(f"record {index} of {self.size}")
+        return self.source[index % self.size]
+
+    def fingerprint(self) -> str:
+        """Changes when the data's files do (names, sizes, modification times) or the limit does."""
+        digest = hashlib.sha256(f"{self.format}:{self.size}".encode())
+        files = [self.path] if self.path.is_file() else sorted(p for p in self.path.rglob("*") if p.is_file())
+        for file in files:
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        return digest.hexdigest()[:16]
+
+
+def data_format(path: Path) -> str:
+    """'jsonl', 'array_record' or 'tfds', from what `path` holds; a clear error when it holds none."""
+    if path.is_file() and path.suffix == ".array_record" or path.is_dir() and any(path.glob("*.array_record")):
+        return "array_record"
+    if path.is_dir() and ((path / "dataset_info.json").exists() or any(path.glob("*/*/dataset_info.json"))):
+        return "tfds"
+    if path.is_file() or (path / "data.jsonl").exists():
+        return "jsonl"
+    raise FileNotFoundError(f"No question/answer data at {path}: expected a .jsonl file, or a directory with "
+                            f"data.jsonl, .array_record files or a TFDS build")
+
+
+def load_records(path: str | Path, limit: int | None = None) -> tuple[QuestionSet, Path]:
+    """(the records, the directory their image paths are relative to); see `QuestionSet`."""
+    questions = QuestionSet(path, limit)
+    return questions, questions.base_dir
 
 
 def _inputs(record: dict, base_dir: Path, processor, config, max_new_tokens: int) -> tuple[list[dict], list]:
     """A record's question turns and its images, checked: an unreadable image, a placeholder count
     that differs from the images, or a prompt too long for the context raises (ImageError,
     FileNotFoundError or ValueError)."""
-    conversation = record["messages"][:-1]
-    images = [load_image(base_dir / ref) for ref in record.get("images", [])]
+    if record.get("type") == "_invalid":  # a jsonl line that is not JSON
+        raise ValueError(record["_error"])
+    messages = record.get("messages")
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("a record needs `messages` ending with the assistant's answer")
+    conversation = messages[:-1]
+    embedded = record.get("_image_bytes") or {}  # ArrayRecord and TFDS records carry their images
+    images = [load_image(embedded[ref] if ref in embedded else base_dir / ref) for ref in record.get("images", [])]
     prompt = apply_chat_template(conversation, add_generation_prompt=True)
     placeholders = count_placeholders(prompt)
     if placeholders != len(images):
