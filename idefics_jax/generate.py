@@ -70,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_k", type=int, default=0, help="0: off")
     p.add_argument("--top_p", type=float, default=1.0, help="1.0: off")
+    p.add_argument("--min_p", type=float, default=0.0,
+                   help="keep tokens at least this fraction as likely as the most likely one (0: off; 0.05-0.1 common)")
     p.add_argument("--repetition_penalty", type=float, default=1.0,
                    help="CTRL's penalty on the prompt's and answer's tokens, as transformers' (1.0: off; 1.2 is common)")
     p.add_argument("--seed", type=int, default=0)
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
         if args.chat and jax.process_count() > 1:
             raise ValueError(f"--chat reads one terminal and runs in one process, not {jax.process_count()}; "
                              f"run it without jax.distributed (--mesh spreads the model over this host's devices)")
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+        sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, min_p=args.min_p)
         images = [load_image(path) for path in args.image]  # fail on a bad image before loading the model
         dtype = jnp.dtype(args.dtype)
         assistant = Assistant(load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype),

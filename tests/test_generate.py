@@ -167,12 +167,14 @@ def test_stream_equals_generate(converted, seed):
     np.testing.assert_array_equal(again, whole)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,penalty",
-                         [(1.0, 5, 1.0, 1.0), (0.7, 0, 0.8, 1.0), (1.3, 10, 0.5, 1.0), (1.0, 0, 0.05, 1.0),
-                          (0.0, 0, 1.0, 1.4), (0.8, 7, 0.9, 0.7)])
-def test_logit_filters_equal_transformers(seed, temperature, top_k, top_p, penalty):
-    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+@pytest.mark.parametrize("temperature,top_k,top_p,penalty,min_p",
+                         [(1.0, 5, 1.0, 1.0, 0.0), (0.7, 0, 0.8, 1.0, 0.0), (1.3, 10, 0.5, 1.0, 0.0),
+                          (1.0, 0, 0.05, 1.0, 0.0), (0.0, 0, 1.0, 1.4, 0.0), (0.8, 7, 0.9, 0.7, 0.0),
+                          (1.0, 0, 1.0, 1.0, 0.1), (1.5, 20, 0.95, 1.2, 0.05)])
+def test_logit_filters_equal_transformers(seed, temperature, top_k, top_p, penalty, min_p):
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
 
     rng = np.random.default_rng([seed, 404])
     logits = rng.normal(size=(4, 300)).astype(np.float32) * 3
@@ -180,10 +182,11 @@ def test_logit_filters_equal_transformers(seed, temperature, top_k, top_p, penal
     processors = LogitsProcessorList(([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1 else []) +
                                      ([TemperatureLogitsWarper(temperature)] if temperature else []) +
                                      ([TopKLogitsWarper(top_k)] if top_k else []) +
-                                     ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+                                     ([TopPLogitsWarper(top_p)] if top_p < 1 else []) +
+                                     ([MinPLogitsWarper(min_p)] if min_p else []))
     expected = processors(torch.tensor(tokens), torch.tensor(logits)).numpy()
     seen = seen_tokens(tokens, np.ones_like(tokens), logits.shape[1])
-    ours = np.asarray(process_logits(logits, Sampling(temperature, top_k, top_p, penalty), seen))
+    ours = np.asarray(process_logits(logits, Sampling(temperature, top_k, top_p, penalty, min_p), seen))
     np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
     np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
 

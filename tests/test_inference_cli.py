@@ -208,6 +208,7 @@ def test_generate_cli_names_bad_input(chat_dir, capsys, tmp_path):
         (["--prompt", "the quick brown fox " * 150, "--max_new_tokens", "8"], "context of 400 tokens"),
         (["--prompt", "hi", "--mesh", "1,x,1"], "--mesh takes DATA,FSDP,TENSOR"),
         (["--prompt", "hi", "--repetition_penalty", "0"], "repetition_penalty must be > 0"),
+        (["--prompt", "hi", "--min_p", "2"], "min_p must be in [0, 1]"),
         (["--prompt", "hi", "--mesh", f"{len(jax.devices()) + 1},1,1"], "devices"),
         (["--prompt", "hi", "--system", "<image>look"], "system message is text without <image>"),
         (["--chat", "--system", " "], "system message is text without <image>"),

@@ -17,12 +17,13 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """temperature 0 is greedy (argmax); top_k 0 and top_p 1.0 switch those filters off."""
+    """temperature 0 is greedy (argmax); top_k 0, top_p 1.0 and min_p 0.0 switch those filters off."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # CTRL's: seen tokens' logits divided by it (multiplied when negative); 1.0 off
+    min_p: float = 0.0  # keeps the tokens at least min_p times as likely as the most likely one
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -31,6 +32,8 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 is off), got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1.0 is off), got {self.repetition_penalty}")
 
@@ -70,6 +73,15 @@ def top_p_filter(logits, p: float):
     return jnp.where(remove, NEG_INF, logits)
 
 
+def min_p_filter(logits, min_p: float):
+    """Min-p filter (Nguyen et al. 2024) on `[batch, vocab]`: keeps the tokens whose probability is
+    at least `min_p` times the most likely token's, -inf elsewhere."""
+    if min_p <= 0.0:
+        return logits
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), NEG_INF, logits)
+
+
 def seen_tokens(tokens, mask, vocab: int):
     """bool `[batch, vocab]`: which ids occur among `tokens` `[batch, seq]` where `mask` is set."""
     rows = jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
@@ -92,7 +104,8 @@ def process_logits(logits, sampling: Sampling, seen=None):
     if sampling.greedy:
         return logits
     logits = logits / sampling.temperature
-    return top_p_filter(top_k_filter(logits, sampling.top_k), sampling.top_p)
+    logits = top_p_filter(top_k_filter(logits, sampling.top_k), sampling.top_p)
+    return min_p_filter(logits, sampling.min_p)  # after top-k and top-p, as transformers orders them
 
 
 def next_token(logits, sampling: Sampling, rng, seen=None):
