@@ -245,7 +245,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
             if config.data.eval_source and (eval_now or step == config.train.steps):
                 report, assistant = evaluate(config, mcfg, state.params, lora, data_dir, tokenizer, mesh, assistant)
                 writer.write(step, {"eval/exact_match": report["exact_match"],
-                                    "eval/vqa_accuracy": report["vqa_accuracy"]})
+                                    "eval/vqa_accuracy": report["vqa_accuracy"], "eval/anls": report["anls"]})
                 if jax.process_index() == 0:
                     (workdir / f"eval_{step}.json").write_text(json.dumps(report, indent=1))
                 log.info("Step %d: exact match %.3f on %d held-out questions", step, report["exact_match"],
