@@ -44,14 +44,13 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    from jax.experimental import multihost_utils
 
     from idefics_jax.config import ConfigError
     from idefics_jax.convert import CheckpointError
     from idefics_jax.data.image_processing import ImageError
     from idefics_jax.distributed import DistributedError
     from idefics_jax.inference.assistant import Assistant
-    from idefics_jax.inference.evaluate import ProgressFile, evaluate_records, load_records, summarize
+    from idefics_jax.inference.evaluate import evaluate_records, load_records, summarize
     from idefics_jax.inference.loading import load_for_inference
 
     if args.batch_size < 1:
@@ -62,17 +61,7 @@ def main(argv=None) -> int:
         dtype = jnp.dtype(args.dtype)
         loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype)
         main_process = jax.process_index() == 0  # every process generates; process 0 saves and prints
-        settings = {"checkpoint": loaded.description, "path": str(Path(args.checkpoint).resolve()),
-                    "records": records.fingerprint(),
-                    **{k: getattr(args, k) for k in ("tokenizer", "batch_size", "max_new_tokens", "split", "dtype")}}
-        progress = ProgressFile(f"{args.output}.partial.jsonl", settings, args.batch_size)
-        done = progress.done() if main_process else []
-        skip = len(done) if jax.process_count() == 1 else int(multihost_utils.broadcast_one_to_all(len(done)))
-        if main_process:
-            progress.start(done)
-            if done:
-                print(f"Going on from {progress.path}: {len(done)} of {len(records)} questions answered before",
-                      file=sys.stderr)
+        progress, done, skip = resume(args, loaded.description, records, main_process)
         began = time.perf_counter()
         report = evaluate_records(Assistant(loaded, dtype=dtype, mesh=mesh), records[skip:], base_dir,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, split=args.split,
@@ -99,6 +88,28 @@ def main(argv=None) -> int:
           f"{report['vqa_accuracy']:.1%}, ANLS {report['anls']:.3f} -> {args.output}")
     return 0
 
+
+def resume(args, checkpoint: str, records, main_process: bool):
+    """(the progress file, the results a stopped run with the same settings saved there, how many
+    questions they answer). Process 0 reads the file and tells the others how many to skip; the
+    file is started over with the results kept."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from idefics_jax.inference.evaluate import ProgressFile
+
+    settings = {"checkpoint": checkpoint, "path": str(Path(args.checkpoint).resolve()),
+                "records": records.fingerprint(),
+                **{k: getattr(args, k) for k in ("tokenizer", "batch_size", "max_new_tokens", "split", "dtype")}}
+    progress = ProgressFile(f"{args.output}.partial.jsonl", settings, args.batch_size)
+    done = progress.done() if main_process else []
+    skip = len(done) if jax.process_count() == 1 else int(multihost_utils.broadcast_one_to_all(len(done)))
+    if main_process:
+        progress.start(done)
+        if done:
+            print(f"Going on from {progress.path}: {len(done)} of {len(records)} questions answered before",
+                  file=sys.stderr)
+    return progress, done, skip
 
 
 if __name__ == "__main__":
