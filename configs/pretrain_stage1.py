@@ -1,6 +1,6 @@
 """Idefics2-8B pre-training, stage 1: images up to 384 px, 70% interleaved documents, 30% pairs.
 
-    python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir gs://.../stage1 \
+    python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir /gcs/bucket/stage1 \
         --config.data.dir=/data --config.data.tokenizer=/data/tokenizer.model
 
 `data.dir` holds `obelics/` and `pairs/` (ArrayRecord shards, see data/prepare.py). The paper

@@ -69,6 +69,48 @@ def check_topology(expected_processes: int | None = None) -> None:
              jax.process_count(), local, jax.device_count())
 
 
+def check_local_path(path: str | os.PathLike, what: str = "--workdir") -> None:
+    """Paths are files on this machine (or a shared filesystem mounted on every host); a URL such as
+    gs://bucket/run would become a local directory named 'gs:', so it is refused with a message."""
+    if "://" in str(path):
+        raise ValueError(f"{what} {path}: URLs are not supported; mount the bucket on every host (for GCS: "
+                         f"gcsfuse, e.g. /gcs/bucket/run) or use a shared filesystem (NFS, Filestore), and "
+                         f"pass its path")
+
+
+def check_shared_directory(path: str | os.PathLike) -> None:
+    """With several processes, `path` must be one directory that all of them see (orbax writes each
+    checkpoint from every host into it): process 0 writes a token there and every process reads it
+    back. Raises DistributedError in every process, naming those that do not see it."""
+    if jax.process_count() == 1:
+        return
+    import secrets
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    marker = os.path.join(path, ".idefics_shared_check")
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    if jax.process_index() == 0:
+        with open(marker, "w") as f:
+            f.write(str(token))
+    multihost_utils.sync_global_devices("idefics_jax: shared directory marker written")
+    try:
+        with open(marker) as f:
+            sees = f.read() == str(token)
+    except OSError:
+        sees = False
+    seen = np.asarray(multihost_utils.process_allgather(np.int32(sees))).reshape(-1)  # every process has read
+    if jax.process_index() == 0:
+        os.remove(marker)
+    if not seen.all():
+        blind = [int(i) for i in np.flatnonzero(seen == 0)]
+        raise DistributedError(
+            f"{path} is not one directory shared by the hosts: process(es) {blind} do not see the file process 0 "
+            f"wrote there. Checkpoints are written by every host into it: use a shared filesystem (NFS, "
+            f"Filestore, a GCS bucket mounted with gcsfuse) mounted at the same path on every host")
+
+
 def _int_env(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else None

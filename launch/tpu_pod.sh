@@ -2,7 +2,10 @@
 # Run the same idefics_jax command on every worker of a Cloud TPU VM pod (or multislice).
 #
 #   launch/tpu_pod.sh --tpu my-v5p-128 --zone us-east5-a [--project P] [--setup] -- \
-#       python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir gs://bucket/stage1
+#       python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir /gcs/bucket/stage1
+#
+# The workdir must be shared by all workers at the same path: mount the bucket with gcsfuse on every
+# worker first (gcsfuse --implicit-dirs bucket /gcs/bucket), or use a shared filesystem.
 #
 # --setup first clones/updates this repository on every worker (REPO_URL, default: this checkout's
 # origin) and installs it with pip. On a TPU pod jax.distributed finds the other workers by

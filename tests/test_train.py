@@ -171,6 +171,30 @@ def test_two_processes_give_the_losses_of_one(seed):
     np.testing.assert_allclose(got["losses"], expected["losses"], rtol=1e-5)
 
 
+def test_workdir_must_be_a_path_that_every_host_shares(tmp_path):
+    """A URL workdir is refused (it would become a local directory 'gs:'); two processes given
+    directories that are not the same one both stop, naming the process that cannot see process 0's."""
+    import portpicker
+
+    from idefics_jax.train.config import base_config
+    from idefics_jax.train.loop import train
+
+    with pytest.raises(ValueError, match="URLs are not supported; mount the bucket"):
+        train(base_config("tiny"), "gs://bucket/run")
+    port = portpicker.pick_unused_port()
+    launcher = str(ROOT / "launch" / "gpu_multihost.sh")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen(["bash", launcher, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i), "--", sys.executable, "-m", "idefics_jax.train", "--config",
+                               str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path / f"host{i}")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode != 0 and "is not one directory shared by the hosts: process(es) [1]" in err, err[-2000:]
+    assert not (tmp_path / "host0" / "checkpoints").exists()  # stopped before anything was written
+
+
 def test_launcher_rejects_bad_arguments():
     launcher = str(ROOT / "launch" / "gpu_multihost.sh")
     bad = subprocess.run(["bash", launcher, "--coordinator", "127.0.0.1:1", "--num-processes", "2",

@@ -20,6 +20,7 @@ from idefics_jax.config import Idefics2Config
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.data.tokenizer import Tokenizer
+from idefics_jax.distributed import check_local_path
 
 PROCESSOR_FILES = ("tokenizer.model", "preprocessor_config.json", "processor_config.json")
 
@@ -89,6 +90,7 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
     from idefics_jax.models.idefics2 import Idefics2
     from idefics_jax.sharding import param_shardings
 
+    check_local_path(path, "Checkpoint")
     path = Path(path)
     kind = checkpoint_kind(path)
     if kind == "workdir":

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from idefics_jax.data.packing import PackConfig
 from idefics_jax.data.pipeline import Pipeline, SourceConfig
 from idefics_jax.data.tokenizer import Tokenizer
+from idefics_jax.distributed import check_local_path, check_shared_directory
 from idefics_jax.models.idefics2 import Idefics2
 from idefics_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from idefics_jax.ops.attention import IMPLEMENTATIONS
@@ -173,8 +174,10 @@ def evaluate(config, mcfg, params, lora, data_dir: Path, tokenizer: Tokenizer, m
 
 
 def train(config, workdir: str | os.PathLike) -> dict:
+    check_local_path(workdir)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    check_shared_directory(workdir)
     mcfg, model, tx, schedule, mesh, lora = build(config)
     data_dir, tokenizer = prepare_data(config, workdir)
     if tokenizer.vocab_size > mcfg.text.vocab_size:
@@ -261,6 +264,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
 def restore_latest(config, workdir: str | os.PathLike):
     """(model config, merged model params, step) of WORKDIR's latest readable checkpoint."""
+    check_local_path(workdir)
     mcfg, model, tx, _, mesh, lora = build(config)
     init, shardings = state_shardings(model, tx, mesh, lora=lora)
     checkpointer = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
