@@ -342,7 +342,8 @@ def test_evaluate_names_bad_records_and_goes_on_after_a_stop(chat_dir, capsys, t
                question("q2", "<image>read it", ["a.png"]), question("q3", "and here?", []),
                question("q4", "<image>this one", ["b.png"]), question("q5", "<image>and that", ["a.png"])]
     bad = [question("broken", "<image>what is it", [str(tmp_path / "broken.png")]),
-           question("mismatch", "<image><image>both", ["a.png"]), question(None, "the red fox " * 150, [])]
+           question("mismatch", "<image><image>both", ["a.png"]), question(None, "the red fox " * 150, []),
+           {"id": "odd", "messages": "what is this?"}]
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records[:3] + bad + records[3:]))
     argv = ["--checkpoint", str(path), "--data", str(data), "--batch_size", "2", "--max_new_tokens", "6"]
@@ -359,12 +360,14 @@ def test_evaluate_names_bad_records_and_goes_on_after_a_stop(chat_dir, capsys, t
     code, _, err = run_cli(evaluate, [*argv, "--output", str(tmp_path / "whole.json")], capsys)
     assert code == 0, err
     whole = json.loads((tmp_path / "whole.json").read_text())
-    assert (whole["n"], whole["failed"]) == (6, 3) and not (tmp_path / "whole.json.partial.jsonl").exists()
+    assert (whole["n"], whole["failed"]) == (6, 4) and not (tmp_path / "whole.json.partial.jsonl").exists()
     errors = {r["id"]: r["error"] for r in whole["results"] if "error" in r}
     assert "broken.png" in errors["broken"] and "2 <image> placeholder(s) but 1 image(s)" in errors["mismatch"]
     assert "context of 400 tokens" in errors[None]
-    assert all(f"question {name} was not scored" in err for name in ("'broken'", "'mismatch'", "number 6"))
-    assert [r["id"] for r in whole["results"]] == ["q0", "q1", "q2", "broken", "mismatch", None, "q3", "q4", "q5"]
+    assert errors["odd"].startswith("malformed record")
+    assert all(f"question {name} was not scored" in err for name in ("'broken'", "'mismatch'", "number 6", "'odd'"))
+    assert [r["id"] for r in whole["results"]] == ["q0", "q1", "q2", "broken", "mismatch", None, "odd", "q3", "q4",
+                                                   "q5"]
 
     generated.clear()
     stop_after, output = 2, tmp_path / "stopped.json"
@@ -378,7 +381,7 @@ def test_evaluate_names_bad_records_and_goes_on_after_a_stop(chat_dir, capsys, t
     stop_after = None
     code, _, err = run_cli(evaluate, [*argv, "--output", str(output)], capsys)
     assert code == 0, err
-    assert "6 of 9 questions answered before" in err and sum(generated) == 3  # q3, q4, q5
+    assert "6 of 10 questions answered before" in err and sum(generated) == 3  # q3 (with "odd"), q4, q5
     assert json.loads(output.read_text())["results"] == whole["results"] and not partial.exists()
     # other settings: the saved results are not used
     generated.clear()

@@ -137,8 +137,8 @@ def _inputs(record: dict, base_dir: Path, processor, config, max_new_tokens: int
     if record.get("type") == "_invalid":  # a jsonl line that is not JSON
         raise ValueError(record["_error"])
     messages = record.get("messages")
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError("a record needs `messages` ending with the assistant's answer")
+    if not messages or messages[-1].get("role") != "assistant" or not isinstance(messages[-1].get("content"), str):
+        raise ValueError("a record needs `messages` ending with the assistant's answer (a string)")
     conversation = messages[:-1]
     embedded = record.get("_image_bytes") or {}  # ArrayRecord and TFDS records carry their images
     images = [load_image(embedded[ref] if ref in embedded else base_dir / ref) for ref in record.get("images", [])]
@@ -171,8 +171,9 @@ def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *
                      on_batch: Callable[[list[dict]], None] | None = None) -> dict:
     """Greedy answers for every record, scored; returns the report (`summarize`).
 
-    A record whose images cannot be read, whose `<image>` count differs from its images, or whose
-    question does not fit the context with `max_new_tokens` is not scored: its result holds the `error` (the report counts it in `failed`), and the others go on.
+    A record whose images cannot be read, whose `<image>` count differs from its images, whose
+    question does not fit the context with `max_new_tokens`, or that is malformed is not scored:
+    its result holds the `error` (the report counts it in `failed`), and the others go on.
     `on_batch(results)` is called with each batch's results as they come (to save progress)."""
     from tqdm import tqdm
 
@@ -182,12 +183,13 @@ def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *
     for start in range(0, len(records), batch_size):
         chunk, inputs, failed, predictions = records[start:start + batch_size], {}, {}, {}
         for i, record in enumerate(chunk):
+            name = record.get("id") if isinstance(record, dict) else None
             try:
                 inputs[i] = _inputs(record, base_dir, processor, config, max_new_tokens)
             except (ValueError, FileNotFoundError) as error:  # ImageError is a ValueError
-                failed[i] = {"id": record.get("id"), "error": str(error)}
-            except KeyError as error:
-                failed[i] = {"id": record.get("id"), "error": f"a message has no {error}"}
+                failed[i] = {"id": name, "error": str(error)}
+            except (KeyError, TypeError, AttributeError) as error:  # not the data format's structure
+                failed[i] = {"id": name, "error": f"malformed record ({type(error).__name__}: {error})"}
         if inputs:
             conversations, images = zip(*inputs.values())
             answers = assistant.generate_batch(list(conversations), list(images), split=split,
