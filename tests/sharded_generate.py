@@ -82,11 +82,14 @@ def check_sharded_loading(hf_dir, model, params, inputs, expected):
         save_checkpoint(Path(ours) / "ckpt", model.config, params)
         for name, (_, loaded) in [("safetensors", load_hf_checkpoint(hf_dir, shardings=shardings)),
                                   ("orbax", load_checkpoint(Path(ours) / "ckpt", shardings=shardings))]:
-            placed = jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), loaded, shardings))
+            placed = jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim),
+                                                  loaded, shardings))
             got = Generator(model, loaded, mesh=on).generate(*inputs, max_new_tokens=NEW)
-            print(f"mesh (1, 2, 4), read sharded from {name}: placed {all(placed)}, equal: {np.array_equal(got, expected)}")
-            if not all(placed) or not np.array_equal(got, expected):
-                sys.exit(f"{name}: {sum(placed)} of {len(placed)} parameters placed as the rules say\n{got}\n{expected}")
+            equal = np.array_equal(got, expected)
+            print(f"mesh (1, 2, 4), read sharded from {name}: placed {all(placed)}, equal: {equal}")
+            if not all(placed) or not equal:
+                sys.exit(f"{name}: {sum(placed)} of {len(placed)} parameters placed as the rules say\n"
+                         f"{got}\n{expected}")
 
 
 def check_conversation(model, params, config, rng, one_device):

@@ -87,8 +87,8 @@ def test_generate_cli_streams_the_reference_answer(chat_dir, capsys, tmp_path):
     code, out, err = run_cli(generate, ["--checkpoint", str(path), *argv, "--system", "Answer briefly."], capsys)
     assert code == 0, err
     system = [{"role": "system", "content": "Answer briefly."}]
-    assert out.strip() == reference_answer(chat_dir, system + [{"role": "user", "content": "<image><image>what is written"}],
-                                           ["a.png", "b.png"], 12)
+    question = [{"role": "user", "content": "<image><image>what is written"}]
+    assert out.strip() == reference_answer(chat_dir, system + question, ["a.png", "b.png"], 12)
     # --dtype bfloat16: the parameters are read as bfloat16 (half the memory), from either kind
     from idefics_jax.inference.loading import load_for_inference
 
@@ -296,8 +296,8 @@ def test_two_processes_evaluate_and_generate_as_one(chat_dir, capsys, tmp_path):
     from idefics_jax.convert import __main__ as convert
 
     path = chat_dir[0]
-    records = [{"id": str(i), "images": [str(path / image)], "messages": [{"role": "user", "content": "<image>" + question},
-                                                               {"role": "assistant", "content": "a fox"}]}
+    records = [{"id": str(i), "images": [str(path / image)],
+                "messages": [{"role": "user", "content": "<image>" + question}, {"role": "assistant", "content": "a fox"}]}
                for i, (image, question) in enumerate([("a.png", "what is written"), ("b.png", "what number"),
                                                       ("a.png", "read it"), ("b.png", "and here")])]
     data = tmp_path / "qa.jsonl"
@@ -328,9 +328,10 @@ def test_two_processes_evaluate_and_generate_as_one(chat_dir, capsys, tmp_path):
 
 
 def test_evaluate_names_bad_records_and_goes_on_after_a_stop(chat_dir, capsys, tmp_path, monkeypatch):
-    """A record with an unreadable image, a wrong placeholder count or a question longer than the
-    context is named and left out of the scores; a run stopped after its first batch goes on from its saved results, generating only the
-    rest, and reports what an uninterrupted run does."""
+    """A record with an unreadable image, a wrong placeholder count, a question longer than the
+    context or a malformed structure is named and left out of the scores; a run stopped after its
+    first batches goes on from its saved results, generating only the rest, and reports what an
+    uninterrupted run does."""
     from idefics_jax import evaluate
     from idefics_jax.inference.assistant import Assistant
 
