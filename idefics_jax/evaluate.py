@@ -7,7 +7,8 @@ data is conversations in any format of `idefics_jax.data` (a jsonl, for example 
 set's `conversations_eval/`; ArrayRecord files; a TFDS build). Prints exact match, VQA accuracy
 and ANLS and writes a JSON report with every question's prediction. A question that cannot be
 asked (an unreadable image, a prompt longer than the context) is named and left out of the
-scores (the report counts it in `failed`). Results are saved as they come (`OUTPUT.partial.jsonl`):
+scores (the report counts it in `failed`). A batch that runs out of device memory is answered
+in halves. Results are saved as they come (`OUTPUT.partial.jsonl`):
 run the same command again after a stop and it goes on from there.
 
 On several hosts (`launch/gpu_multihost.sh`, a TPU pod) every process runs the same command: each

@@ -395,6 +395,46 @@ def test_evaluate_names_bad_records_and_goes_on_after_a_stop(chat_dir, capsys, t
     assert code == 0 and "answered before" not in err and sum(generated) == 6
 
 
+def test_evaluate_halves_a_batch_that_runs_out_of_memory(chat_dir, monkeypatch, caplog):
+    """A batch the device has no memory for is answered in halves, with the answers each question
+    gets alone; a question that does not fit even alone is named and left out; other device errors
+    end the run."""
+    from idefics_jax.inference.assistant import Assistant
+    from idefics_jax.inference.evaluate import evaluate_records
+    from idefics_jax.inference.loading import load_for_inference
+
+    path = chat_dir[0]
+    asks = [("q0", "what is written", "a.png"), ("q1", "what number", "b.png"), ("huge", "read it", "a.png"),
+            ("q3", "and here", "b.png"), ("q4", "this one", "a.png")]
+    records = [{"id": i, "images": [name], "messages": [{"role": "user", "content": "<image>" + text},
+                                                        {"role": "assistant", "content": "a fox"}]}
+               for i, text, name in asks]
+    assistant = Assistant(load_for_inference(path))
+    alone = {r["id"]: assistant.reply(r["messages"][:1], [path / r["images"][0]], max_new_tokens=6, batch_size=1)
+             for r in records}
+    sizes, real = [], Assistant.generate_batch
+
+    def limited(self, conversations, images, *, batch_size, **kwargs):
+        sizes.append(batch_size)
+        if batch_size > 2 or any(c[-1]["content"].endswith("read it") for c in conversations):
+            raise jax.errors.JaxRuntimeError(f"{error}: Out of memory while trying to allocate 3145728 bytes.")
+        return real(self, conversations, images, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(Assistant, "generate_batch", limited)
+    error = "RESOURCE_EXHAUSTED"
+    with caplog.at_level("WARNING"):
+        report = evaluate_records(assistant, records, path, batch_size=4, max_new_tokens=6)
+    assert sizes == [4, 2, 2, 1, 1, 4, 2]  # [q0 q1 | huge q3 -> huge | q3], then [q4]
+    assert "out of device memory at batch size 4; trying again at 2" in caplog.text
+    assert (report["n"], report["failed"]) == (4, 1)
+    assert {r["id"]: r["prediction"] for r in report["results"] if "error" not in r} == \
+        {k: v for k, v in alone.items() if k != "huge"}
+    assert report["results"][2]["id"] == "huge" and "out of device memory even alone" in report["results"][2]["error"]
+    error = "INTERNAL"  # not a matter of memory: raised as it is
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        evaluate_records(assistant, records, path, batch_size=4, max_new_tokens=6)
+
+
 def test_anls_rules():
     assert levenshtein("kitten", "sitting") == 3 and levenshtein("", "abc") == 3 and levenshtein("abc", "abc") == 0
     assert anls(" Hello  World ", ["hello world"]) == 1.0

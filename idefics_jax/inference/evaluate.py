@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import jax
 import numpy as np
 
 from idefics_jax.data.image_processing import load_image
@@ -36,6 +39,7 @@ _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "fou
 _ARTICLES = {"a", "an", "the"}
 _PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
 _PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period that is not a decimal point
+log = logging.getLogger(__name__)
 
 
 def normalize_answer(text: str) -> str:
@@ -173,7 +177,9 @@ def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *
 
     A record whose images cannot be read, whose `<image>` count differs from its images, whose
     question does not fit the context with `max_new_tokens`, or that is malformed is not scored:
-    its result holds the `error` (the report counts it in `failed`), and the others go on.
+    its result holds the `error` (the report counts it in `failed`), and the others go on. A batch
+    that runs out of device memory is answered in halves (down to single questions; one that does
+    not fit alone is not scored); other errors of the model or device are raised.
     `on_batch(results)` is called with each batch's results as they come (to save progress)."""
     from tqdm import tqdm
 
@@ -191,10 +197,10 @@ def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *
             except (KeyError, TypeError, AttributeError) as error:  # not the data format's structure
                 failed[i] = {"id": name, "error": f"malformed record ({type(error).__name__}: {error})"}
         if inputs:
-            conversations, images = zip(*inputs.values())
-            answers = assistant.generate_batch(list(conversations), list(images), split=split,
-                                               max_new_tokens=max_new_tokens, batch_size=batch_size)
-            predictions = dict(zip(inputs, answers))
+            predictions = _answers(assistant, list(inputs.items()), batch_size, split=split,
+                                   max_new_tokens=max_new_tokens)
+        failed.update({i: {"id": chunk[i].get("id"), "error": p.error} for i, p in predictions.items()
+                       if isinstance(p, _NoMemory)})
         batch = [failed[i] if i in failed else score(record, predictions[i]) for i, record in enumerate(chunk)]
         results += batch
         if on_batch is not None:
@@ -202,6 +208,35 @@ def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *
         bar.update(len(chunk))
     bar.close()
     return summarize(results)
+
+
+class _NoMemory(NamedTuple):
+    error: str
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is XLA running out of device memory (RESOURCE_EXHAUSTED)."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def _answers(assistant, items: list[tuple[int, tuple]], batch_size: int, **options) -> dict:
+    """Greedy answers to `[(index, (conversation, images))]` as `{index: answer}`, in batches padded
+    to `batch_size`. A batch the device has no memory for is halved and tried again (logged); a
+    single question that still does not fit gets a `_NoMemory` instead of an answer. Other errors
+    are raised."""
+    conversations, images = (list(x) for x in zip(*(question for _, question in items)))
+    try:
+        answers = assistant.generate_batch(conversations, images, batch_size=batch_size, **options)
+        return {index: answer for (index, _), answer in zip(items, answers)}
+    except jax.errors.JaxRuntimeError as error:
+        if not out_of_memory(error):
+            raise
+        if batch_size == 1:
+            return {items[0][0]: _NoMemory(f"out of device memory even alone ({str(error).splitlines()[0]})")}
+        half = (batch_size + 1) // 2
+        log.warning("evaluate: out of device memory at batch size %d; trying again at %d", batch_size, half)
+        return {**_answers(assistant, items[:half], half, **options),
+                **(_answers(assistant, items[half:], half, **options) if items[half:] else {})}
 
 
 class ProgressFile:
