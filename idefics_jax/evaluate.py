@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from idefics_jax.generate import DTYPE_HELP, DTYPES, MESH_HELP, start
+from idefics_jax.generate import add_device_arguments, start
 
 
 def main(argv=None) -> int:
@@ -39,8 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=16)
     p.add_argument("--split", action="store_true", help="320 visual tokens per image (4 crops + whole), not 64")
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
-    p.add_argument("--mesh", help=MESH_HELP)
+    add_device_arguments(p)
     args = p.parse_args(argv)
 
     import jax
@@ -57,7 +56,7 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     try:
-        mesh = start(args.mesh)
+        mesh = start(args)
         records, base_dir = load_records(args.data, args.limit)
         dtype = jnp.dtype(args.dtype)
         loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype)

@@ -25,27 +25,32 @@ import io
 import sys
 
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
+from idefics_jax.distributed import DEFAULT_COMPILATION_CACHE
 
-MESH_HELP = ("DATA,FSDP,TENSOR: generate on a mesh of the visible devices, e.g. 1,1,8 (tensor parallel over 8); "
-             "-1 takes the rest of the devices: --mesh=1,1,-1; default: one device, or with several processes "
-             "PROCESSES,1,-1")  # also evaluate's
+def add_device_arguments(p: argparse.ArgumentParser):
+    """--dtype, --mesh and --compilation_cache, shared with evaluate."""
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the parameters' and the computation's dtype (bfloat16: half the memory)")
+    p.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of the visible devices, e.g. 1,1,8 (tensor "
+                   "parallel over 8); -1 takes the rest of the devices: --mesh=1,1,-1; default: one device, or with "
+                   "several processes PROCESSES,1,-1")
+    p.add_argument("--compilation_cache", default=DEFAULT_COMPILATION_CACHE,
+                   help="keep compiled programs here, so that the next run starts sooner ('': off; default %(default)s)")
 
-DTYPES = ("float32", "bfloat16")
-DTYPE_HELP = "the parameters' and the computation's dtype (bfloat16: half the memory)"  # also evaluate's
 
-
-def start(mesh: str | None):
+def start(args):
     """`jax.distributed` set up when the launcher asked for it (`idefics_jax.distributed.initialize`),
-    then the mesh to generate on: `--mesh`'s; without one, None (one device) in a single process and
-    (processes, 1, devices per process) in several."""
+    the compilation cache, then the mesh to generate on: `--mesh`'s; without one, None (one device)
+    in a single process and (processes, 1, devices per process) in several."""
     import jax
 
-    from idefics_jax.distributed import initialize
+    from idefics_jax.distributed import initialize, use_compilation_cache
     from idefics_jax.sharding import make_mesh, parse_mesh
 
     initialize()
-    if mesh:
-        return parse_mesh(mesh)
+    use_compilation_cache(args.compilation_cache)
+    if args.mesh:
+        return parse_mesh(args.mesh)
     return make_mesh(jax.process_count(), 1, -1) if jax.process_count() > 1 else None
 
 
@@ -76,8 +81,7 @@ def parser() -> argparse.ArgumentParser:
                    help="CTRL's penalty on the prompt's and answer's tokens, as transformers' (1.0: off; 1.2 is common)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
-    p.add_argument("--mesh", help=MESH_HELP)
+    add_device_arguments(p)
     return p
 
 
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
     from idefics_jax.inference.sampling import Sampling
 
     try:
-        mesh = start(args.mesh)
+        mesh = start(args)
         if args.chat and jax.process_count() > 1:
             raise ValueError(f"--chat reads one terminal and runs in one process, not {jax.process_count()}; "
                              f"run it without jax.distributed (--mesh spreads the model over this host's devices)")

@@ -189,6 +189,12 @@ def put_everywhere(tree, shardings):
     return jax.tree.map(put, tree, shardings)
 
 
+def placed_on(tree, mesh: Mesh) -> bool:
+    """Whether every leaf of `tree` is a `jax.Array` with a `NamedSharding` over `mesh`."""
+    return all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+               for x in jax.tree.leaves(tree))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
     """Sharding for a batch array `[batch, ...]`: the batch axis over (data, fsdp)."""
     spec = nn.logical_to_mesh_axes(("activation_batch",) + (None,) * (ndim - 1), rules)

@@ -7,9 +7,17 @@ reproduced with IDEFICS_TEST_SEED=<seed>.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
+
+# One persistent compilation cache for the session, the commands it starts included (they inherit
+# the variable): a command run twice, such as a killed training run and its resumption, compiles
+# once. A fresh directory each session, removed at its end; the commands' own default
+# (~/.cache/idefics_jax) is left alone.
+COMPILATION_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="idefics_jax_xla_"))
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -34,6 +42,17 @@ SEED = int(os.environ.get("IDEFICS_TEST_SEED", np.random.SeedSequence().entropy 
 
 def pytest_report_header(config):
     return f"IDEFICS_TEST_SEED={SEED} (set it to rerun with the same random models and inputs)"
+
+
+def pytest_configure(config):
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)  # in case jax was imported first
+
+
+def pytest_unconfigure(config):
+    if os.path.basename(COMPILATION_CACHE).startswith("idefics_jax_xla_"):
+        shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -84,12 +84,15 @@ def check_sharded_loading(hf_dir, model, params, inputs, expected):
                                   ("orbax", load_checkpoint(Path(ours) / "ckpt", shardings=shardings))]:
             placed = jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim),
                                                   loaded, shardings))
-            got = Generator(model, loaded, mesh=on).generate(*inputs, max_new_tokens=NEW)
+            generator = Generator(model, loaded, mesh=on)
+            got = generator.generate(*inputs, max_new_tokens=NEW)
             equal = np.array_equal(got, expected)
-            print(f"mesh (1, 2, 4), read sharded from {name}: placed {all(placed)}, equal: {equal}")
-            if not all(placed) or not equal:
-                sys.exit(f"{name}: {sum(placed)} of {len(placed)} parameters placed as the rules say\n"
-                         f"{got}\n{expected}")
+            # already on the mesh: the generator keeps the arrays it was given (no second placement)
+            kept = all(a is b for a, b in zip(jax.tree.leaves(generator.params), jax.tree.leaves(loaded)))
+            print(f"mesh (1, 2, 4), read sharded from {name}: placed {all(placed)}, kept {kept}, equal: {equal}")
+            if not all(placed) or not equal or not kept:
+                sys.exit(f"{name}: {sum(placed)} of {len(placed)} parameters placed as the rules say, kept: {kept}"
+                         f"\n{got}\n{expected}")
 
 
 def check_conversation(model, params, config, rng, one_device):

@@ -252,3 +252,4 @@ def test_generation_on_eight_simulated_devices(hf_dir, seed):
                             text=True, timeout=900, cwd=script.parent)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     assert result.stdout.count("equal: True") == 10 and "placed False" not in result.stdout, result.stdout
+    assert result.stdout.count("kept True") == 2, result.stdout  # read into shards, not placed again

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     assert full.returncode == 0, err[-3000:]
     expected = losses(tmp_path / "full")
     assert [s for s, _ in expected] == list(range(1, 15))
+    # the session's cache (conftest) holds the compiled step: the resumed run below skips compiling it
+    assert f"Compiled programs are cached in {os.environ['JAX_COMPILATION_CACHE_DIR']}" in err
+    assert any(name.startswith("jit_step-") for name in os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"]))
     # the evaluate command reads the workdir (latest step) and answers as the training run's own eval did
     from idefics_jax import evaluate
 
@@ -118,6 +122,27 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert losses(tmp_path / "killed") == expected
+
+
+def test_compilation_cache_setting():
+    """`use_compilation_cache`: a directory given is used (programs land there), JAX's own setting
+    wins, "" leaves the cache off. In fresh processes: the setting is global to one."""
+    code = """
+import os, sys, jax, jax.numpy as jnp
+from idefics_jax.distributed import use_compilation_cache
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+print(use_compilation_cache(sys.argv[1]))
+jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(3)).block_until_ready()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    run = lambda arg, **extra: subprocess.run([sys.executable, "-c", code, arg], env={**env, **extra},
+                                             capture_output=True, text=True, timeout=120)
+    with tempfile.TemporaryDirectory() as given, tempfile.TemporaryDirectory() as jax_own:
+        result = run(given)
+        assert result.stdout.split() == [given] and os.listdir(given), result.stderr[-2000:]
+        result = run(given + "/other", JAX_COMPILATION_CACHE_DIR=jax_own)
+        assert result.stdout.split() == [jax_own] and os.listdir(jax_own) and not os.path.exists(given + "/other")
+        assert run("").stdout.split() == ["None"]
 
 
 def test_config_typo_is_an_error_naming_the_key(tmp_path):

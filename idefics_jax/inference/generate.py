@@ -37,7 +37,7 @@ from idefics_jax.inference.sampling import GREEDY, Sampling, next_token, seen_to
 from idefics_jax.models.idefics2 import check_image_token_count
 from idefics_jax.models.kv_cache import KVCache
 from idefics_jax.sharding import (LOGICAL_AXIS_RULES, batch_sharding, constrain, fit_sharding, param_shardings,
-                                  put_everywhere)
+                                  placed_on, put_everywhere)
 
 
 @flax.struct.dataclass
@@ -174,9 +174,13 @@ class Generator:
         self._step = jax.jit(functools.partial(_step, model), static_argnames=statics[1:], donate_argnums=(1,))
 
     def use_params(self, params):
-        """Generates with `params` from now on (placed on the mesh; the compiled programs are kept)."""
-        self.params = params if self.mesh is None else put_everywhere(
-            params, param_shardings(self.model, self.mesh, self.rules))
+        """Generates with `params` from now on (placed on the mesh by the rule table, unless every
+        leaf is on this mesh already, as a checkpoint read into its shards is; the compiled programs
+        are kept)."""
+        if self.mesh is None or placed_on(params, self.mesh):
+            self.params = params
+        else:
+            self.params = put_everywhere(params, param_shardings(self.model, self.mesh, self.rules))
 
     def _on_mesh(self):
         """The mesh and the rule table in context (tracing reads them); nothing without a mesh."""

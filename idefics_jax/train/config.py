@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from idefics_jax.config import Idefics2Config
+from idefics_jax.distributed import DEFAULT_COMPILATION_CACHE
 
 
 def model_section(preset: str) -> ml_collections.ConfigDict:
@@ -60,6 +61,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "keep_period": 0,  # also keep every N-th step's checkpoint for good (0: no)
         "async_checkpoints": True, "freeze": [], "remat": False, "scan_layers": False, "neftune_alpha": 0.0,
         "eval_every": 0, "eval_samples": 50, "max_new_tokens": 16,
+        # compiled programs kept between runs: a resumed run skips compilation ("": off)
+        "compilation_cache": DEFAULT_COMPILATION_CACHE,
         # LoRA / DoRA adapters (rank 0: off); adapted towers' own weights stay frozen
         "lora": ml_collections.ConfigDict({
             "rank": 0, "alpha": 16.0, "dora": False, "towers": ["vision", "text"],

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from idefics_jax.data.packing import PackConfig
 from idefics_jax.data.pipeline import Pipeline, SourceConfig
 from idefics_jax.data.tokenizer import Tokenizer
-from idefics_jax.distributed import check_local_path, check_shared_directory
+from idefics_jax.distributed import check_local_path, check_shared_directory, use_compilation_cache
 from idefics_jax.models.idefics2 import Idefics2
 from idefics_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from idefics_jax.ops.attention import IMPLEMENTATIONS
@@ -175,6 +175,7 @@ def evaluate(config, mcfg, params, lora, data_dir: Path, tokenizer: Tokenizer, m
 
 def train(config, workdir: str | os.PathLike) -> dict:
     check_local_path(workdir)
+    cache = use_compilation_cache(config.train.compilation_cache)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     check_shared_directory(workdir)
@@ -206,6 +207,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
     trainable = count_trainable(state.params, () if lora else tuple(config.train.freeze),
                                 lora_trainable(lora, tuple(config.train.freeze)) if lora else None)
     log.info("Model: %s parameters (%s trainable); mesh %s", f"{params_count:,}", f"{trainable:,}", dict(mesh.shape))
+    if cache:
+        log.info("Compiled programs are cached in %s", cache)
 
     step_fn = make_train_step(model, tx, mesh, accum_steps=config.optimizer.accum_steps, lora=lora)
     writer = MetricWriter(str(workdir), enabled=jax.process_index() == 0)
