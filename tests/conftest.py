@@ -17,7 +17,9 @@ import pytest
 # the variable): a command run twice, such as a killed training run and its resumption, compiles
 # once. A fresh directory each session, removed at its end; the commands' own default
 # (~/.cache/idefics_jax) is left alone.
-COMPILATION_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="idefics_jax_xla_"))
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="idefics_jax_xla_")
+COMPILATION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from idefics_jax.sharding import constrain
+
 Dtype = Any
 
 
@@ -45,6 +47,23 @@ def dense(features: int, axes: Sequence[str | None], *, use_bias: bool, dtype: D
         dot_general=flat_dot_general,
         name=name,
     )
+
+
+class Embed(nn.Embed):
+    """`nn.Embed` (the same `embedding` parameter) whose lookup first lays the table out whole along
+    its features, rows split as `rows_axis` says: the table is gathered over `fsdp` before use, as
+    every FSDP weight is. Looked up in a table split along `embed`, the rows come out split along
+    `embed`; making those batch-split activations is a reshard the SPMD partitioner does by
+    replicating them ("Involuntary full rematerialization": the global batch's embeddings on every
+    device, in the forward pass and in the gradient's scatter)."""
+
+    rows_axis: str | None = None  # logical name of the table's first axis ("vocab"; None: whole)
+
+    def __call__(self, inputs):  # int [...] -> [..., features]
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(f"Embedding lookups take integer ids, got {inputs.dtype}")
+        (table,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+        return jnp.take(constrain(table, self.rows_axis, None), inputs, axis=0)
 
 
 def activation(name: str):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from idefics_jax.config import TextConfig
 from idefics_jax.models.kv_cache import KVCache, LayerCache
-from idefics_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
+from idefics_jax.models.layers import Embed, GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
 from idefics_jax.models.scan import scanned
 from idefics_jax.ops.attention import dot_product_attention
 from idefics_jax.sharding import constrain
@@ -108,8 +108,8 @@ class MistralModel(nn.Module):
     def setup(self):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embed_tokens = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size,
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.hidden_size, rows_axis="vocab",
             embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
             **kw,

@@ -20,7 +20,7 @@ import numpy as np
 
 from idefics_jax.config import VisionConfig
 from idefics_jax.models.scan import scanned
-from idefics_jax.models.layers import activation, dense, layer_norm
+from idefics_jax.models.layers import Embed, activation, dense, layer_norm
 from idefics_jax.ops.attention import dot_product_attention
 
 Dtype = Any
@@ -86,7 +86,7 @@ class VisionEmbeddings(nn.Module):
         )(pixel_values.astype(self.dtype))  # [n, h, w, hidden]
         embeddings = einops.rearrange(patches, "n h w d -> n (h w) d")
         position_ids = patch_position_ids(patch_mask, cfg.num_patches_per_side)  # [n, h * w]
-        position_embedding = nn.Embed(
+        position_embedding = Embed(
             cfg.num_patches_per_side**2,
             cfg.hidden_size,
             dtype=self.dtype,
