@@ -54,9 +54,11 @@ def test_make_mesh_checks_device_count():
 
 
 def test_sharded_forward_on_eight_simulated_devices(hf_dir, seed):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR="")  # compiled afresh: the partitioner's warnings below
     script = Path(__file__).with_name("sharded_forward.py")
     result = subprocess.run([sys.executable, str(script), str(hf_dir[0]), str(seed)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("relative error") == 5, result.stdout
+    assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-4000:]  # a replicated op
