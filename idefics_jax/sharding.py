@@ -28,6 +28,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# a `[batch, seq, hidden]` activation at a layer boundary: rows over the batch axes, features whole
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
 LOGICAL_AXIS_RULES = (
     # activations
     ("activation_batch", ("data", "fsdp")),

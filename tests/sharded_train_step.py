@@ -12,8 +12,12 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import tiny_setup  # noqa: E402
 
+from idefics_jax import Idefics2  # noqa: E402
 from idefics_jax.sharding import make_mesh  # noqa: E402
 from idefics_jax.train.step import init_state, make_train_step  # noqa: E402
+
+
+ACCUMULATION = "--- gradient accumulation ---"
 
 
 def run(mesh_shape, model, tx, batch, accum):
@@ -61,9 +65,17 @@ def main(seed, workdir=None):
     model, tx, batch = tiny_setup(seed, batch_size=8, sgd=True)
     if workdir:
         restore_on_other_meshes(model, tx, batch, workdir)
+    # the stage configs' layout: layers scanned and rematerialised (its own parameters: losses compared)
+    scanned = Idefics2(model.config, scan_layers=True, remat=True)
+    one, sharded = (run(shape, scanned, tx, batch, 1)[0] for shape in [(1, 1, 1), (2, 2, 2)])
+    print(f"mesh (2, 2, 2) scanned + remat: loss {sharded:.6f} vs {one:.6f}")
+    if abs(sharded - one) > 1e-5 * abs(one):
+        sys.exit("mesh (2, 2, 2), scanned + remat: loss differs from the 1-device step")
     loss1, update1, params1 = run((1, 1, 1), model, tx, batch, accum=1)
     scale = max(float(np.abs(u).max()) for u in jax.tree.leaves(update1))
     for shape, accum in [((8, 1, 1), 1), ((2, 4, 1), 1), ((2, 2, 2), 1), ((2, 2, 2), 2)]:
+        if accum > 1:  # the test reads the partitioner's warnings up to here (see test_train.py)
+            print(ACCUMULATION, file=sys.stderr, flush=True)
         loss, update, params = run(shape, model, tx, batch, accum)
         worst = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(update1)))
         worst_param = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params1)))

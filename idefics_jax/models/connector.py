@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from idefics_jax.config import Idefics2Config
 from idefics_jax.models.layers import GatedMLP, RMSNorm, dense
 from idefics_jax.ops.attention import dot_product_attention
+from idefics_jax.sharding import ACTIVATION_AXES, constrain
 
 Dtype = Any
 
@@ -93,11 +94,14 @@ class PerceiverResampler(nn.Module):
 
     def __call__(self, context, context_mask):
         n = context.shape[0]
+        # images over the batch axes, features whole (the latents parameter is split along `embed`;
+        # left so, its broadcast would pull the residual stream and the gradients into that layout)
+        context = constrain(context, *ACTIVATION_AXES)
         latents = jnp.broadcast_to(jnp.asarray(self.latents, self.dtype), (n, *self.latents.shape))
         # every latent is a valid key: mask [n, patches + latents]
         kv_mask = jnp.concatenate([context_mask.astype(bool), jnp.ones(latents.shape[:2], bool)], axis=1)
         for layer in self.layers:
-            latents = layer(latents, context, kv_mask)
+            latents = layer(constrain(latents, *ACTIVATION_AXES), context, kv_mask)
         return self.norm(latents)
 
 

@@ -25,6 +25,7 @@ from idefics_jax.models.connector import Connector
 from idefics_jax.models.layers import dense
 from idefics_jax.models.mistral import MistralModel
 from idefics_jax.models.vision import VisionTransformer, patch_attention_mask
+from idefics_jax.sharding import constrain
 
 Dtype = Any
 
@@ -65,6 +66,9 @@ def splice_image_features(is_image, inputs_embeds, image_features, real_images):
     The k-th image token of row b takes latent k % latents of row b's (k // latents)-th real image.
     """
     batch, num_images, num_latents, hidden = image_features.shape
+    # rows split over the batch axes, features whole, as the text embeddings are: a row's gather then
+    # stays on its devices (features split along `embed` are replicated by the SPMD partitioner)
+    image_features = constrain(image_features, "activation_batch", None, None, "activation_embed")
     rank = jnp.cumsum(is_image, axis=1) - 1  # [batch, seq]: index among the row's image tokens
     # slots of each row's real images, in order (padding slots last)
     real_slots = jax.vmap(lambda r: jnp.nonzero(r, size=num_images, fill_value=0)[0])(real_images)

@@ -18,11 +18,10 @@ from idefics_jax.models.kv_cache import KVCache, LayerCache
 from idefics_jax.models.layers import Embed, GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
 from idefics_jax.models.scan import scanned
 from idefics_jax.ops.attention import dot_product_attention
-from idefics_jax.sharding import constrain
+from idefics_jax.sharding import ACTIVATION_AXES, constrain
 
 Dtype = Any
 
-ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 class MistralAttention(nn.Module):
