@@ -23,7 +23,6 @@ from idefics_jax.sharding import ACTIVATION_AXES, constrain
 Dtype = Any
 
 
-
 class MistralAttention(nn.Module):
     config: TextConfig
     attention_impl: str = "auto"
