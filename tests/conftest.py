@@ -17,7 +17,7 @@ import pytest
 # the variable): a command run twice, such as a killed training run and its resumption, compiles
 # once. A fresh directory each session, removed at its end; the commands' own default
 # (~/.cache/idefics_jax) is left alone.
-if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set but empty (scripts that compile afresh): off
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="idefics_jax_xla_")
 COMPILATION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 
