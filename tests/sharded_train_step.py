@@ -10,14 +10,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_helpers import tiny_setup  # noqa: E402
+from train_helpers import ACCUMULATION, tiny_setup  # noqa: E402
 
 from idefics_jax import Idefics2  # noqa: E402
 from idefics_jax.sharding import make_mesh  # noqa: E402
 from idefics_jax.train.step import init_state, make_train_step  # noqa: E402
-
-
-ACCUMULATION = "--- gradient accumulation ---"
 
 
 def run(mesh_shape, model, tx, batch, accum):

@@ -20,7 +20,7 @@ from idefics_jax.sharding import make_mesh
 from idefics_jax.train.loop import global_batch
 from idefics_jax.train.optimizer import tower_of
 from idefics_jax.train.step import init_state, make_train_step
-from train_helpers import tiny_setup
+from train_helpers import ACCUMULATION, tiny_setup
 
 ROOT = Path(__file__).parents[1]
 
@@ -47,7 +47,7 @@ def test_sharded_step_on_eight_simulated_devices_equals_one_device(seed, tmp_pat
     assert result.stdout.count("restored onto mesh") == 2 and "scanned + remat: loss" in result.stdout, result.stdout
     # up to the accumulation run: its microbatches' image counts need not divide the batch axes (4),
     # and the partitioner then replicates some of the vision side's gradients (seed-dependent)
-    before_accumulation = result.stderr.split("--- gradient accumulation ---")[0]
+    before_accumulation = result.stderr.split(ACCUMULATION)[0]
     assert "Involuntary full rematerialization" not in before_accumulation, before_accumulation[-4000:]
 
 
