@@ -11,9 +11,6 @@ from idefics_jax.data.packing import PackConfig, collate, finalize, pack_row
 from idefics_jax.train.optimizer import make_optimizer
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-# written to stderr by sharded_train_step.py before its accumulation run; test_train.py reads the
-# partitioner's warnings up to it
-ACCUMULATION = "--- gradient accumulation ---"
 
 
 def load_config(name: str):

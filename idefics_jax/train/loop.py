@@ -36,7 +36,7 @@ from idefics_jax.train.metrics import MetricWriter, peak_flops, step_flops
 from idefics_jax.train.lora import LoraConfig, merge
 from idefics_jax.train.lora import trainable as lora_trainable
 from idefics_jax.train.optimizer import count_trainable, make_optimizer
-from idefics_jax.train.step import MODEL_KEYS, init_state, make_train_step, state_shardings
+from idefics_jax.train.step import MODEL_KEYS, check_batch_size, init_state, make_train_step, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     check_shared_directory(workdir)
     mcfg, model, tx, schedule, mesh, lora = build(config)
+    check_batch_size(config.data.batch_size, config.optimizer.accum_steps, mesh)
     data_dir, tokenizer = prepare_data(config, workdir)
     if tokenizer.vocab_size > mcfg.text.vocab_size:
         raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "

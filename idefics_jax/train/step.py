@@ -6,6 +6,8 @@
 
 Gradient accumulation runs `accum_steps` micro-batches in a `lax.scan` and divides the summed
 loss by the total number of target tokens once, so it equals one step on the whole batch.
+Micro-batch k takes rows k, k + accum_steps, ... so that every device feeds each micro-batch
+from the rows it already holds (see `microbatches`).
 """
 
 from __future__ import annotations
@@ -83,6 +85,35 @@ def place_batch(batch: dict, mesh: Mesh) -> dict:
     return {k: jax.device_put(batch[k], batch_sharding(mesh, batch[k].ndim)) for k in MODEL_KEYS if k in batch}
 
 
+def microbatches(batch: dict, accum_steps: int) -> dict:
+    """`[batch, ...]` arrays -> `[accum_steps, batch / accum_steps, ...]`, micro-batch k holding rows
+    k, k + accum_steps, k + 2 * accum_steps, ...
+
+    The batch axis is split over (data, fsdp) in contiguous blocks, so strided micro-batches take
+    the same number of rows from every device's block and the split moves no data. (Contiguous
+    micro-batches would each live on a fraction of the devices, and the partitioner would gather
+    them, replicating activations.) The sum over micro-batches, hence the step, is the same.
+    """
+
+    def split(x):  # [batch, ...] -> [accum, batch / accum, ...]
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+def check_batch_size(batch_size: int, accum_steps: int, mesh: Mesh):
+    """Each micro-batch must split evenly over the batch shards (mesh axes data x fsdp)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if accum_steps < 1:
+        raise ValueError(f"config.optimizer.accum_steps={accum_steps} must be at least 1")
+    if batch_size % (accum_steps * shards):
+        raise ValueError(
+            f"config.data.batch_size={batch_size} is not a multiple of config.optimizer.accum_steps="
+            f"{accum_steps} x {shards} batch shards (mesh data x fsdp): every micro-batch must split "
+            f"evenly over the devices. Change the batch size, accum_steps or the mesh.")
+
+
 def train_step_fn(model, tx, *, accum_steps: int = 1, lora=None):
     """The step as a pure function `(state, batch) -> (state, metrics)`, not yet jitted."""
 
@@ -93,7 +124,7 @@ def train_step_fn(model, tx, *, accum_steps: int = 1, lora=None):
         if accum_steps == 1:
             (loss_sum, count), grads = grad_fn(state.params, batch, step_rng)
         else:
-            micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+            micro = microbatches(batch, accum_steps)
 
             def body(carry, xs):
                 grads, loss_sum, count = carry
