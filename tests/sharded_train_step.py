@@ -44,9 +44,10 @@ def restore_on_other_meshes(model, tx, state, workdir):
         init, shardings = state_shardings(model, tx, other)
         abstract = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.PRNGKey(0))
         _, restored, _ = Checkpointer(workdir).restore(abstract_with_shardings(abstract, shardings))
-        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(saved)):
             if not np.array_equal(np.asarray(a), b):
-                sys.exit(f"restore onto mesh {shape} changed a value")
+                sys.exit(f"restore onto mesh {shape} changed {jax.tree_util.keystr(path)}: "
+                         f"{np.asarray(a).ravel()[:4]} vs saved {b.ravel()[:4]}")
         leaf = restored.params["model"]["text_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
         assert leaf.sharding.mesh.shape == other.shape
         print(f"restored onto mesh {shape}")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -143,12 +144,12 @@ def test_chunks_into_a_filled_cache_equal_full_forward(converted, seed):
     prompt = input_ids.shape[1]
     state = prefill(model, params, input_ids, mask, pixels, pixel_mask, max_columns=full_ids.shape[1])
     assert state.cache.length == window and not state.cache.fresh
+    step = jax.jit(lambda params, ids, positions, cache: model.apply(
+        {"params": params}, ids, attention_mask=jnp.ones(ids.shape, jnp.int32), positions=positions, cache=cache))
     cache, start = state.cache, 0
     for size in chunks:
         cols = slice(prompt + start, prompt + start + size)
-        logits, cache = model.apply({"params": params}, forced[:, start:start + size],
-                                    attention_mask=np.ones((2, size), np.int32), positions=positions[:, cols],
-                                    cache=cache)
+        logits, cache = step(params, forced[:, start:start + size], positions[:, cols], cache)
         assert rel_err(logits, full[:, cols]) < 1e-5, (start, size)
         start += size
 
@@ -252,6 +253,6 @@ def test_generation_on_eight_simulated_devices(hf_dir, seed):
     result = subprocess.run([sys.executable, str(script), str(hf_dir[0]), str(seed)], env=env, capture_output=True,
                             text=True, timeout=900, cwd=script.parent)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
-    assert result.stdout.count("equal: True") == 10 and "placed False" not in result.stdout, result.stdout
+    assert result.stdout.count("equal: True") == 9 and "placed False" not in result.stdout, result.stdout
     assert result.stdout.count("kept True") == 2, result.stdout  # read into shards, not placed again
     assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-4000:]  # a replicated op

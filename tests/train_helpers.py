@@ -3,7 +3,6 @@
 import importlib.util
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from idefics_jax import Idefics2, Idefics2Config
