@@ -19,6 +19,6 @@ setup(
     install_requires=requirements,
     extras_require={
         # transformers' Idefics2 is the reference the tests compare against; CPU torch only.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6"],
     },
 )

@@ -13,11 +13,12 @@ import tempfile
 import numpy as np
 import pytest
 
-# One persistent compilation cache for the session, the commands it starts included (they inherit
-# the variable): a command run twice, such as a killed training run and its resumption, compiles
-# once. A fresh directory each session, removed at its end; the commands' own default
-# (~/.cache/idefics_jax) is left alone.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set but empty (scripts that compile afresh): off
+# One persistent compilation cache for the session, its xdist workers and the commands it starts
+# included (they inherit the variable): a command run twice, such as a killed training run and its
+# resumption, compiles once. A fresh directory each session, removed at its end by the process that
+# made it; the commands' own default (~/.cache/idefics_jax) is left alone.
+OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # set but empty (scripts that compile afresh): off
+if OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="idefics_jax_xla_")
 COMPILATION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 
@@ -40,6 +41,7 @@ HF_TINY = dict(
 
 
 SEED = int(os.environ.get("IDEFICS_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+os.environ["IDEFICS_TEST_SEED"] = str(SEED)  # the xdist workers, started after this, take the same seed
 
 
 def pytest_report_header(config):
@@ -53,7 +55,7 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    if os.path.basename(COMPILATION_CACHE).startswith("idefics_jax_xla_"):
+    if OWN_CACHE:  # not in the xdist workers, which share the cache of the process that started them
         shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
 
 
