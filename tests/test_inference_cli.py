@@ -196,6 +196,35 @@ def test_chat_drops_its_oldest_turns_to_fit_the_context(chat_dir):
     assert chat.messages == before
 
 
+def test_chat_keeps_an_answer_that_spells_special_tokens_as_text(chat_dir, monkeypatch):
+    """An answer that spells `<image>` and `</s>` (a fake one: a random model rarely does) is kept
+    so that the next prompt reads it as text: the next turn neither finds a placeholder without an
+    image nor ends the text there, and answers as a whole prefill of the kept conversation does."""
+    from idefics_jax.data.tokenizer import WORD_JOINER
+    from idefics_jax.inference.assistant import Assistant
+    from idefics_jax.inference.loading import load_for_inference
+
+    assistant = Assistant(load_for_inference(chat_dir[0]))
+    chat = assistant.chat(max_new_tokens=4)
+    a = Image.open(chat_dir[0] / "a.png")
+    spelled, real = "Write <image> or </s> there", assistant.text_pieces
+
+    def spelling(tokens):  # generates as usual, then says `spelled`
+        for _ in real(tokens):
+            pass
+        yield spelled
+
+    monkeypatch.setattr(assistant, "text_pieces", spelling)
+    assert "".join(chat.stream({"role": "user", "content": "<image>hello"}, [a])) == spelled
+    monkeypatch.undo()
+    kept = chat.messages[-1]["content"]
+    assert kept.replace(WORD_JOINER, "") == spelled and "<image>" not in kept and "</s>" not in kept
+    special = set(chat.processor.tokenizer.special_tokens.values())
+    assert not special & set(chat.processor.tokenizer.encode(kept, add_bos=False))
+    answer = "".join(chat.stream({"role": "user", "content": "the red fox"}))
+    assert answer == assistant.reply(chat.messages[:-1], [a], max_new_tokens=4)
+
+
 def test_generate_cli_names_bad_input(chat_dir, capsys, tmp_path):
     from idefics_jax import generate
 

@@ -21,6 +21,7 @@ from sentencepiece import sentencepiece_model_pb2
 from idefics_jax.data.image_tokens import ADDED_TOKENS
 
 SPACE = "\u2581"  # ▁
+WORD_JOINER = "\u2060"  # zero width, no break
 
 
 class Tokenizer:
@@ -70,6 +71,13 @@ class Tokenizer:
     def pad_id(self) -> int:
         """Idefics2 pads with id 0 (`<unk>`)."""
         return max(self.sp.pad_id(), 0)
+
+    def disarm(self, text: str) -> str:
+        """`text` with every special token's spelling broken by an invisible word joiner (U+2060)
+        after its first character: encoded again, it gives ordinary pieces, never a special token.
+        For model-written text that goes back into a prompt (a chat's earlier answers), where a
+        spelled `<image>` would read as an image placeholder and `</s>` as an end of text."""
+        return self._split.sub(lambda match: match.group(0)[0] + WORD_JOINER + match.group(0)[1:], text)
 
     def token_id(self, token: str) -> int:
         if token in self.special_tokens:

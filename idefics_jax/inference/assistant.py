@@ -146,7 +146,9 @@ class Chat:
     place. When a turn and its answer would not fit the model's context, the oldest turns are
     dropped, with their images, down to 3/4 of it (`drop_oldest`; `dropped` counts the messages):
     the conversation goes on, that turn prefills what is left of it after the system message, and
-    the next turns reuse the cache again.
+    the next turns reuse the cache again. An answer is kept with any special token it spells
+    (`<image>`, `</s>`, ...) broken by an invisible word joiner (`Tokenizer.disarm`), so that the
+    next prompt reads it as text: a spelled `<image>` would otherwise be a placeholder without an image.
 
     `system`: a system message (text, no images) that opens every prompt (Idefics2's template
     writes it as a "System:" turn); it is never dropped, `reset()` keeps it, and its tokens stay in
@@ -235,6 +237,9 @@ class Chat:
 
     def _keep(self, history, messages, answer, images):
         self.dropped += len(history) + 1 - len(messages)
-        self.messages = messages + [{"role": "assistant", "content": "".join(answer)}]
+        # kept as text that encodes to ordinary pieces: an answer that spells `<image>` must not
+        # become a placeholder without an image in the next turn's prompt
+        content = self.processor.tokenizer.disarm("".join(answer))
+        self.messages = messages + [{"role": "assistant", "content": content}]
         self.images = images
         self.answers += 1
