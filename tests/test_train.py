@@ -81,11 +81,14 @@ def losses(workdir):
 def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     data = tmp_path / "data"  # one synthetic data set for both runs
     common = RUN + [f"--config.data.dir={data}"]
-    full = run_train(tmp_path / "full", *common)
+    # this run also writes a profile of steps 2-3: the losses of the runs below, which do not, are its
+    full = run_train(tmp_path / "full", *common, "--config.train.profile_first_step=2", "--config.train.profile_steps=2")
     out, err = full.communicate(timeout=600)
     assert full.returncode == 0, err[-3000:]
     expected = losses(tmp_path / "full")
     assert [s for s, _ in expected] == list(range(1, 15))
+    assert f"Profile of steps 2-3 written to {tmp_path / 'full' / 'profile'}" in err
+    assert list((tmp_path / "full" / "profile").glob("plugins/profile/*/*.xplane.pb"))
     # the session's cache (conftest) holds the compiled step: the resumed run below skips compiling it
     assert f"Compiled programs are cached in {os.environ['JAX_COMPILATION_CACHE_DIR']}" in err
     assert any(name.startswith("jit_step-") for name in os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"]))
@@ -164,6 +167,15 @@ def test_batch_that_does_not_split_into_micro_batches_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=8 is not a multiple of config.optimizer.accum_steps=3"):
         train(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_profile_settings_are_checked():
+    from idefics_jax.train.metrics import StepProfiler
+
+    for first, count in [(-1, 3), (2, 0)]:
+        with pytest.raises(ValueError, match=f"profile_first_step={first} / profile_steps={count}"):
+            StepProfiler("unused", first, count)
+    assert not StepProfiler("unused", 0, 0).enabled
 
 
 def test_loss_plot(tmp_path):

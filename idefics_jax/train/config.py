@@ -61,6 +61,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "keep_period": 0,  # also keep every N-th step's checkpoint for good (0: no)
         "async_checkpoints": True, "freeze": [], "remat": False, "scan_layers": False, "neftune_alpha": 0.0,
         "eval_every": 0, "eval_samples": 50, "max_new_tokens": 16,
+        # a jax.profiler trace of `profile_steps` steps from this one into WORKDIR/profile (0: off)
+        "profile_first_step": 0, "profile_steps": 3,
         # compiled programs kept between runs: a resumed run skips compilation ("": off)
         "compilation_cache": DEFAULT_COMPILATION_CACHE,
         # LoRA / DoRA adapters (rank 0: off); adapted towers' own weights stay frozen

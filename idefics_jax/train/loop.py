@@ -32,7 +32,7 @@ from idefics_jax.ops.attention import IMPLEMENTATIONS
 from idefics_jax.sharding import batch_sharding, make_mesh, put_everywhere
 from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from idefics_jax.train.config import model_config
-from idefics_jax.train.metrics import MetricWriter, peak_flops, step_flops
+from idefics_jax.train.metrics import MetricWriter, StepProfiler, peak_flops, step_flops
 from idefics_jax.train.lora import LoraConfig, merge
 from idefics_jax.train.lora import trainable as lora_trainable
 from idefics_jax.train.optimizer import count_trainable, make_optimizer
@@ -181,6 +181,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
     check_shared_directory(workdir)
     mcfg, model, tx, schedule, mesh, lora = build(config)
     check_batch_size(config.data.batch_size, config.optimizer.accum_steps, mesh)
+    profiler = StepProfiler(str(workdir / "profile"), config.train.profile_first_step, config.train.profile_steps,
+                            enabled=jax.process_index() == 0)
     data_dir, tokenizer = prepare_data(config, workdir)
     if tokenizer.vocab_size > mcfg.text.vocab_size:
         raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
@@ -224,8 +226,11 @@ def train(config, workdir: str | os.PathLike) -> dict:
         while step < config.train.steps:
             started = time.perf_counter()
             batch = next(pipeline)
+            profiler.before(step + 1)
             state, metrics = step_fn(state, global_batch(batch, mesh))
             step += 1
+            if traced := profiler.after(step, (state, metrics)):
+                log.info("Profile of steps %d-%d written to %s", profiler.first, step, traced)
             loss = float(metrics["loss"])  # waits for the step: the time below is the step's
             elapsed = time.perf_counter() - started
             history.append((step, loss))
@@ -259,6 +264,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
                          report["n"])
                 last_eval = report
     finally:
+        profiler.close()
         bar.close()
         checkpointer.close()
         writer.close()

@@ -1,4 +1,4 @@
-"""Training metrics: FLOPs and MFU, TensorBoard event files, and the loss-curve plot.
+"""Training metrics: FLOPs and MFU, TensorBoard event files, the loss-curve plot, and profiles.
 
 FLOPs per step count the matmuls of every tower (6 x parameters x tokens for forward + backward)
 plus attention's quadratic part: the vision tower over each image's patches, the Perceiver's
@@ -89,6 +89,45 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of steps `first` .. `first + count - 1` (1-based, as logged) into
+    `directory` (`plugins/profile/<time>/<host>.xplane.pb`, read by XProf / TensorBoard's profile
+    plugin, and a Perfetto `trace.json.gz`). `first=0`: off. Traced on process 0 only: every host
+    runs the same program, and hosts with one name would write over each other's files."""
+
+    def __init__(self, directory: str, first: int, count: int, enabled: bool = True):
+        if first < 0 or (first and count < 1):
+            raise ValueError(f"config.train.profile_first_step={first} / profile_steps={count}: give a step "
+                             f"(0: off) and at least one step to trace")
+        self.directory, self.first, self.last = directory, first, first + count - 1
+        self.enabled, self.active = enabled and first > 0, False
+
+    def before(self, step: int):
+        """Call before running step `step`."""
+        if self.enabled and step == self.first:
+            import jax
+
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, outputs: Any) -> str | None:
+        """Call after step `step` ran; returns the directory once the trace is written."""
+        if self.active and step >= self.last:
+            import jax
+
+            jax.block_until_ready(outputs)  # the trace holds the last step's device work
+            self.close()
+            return self.directory
+        return None
+
+    def close(self):
+        if self.active:
+            import jax
+
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def read_metrics(workdir: str) -> list[dict]:
