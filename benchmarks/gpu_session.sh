@@ -17,7 +17,8 @@ timeout "${ATTN_S:-240}" $PY benchmarks/attention.py --repeats 10 --out "$OUT/at
   | tee "$OUT/attention.log" | grep -v "^(" | tail -20
 timeout "${DECODE_S:-150}" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/decode.md" 2>&1 | tail -12 \
   | tee "$OUT/decode.log"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_S:-200}" $PY -m pytest -q tests/test_kernels.py -m "" \
+# in one process (pytest.ini's two xdist workers would share the GPU, and xdist may not be installed)
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_S:-200}" $PY -m pytest -q tests/test_kernels.py -o addopts="" \
   -p no:cacheprovider --timeout 120 -k "${TESTS:-not splash and not tpu and not mosaic}" 2>&1 | tail -40 | tee "$OUT/kernel_tests.log"
 # last, in whatever time is left: decode with the while loop captured as a CUDA graph (XLA command
 # buffers), to test whether per-kernel launches are what keeps decode at 67% of the HBM bound

@@ -46,8 +46,9 @@ def restore_on_other_meshes(model, tx, state, workdir):
         _, restored, _ = Checkpointer(workdir).restore(abstract_with_shardings(abstract, shardings))
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(saved)):
             if not np.array_equal(np.asarray(a), b):
-                sys.exit(f"restore onto mesh {shape} changed {jax.tree_util.keystr(path)}: "
-                         f"{np.asarray(a).ravel()[:4]} vs saved {b.ravel()[:4]}")
+                diff = np.abs(np.asarray(a, np.float64) - b).max()
+                sys.exit(f"restore onto mesh {shape} changed {jax.tree_util.keystr(path)} (largest difference "
+                         f"{diff:.3g}): {np.asarray(a).ravel()[:4]} vs saved {b.ravel()[:4]}")
         leaf = restored.params["model"]["text_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
         assert leaf.sharding.mesh.shape == other.shape
         print(f"restored onto mesh {shape}")
