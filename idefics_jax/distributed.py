@@ -7,7 +7,8 @@
 Environment variables work too: IDEFICS_COORDINATOR, IDEFICS_NUM_PROCESSES, IDEFICS_PROCESS_ID.
 
 Also here: `use_compilation_cache`, the persistent cache of compiled programs that every command
-line turns on, and the checks that a workdir is a local path every host shares.
+line turns on, the checks that a workdir is a local path every host shares, and `FromLeader`,
+which passes what process 0 reads (a chat's input) to the other processes.
 """
 
 from __future__ import annotations
@@ -129,6 +130,40 @@ def check_shared_directory(path: str | os.PathLike) -> None:
             f"{path} is not one directory shared by the hosts: process(es) {blind} do not see the file process 0 "
             f"wrote there. Checkpoints are written by every host into it: use a shared filesystem (NFS, "
             f"Filestore, a GCS bucket mounted with gcsfuse) mounted at the same path on every host")
+
+
+class FromLeader:
+    """Bytes from process 0 to every process, one message after another, through jax.distributed's
+    key-value store. No device collective takes part, so the other processes can wait as long as
+    process 0 does, e.g. for a person typing. In one process it returns what it is given.
+
+        share = FromLeader("chat")
+        line = share(sys.stdin.buffer.readline() if jax.process_index() == 0 else None)
+    """
+
+    WAIT_MS = 60_000  # each wait; the others wait again until process 0 sends or the job ends
+
+    def __init__(self, name: str):
+        self.name, self.sent = name, 0
+
+    def __call__(self, message: bytes | None) -> bytes:
+        """Process 0 passes its message (the others pass None); every process returns it."""
+        if jax.process_count() == 1:
+            return message
+        from jax._src import distributed  # the coordination service's client (no public accessor)
+
+        client = distributed.global_state.client
+        key = f"idefics_jax/{self.name}/{self.sent}"
+        self.sent += 1
+        if jax.process_index() == 0:
+            client.key_value_set_bytes(key, bytes(message))
+            return bytes(message)
+        while True:
+            try:
+                return client.blocking_key_value_get_bytes(key, self.WAIT_MS)
+            except jax.errors.JaxRuntimeError as error:
+                if "DEADLINE_EXCEEDED" not in str(error):
+                    raise
 
 
 def _int_env(name: str) -> int | None:

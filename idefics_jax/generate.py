@@ -15,7 +15,8 @@ context, its oldest turns are dropped (a `--system` message stays).
 On several hosts (a TPU pod, GPU hosts: `launch/gpu_multihost.sh` sets up `jax.distributed`), every
 process runs the same command on the same files; the model is sharded over `--mesh` (by default
 data parallel over the processes and tensor parallel over each one's devices) and process 0
-prints. Chat mode reads one terminal and runs in one process.
+prints. In chat mode process 0 reads the terminal and passes each line (and each `/image` file,
+read on its host) to the other processes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+from pathlib import Path
 
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.distributed import DEFAULT_COMPILATION_CACHE
@@ -102,9 +104,6 @@ def main(argv=None) -> int:
 
     try:
         mesh = start(args)
-        if args.chat and jax.process_count() > 1:
-            raise ValueError(f"--chat reads one terminal and runs in one process, not {jax.process_count()}; "
-                             f"run it without jax.distributed (--mesh spreads the model over this host's devices)")
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, min_p=args.min_p)
         images = [load_image(path) for path in args.image]  # fail on a bad image before loading the model
@@ -126,23 +125,40 @@ def main(argv=None) -> int:
 
 
 def chat(assistant, images, options) -> int:
-    """Each turn prefills only what is new: the conversation's KV cache is kept between turns."""
-    from idefics_jax.data.image_processing import load_image
+    """Each turn prefills only what is new: the conversation's KV cache is kept between turns.
 
+    With several processes (jax.distributed, the model over every host's devices), process 0 reads
+    stdin and prints. It passes each line, and each `/image` file's bytes, to the other processes
+    (`FromLeader`), which take every turn with it."""
+    import jax
+
+    from idefics_jax.data.image_processing import ImageError, load_image
+    from idefics_jax.distributed import FromLeader
+
+    leader, share = jax.process_index() == 0, FromLeader("chat")
+    out, err = (sys.stdout, sys.stderr) if leader else (io.StringIO(), io.StringIO())
     conversation, pending = assistant.chat(**options), list(images)
-    interactive = sys.stdin.isatty()
+    interactive = leader and sys.stdin.isatty()
     while True:
         if interactive:
             print("You: ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = share(sys.stdin.readline().encode() if leader else None).decode()
         if not line or not line.strip():
             return 0
         line = line.strip()
         if line.startswith("/image "):
-            try:
-                pending.append(load_image(line[len("/image "):].strip()))
-            except (OSError, ValueError) as error:  # a bad image loses nothing of the conversation
-                print(f"error: {error}", file=sys.stderr)
+            path, data = line[len("/image "):].strip(), b""
+            if leader:
+                try:
+                    data = Path(path).read_bytes()
+                except OSError as error:  # a missing image loses nothing of the conversation
+                    print(f"error: cannot read image {path}: {error.strerror or error}", file=err)
+            data = share(data)
+            if data:
+                try:
+                    pending.append(load_image(data))
+                except ImageError as error:
+                    print(f"error: {path}: {error}", file=err)
             continue
         if line == "/reset":
             conversation.reset()
@@ -156,17 +172,17 @@ def chat(assistant, images, options) -> int:
                 pieces = conversation.stream(user_turn(line, len(pending)), pending)
             first = next(pieces, "")  # a turn the model cannot take fails here, before any answer
         except ValueError as error:  # the conversation so far and the pending images stay
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {error}", file=err)
             continue
-        print("Assistant: " + first, end="", flush=True)
+        print("Assistant: " + first, end="", flush=True, file=out)
         for piece in pieces:
-            print(piece, end="", flush=True)
-        print(flush=True)
+            print(piece, end="", flush=True, file=out)
+        print(flush=True, file=out)
         if line != "/retry":
             pending = []
         if conversation.dropped > dropped:
             print(f"(the {conversation.dropped - dropped} oldest message(s) no longer fit the model's context and "
-                  f"were dropped)", file=sys.stderr)
+                  f"were dropped)", file=err)
 
 
 if __name__ == "__main__":

@@ -301,9 +301,10 @@ def test_evaluate_cli_scores_answers(chat_dir, capsys, tmp_path):
     assert code == 2 and "none.jsonl" in err
 
 
-def run_two_processes(module: str, argv: list[str], devices_each: int = 2) -> list[subprocess.CompletedProcess]:
+def run_two_processes(module: str, argv: list[str], devices_each: int = 2,
+                      stdin: str | None = None) -> list[subprocess.CompletedProcess]:
     """`python -m module argv` as two jax.distributed processes on localhost (launch/gpu_multihost.sh),
-    each with `devices_each` CPU devices."""
+    each with `devices_each` CPU devices; `stdin` goes to process 0."""
     import portpicker
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
@@ -311,16 +312,19 @@ def run_two_processes(module: str, argv: list[str], devices_each: int = 2) -> li
     launcher = str(Path(__file__).parents[1] / "launch" / "gpu_multihost.sh")
     procs = [subprocess.Popen(["bash", launcher, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i), "--", sys.executable, "-m", module, *argv],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
+                              env=env, stdin=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(stdin or "", timeout=600) if i == 0 else p.communicate(timeout=600)
+               for i, p in enumerate(procs)]
     return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
-def test_two_processes_evaluate_and_generate_as_one(chat_dir, capsys, tmp_path):
+def test_two_processes_evaluate_generate_and_chat_as_one(chat_dir, capsys, tmp_path, monkeypatch):
     """evaluate and generate over two jax.distributed processes (a (2, 1, 2) mesh: data over the
     processes, tensor parallel within each) give one process's report and answer; process 0 alone
     writes and prints. Each process reads only its shards: of the safetensors for evaluate, of an
-    orbax checkpoint for generate."""
+    orbax checkpoint for generate. A chat reads its lines and `/image` files on process 0 only and
+    answers as one process does."""
     from idefics_jax import evaluate, generate
     from idefics_jax.convert import __main__ as convert
 
@@ -352,8 +356,17 @@ def test_two_processes_evaluate_and_generate_as_one(chat_dir, capsys, tmp_path):
     assert all(run.returncode == 0 for run in runs), runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
     lines = [run.stdout.split("\n") for run in runs]
     assert answer.strip() in lines[0] and (not answer.strip() or answer.strip() not in lines[1])
-    runs = run_two_processes("idefics_jax.generate", ["--checkpoint", str(path), "--chat"], devices_each=1)
-    assert [run.returncode for run in runs] == [2, 2] and "runs in one process, not 2" in runs[0].stderr
+
+    lines = f"/image {path / 'b.png'}\n/image {tmp_path / 'missing.png'}\nhello <image>\nthe red fox\n\n"
+    chat = ["--checkpoint", str(path), "--chat", "--max_new_tokens", "6"]
+    code, alone, err = run_cli(generate, chat, capsys, lines, monkeypatch)
+    assert code == 0 and "cannot read image" in err, err
+    runs = run_two_processes("idefics_jax.generate", chat, devices_each=1, stdin=lines)
+    assert [run.returncode for run in runs] == [0, 0], runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
+    answers = lambda out: [line for line in out.split("\n") if line.startswith("Assistant: ")]
+    assert len(answers(alone)) == 2 and answers(runs[0].stdout) == answers(alone), (runs[0].stdout, alone)
+    assert not answers(runs[1].stdout) and "cannot read image" in runs[0].stderr
+    assert "cannot read image" not in runs[1].stderr
 
 
 def test_evaluate_names_bad_records_and_goes_on_after_a_stop(chat_dir, capsys, tmp_path, monkeypatch):
