@@ -64,11 +64,13 @@ def main(seed, workdir):
 
     # the stage configs' layout: layers scanned and rematerialised, from the same (stacked) parameters
     scanned = Idefics2(model.config, scan_layers=True, remat=True)
-    stacked = start.replace(params=stack_layers(start.params), opt_state=tx.init(stack_layers(start.params)))
-    runs = [("", model, (8, 1, 1), 1, start), ("", model, (2, 4, 1), 1, start), ("", model, (2, 2, 2), 1, start),
-            ("", model, (2, 2, 2), 2, start), (" scanned + remat", scanned, (2, 2, 2), 1, stacked)]
-    for name, m, shape, accum, state in runs:
-        state, metrics = step(m, tx, batch, mesh_of(shape), state, accum)
+    stacked_params = stack_layers(start.params)
+    stacked = start.replace(params=stacked_params, opt_state=tx.init(stacked_params))
+    runs = [(model, (8, 1, 1), 1), (model, (2, 4, 1), 1), (model, (2, 2, 2), 1), (model, (2, 2, 2), 2),
+            (scanned, (2, 2, 2), 1)]
+    for m, shape, accum in runs:
+        name = " scanned + remat" if m is scanned else ""
+        state, metrics = step(m, tx, batch, mesh_of(shape), stacked if m is scanned else start, accum)
         if shape == (2, 2, 2) and accum == 1 and m is model:
             restore_on_other_meshes(model, tx, state, workdir)
         loss, params = float(metrics["loss"]), jax.tree.map(np.asarray, state.params)

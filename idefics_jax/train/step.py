@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from idefics_jax.train.lora import add_adapters, merge
-from idefics_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, fit_shardings
+from idefics_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, constrain, fit_shardings
 
 MODEL_KEYS = ("tokens", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "pixel_attention_mask")
 
@@ -97,7 +97,7 @@ def microbatches(batch: dict, accum_steps: int) -> dict:
 
     def split(x):  # [batch, ...] -> [accum, batch / accum, ...]
         x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
-        return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
+        return constrain(x, None, "activation_batch", *(None,) * (x.ndim - 2))
 
     return jax.tree.map(split, batch)
 
