@@ -13,6 +13,9 @@ import tempfile
 import numpy as np
 import pytest
 
+from idefics_jax import host_memory
+from idefics_jax.host_memory import accelerator_runtime_installed, reuse_freed_memory
+
 # One persistent compilation cache for the session, its xdist workers and the commands it starts
 # included (they inherit the variable): a command run twice, such as a killed training run and its
 # resumption, compiles once. A fresh directory each session, removed at its end by the process that
@@ -21,6 +24,12 @@ OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # set but empty (scri
 if OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="idefics_jax_xla_")
 COMPILATION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+# XLA:CPU's step buffers stay mapped between steps (idefics_jax.host_memory), here, in the xdist
+# workers and in the commands the tests start (they inherit the variables)
+if not accelerator_runtime_installed():
+    reuse_freed_memory()
+    os.environ.update(host_memory.ENVIRONMENT)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

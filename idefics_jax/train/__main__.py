@@ -41,7 +41,9 @@ def main(argv):
     if FLAGS.config is None:
         sys.exit("error: --config is required (for example --config configs/tiny.py)")
     from idefics_jax.distributed import initialize
+    from idefics_jax.host_memory import reuse_freed_memory_on_cpu
 
+    reuse_freed_memory_on_cpu()  # before XLA starts its threads
     initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.export_hf:
         from idefics_jax.convert import save_hf_checkpoint
