@@ -41,23 +41,26 @@ def first_token_time(stream):
 
 
 def main():
+    from preprocess import add_malloc_option, append_results, apply_malloc, machine
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", default="tiny,80M")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    add_malloc_option(parser)
     args = parser.parse_args()
+    malloc = apply_malloc(args.malloc)  # before torch or XLA start their threads
     import torch
     from transformers import Idefics2ForConditionalGeneration
 
     from idefics_jax import Idefics2, load_hf_checkpoint
     from idefics_jax.inference.conversation import Conversation
     from idefics_jax.inference.generate import Generator
-    from preprocess import append_results, machine
     from train_step import CONFIGS, save_random_model
 
     lines = [f"\n## Chat turns: time to first token with the KV cache kept ({datetime.date.today()})\n",
              f"Machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads).\n",
-             f"Command: `python benchmarks/chat.py --repeats {args.repeats}` (float32, greedy, batch 1, same converted "
+             f"Command: `python benchmarks/chat.py --repeats {args.repeats} {malloc}` (float32, greedy, batch 1, same converted "
              f"weights; four turns, each answer {ANSWER} tokens long and part of the next turn; median of the repeats "
              "after a warm-up pass; ours kept = `Conversation.stream`, ours whole = `Generator.stream` on the whole "
              "conversation, transformers = `generate` on the whole conversation).\n",

@@ -70,20 +70,23 @@ def time_ours(hf_dir, inputs, new, repeats):
 
 
 def main():
+    from preprocess import add_malloc_option, append_results, apply_malloc, machine
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", default="tiny,80M")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    add_malloc_option(parser)
     args = parser.parse_args()
+    malloc = apply_malloc(args.malloc)  # before torch or XLA start their threads
     import torch
 
-    from preprocess import append_results, machine
     from train_step import CONFIGS, save_random_model
 
     lines = [f"\n## Generation (batch 1, one image + 32 text tokens, {args.new} new tokens) ({datetime.date.today()})\n",
              f"Machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads).\n",
-             f"Command: `python benchmarks/generate.py --new {args.new} --repeats {args.repeats}` (float32, greedy, "
+             f"Command: `python benchmarks/generate.py --new {args.new} --repeats {args.repeats} {malloc}` (float32, greedy, "
              "same converted weights; median of the repeats after a warm-up call; theirs `generate` with SDPA "
              "attention, ours `Generator.generate`).\n",
              "| config | parameters | first token: transformers (ms) | ours (ms) | speed-up | decode: transformers "

@@ -106,6 +106,22 @@ def machine() -> str:
             f"Pillow {Image.__version__}, transformers {transformers.__version__}, jax {jax.__version__}")
 
 
+def add_malloc_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                        help="reuse: glibc keeps freed memory (idefics_jax.host_memory), as our command lines set "
+                             "it on CPU; the process's allocator, so both frameworks run with it (default %(default)s)")
+
+
+def apply_malloc(choice: str) -> str:
+    """Sets the allocator `--malloc` chose, before anything computes; the option's words for the results."""
+    if choice == "reuse":
+        from idefics_jax.host_memory import reuse_freed_memory
+
+        if not reuse_freed_memory():
+            raise SystemExit("--malloc reuse needs glibc's allocator; run with --malloc default")
+    return f"--malloc {choice}"
+
+
 def append_results(path: str, lines: list[str]) -> None:
     """Appends one run's section to RESULTS.md (with the file's header when it is new)."""
     with open(path, "a") as f:

@@ -187,19 +187,22 @@ def time_ours(hf_dir, ids, pixels, mask, labels, steps):
 
 
 def main():
+    from preprocess import add_malloc_option, append_results, apply_malloc, machine
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--configs", default="tiny,80M")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    add_malloc_option(parser)
     args = parser.parse_args()
+    malloc = apply_malloc(args.malloc)  # before torch or XLA start their threads
     import torch
 
-    from preprocess import append_results, machine
 
     torch.set_num_threads(torch.get_num_threads())
     lines = [f"\n## Train step ({datetime.date.today()})\n", f"Machine: {machine()}, torch {torch.__version__} "
              f"({torch.get_num_threads()} threads).\n",
-             f"Command: `python benchmarks/train_step.py --steps {args.steps}` (float32, AdamW, same weights "
+             f"Command: `python benchmarks/train_step.py --steps {args.steps} {malloc}` (float32, AdamW, same weights "
              "and batch; median step after 2 warm-up steps; ours jitted, theirs eager with SDPA attention).\n",
              "| config | parameters | batch x tokens | transformers + torch (s/step) | ours (s/step) | "
              "ours (tokens/s) | speed-up | step GFLOP | torch GFLOP/s | ours GFLOP/s | matrix-product floor (s) | "
