@@ -77,7 +77,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", default="tiny,80M")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
-    add_malloc_option(parser)
+    add_malloc_option(parser, "default")  # as our command line does
     args = parser.parse_args()
     malloc = apply_malloc(args.malloc)  # before torch or XLA start their threads
     import torch

@@ -106,10 +106,13 @@ def machine() -> str:
             f"Pillow {Image.__version__}, transformers {transformers.__version__}, jax {jax.__version__}")
 
 
-def add_malloc_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
-                        help="reuse: glibc keeps freed memory (idefics_jax.host_memory), as our command lines set "
-                             "it on CPU; the process's allocator, so both frameworks run with it (default %(default)s)")
+def add_malloc_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """`--malloc`: reuse = glibc keeps freed memory (idefics_jax.host_memory), as the training command
+    line sets it on CPU; the process's allocator, so both frameworks run with it."""
+    parser.add_argument("--malloc", choices=("reuse", "default"), default=default,
+                        help="reuse: glibc keeps freed memory (idefics_jax.host_memory), as `python -m "
+                             "idefics_jax.train` sets it on CPU; it is the process's allocator, so both frameworks "
+                             "run with it (default %(default)s)")
 
 
 def apply_malloc(choice: str) -> str:

@@ -47,10 +47,8 @@ def start(args):
     import jax
 
     from idefics_jax.distributed import initialize, use_compilation_cache
-    from idefics_jax.host_memory import reuse_freed_memory_on_cpu
     from idefics_jax.sharding import make_mesh, parse_mesh
 
-    reuse_freed_memory_on_cpu()  # before XLA starts its threads
     initialize()
     use_compilation_cache(args.compilation_cache)
     if args.mesh:
