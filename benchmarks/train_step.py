@@ -198,7 +198,6 @@ def main():
     malloc = apply_malloc(args.malloc)  # before torch or XLA start their threads
     import torch
 
-
     torch.set_num_threads(torch.get_num_threads())
     lines = [f"\n## Train step ({datetime.date.today()})\n", f"Machine: {machine()}, torch {torch.__version__} "
              f"({torch.get_num_threads()} threads).\n",

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from idefics_jax import host_memory
-from idefics_jax.host_memory import accelerator_runtime_installed, reuse_freed_memory
 
 # One persistent compilation cache for the session, its xdist workers and the commands it starts
 # included (they inherit the variable): a command run twice, such as a killed training run and its
@@ -27,8 +26,7 @@ COMPILATION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 # XLA:CPU's step buffers stay mapped between steps (idefics_jax.host_memory), here, in the xdist
 # workers and in the commands the tests start (they inherit the variables)
-if not accelerator_runtime_installed():
-    reuse_freed_memory()
+if host_memory.reuse_freed_memory_on_cpu():
     os.environ.update(host_memory.ENVIRONMENT)
 
 torch = pytest.importorskip("torch")
