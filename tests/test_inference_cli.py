@@ -490,6 +490,7 @@ def test_anls_rules():
 def test_vqa_accuracy_rules():
     assert normalize_answer("  The Two dogs! ") == "2 dogs"
     assert normalize_answer("3.5 m.") == "3.5 m"
+    assert normalize_answer("Route 66.") == "route 66" and normalize_answer("v.2 .5") == "v.2 .5"
     assert vqa_accuracy("two", ["2"]) == 1.0
     assert vqa_accuracy("cat", ["dog"]) == 0.0
     ten = ["cat"] * 2 + ["dog"] * 8  # 2 of 10 humans said cat: 9 subsets see 2 or 1 of them

@@ -38,7 +38,7 @@ _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "fou
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
 _PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period that is not a decimal point
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit, as VQAv2's own evaluation strips
 log = logging.getLogger(__name__)
 
 
