@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import statistics
 import tempfile
 import time
@@ -128,23 +129,37 @@ def best_seconds(fn, min_time=0.2) -> float:
     return best
 
 
-def matmul_floor(shapes: dict) -> float:
+def matmul_floor(shapes: dict, distinct: bool = False) -> float:
     """Seconds the products `{(batch, m, k, n): count}` take at the faster of jax and torch, each
-    shape timed alone as a (batched) float32 matrix product."""
+    shape timed alone as a (batched) float32 matrix product (jax: repeated inside one call, so that
+    a small product is not timed with the call's own overhead, which a step does not pay per
+    product). `distinct`: every product takes a
+    right-hand matrix of its own and all are timed together in one call, as weights read once per
+    step are (a decode step's): they come from memory, not from a cache one matrix alone would fit."""
     import jax
     import jax.numpy as jnp
     import torch
 
-    total = 0.0
-    for (b, m, k, n), count in shapes.items():
-        lhs, rhs = np.ones((b, m, k), np.float32), np.ones((b, k, n), np.float32)
-        jl, jr = jnp.asarray(lhs), jnp.asarray(rhs)
-        product = jax.jit(jnp.matmul)
-        tl, tr = torch.from_numpy(lhs), torch.from_numpy(rhs)
-        seconds = min(best_seconds(lambda: product(jl, jr).block_until_ready()),
-                      best_seconds(lambda: torch.matmul(tl, tr)))
-        total += seconds * count
-    return total
+    @functools.partial(jax.jit, static_argnums=1)
+    def repeated(pairs, times: int):  # the products `times` over in one call, each round after the last
+        def round_(_, carry):
+            outs = [jnp.matmul(lhs + carry, rhs) for lhs, rhs in pairs]
+            return sum(out[..., 0, 0].sum() for out in outs) * 1e-9
+
+        return jax.lax.fori_loop(0, times, round_, jnp.float32(0))
+
+    def fastest(pairs):  # [(lhs, rhs)] numpy -> seconds for all products, jax or torch
+        jax_pairs = [(jnp.asarray(lhs), jnp.asarray(rhs)) for lhs, rhs in pairs]
+        once = best_seconds(lambda: repeated(jax_pairs, 1).block_until_ready())
+        times = int(np.clip(0.02 / once, 1, 100))  # rounds enough to hide the call's own overhead
+        torch_pairs = [(torch.from_numpy(lhs), torch.from_numpy(rhs)) for lhs, rhs in pairs]
+        return min(best_seconds(lambda: repeated(jax_pairs, times).block_until_ready()) / times,
+                   best_seconds(lambda: [torch.matmul(lhs, rhs) for lhs, rhs in torch_pairs]))
+
+    operands = lambda b, m, k, n, i=0: (np.ones((b, m, k), np.float32), np.full((b, k, n), 1 + i, np.float32))
+    if distinct:
+        return fastest([operands(*shape, i) for shape, count in shapes.items() for i in range(count)])
+    return sum(fastest([operands(*shape)]) * count for shape, count in shapes.items())
 
 
 def time_ours(hf_dir, ids, pixels, mask, labels, steps):
