@@ -491,6 +491,10 @@ def test_vqa_accuracy_rules():
     assert normalize_answer("  The Two dogs! ") == "2 dogs"
     assert normalize_answer("3.5 m.") == "3.5 m"
     assert normalize_answer("Route 66.") == "route 66" and normalize_answer("v.2 .5") == "v.2 .5"
+    # VQAv2's punctuation: inside a word a space, next to a space nothing, all of it in a text with 1,000
+    assert normalize_answer("X-ray") == "x ray" and normalize_answer("well - done!") == "well done"
+    assert normalize_answer("1,000 (about)") == "1000 about" and normalize_answer("at 10:30") == "at 10:30"
+    assert normalize_answer("Don't") == normalize_answer("dont") == "dont" and normalize_answer("'") == ""
     assert vqa_accuracy("two", ["2"]) == 1.0
     assert vqa_accuracy("cat", ["dog"]) == 0.0
     ten = ["cat"] * 2 + ["dog"] * 8  # 2 of 10 humans said cat: 9 subsets see 2 or 1 of them

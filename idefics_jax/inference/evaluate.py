@@ -7,8 +7,8 @@ An optional `answers` list holds several human answers, as VQAv2 has; without it
 answer counts as the only one.
 
 - exact match: the generated answer equals the reference answer after stripping white space;
-- VQA accuracy (VQAv2's metric): answers are normalised (lower case, punctuation, articles, number
-  words) and an answer scores min(1, matches / 3) against the human answers, averaged over the
+- VQA accuracy (VQAv2's metric): answers are normalised as VQAv2's evaluation does (lower case,
+  punctuation, articles, number words) and an answer scores min(1, matches / 3) against the human answers, averaged over the
   leave-one-out subsets when there are several.
 - ANLS (DocVQA's metric, Biten et al. 2019): 1 minus the normalised Levenshtein distance to the
   closest reference answer (lower case, white space collapsed), 0 when that distance is 0.5 or more.
@@ -37,16 +37,29 @@ from idefics_jax.inference.generate import check_context
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
-_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:']")
-_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit, as VQAv2's own evaluation strips
+_PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"  # VQAv2's list: not the period (below), the apostrophe or the colon
+_COMMA_IN_NUMBER = re.compile(r"\d,\d")
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit
 log = logging.getLogger(__name__)
 
 
+def _strip_punctuation(text: str) -> str:
+    """VQAv2's rule: a punctuation mark next to a space (or any, in a text with a number like
+    1,000) is removed, one inside a word becomes a space ("x-ray" -> "x ray"); then periods."""
+    given, remove = text, _COMMA_IN_NUMBER.search(text) is not None
+    for mark in _PUNCTUATION:
+        gone = remove or mark + " " in given or " " + mark in given
+        text = text.replace(mark, "" if gone else " ")
+    return _PERIOD.sub("", text)
+
+
 def normalize_answer(text: str) -> str:
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = _PERIOD.sub("", _PUNCTUATION.sub("", text))
-    words = [_NUMBERS.get(word, word) for word in text.split() if word not in _ARTICLES]
-    return " ".join(words)
+    """VQAv2's answer normalisation: white space, punctuation, lower case, number words to digits,
+    no articles. Its table of contractions ("dont" -> "don't") is replaced by dropping apostrophes,
+    which makes the same pairs equal."""
+    text = _strip_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
+    words = [_NUMBERS.get(word, word) for word in text.lower().split() if word not in _ARTICLES]
+    return " ".join(word for word in (w.replace("'", "") for w in words) if word)
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
