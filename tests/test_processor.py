@@ -177,6 +177,9 @@ def test_chat_format_matches_reference(sp_model):
          {"role": "user", "content": [{"type": "text", "text": "And the number?"}, {"type": "image"}]}],
         [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
          {"role": "user", "content": [{"type": "text", "text": "two"}, {"type": "image"}, {"type": "image"}]}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Say nothing."}]},
+         {"role": "assistant", "content": [{"type": "text", "text": ""}]},  # a model may answer nothing
+         {"role": "user", "content": [{"type": "text", "text": "Why?"}]}],
     ]
     for messages in conversations:
         for generation in (False, True):
@@ -190,6 +193,9 @@ def test_chat_format_matches_reference(sp_model):
             images = [Image.new("RGB", (32, 32), "gray")] * n
             ref = reference(text=[text], images=[images] if n else None, return_tensors="np")
             np.testing.assert_array_equal(ours([text], [images] if n else None)["input_ids"], ref["input_ids"])
+    for role in ("user", "system"):  # only an answer may be empty
+        with pytest.raises(ValueError, match=f"'{role}' turn has no content"):
+            apply_chat_template([{"role": role, "content": ""}])
 
 
 def test_placeholder_count_mismatch_is_an_error(sp_model):

@@ -30,9 +30,11 @@ Message = Mapping[str, Any]  # {"role": "user", "content": [{"type": "image"}, {
 
 def render_turn(message: Message) -> str:
     """One chat turn as Idefics2's template writes it. Content is a list of parts, or a string
-    whose `<image>` placeholders stand for image parts."""
+    whose `<image>` placeholders stand for image parts. An assistant turn may be the empty string
+    (a model may answer nothing at all: "Assistant: <end_of_utterance>", as the template writes an
+    empty text part); other turns need content."""
     content = message["content"]
-    if not content:
+    if not content and not (content == "" and message["role"] == "assistant"):
         raise ValueError(f"A {message['role']!r} turn has no content")
     opens_with_image = content.startswith(IMAGE_TOKEN) if isinstance(content, str) else content[0]["type"] == "image"
     if isinstance(content, str):
