@@ -8,8 +8,8 @@ answer counts as the only one.
 
 - exact match: the generated answer equals the reference answer after stripping white space;
 - VQA accuracy (VQAv2's metric): answers are normalised as VQAv2's evaluation does (lower case,
-  punctuation, articles, number words) and an answer scores min(1, matches / 3) against the human answers, averaged over the
-  leave-one-out subsets when there are several.
+  punctuation, articles, number words) and an answer scores min(1, matches / 3) against the human
+  answers, averaged over the leave-one-out subsets when there are several.
 - ANLS (DocVQA's metric, Biten et al. 2019): 1 minus the normalised Levenshtein distance to the
   closest reference answer (lower case, white space collapsed), 0 when that distance is 0.5 or more.
 """
