@@ -133,9 +133,9 @@ def matmul_floor(shapes: dict, distinct: bool = False) -> float:
     """Seconds the products `{(batch, m, k, n): count}` take at the faster of jax and torch, each
     shape timed alone as a (batched) float32 matrix product (jax: repeated inside one call, so that
     a small product is not timed with the call's own overhead, which a step does not pay per
-    product). `distinct`: every product takes a
-    right-hand matrix of its own and all are timed together in one call, as weights read once per
-    step are (a decode step's): they come from memory, not from a cache one matrix alone would fit."""
+    product). `distinct`: every product takes a right-hand matrix of its own and all are timed
+    together in one call, as weights read once per step are (a decode step's): they come from
+    memory, not from a cache one matrix alone would fit."""
     import jax
     import jax.numpy as jnp
     import torch
