@@ -19,6 +19,9 @@ setup(
     install_requires=requirements,
     extras_require={
         # transformers' Idefics2 is the reference the tests compare against; CPU torch only.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6",
+                 # gs:// workdirs, tested against a local Cloud Storage emulator
+                 "gcsfs>=2024.2", "gcp-storage-emulator>=2026.7"],
+        "gcs": ["gcsfs>=2024.2"],  # gs:// workdirs (checkpoints, metrics, profiles in a bucket)
     },
 )

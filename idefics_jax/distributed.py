@@ -7,7 +7,7 @@
 Environment variables work too: IDEFICS_COORDINATOR, IDEFICS_NUM_PROCESSES, IDEFICS_PROCESS_ID.
 
 Also here: `use_compilation_cache`, the persistent cache of compiled programs that every command
-line turns on, the checks that a workdir is a local path every host shares, and `FromLeader`,
+line turns on, the check that every host sees the same workdir, and `FromLeader`,
 which passes what process 0 reads (a chat's input) to the other processes.
 """
 
@@ -17,6 +17,7 @@ import logging
 import os
 
 import jax
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +91,11 @@ def check_topology(expected_processes: int | None = None) -> None:
              jax.process_count(), local, jax.device_count())
 
 
-def check_local_path(path: str | os.PathLike, what: str = "--workdir") -> None:
-    """Paths are files on this machine (or a shared filesystem mounted on every host); a URL such as
-    gs://bucket/run would become a local directory named 'gs:', so it is refused with a message."""
-    if "://" in str(path):
-        raise ValueError(f"{what} {path}: URLs are not supported; mount the bucket on every host (for GCS: "
-                         f"gcsfuse, e.g. /gcs/bucket/run) or use a shared filesystem (NFS, Filestore), and "
-                         f"pass its path")
-
-
-def check_shared_directory(path: str | os.PathLike) -> None:
-    """With several processes, `path` must be one directory that all of them see (orbax writes each
-    checkpoint from every host into it): process 0 writes a token there and every process reads it
-    back. Raises DistributedError in every process, naming those that do not see it."""
+def check_shared_directory(path: epath.Path) -> None:
+    """With several processes, `path` (local or gs://) must be one directory that all of them see
+    (orbax writes each checkpoint from every host into it): process 0 writes a token there and
+    every process reads it back. Raises DistributedError in every process, naming those that do not
+    see it."""
     if jax.process_count() == 1:
         return
     import secrets
@@ -110,26 +103,25 @@ def check_shared_directory(path: str | os.PathLike) -> None:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    marker = os.path.join(path, ".idefics_shared_check")
+    marker = path / ".idefics_shared_check"
     token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
     if jax.process_index() == 0:
-        with open(marker, "w") as f:
-            f.write(str(token))
+        marker.write_text(str(token))
     multihost_utils.sync_global_devices("idefics_jax: shared directory marker written")
     try:
-        with open(marker) as f:
-            sees = f.read() == str(token)
-    except OSError:
+        sees = marker.read_text() == str(token)
+    except Exception as error:  # noqa: BLE001 - a missing file, or a bucket this host may not read
+        log.warning("Process %d cannot read %s: %s", jax.process_index(), marker, error)
         sees = False
     seen = np.asarray(multihost_utils.process_allgather(np.int32(sees))).reshape(-1)  # every process has read
     if jax.process_index() == 0:
-        os.remove(marker)
+        marker.unlink()
     if not seen.all():
         blind = [int(i) for i in np.flatnonzero(seen == 0)]
         raise DistributedError(
             f"{path} is not one directory shared by the hosts: process(es) {blind} do not see the file process 0 "
-            f"wrote there. Checkpoints are written by every host into it: use a shared filesystem (NFS, "
-            f"Filestore, a GCS bucket mounted with gcsfuse) mounted at the same path on every host")
+            f"wrote there. Checkpoints are written by every host into it: use a gs:// bucket (with credentials "
+            f"on every host) or a shared filesystem (NFS, Filestore) mounted at the same path on every host")
 
 
 class FromLeader:

@@ -97,8 +97,10 @@ def resume(args, checkpoint: str, records, main_process: bool):
     from jax.experimental import multihost_utils
 
     from idefics_jax.inference.evaluate import ProgressFile
+    from idefics_jax.paths import is_url
 
-    settings = {"checkpoint": checkpoint, "path": str(Path(args.checkpoint).resolve()),
+    path = args.checkpoint if is_url(args.checkpoint) else str(Path(args.checkpoint).resolve())
+    settings = {"checkpoint": checkpoint, "path": path,
                 "records": records.fingerprint(),
                 **{k: getattr(args, k) for k in ("tokenizer", "batch_size", "max_new_tokens", "split", "dtype")}}
     progress = ProgressFile(f"{args.output}.partial.jsonl", settings, args.batch_size)

@@ -2,10 +2,10 @@
 # Run the same idefics_jax command on every worker of a Cloud TPU VM pod (or multislice).
 #
 #   launch/tpu_pod.sh --tpu my-v5p-128 --zone us-east5-a [--project P] [--setup] -- \
-#       python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir /gcs/bucket/stage1
+#       python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir gs://bucket/stage1
 #
-# The workdir must be shared by all workers at the same path: mount the bucket with gcsfuse on every
-# worker first (gcsfuse --implicit-dirs bucket /gcs/bucket), or use a shared filesystem.
+# The workdir must be one that all workers see: a gs:// bucket (the workers' own credentials serve),
+# or a shared filesystem at the same path on every worker.
 #
 # --setup first clones/updates this repository on every worker (REPO_URL, default: this checkout's
 # origin) and installs it with pip. On a TPU pod jax.distributed finds the other workers by
@@ -38,6 +38,6 @@ quoted=$(printf '%q ' "$@")
 if [[ "$setup" == 1 ]]; then
   [[ -n "$repo_url" ]] || { echo "tpu_pod.sh: --setup needs REPO_URL" >&2; exit 2; }
   gcloud "${gcloud_args[@]}" --command "set -e; if [ -d $repo_dir ]; then git -C $repo_dir pull --ff-only; \
-else git clone $repo_url $repo_dir; fi; cd $repo_dir && pip install -U 'jax[tpu]' && pip install -e ."
+else git clone $repo_url $repo_dir; fi; cd $repo_dir && pip install -U 'jax[tpu]' && pip install -e '.[gcs]'"
 fi
 gcloud "${gcloud_args[@]}" --command "cd $repo_dir && IDEFICS_AUTO_DISTRIBUTED=1 $quoted"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -146,3 +147,46 @@ def sp_model(tmp_path_factory, seed):
     path = tmp_path_factory.mktemp("tokenizer")
     (path / "tokenizer.model").write_bytes(data)
     return path, data
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """gs://idefics-test: a bucket in a Cloud Storage emulator served from this process (in memory).
+    gcsfs, tensorstore (orbax's arrays) and google-cloud-storage (tensorboardX) are pointed at it by
+    their endpoint variables, set for the rest of the session (gcsfs reads its own at import, so
+    nothing in this process may have imported it before), commands started by tests included."""
+    import logging
+    import threading
+    from functools import partial
+    from http.server import ThreadingHTTPServer
+
+    from gcp_storage_emulator.handlers import buckets
+    from gcp_storage_emulator.server import RequestHandler
+    from gcp_storage_emulator.storage import Storage
+
+    # a thread per connection (the emulator's own server has one: a client that keeps a connection
+    # open stalls every other), one request at a time (its storage takes no locks)
+    lock = threading.Lock()
+
+    def one_at_a_time(method):
+        def handle(self):
+            with lock:
+                method(self)
+        return handle
+
+    handler = type("OneAtATime", (RequestHandler,), {f"do_{verb}": one_at_a_time(getattr(RequestHandler, f"do_{verb}"))
+                                                   for verb in ("GET", "POST", "PUT", "DELETE", "PATCH")})
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # every miss (a normal probe) at ERROR
+    storage = Storage(use_memory_fs=True)
+    buckets.create_bucket("idefics-test", storage)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, storage))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    url = f"http://127.0.0.1:{port}"
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, FSSPEC_GCS_TOKEN="anon",
+                      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",  # its gRPC probe would retry for minutes
+                      GCE_METADATA_HOST="127.0.0.1:1", GCE_METADATA_IP="127.0.0.1:1")  # no credential lookups
+    assert "gcsfs" not in sys.modules, "gcsfs was imported before its emulator variables were set"
+    yield "gs://idefics-test"
+    server.shutdown()

@@ -213,15 +213,16 @@ def test_two_processes_give_the_losses_of_one(seed):
 
 
 def test_workdir_must_be_a_path_that_every_host_shares(tmp_path):
-    """A URL workdir is refused (it would become a local directory 'gs:'); two processes given
-    directories that are not the same one both stop, naming the process that cannot see process 0's."""
+    """A URL other than gs:// is refused (it would become a local directory 's3:'); two processes
+    given directories that are not the same one both stop, naming the process that cannot see
+    process 0's."""
     import portpicker
 
     from idefics_jax.train.config import base_config
     from idefics_jax.train.loop import train
 
-    with pytest.raises(ValueError, match="URLs are not supported; mount the bucket"):
-        train(base_config("tiny"), "gs://bucket/run")
+    with pytest.raises(ValueError, match="only local paths and gs://bucket/... URLs are supported"):
+        train(base_config("tiny"), "s3://bucket/run")
     port = portpicker.pick_unused_port()
     launcher = str(ROOT / "launch" / "gpu_multihost.sh")
     env = dict(os.environ, JAX_PLATFORMS="cpu")

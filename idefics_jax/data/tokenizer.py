@@ -16,6 +16,7 @@ import re
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+from etils import epath
 from sentencepiece import sentencepiece_model_pb2
 
 from idefics_jax.data.image_tokens import ADDED_TOKENS
@@ -27,7 +28,8 @@ WORD_JOINER = "\u2060"  # zero width, no break
 class Tokenizer:
     def __init__(self, model: str | os.PathLike | bytes, *, add_bos: bool = True, add_eos: bool = False,
                  added_tokens: Sequence[str] = ADDED_TOKENS):
-        proto = model if isinstance(model, bytes) else open(model, "rb").read()
+        proto = model if isinstance(model, bytes) else epath.Path(model).read_bytes()  # a path, also gs://
+        self.model_proto = proto  # the sentencepiece model's bytes, as a tokenizer.model file holds them
         self._init_args = (proto, add_bos, add_eos, tuple(added_tokens))
         self.sp = spm.SentencePieceProcessor(model_proto=proto)
         # the same model, without the dummy prefix: we place the `▁` prefix ourselves

@@ -6,7 +6,8 @@ Three kinds of directory are understood:
   `preprocessor_config.json` when the processor was saved beside it);
 - an idefics_jax checkpoint (`config.json` + orbax `params/`, from `python -m idefics_jax.convert`);
 - a training workdir (`config.json` of the training run + `checkpoints/`): its latest readable
-  step, LoRA/DoRA adapters merged, with the tokenizer and image sizes of its data config.
+  step, LoRA/DoRA adapters merged, with the tokenizer the run saved beside them and the image
+  sizes of its data config. A workdir may be a gs:// URL; the other two are read from local disk.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from idefics_jax.config import Idefics2Config
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.data.tokenizer import Tokenizer
-from idefics_jax.distributed import check_local_path
+from idefics_jax.paths import as_path, is_url
 
 PROCESSOR_FILES = ("tokenizer.model", "preprocessor_config.json", "processor_config.json")
 
@@ -71,8 +72,10 @@ def _load_workdir(path: Path):
 
     config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
     mcfg, params, step = restore_latest(config, path)
-    data_dir = Path(config.data.dir) if config.data.dir else path / "data"
-    tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
+    tokenizer = path / "tokenizer.model"  # saved by the run; workdirs of older runs: where the run read it
+    if not tokenizer.exists():
+        data_dir = Path(config.data.dir) if config.data.dir else path / "data"
+        tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
     source = config.data.sources[0] if config.data.sources else {}
     images = ImageProcessor(longest_edge=source.get("longest_edge", 980), shortest_edge=source.get("shortest_edge", 378))
     return mcfg, params, tokenizer, images, f"training workdir {path} at step {step}"
@@ -90,9 +93,12 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
     from idefics_jax.models.idefics2 import Idefics2
     from idefics_jax.sharding import param_shardings
 
-    check_local_path(path, "Checkpoint")
-    path = Path(path)
+    path = as_path(path, "Checkpoint")
     kind = checkpoint_kind(path)
+    if is_url(path) and kind != "workdir":
+        raise ValueError(f"Checkpoint {path}: a {'Hugging Face' if kind == 'hf' else 'converted'} checkpoint is read "
+                         f"from local disk; copy it first (gcloud storage cp -r {path} .). Training workdirs load "
+                         f"from gs:// directly")
     if kind == "workdir":
         config, params, default_tokenizer, images, description = _load_workdir(path)
         if dtype is not None:
@@ -104,7 +110,7 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
                                                                                     dtype=dtype)
         default_tokenizer, images = path / "tokenizer.model", image_processor_from(path)
         description = f"{'Hugging Face' if kind == 'hf' else 'idefics_jax'} checkpoint {path}"
-    tokenizer_path = Path(tokenizer) if tokenizer else default_tokenizer
+    tokenizer_path = as_path(tokenizer, "--tokenizer") if tokenizer else default_tokenizer
     if not tokenizer_path.exists():
         raise FileNotFoundError(f"No tokenizer: {tokenizer_path} does not exist (pass --tokenizer PATH, a "
                                 f"sentencepiece .model)")

@@ -4,7 +4,8 @@ An orbax `CheckpointManager` in `WORKDIR/checkpoints` saves asynchronously, keep
 `keep` checkpoints plus one every `keep_period` steps for good, and writes a step only when it
 is complete (a kill during a save leaves the previous checkpoint as the latest). Restoring takes
 the target's shardings, so a run resumes onto a different mesh. A latest checkpoint that cannot
-be read falls back to the one before it, with a warning that names the problem.
+be read falls back to the one before it, with a warning that names the problem. The directory may
+be a gs:// URL (orbax commits a step there with a marker file instead of a rename).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from idefics_jax.paths import as_path
+
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, keep_period: int | None = None,
                  async_save: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = as_path(directory, "Checkpoint directory")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period,
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))

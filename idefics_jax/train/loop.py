@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,15 +21,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 from idefics_jax.data.packing import PackConfig
 from idefics_jax.data.pipeline import Pipeline, SourceConfig
 from idefics_jax.data.tokenizer import Tokenizer
-from idefics_jax.distributed import check_local_path, check_shared_directory, use_compilation_cache
+from idefics_jax.distributed import check_shared_directory, use_compilation_cache
 from idefics_jax.models.idefics2 import Idefics2
 from idefics_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from idefics_jax.ops.attention import IMPLEMENTATIONS
+from idefics_jax.paths import as_path, check_local_path, is_url
 from idefics_jax.sharding import batch_sharding, make_mesh, put_everywhere
 from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from idefics_jax.train.config import model_config
@@ -49,13 +52,25 @@ def _dtype(name: str, key: str):
     return _DTYPES[name]
 
 
-def prepare_data(config, workdir: Path) -> tuple[Path, Tokenizer]:
-    data_dir = Path(config.data.dir) if config.data.dir else workdir / "data"
+def synthetic_data_dir(config, workdir: epath.Path) -> Path:
+    """Where generated synthetic data lives: WORKDIR/data, or for a gs:// workdir a local directory
+    named by what was generated (the pipeline reads a disk; every host makes the same copy)."""
+    if not is_url(workdir):
+        return Path(workdir) / "data"
+    d = config.data
+    return Path(tempfile.gettempdir()) / "idefics_jax_data" / f"synthetic-{d.synthetic_num}-{d.seed}-{int(d.synthetic_easy)}"
+
+
+def prepare_data(config, workdir: epath.Path) -> tuple[Path, Tokenizer]:
+    if config.data.dir:
+        check_local_path(config.data.dir, "config.data.dir")
+    data_dir = Path(config.data.dir) if config.data.dir else synthetic_data_dir(config, workdir)
     if config.data.synthetic and not (data_dir / "tokenizer.model").exists():
         from idefics_jax.data.synthetic import generate
 
         # every host writes its own copy (the same for a seed), then renames it into place
         log.info("Generating synthetic data in %s", data_dir)
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = data_dir.with_name(f"{data_dir.name}.tmp-{jax.process_index()}-{os.getpid()}")
         generate(tmp, num=config.data.synthetic_num, seed=config.data.seed, formats=("jsonl",),
                  easy=config.data.synthetic_easy)
@@ -65,6 +80,8 @@ def prepare_data(config, workdir: Path) -> tuple[Path, Tokenizer]:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
+    if config.data.tokenizer:
+        check_local_path(config.data.tokenizer, "config.data.tokenizer")
     tokenizer_path = Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
     if not tokenizer_path.exists():
         raise FileNotFoundError(f"Tokenizer {tokenizer_path} not found (config.data.tokenizer)")
@@ -174,22 +191,23 @@ def evaluate(config, mcfg, params, lora, data_dir: Path, tokenizer: Tokenizer, m
 
 
 def train(config, workdir: str | os.PathLike) -> dict:
-    check_local_path(workdir)
+    """Trains (or resumes) in `workdir`, a local directory or gs://bucket/path."""
+    workdir = as_path(workdir)
     cache = use_compilation_cache(config.train.compilation_cache)
-    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     check_shared_directory(workdir)
     mcfg, model, tx, schedule, mesh, lora = build(config)
     check_batch_size(config.data.batch_size, config.optimizer.accum_steps, mesh)
-    profiler = StepProfiler(str(workdir / "profile"), config.train.profile_first_step, config.train.profile_steps,
+    profiler = StepProfiler(workdir / "profile", config.train.profile_first_step, config.train.profile_steps,
                             enabled=jax.process_index() == 0)
     data_dir, tokenizer = prepare_data(config, workdir)
     if tokenizer.vocab_size > mcfg.text.vocab_size:
         raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{mcfg.text.vocab_size} (config.model.text.vocab_size)")
     pipeline = make_pipeline(config, data_dir, tokenizer, mcfg.image_seq_len)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # what generate / evaluate need to load the workdir, on any machine
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (workdir / "tokenizer.model").write_bytes(tokenizer.model_proto)
 
     init, shardings = state_shardings(model, tx, mesh, lora=lora)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
@@ -214,7 +232,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
         log.info("Compiled programs are cached in %s", cache)
 
     step_fn = make_train_step(model, tx, mesh, accum_steps=config.optimizer.accum_steps, lora=lora)
-    writer = MetricWriter(str(workdir), enabled=jax.process_index() == 0)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     peak = peak_flops(jax.devices()[0].device_kind)
     history = []
     bar = tqdm(total=config.train.steps, initial=start, desc="train", unit="step",
@@ -273,11 +291,10 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
 
 def restore_latest(config, workdir: str | os.PathLike):
-    """(model config, merged model params, step) of WORKDIR's latest readable checkpoint."""
-    check_local_path(workdir)
+    """(model config, merged model params, step) of WORKDIR's (local or gs://) latest readable checkpoint."""
     mcfg, model, tx, _, mesh, lora = build(config)
     init, shardings = state_shardings(model, tx, mesh, lora=lora)
-    checkpointer = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
+    checkpointer = Checkpointer(as_path(workdir) / "checkpoints", async_save=False)
     abstract = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.PRNGKey(0))
     step, state, _ = checkpointer.restore(abstract_with_shardings(abstract, shardings))
     checkpointer.close()

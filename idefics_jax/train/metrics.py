@@ -8,13 +8,18 @@ packed segment.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from idefics_jax.config import Idefics2Config
+from idefics_jax.paths import as_path, is_url, upload_tree
 
 # bf16 dense peak FLOP/s per device, by jax `device_kind` substring
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -66,38 +71,53 @@ def step_flops(config: Idefics2Config, batch: dict[str, Any]) -> float:
 
 
 class MetricWriter:
-    """TensorBoard event files (tensorboardX) and a jsonl copy for tools and plots."""
+    """TensorBoard event files (tensorboardX) and a jsonl copy for tools and plots, in a local
+    directory or a gs:// one. A Cloud Storage object cannot be appended to, so there both are
+    written locally and uploaded whole after each write (as TensorFlow's writers do on gs://)."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.workdir = as_path(workdir)
+        self.path = self.workdir / "metrics.jsonl"
+        self._local = None  # for a gs:// workdir: the local directory uploaded after each write
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if is_url(self.workdir):
+                self._local = tempfile.mkdtemp(prefix="idefics_jax-metrics-")
+                if self.path.exists():  # an earlier run's rows stay (a resumed run adds its own after them)
+                    (Path(self._local) / "metrics.jsonl").write_bytes(self.path.read_bytes())
+            self._tb = SummaryWriter(os.path.join(self._local or self.workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]):
         if not self.enabled:
             return
         for key, value in scalars.items():
             self._tb.add_scalar(key, value, step)
-        with open(self.path, "a") as f:
+        with open(os.path.join(self._local or self.workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        if self._local:
+            self._tb.flush()
+            upload_tree(self._local, self.workdir)
 
     def close(self):
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+            if self._local:
+                upload_tree(self._local, self.workdir)
+                shutil.rmtree(self._local, ignore_errors=True)
 
 
 class StepProfiler:
     """A `jax.profiler` trace of steps `first` .. `first + count - 1` (1-based, as logged) into
     `directory` (`plugins/profile/<time>/<host>.xplane.pb`, read by XProf / TensorBoard's profile
     plugin, and a Perfetto `trace.json.gz`). `first=0`: off. Traced on process 0 only: every host
-    runs the same program, and hosts with one name would write over each other's files."""
+    runs the same program, and hosts with one name would write over each other's files. A gs://
+    directory gets the files once the trace ends (written to a local directory first)."""
 
-    def __init__(self, directory: str, first: int, count: int, enabled: bool = True):
+    def __init__(self, directory: str | os.PathLike, first: int, count: int, enabled: bool = True):
         if first < 0 or (first and count < 1):
             raise ValueError(f"config.train.profile_first_step={first} / profile_steps={count}: give a step "
                              f"(0: off) and at least one step to trace")
@@ -109,7 +129,8 @@ class StepProfiler:
         if self.enabled and step == self.first:
             import jax
 
-            jax.profiler.start_trace(self.directory)
+            self._local = tempfile.mkdtemp(prefix="idefics_jax-profile-") if is_url(self.directory) else None
+            jax.profiler.start_trace(self._local or str(self.directory))
             self.active = True
 
     def after(self, step: int, outputs: Any) -> str | None:
@@ -128,27 +149,31 @@ class StepProfiler:
 
             jax.profiler.stop_trace()
             self.active = False
+            if self._local:
+                upload_tree(self._local, as_path(self.directory, "Profile directory"))
+                shutil.rmtree(self._local, ignore_errors=True)
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    path = as_path(workdir) / "metrics.jsonl"
+    if not path.exists():
         raise FileNotFoundError(f"No metrics.jsonl in {workdir}: has a run written metrics there?")
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     last = {}
     for row in rows:  # a resumed run rewrites steps: keep the latest value of each
         last[(row["step"])] = {**last.get(row["step"], {}), **row}
     return [last[k] for k in sorted(last)]
 
 
-def plot_loss(workdir: str, out: str | None = None, keys=("train/loss",)) -> str:
+def plot_loss(workdir: str | os.PathLike, out: str | os.PathLike | None = None, keys=("train/loss",)) -> str:
+    """The loss curve as a PNG (default WORKDIR/loss.png, also in a gs:// workdir); returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(workdir)
-    out = out or os.path.join(workdir, "loss.png")
+    out = as_path(out, "Plot path") if out else as_path(workdir) / "loss.png"
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
         points = [(r["step"], r[key]) for r in rows if key in r]
@@ -159,6 +184,8 @@ def plot_loss(workdir: str, out: str | None = None, keys=("train/loss",)) -> str
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return out
+    out.write_bytes(png.getvalue())
+    return str(out)

@@ -1,0 +1,67 @@
+"""Directories that are local paths or Cloud Storage URLs (`gs://bucket/run`).
+
+A training workdir may be a bucket: it is the one directory every host of a TPU pod sees, and
+it outlives the VMs. Orbax writes checkpoints there natively (arrays through tensorstore, the
+rest through `etils.epath`); metrics, TensorBoard events, the run's config and its tokenizer go
+through `epath` as well. `gs://` needs `gcsfs` (`pip install "idefics_jax[gcs]"`) and the host's
+Google credentials (a TPU VM has them). Data directories stay local paths: the pipeline reads
+its records with random access, which wants a disk.
+"""
+
+from __future__ import annotations
+
+import os
+
+from etils import epath
+
+URL_SCHEMES = ("gs",)  # what is tested (against a local GCS emulator); s3:// etc. are refused
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def as_path(path: str | os.PathLike, what: str = "--workdir") -> epath.Path:
+    """An absolute local path, or a `gs://` URL checked to be reachable (the bucket exists and this
+    host may list it). Raises ValueError (an unsupported scheme, gcsfs missing, a bucket out of reach) or
+    FileNotFoundError (no such bucket), with the remedy named."""
+    text = str(path)
+    if not is_url(text):
+        return epath.Path(os.path.abspath(text))
+    scheme, _, rest = text.partition("://")
+    if scheme not in URL_SCHEMES or not rest.strip("/"):
+        raise ValueError(f"{what} {text}: only local paths and gs://bucket/... URLs are supported (for another "
+                         f"store, mount it on every host and pass its path)")
+    try:
+        import gcsfs  # noqa: F401 - epath's gs:// backend
+    except ImportError as error:
+        raise ValueError(f"{what} {text}: gs:// paths need gcsfs (pip install 'idefics_jax[gcs]')") from error
+    bucket = epath.Path(f"gs://{rest.split('/')[0]}")
+    try:
+        exists = bucket.exists()
+    except Exception as error:  # noqa: BLE001 - credentials, network: name the bucket and the cause
+        raise ValueError(f"{what} {text}: cannot reach bucket {bucket} ({type(error).__name__}: {error}); "
+                         f"check this host's Google credentials") from error
+    if not exists:
+        raise FileNotFoundError(f"{what} {text}: bucket {bucket} does not exist (create it first: "
+                                f"gcloud storage buckets create {bucket})")
+    return epath.Path(text)
+
+
+def check_local_path(path: str | os.PathLike, what: str = "--workdir") -> None:
+    """For paths read as files on this machine (data, Hugging Face checkpoints): a URL is refused,
+    since it would become a local directory named 'gs:'."""
+    if is_url(path):
+        raise ValueError(f"{what} {path}: URLs are not supported here; copy it to local disk (gcloud storage cp "
+                         f"-r), or mount the bucket (gcsfuse), and pass the path")
+
+
+def upload_tree(local: str | os.PathLike, remote: epath.Path) -> None:
+    """Copies the files under the local directory `local` to `remote`, keeping their relative paths."""
+    for root, _, files in os.walk(local):
+        for name in files:
+            source = os.path.join(root, name)
+            target = remote / os.path.relpath(source, local)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(open(source, "rb").read())
+
