@@ -160,9 +160,25 @@ def gcs_bucket():
     from functools import partial
     from http.server import ThreadingHTTPServer
 
-    from gcp_storage_emulator.handlers import buckets
+    from gcp_storage_emulator import server as emulator
+    from gcp_storage_emulator.handlers import buckets, objects
     from gcp_storage_emulator.server import RequestHandler
     from gcp_storage_emulator.storage import Storage
+
+    # Downloads say which generation of the object they are, as Cloud Storage does: tensorstore
+    # conditions its writes (orbax's OCDBT manifest, read, changed, written back) on that header,
+    # and without it a save whose arrays commit in two batches fails ("Malformed StorageGeneration")
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        if response.status < 300:
+            blob = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"], response["x-goog-metageneration"] = blob["generation"], blob["metageneration"]
+
+    objects.download = download_with_generation  # objects.get calls it for ?alt=media
+    for _, routes in emulator.HANDLERS:
+        routes.update({verb: download_with_generation for verb, fn in routes.items() if fn is download})
 
     # a thread per connection (the emulator's own server has one: a client that keeps a connection
     # open stalls every other), one request at a time (its storage takes no locks)
