@@ -15,6 +15,7 @@ import os
 from etils import epath
 
 URL_SCHEMES = ("gs",)  # what is tested (against a local GCS emulator); s3:// etc. are refused
+_FOUND_BUCKETS: set[str] = set()  # buckets this process has reached: each is looked up once
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -37,6 +38,8 @@ def as_path(path: str | os.PathLike, what: str = "--workdir") -> epath.Path:
     except ImportError as error:
         raise ValueError(f"{what} {text}: gs:// paths need gcsfs (pip install 'idefics_jax[gcs]')") from error
     bucket = epath.Path(f"gs://{rest.split('/')[0]}")
+    if str(bucket) in _FOUND_BUCKETS:  # every path of a run comes through here: one request, not one per path
+        return epath.Path(text)
     try:
         exists = bucket.exists()
     except Exception as error:  # noqa: BLE001 - credentials, network: name the bucket and the cause
@@ -45,6 +48,7 @@ def as_path(path: str | os.PathLike, what: str = "--workdir") -> epath.Path:
     if not exists:
         raise FileNotFoundError(f"{what} {text}: bucket {bucket} does not exist (create it first: "
                                 f"gcloud storage buckets create {bucket})")
+    _FOUND_BUCKETS.add(str(bucket))
     return epath.Path(text)
 
 

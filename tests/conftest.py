@@ -152,8 +152,8 @@ def sp_model(tmp_path_factory, seed):
 @pytest.fixture(scope="session")
 def gcs_bucket():
     """gs://idefics-test: a bucket in a Cloud Storage emulator served from this process (in memory).
-    gcsfs, tensorstore (orbax's arrays) and google-cloud-storage (tensorboardX) are pointed at it by
-    their endpoint variables, set for the rest of the session (gcsfs reads its own at import, so
+    gcsfs (epath's gs:// backend) and tensorstore (orbax's arrays) are pointed at it by their endpoint
+    variables, set for the rest of the session (gcsfs reads its own at import, so
     nothing in this process may have imported it before), commands started by tests included."""
     import logging
     import threading

@@ -88,14 +88,16 @@ class MetricWriter:
                 self._local = tempfile.mkdtemp(prefix="idefics_jax-metrics-")
                 if self.path.exists():  # an earlier run's rows stay (a resumed run adds its own after them)
                     (Path(self._local) / "metrics.jsonl").write_bytes(self.path.read_bytes())
-            self._tb = SummaryWriter(os.path.join(self._local or self.workdir, "tensorboard"))
+            written = self._local or str(self.workdir)  # where the files are written (appended to)
+            self._jsonl = os.path.join(written, "metrics.jsonl")
+            self._tb = SummaryWriter(os.path.join(written, "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]):
         if not self.enabled:
             return
         for key, value in scalars.items():
             self._tb.add_scalar(key, value, step)
-        with open(os.path.join(self._local or self.workdir, "metrics.jsonl"), "a") as f:
+        with open(self._jsonl, "a") as f:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
         if self._local:
             self._tb.flush()
