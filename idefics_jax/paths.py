@@ -3,9 +3,11 @@
 A training workdir may be a bucket: it is the one directory every host of a TPU pod sees, and
 it outlives the VMs. Orbax writes checkpoints there natively (arrays through tensorstore, the
 rest through `etils.epath`); metrics, TensorBoard events, the run's config and its tokenizer go
-through `epath` as well. `gs://` needs `gcsfs` (`pip install "idefics_jax[gcs]"`) and the host's
-Google credentials (a TPU VM has them). Data directories stay local paths: the pipeline reads
-its records with random access, which wants a disk.
+through `epath` as well. So may the training data (`config.data.dir`, `evaluate --data`):
+ArrayRecord files and TFDS builds are read a record at a time by array_record's own Cloud Storage
+reader, jsonl files and image files through `epath`. `gs://` needs `gcsfs`
+(`pip install "idefics_jax[gcs]"`) and the host's Google credentials (a TPU VM has them).
+Hugging Face and converted checkpoints stay local paths (`loading.py` says so when given a URL).
 """
 
 from __future__ import annotations
@@ -50,14 +52,6 @@ def as_path(path: str | os.PathLike, what: str = "--workdir") -> epath.Path:
                                 f"gcloud storage buckets create {bucket})")
     _FOUND_BUCKETS.add(str(bucket))
     return epath.Path(text)
-
-
-def check_local_path(path: str | os.PathLike, what: str = "--workdir") -> None:
-    """For paths read as files on this machine (data, Hugging Face checkpoints): a URL is refused,
-    since it would become a local directory named 'gs:'."""
-    if is_url(path):
-        raise ValueError(f"{what} {path}: URLs are not supported here; copy it to local disk (gcloud storage cp "
-                         f"-r), or mount the bucket (gcsfuse), and pass the path")
 
 
 def upload_tree(local: str | os.PathLike, remote: epath.Path) -> None:

@@ -7,6 +7,7 @@ reproduced with IDEFICS_TEST_SEED=<seed>.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -152,9 +153,10 @@ def sp_model(tmp_path_factory, seed):
 @pytest.fixture(scope="session")
 def gcs_bucket():
     """gs://idefics-test: a bucket in a Cloud Storage emulator served from this process (in memory).
-    gcsfs (epath's gs:// backend) and tensorstore (orbax's arrays) are pointed at it by their endpoint
-    variables, set for the rest of the session (gcsfs reads its own at import, so
-    nothing in this process may have imported it before), commands started by tests included."""
+    gcsfs (epath's gs:// backend), tensorstore (orbax's arrays) and array_record (the data's records)
+    are pointed at it by their endpoint variables, set for the rest of the session (gcsfs reads its
+    own at import, so nothing in this process may have imported it before), commands started by
+    tests included."""
     import logging
     import threading
     from functools import partial
@@ -163,22 +165,35 @@ def gcs_bucket():
     from gcp_storage_emulator import server as emulator
     from gcp_storage_emulator.handlers import buckets, objects
     from gcp_storage_emulator.server import RequestHandler
+    from gcp_storage_emulator.exceptions import NotFound
     from gcp_storage_emulator.storage import Storage
 
-    # Downloads say which generation of the object they are, as Cloud Storage does: tensorstore
-    # conditions its writes (orbax's OCDBT manifest, read, changed, written back) on that header,
-    # and without it a save whose arrays commit in two batches fails ("Malformed StorageGeneration")
+    # Downloads as Cloud Storage serves them, where the emulator differs:
+    # - they say which generation of the object they are: tensorstore conditions its writes (orbax's
+    #   OCDBT manifest, read, changed, written back) on that header, and without it a save whose
+    #   arrays commit in two batches fails ("Malformed StorageGeneration");
+    # - a suffix range (`bytes=-N`, the last N bytes: array_record's first read of a file) gives
+    #   those bytes; the emulator takes only `bytes=START-[END]`, and would send the whole object.
     download = objects.download
 
-    def download_with_generation(request, response, storage, *args, **kwargs):
+    def download_as_cloud_storage(request, response, storage, *args, **kwargs):
+        suffix = re.fullmatch(r"\s*bytes=-(\d+)\s*", request.get_header("range") or "")
+        if suffix:
+            try:
+                size = len(storage.get_file(request.params["bucket_name"], request.params["object_id"]))
+            except NotFound:
+                size = 0
+            headers = request._request_handler.headers
+            del headers["Range"]
+            headers["Range"] = f"bytes={max(0, size - int(suffix[1]))}-"
         download(request, response, storage, *args, **kwargs)
         if response.status < 300:
             blob = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
             response["x-goog-generation"], response["x-goog-metageneration"] = blob["generation"], blob["metageneration"]
 
-    objects.download = download_with_generation  # objects.get calls it for ?alt=media
+    objects.download = download_as_cloud_storage  # objects.get calls it for ?alt=media
     for _, routes in emulator.HANDLERS:
-        routes.update({verb: download_with_generation for verb, fn in routes.items() if fn is download})
+        routes.update({verb: download_as_cloud_storage for verb, fn in routes.items() if fn is download})
 
     # a thread per connection (the emulator's own server has one: a client that keeps a connection
     # open stalls every other), one request at a time (its storage takes no locks)
@@ -195,12 +210,18 @@ def gcs_bucket():
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # every miss (a normal probe) at ERROR
     storage = Storage(use_memory_fs=True)
     buckets.create_bucket("idefics-test", storage)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, storage))
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):  # a client that hangs up early (array_record does) is no error
+            if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+                super().handle_error(request, client_address)
+
+    server = Server(("127.0.0.1", 0), partial(handler, storage))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     url = f"http://127.0.0.1:{port}"
-    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, FSSPEC_GCS_TOKEN="anon",
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, CLOUD_STORAGE_EMULATOR_ENDPOINT=url,
+                      FSSPEC_GCS_TOKEN="anon",
                       GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",  # its gRPC probe would retry for minutes
                       GCE_METADATA_HOST="127.0.0.1:1", GCE_METADATA_IP="127.0.0.1:1")  # no credential lookups
     assert "gcsfs" not in sys.modules, "gcsfs was imported before its emulator variables were set"

@@ -1,12 +1,13 @@
-"""A gs:// workdir, against a Cloud Storage emulator: training resumes from the bucket exactly,
-and the bucket serves generation, plots and profiles; bad URLs are named."""
+"""Cloud Storage, against an emulator: a gs:// workdir resumes from the bucket exactly and serves
+generation, plots and profiles; data in a bucket (jsonl, ArrayRecord, TFDS) gives the batches the
+same data gives from local disk; bad URLs are named."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from idefics_jax.paths import as_path
+from idefics_jax.paths import as_path, upload_tree
 from train_helpers import load_config
 
 
@@ -25,15 +26,18 @@ def test_training_in_a_bucket_resumes_exactly_and_serves(gcs_bucket, tmp_path, s
 
     data = tmp_path / "data"
     expected = train(tiny(3, data, seed), tmp_path / "local")
+    # the bucket's runs read a copy of that run's data (jsonl, images as files) from the bucket
+    bucket_data = f"{gcs_bucket}/data/{seed}"
+    upload_tree(data, as_path(bucket_data))
     run = f"{gcs_bucket}/runs/{seed}"
-    first = tiny(2, data, seed)
+    first = tiny(2, bucket_data, seed)
     first.train.profile_first_step, first.train.profile_steps = 2, 1
     assert [s for s, _ in train(first, run)["history"]] == [1, 2]
     # a save killed half way: step 3's files without orbax's commit marker, which resuming ignores
     step2, step3 = as_path(f"{run}/checkpoints/2"), as_path(f"{run}/checkpoints/3")
     (step3 / "state").mkdir(parents=True, exist_ok=True)
     (step3 / "state" / "_METADATA").write_bytes((step2 / "state" / "_METADATA").read_bytes())
-    resumed = train(tiny(3, data, seed), run)
+    resumed = train(tiny(3, bucket_data, seed), run)
     assert resumed["history"] == expected["history"][2:]
     assert [(r["step"], r["train/loss"]) for r in read_metrics(run)] == expected["history"]
 
@@ -73,6 +77,58 @@ def test_urls_that_cannot_serve_are_named(gcs_bucket, tmp_path):
     (hf / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="read from local disk; copy it first"):
         load_for_inference(str(hf))
-    config = tiny(1, f"{gcs_bucket}/data", 0)
-    with pytest.raises(ValueError, match="config.data.dir gs://idefics-test/data: URLs are not supported here"):
+    config = tiny(1, f"{gcs_bucket}/nothing", 0)
+    with pytest.raises(ValueError, match="config.data.dir=gs://idefics-test/nothing holds no tokenizer.model, and "
+                                         "synthetic data is generated on local disk"):
         prepare_data(config, as_path(tmp_path))
+    config.data.synthetic, config.data.tokenizer = False, f"{gcs_bucket}/nothing/tokenizer.model"
+    with pytest.raises(FileNotFoundError, match="Tokenizer gs://idefics-test/nothing/tokenizer.model not found"):
+        prepare_data(config, as_path(tmp_path))
+    config.data.dir = "gs://no-such-bucket/data"
+    with pytest.raises(FileNotFoundError, match="config.data.dir gs://no-such-bucket/data: bucket gs://no-such-bucket"):
+        prepare_data(config, as_path(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def synthetic_in_bucket(gcs_bucket, tmp_path_factory, seed):
+    """(local synthetic data in every format, the same uploaded to the bucket)."""
+    from idefics_jax.data.synthetic import generate
+
+    local = tmp_path_factory.mktemp("synthetic")
+    generate(local, num=40, seed=seed % 1000, num_eval=10, vocab_size=600)
+    remote = as_path(f"{gcs_bucket}/synthetic/{seed}")
+    upload_tree(local, remote)
+    return local, remote
+
+
+@pytest.mark.parametrize("fmt,workers", [("jsonl", 0), ("array_record", 2), ("tfds", 0)])
+def test_data_in_a_bucket_gives_the_local_batches(synthetic_in_bucket, fmt, workers):
+    """workers=2: the records are read in grain's worker processes, each with its own readers."""
+    from test_pipeline import make_pipeline
+
+    local, remote = synthetic_in_bucket
+    reference, _ = make_pipeline(local, fmt=fmt, num_workers=workers)
+    ours, _ = make_pipeline(remote, fmt=fmt, num_workers=workers)  # its tokenizer is read from the bucket too
+    for _ in range(3):
+        a, b = next(reference), next(ours)
+        for key in ("tokens", "loss_mask", "pixel_values", "image_segment_ids"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_questions_in_a_bucket(synthetic_in_bucket):
+    from idefics_jax.data.image_processing import load_image
+    from idefics_jax.inference.evaluate import load_records
+
+    local, remote = synthetic_in_bucket
+    for fmt in ("", "array_record/", "tfds/"):
+        ours, base_dir = load_records(f"{remote}/{fmt}conversations_eval", limit=4)
+        reference, local_dir = load_records(local / f"{fmt}conversations_eval", limit=4)
+        assert str(base_dir).startswith("gs://") and len(ours) == 4
+        assert list(ours) == list(reference)  # embedded images (ArrayRecord, TFDS) included
+        assert ours.fingerprint() == ours.fingerprint() != reference.fingerprint()
+        if not fmt:  # jsonl: images are files beside it, read from the bucket
+            ref = next(r for r in ours if r.get("images"))["images"][0]
+            np.testing.assert_array_equal(np.asarray(load_image(base_dir / ref)),
+                                          np.asarray(load_image(local_dir / ref)))
+            with pytest.raises(FileNotFoundError):
+                load_image(base_dir / "no-such-image.png")

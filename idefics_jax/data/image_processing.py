@@ -20,7 +20,10 @@ import os
 from typing import Sequence, Union
 
 import numpy as np
+from etils import epath
 from PIL import Image, UnidentifiedImageError
+
+from idefics_jax.paths import is_url
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
 
@@ -30,7 +33,8 @@ class ImageError(ValueError):
 
 
 def load_image(source: ImageLike) -> Image.Image:
-    """A fully decoded PIL image from a path, encoded bytes, a PIL image or a uint8 array."""
+    """A fully decoded PIL image from a path (local or gs://), encoded bytes, a PIL image or a uint8 array."""
+    name = "" if isinstance(source, (bytes, bytearray, np.ndarray, Image.Image)) else f" {str(source)[:200]}"
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
@@ -38,14 +42,14 @@ def load_image(source: ImageLike) -> Image.Image:
             raise ImageError(f"An image array must be uint8 [height, width(, 1|3|4)]; got {source.dtype} {source.shape}")
         image = Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[-1] == 1 else source)
     else:
+        if isinstance(source, (str, os.PathLike)) and is_url(source):  # gs://...: fetched whole (gcsfs)
+            source = epath.Path(source).read_bytes()  # FileNotFoundError when missing, as for a local file
         try:
             image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         except FileNotFoundError:
             raise
         except (UnidentifiedImageError, OSError, ValueError) as error:
-            name = "bytes" if isinstance(source, (bytes, bytearray)) else str(source)
-            raise ImageError(f"Cannot read image {name[:200]}: {error}") from error
-    name = "" if isinstance(source, (bytes, bytearray, np.ndarray, Image.Image)) else f" {str(source)[:200]}"
+            raise ImageError(f"Cannot read image{name or ' bytes'}: {error}") from error
     try:
         image.load()  # decode now: a truncated file fails here, not later
     except (OSError, ValueError, SyntaxError) as error:

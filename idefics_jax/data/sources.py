@@ -8,18 +8,25 @@
   read through `builder.as_data_source()`; TensorFlow is not needed.
 
 `write_array_record(dir, records, base_dir)` converts records (with image files) to ArrayRecord.
+
+A source may live in a Cloud Storage bucket (`gs://bucket/data/pairs`): ArrayRecord files are read
+with a ranged request per record (array_record's own Cloud Storage reader), a TFDS build likewise,
+and a jsonl file is read into memory once (its images, as files, one request each), all through
+`etils.epath` (gcsfs) and the host's Google credentials.
 """
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import msgpack
 import numpy as np
+from etils import epath
+
+from idefics_jax.paths import is_url
 
 FORMATS = ("jsonl", "array_record", "tfds")
 
@@ -28,13 +35,16 @@ class JsonlSource:
     """Records of `DIR/data.jsonl` (or a given .jsonl file), by index."""
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        path = epath.Path(path)
         self.file = path / "data.jsonl" if path.is_dir() else path
         if not self.file.exists():
             raise FileNotFoundError(f"No jsonl data at {self.file}")
         self.base_dir = str(self.file.parent)
+        # a local file is read a line at a time, by seeking; one in a bucket is held in memory (a
+        # ranged read per line would cost a request each, gcsfs's read-ahead megabytes each)
+        self._text = self.file.read_bytes() if is_url(self.file) else None
         offsets = [0]
-        with open(self.file, "rb") as f:
+        with io.BytesIO(self._text) if self._text is not None else self.file.open("rb") as f:
             for line in f:
                 offsets.append(offsets[-1] + len(line))
         ends = np.asarray(offsets, np.int64)
@@ -45,9 +55,13 @@ class JsonlSource:
         return len(self._starts)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        with open(self.file, "rb") as f:
-            f.seek(int(self._starts[index]))
-            line = f.read(int(self._ends[index] - self._starts[index]))
+        start, end = int(self._starts[index]), int(self._ends[index])
+        if self._text is not None:
+            line = self._text[start:end]
+        else:
+            with open(self.file, "rb") as f:
+                f.seek(start)
+                line = f.read(end - start)
         try:
             return json.loads(line)
         except json.JSONDecodeError as error:
@@ -74,10 +88,11 @@ class ArrayRecordSource:
     def __init__(self, path: str | os.PathLike):
         import grain
 
-        files = sorted(glob.glob(os.path.join(path, "*.array_record"))) if os.path.isdir(path) else [str(path)]
-        if not files or not all(os.path.exists(f) for f in files):
+        path = epath.Path(path)
+        files = sorted(path.glob("*.array_record")) if path.is_dir() else [path]
+        if not files or not all(f.exists() for f in files):
             raise FileNotFoundError(f"No .array_record files at {path}")
-        self._source = grain.sources.ArrayRecordDataSource(files)
+        self._source = grain.sources.ArrayRecordDataSource([str(f) for f in files])  # gs:// read natively
         self.base_dir = str(path)
 
     def __len__(self) -> int:
@@ -132,10 +147,9 @@ def records_with_images(records: Iterable[dict], base_dir: str | os.PathLike):
     for record in records:
         images = {}
         for ref in image_refs(record):
-            path = os.path.join(base_dir, ref)
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    images[ref] = f.read()
+            path = epath.Path(base_dir) / ref
+            if path.exists():
+                images[ref] = path.read_bytes()
         yield record, images
 
 

@@ -12,11 +12,10 @@ feature would need TensorFlow to encode. Files are written as ArrayRecord, so
 from __future__ import annotations
 
 import functools
-import glob
 import os
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 
 @functools.cache
@@ -68,9 +67,9 @@ def load_data_source(data_dir: str | os.PathLike, split: str = "train"):
     """Random access to a build made by `build` (the directory given to it, or the versioned one)."""
     import tensorflow_datasets as tfds
 
-    data_dir = Path(data_dir)
+    data_dir = epath.Path(data_dir)  # local, or gs:// (TFDS reads through epath, the files through array_record)
     candidates = [data_dir] if (data_dir / "dataset_info.json").exists() else \
-        sorted(Path(p).parent for p in glob.glob(str(data_dir / "*" / "*" / "dataset_info.json")))
+        sorted(p.parent for p in data_dir.glob("*/*/dataset_info.json"))
     if not candidates:
         raise FileNotFoundError(f"No TFDS build under {data_dir} (expected */<version>/dataset_info.json)")
     return tfds.builder_from_directory(str(candidates[-1])).as_data_source(split=split)

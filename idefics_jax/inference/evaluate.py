@@ -27,12 +27,14 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from etils import epath
 
 from idefics_jax.data.image_processing import load_image
 from idefics_jax.data.image_tokens import IMAGE_TOKEN, count_placeholders
 from idefics_jax.data.processor import apply_chat_template
 from idefics_jax.data.sources import open_source
 from idefics_jax.inference.generate import check_context
+from idefics_jax.paths import as_path, is_url
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -102,11 +104,11 @@ class QuestionSet(Sequence):
     jsonl file or a directory holding `data.jsonl` (images as files beside it), a directory of
     `.array_record` files (images embedded) or a TFDS build. `limit`: the first N records only."""
 
-    def __init__(self, path: str | Path, limit: int | None = None):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, limit: int | None = None):
+        self.path = as_path(path, "Question data")  # local, or gs://bucket/...
         self.format = data_format(self.path)
         self.source = open_source(self.path, self.format)
-        self.base_dir = Path(self.source.base_dir)
+        self.base_dir = epath.Path(self.source.base_dir)
         self.size = len(self.source) if not limit else min(limit, len(self.source))
 
     def __len__(self) -> int:
@@ -122,14 +124,23 @@ class QuestionSet(Sequence):
     def fingerprint(self) -> str:
         """Changes when the data's files do (names, sizes, modification times) or the limit does."""
         digest = hashlib.sha256(f"{self.format}:{self.size}".encode())
-        files = [self.path] if self.path.is_file() else sorted(p for p in self.path.rglob("*") if p.is_file())
-        for file in files:
-            stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        for file in _files(self.path):
+            if is_url(file):
+                stat = file.stat()
+                size, mtime = stat.length, stat.mtime
+            else:
+                stat = os.stat(file)
+                size, mtime = stat.st_size, stat.st_mtime_ns
+            digest.update(f"{file.name}:{size}:{mtime};".encode())
         return digest.hexdigest()[:16]
 
 
-def data_format(path: Path) -> str:
+def _files(path: epath.Path) -> list[epath.Path]:
+    """The files at or under `path`, in order (epath has no `rglob` for gs://)."""
+    return [path] if path.is_file() else sorted(f for child in path.iterdir() for f in _files(child))
+
+
+def data_format(path: epath.Path) -> str:
     """'jsonl', 'array_record' or 'tfds', from what `path` holds; a clear error when it holds none."""
     if path.is_file() and path.suffix == ".array_record" or path.is_dir() and any(path.glob("*.array_record")):
         return "array_record"
@@ -141,13 +152,13 @@ def data_format(path: Path) -> str:
                             f"data.jsonl, .array_record files or a TFDS build")
 
 
-def load_records(path: str | Path, limit: int | None = None) -> tuple[QuestionSet, Path]:
+def load_records(path: str | os.PathLike, limit: int | None = None) -> tuple[QuestionSet, epath.Path]:
     """(the records, the directory their image paths are relative to); see `QuestionSet`."""
     questions = QuestionSet(path, limit)
     return questions, questions.base_dir
 
 
-def _inputs(record: dict, base_dir: Path, processor, config, max_new_tokens: int) -> tuple[list[dict], list]:
+def _inputs(record: dict, base_dir: epath.Path, processor, config, max_new_tokens: int) -> tuple[list[dict], list]:
     """A record's question turns and its images, checked: an unreadable image, a placeholder count
     that differs from the images, or a prompt too long for the context raises (ImageError,
     FileNotFoundError or ValueError)."""
@@ -183,7 +194,7 @@ def summarize(results: Sequence[dict]) -> dict:
             "vqa_accuracy": mean("vqa_accuracy"), "anls": mean("anls"), "results": list(results)}
 
 
-def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *, batch_size: int = 16,
+def evaluate_records(assistant, records: Sequence[dict], base_dir: str | os.PathLike, *, batch_size: int = 16,
                      max_new_tokens: int = 16, split: bool = False, progress: bool = False,
                      on_batch: Callable[[list[dict]], None] | None = None) -> dict:
     """Greedy answers for every record, scored; returns the report (`summarize`).
@@ -196,7 +207,7 @@ def evaluate_records(assistant, records: Sequence[dict], base_dir: str | Path, *
     `on_batch(results)` is called with each batch's results as they come (to save progress)."""
     from tqdm import tqdm
 
-    base_dir, processor, config = Path(base_dir), assistant.processor(split), assistant.loaded.config
+    base_dir, processor, config = epath.Path(base_dir), assistant.processor(split), assistant.loaded.config
     results = []
     bar = tqdm(total=len(records), desc="evaluate", unit="question", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(records), batch_size):

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from idefics_jax.config import Idefics2Config
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
@@ -74,8 +76,8 @@ def _load_workdir(path: Path):
     mcfg, params, step = restore_latest(config, path)
     tokenizer = path / "tokenizer.model"  # saved by the run; workdirs of older runs: where the run read it
     if not tokenizer.exists():
-        data_dir = Path(config.data.dir) if config.data.dir else path / "data"
-        tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
+        data_dir = epath.Path(config.data.dir) if config.data.dir else path / "data"
+        tokenizer = epath.Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
     source = config.data.sources[0] if config.data.sources else {}
     images = ImageProcessor(longest_edge=source.get("longest_edge", 980), shortest_edge=source.get("shortest_edge", 378))
     return mcfg, params, tokenizer, images, f"training workdir {path} at step {step}"

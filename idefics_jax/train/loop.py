@@ -31,7 +31,7 @@ from idefics_jax.distributed import check_shared_directory, use_compilation_cach
 from idefics_jax.models.idefics2 import Idefics2
 from idefics_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from idefics_jax.ops.attention import IMPLEMENTATIONS
-from idefics_jax.paths import as_path, check_local_path, is_url
+from idefics_jax.paths import as_path, is_url
 from idefics_jax.sharding import batch_sharding, make_mesh, put_everywhere
 from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from idefics_jax.train.config import model_config
@@ -61,13 +61,17 @@ def synthetic_data_dir(config, workdir: epath.Path) -> Path:
     return Path(tempfile.gettempdir()) / "idefics_jax_data" / f"synthetic-{d.synthetic_num}-{d.seed}-{int(d.synthetic_easy)}"
 
 
-def prepare_data(config, workdir: epath.Path) -> tuple[Path, Tokenizer]:
-    if config.data.dir:
-        check_local_path(config.data.dir, "config.data.dir")
-    data_dir = Path(config.data.dir) if config.data.dir else synthetic_data_dir(config, workdir)
+def prepare_data(config, workdir: epath.Path) -> tuple[epath.Path, Tokenizer]:
+    """(the data directory, the tokenizer): `config.data.dir` (a local path or gs://bucket/...), or
+    synthetic data, generated on first use."""
+    data_dir = as_path(config.data.dir, "config.data.dir") if config.data.dir else \
+        epath.Path(synthetic_data_dir(config, workdir))
     if config.data.synthetic and not (data_dir / "tokenizer.model").exists():
         from idefics_jax.data.synthetic import generate
 
+        if is_url(data_dir):
+            raise ValueError(f"config.data.dir={config.data.dir} holds no tokenizer.model, and synthetic data is "
+                             f"generated on local disk: name a local config.data.dir, or leave it empty")
         # every host writes its own copy (the same for a seed), then renames it into place
         log.info("Generating synthetic data in %s", data_dir)
         data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -80,15 +84,14 @@ def prepare_data(config, workdir: epath.Path) -> tuple[Path, Tokenizer]:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-    if config.data.tokenizer:
-        check_local_path(config.data.tokenizer, "config.data.tokenizer")
-    tokenizer_path = Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
+    tokenizer_path = as_path(config.data.tokenizer, "config.data.tokenizer") if config.data.tokenizer else \
+        data_dir / "tokenizer.model"
     if not tokenizer_path.exists():
         raise FileNotFoundError(f"Tokenizer {tokenizer_path} not found (config.data.tokenizer)")
     return data_dir, Tokenizer(tokenizer_path)
 
 
-def make_pipeline(config, data_dir: Path, tokenizer: Tokenizer, image_seq_len: int) -> Pipeline:
+def make_pipeline(config, data_dir: epath.Path, tokenizer: Tokenizer, image_seq_len: int) -> Pipeline:
     if not config.data.sources:
         raise ValueError("config.data.sources is empty: name at least one source")
     known = {f.name for f in dataclasses.fields(SourceConfig)}
@@ -165,7 +168,7 @@ def load_initial_params(state, path: str, mcfg, shardings):
     return state.replace(params={**state.params, **loaded})
 
 
-def evaluate(config, mcfg, params, lora, data_dir: Path, tokenizer: Tokenizer, mesh,
+def evaluate(config, mcfg, params, lora, data_dir: epath.Path, tokenizer: Tokenizer, mesh,
              assistant=None) -> tuple[dict, object]:
     """Exact match (and VQA accuracy) of cached greedy answers on `config.data.eval_source`, generated
     on the training mesh (every process takes part; each gets the whole report).
