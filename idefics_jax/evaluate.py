@@ -1,4 +1,4 @@
-"""Command line: score a checkpoint on local question/answer data.
+"""Command line: score a checkpoint on question/answer data.
 
     python -m idefics_jax.evaluate --checkpoint DIR --data DIR_OR_JSONL [--output report.json]
 
@@ -9,7 +9,8 @@ and ANLS and writes a JSON report with every question's prediction. A question t
 asked (an unreadable image, a prompt longer than the context) is named and left out of the
 scores (the report counts it in `failed`). A batch that runs out of device memory is answered
 in halves. Results are saved as they come (`OUTPUT.partial.jsonl`):
-run the same command again after a stop and it goes on from there.
+run the same command again after a stop and it goes on from there. The data, a training workdir
+and the output may be gs://bucket/... URLs.
 
 On several hosts (`launch/gpu_multihost.sh`, a TPU pod) every process runs the same command: each
 batch is generated once on the mesh that spans them (`--mesh`; by default data parallel over the
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="Hugging Face directory, idefics_jax checkpoint or workdir")
     p.add_argument("--data", required=True, help="a jsonl of conversations, or a directory with data.jsonl, "
                    ".array_record files or a TFDS build (idefics_jax.data's formats)")
-    p.add_argument("--output", default="eval_report.json", help="where the JSON report goes")
+    p.add_argument("--output", default="eval_report.json", help="where the JSON report goes (a path or gs://...)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=16)
@@ -52,11 +53,13 @@ def main(argv=None) -> int:
     from idefics_jax.inference.assistant import Assistant
     from idefics_jax.inference.evaluate import evaluate_records, load_records, summarize
     from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.paths import as_path, is_url
 
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     try:
         mesh = start(args)
+        output = as_path(args.output, "--output")  # a bucket that cannot be written is named before the work
         records, base_dir = load_records(args.data, args.limit)
         dtype = jnp.dtype(args.dtype)
         loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype)
@@ -78,10 +81,12 @@ def main(argv=None) -> int:
         if "error" in result:
             name = repr(result["id"]) if result["id"] is not None else f"number {number}"
             print(f"warning: question {name} was not scored: {result['error']}", file=sys.stderr)
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_name(output.name + ".tmp").write_text(json.dumps(report, indent=1))
-    output.with_name(output.name + ".tmp").replace(output)  # a whole report or the old one, never half
+    if is_url(output):
+        output.write_text(json.dumps(report, indent=1))  # a Cloud Storage object is replaced whole
+    else:
+        output.with_name(output.name + ".tmp").write_text(json.dumps(report, indent=1))
+        output.with_name(output.name + ".tmp").replace(output)  # a whole report or the old one, never half
     progress.remove()
     failed = f" ({report['failed']} not scored)" if report["failed"] else ""
     print(f"{report['n']} questions{failed}: exact match {report['exact_match']:.1%}, VQA accuracy "

@@ -4,6 +4,8 @@ same data gives from local disk; bad URLs are named."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -51,6 +53,16 @@ def test_training_in_a_bucket_resumes_exactly_and_serves(gcs_bucket, tmp_path, s
     for ours, trained in zip(*(jax_leaves(t) for t in (loaded.params, resumed["state"].params))):
         np.testing.assert_array_equal(ours, trained)
 
+    # evaluate: the workdir, the questions (their images files) and the report all in the bucket
+    from idefics_jax import evaluate
+
+    report = f"{run}/eval/report.json"
+    assert evaluate.main(["--checkpoint", run, "--data", f"{bucket_data}/conversations_eval", "--limit", "3",
+                          "--batch_size", "2", "--max_new_tokens", "2", "--output", report]) == 0
+    scored = json.loads(as_path(report).read_text())
+    assert scored["n"] == 3 and scored["failed"] == 0 and scored["checkpoint"].endswith("at step 3")
+    assert not as_path(f"{report}.partial.jsonl").exists()
+
 
 def expected_vocab(data) -> int:
     from idefics_jax.data.tokenizer import Tokenizer
@@ -62,6 +74,29 @@ def jax_leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_evaluation_progress_in_a_bucket_survives_a_stop(gcs_bucket):
+    """`evaluate`'s results as they come, in a bucket (rewritten whole per batch: no appends there):
+    a later run with the same settings finds every whole batch, one with others finds none."""
+    from idefics_jax.inference.evaluate import ProgressFile
+
+    path = f"{gcs_bucket}/eval/stopped.json.partial.jsonl"
+    results = [{"id": i, "prediction": f"answer {i}"} for i in range(5)]
+    first = ProgressFile(path, {"batch_size": 2}, 2)
+    first.start([])
+    first.append(results[:2])
+    first.append(results[2:4])
+    first.append(results[4:])  # a last batch cut short by the stop: counted as not done
+    assert ProgressFile(path, {"batch_size": 2}, 2).done() == results[:4]
+    assert ProgressFile(path, {"batch_size": 3}, 2).done() == []
+    again = ProgressFile(path, {"batch_size": 2}, 2)
+    again.start(again.done())
+    again.append([{"id": 4, "prediction": "answer 4, again"}])
+    assert as_path(path).read_text().splitlines()[1:] == [json.dumps(r) for r in results[:4]] + \
+        ['{"id": 4, "prediction": "answer 4, again"}']
+    again.remove()
+    assert not as_path(path).exists()
 
 
 def test_urls_that_cannot_serve_are_named(gcs_bucket, tmp_path):
@@ -132,3 +167,27 @@ def test_questions_in_a_bucket(synthetic_in_bucket):
                                           np.asarray(load_image(local_dir / ref)))
             with pytest.raises(FileNotFoundError):
                 load_image(base_dir / "no-such-image.png")
+
+
+def test_prepare_script_reads_and_writes_buckets(synthetic_in_bucket, gcs_bucket, seed, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from idefics_jax.data.sources import ArrayRecordSource, JsonlSource, TfdsSource
+
+    spec = importlib.util.spec_from_file_location("prepare", Path(__file__).parents[1] / "data" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    local, remote = synthetic_in_bucket
+    out = f"{gcs_bucket}/prepared/{seed}"
+    assert prepare.main(["array_record", f"{remote}/documents", f"{out}/ar", "--shards", "2"]) == 0
+    assert prepare.main(["tfds", f"{remote}/documents", f"{out}/tfds"]) == 0
+    assert f"Wrote the TFDS build {out}/tfds/" in capsys.readouterr().out
+    reference = JsonlSource(local / "documents")
+    for ours in (ArrayRecordSource(f"{out}/ar"), TfdsSource(f"{out}/tfds")):
+        assert len(ours) == len(reference)
+        for i in (0, len(ours) - 1):  # images embedded: read from the bucket's image files
+            record = ours[i]
+            assert record.pop("_image_bytes") == {record["image"]: (local / "documents" / record["image"]).read_bytes()}
+            assert record == reference[i]
+    assert len(list(as_path(f"{out}/ar").glob("*.array_record"))) == 2

@@ -22,7 +22,6 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -266,10 +265,12 @@ def _answers(assistant, items: list[tuple[int, tuple]], batch_size: int, **optio
 class ProgressFile:
     """The results of a long evaluation as they come (jsonl, after a header line naming its settings),
     so that a run that was stopped goes on where it was: `done()` gives the results of the whole
-    batches written before, when the settings are the same."""
+    batches written before, when the settings are the same. In a bucket (gs://), where an object
+    cannot be appended to, each append writes the file whole again (one upload per batch)."""
 
-    def __init__(self, path: str | Path, settings: dict, batch_size: int):
-        self.path, self.settings, self.batch_size = Path(path), settings, batch_size
+    def __init__(self, path: str | os.PathLike, settings: dict, batch_size: int):
+        self.path, self.settings, self.batch_size = as_path(path, "--output"), settings, batch_size
+        self._text = None  # a gs:// file's text, as last written
 
     def done(self) -> list[dict]:
         """Results saved by an earlier run with these settings, whole batches only; [] otherwise."""
@@ -293,11 +294,17 @@ class ProgressFile:
     def start(self, done: list[dict]):
         """Rewrites the file with the header and the results kept (a fresh file without them)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in [self.settings, *done]))
+        self._text = "".join(json.dumps(r) + "\n" for r in [self.settings, *done])
+        self.path.write_text(self._text)
 
     def append(self, results: list[dict]):
+        lines = "".join(json.dumps(r) + "\n" for r in results)
+        if is_url(self.path):
+            self._text += lines
+            self.path.write_text(self._text)
+            return
         with open(self.path, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in results))
+            f.write(lines)
             f.flush()
             os.fsync(f.fileno())
 
