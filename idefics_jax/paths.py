@@ -12,9 +12,13 @@ Hugging Face and converted checkpoints stay local paths (`loading.py` says so wh
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 
 from etils import epath
+
+log = logging.getLogger(__name__)
 
 URL_SCHEMES = ("gs",)  # what is tested (against a local GCS emulator); s3:// etc. are refused
 _FOUND_BUCKETS: set[str] = set()  # buckets this process has reached: each is looked up once
@@ -63,3 +67,54 @@ def upload_tree(local: str | os.PathLike, remote: epath.Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(open(source, "rb").read())
 
+
+
+class TreeUploader:
+    """Mirrors a local directory into a gs:// one from a background thread, so that the training
+    loop never waits on the network. `request()` asks for an upload of the files changed since the
+    last one (requests made while one runs are served by the next); `close()` waits for the thread
+    and uploads what is left. A failed upload is logged and retried at the next request; `close()`
+    raises if its own upload fails (the local directory still holds everything)."""
+
+    def __init__(self, local: str | os.PathLike, remote: epath.Path):
+        self.local, self.remote = str(local), remote
+        self._sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) when uploaded
+        self._wanted, self._closing = threading.Event(), False
+        self._thread = threading.Thread(target=self._serve, name=f"upload to {remote}", daemon=True)
+        self._thread.start()
+
+    def request(self):
+        self._wanted.set()
+
+    def close(self):
+        self._closing = True
+        self._wanted.set()
+        self._thread.join()
+        self.upload()
+
+    def upload(self):
+        for root, _, files in os.walk(self.local):
+            for name in sorted(files):
+                source = os.path.join(root, name)
+                stat = os.stat(source)  # before reading: a file that grows meanwhile is sent again next time
+                relative = os.path.relpath(source, self.local)
+                if self._sent.get(relative) != (stat.st_size, stat.st_mtime_ns):
+                    self._put(source, self.remote / relative)
+                    self._sent[relative] = (stat.st_size, stat.st_mtime_ns)
+
+    @staticmethod
+    def _put(source: str, target: epath.Path):
+        with open(source, "rb") as f:
+            target.write_bytes(f.read())
+
+    def _serve(self):
+        while True:
+            self._wanted.wait()
+            if self._closing:
+                return
+            self._wanted.clear()
+            try:
+                self.upload()
+            except Exception as error:  # noqa: BLE001 - the network, credentials: logged, retried
+                log.warning("Uploading %s to %s failed (%s: %s); retrying at the next write", self.local,
+                            self.remote, type(error).__name__, error)

@@ -99,6 +99,55 @@ def test_evaluation_progress_in_a_bucket_survives_a_stop(gcs_bucket):
     assert not as_path(path).exists()
 
 
+def test_metrics_upload_in_the_background_and_survive_failures(gcs_bucket, seed, monkeypatch, caplog):
+    """A gs:// workdir's metrics are uploaded by a thread: a slow upload does not hold up `write`, a
+    failed one is logged and retried by the next, unchanged files are not sent again, and when the
+    last upload fails the rows stay in the local directory, which the error names."""
+    import threading
+    import time
+
+    from idefics_jax.paths import TreeUploader
+    from idefics_jax.train.metrics import MetricWriter, read_metrics
+
+    put, sent, fail = TreeUploader._put, [], threading.Event()
+
+    def slow_put(source, target):
+        time.sleep(0.3)
+        if fail.is_set():
+            raise OSError("the network is down")
+        sent.append(target.name)
+        put(source, target)
+
+    monkeypatch.setattr(TreeUploader, "_put", staticmethod(slow_put))
+    run = f"{gcs_bucket}/metrics/{seed}"
+    writer = MetricWriter(run)
+    began = time.perf_counter()
+    for step in range(1, 4):
+        writer.write(step, {"train/loss": 1.0 / step})
+    assert time.perf_counter() - began < 0.3  # the first upload (two files, 0.6 s) has not ended yet
+    fail.set()
+    time.sleep(1.0)
+    writer.write(4, {"train/loss": 0.25})
+    time.sleep(1.0)  # at most one more upload runs, and fails
+    fail.clear()
+    writer.write(5, {"train/loss": 0.2})
+    writer.close()
+    assert "retrying at the next write" in caplog.text and "the network is down" in caplog.text
+    assert [(r["step"], r["train/loss"]) for r in read_metrics(run)] == [(s, 1.0 / s) for s in range(1, 6)]
+    count = len(sent)
+    writer._uploader.upload()  # nothing changed since the last: nothing is sent
+    assert len(sent) == count
+
+    caplog.clear()
+    writer = MetricWriter(run)  # a resumed run: its rows come after the earlier ones
+    fail.set()
+    writer.write(6, {"train/loss": 1 / 6})
+    writer.close()  # nothing is lost: the local copy is kept, and named
+    assert "could not be uploaded" in caplog.text
+    local = caplog.text.split("they are in ")[1].split()[0]
+    assert [r["step"] for r in read_metrics(local)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_urls_that_cannot_serve_are_named(gcs_bucket, tmp_path):
     from idefics_jax.inference.loading import load_for_inference
     from idefics_jax.train.loop import prepare_data

@@ -188,6 +188,15 @@ def test_loss_plot(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     out = plot_loss(str(tmp_path))
     assert Path(out).stat().st_size > 1000
+    # a last row cut short (a kill mid-write, or a copy taken then) is left out; a bad row elsewhere is named
+    from idefics_jax.train.metrics import read_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 6, "train/lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    metrics.write_text('{"step": 1\n' + metrics.read_text())
+    with pytest.raises(ValueError, match="metrics.jsonl, line 1: not JSON"):
+        read_metrics(tmp_path)
 
 
 def test_two_processes_give_the_losses_of_one(seed):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from idefics_jax.config import Idefics2Config
-from idefics_jax.paths import as_path, is_url, upload_tree
+from idefics_jax.paths import TreeUploader, as_path, is_url, upload_tree
+
+log = logging.getLogger(__name__)
 
 # bf16 dense peak FLOP/s per device, by jax `device_kind` substring
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -73,13 +76,15 @@ def step_flops(config: Idefics2Config, batch: dict[str, Any]) -> float:
 class MetricWriter:
     """TensorBoard event files (tensorboardX) and a jsonl copy for tools and plots, in a local
     directory or a gs:// one. A Cloud Storage object cannot be appended to, so there both are
-    written locally and uploaded whole after each write (as TensorFlow's writers do on gs://)."""
+    written locally and uploaded whole after each write (as TensorFlow's writers do on gs://), by a
+    background thread (`paths.TreeUploader`): training does not wait on the network."""
 
     def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
         self.enabled = enabled
         self.workdir = as_path(workdir)
         self.path = self.workdir / "metrics.jsonl"
-        self._local = None  # for a gs:// workdir: the local directory uploaded after each write
+        self._local = None  # for a gs:// workdir: the local directory written, then uploaded
+        self._uploader = None
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
@@ -88,6 +93,7 @@ class MetricWriter:
                 self._local = tempfile.mkdtemp(prefix="idefics_jax-metrics-")
                 if self.path.exists():  # an earlier run's rows stay (a resumed run adds its own after them)
                     (Path(self._local) / "metrics.jsonl").write_bytes(self.path.read_bytes())
+                self._uploader = TreeUploader(self._local, self.workdir)
             written = self._local or str(self.workdir)  # where the files are written (appended to)
             self._jsonl = os.path.join(written, "metrics.jsonl")
             self._tb = SummaryWriter(os.path.join(written, "tensorboard"))
@@ -99,16 +105,23 @@ class MetricWriter:
             self._tb.add_scalar(key, value, step)
         with open(self._jsonl, "a") as f:
             f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
-        if self._local:
+        if self._uploader:
             self._tb.flush()
-            upload_tree(self._local, self.workdir)
+            self._uploader.request()
 
     def close(self):
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
-            if self._local:
-                upload_tree(self._local, self.workdir)
+        if self._tb is None:
+            return
+        self._tb.flush()
+        self._tb.close()
+        self._tb = None
+        if self._uploader:
+            try:
+                self._uploader.close()
+            except Exception as error:  # noqa: BLE001 - a run that ends is not failed by its metrics' upload
+                log.error("The metrics of this run could not be uploaded to %s (%s: %s); they are in %s",
+                          self.workdir, type(error).__name__, error, self._local)
+            else:
                 shutil.rmtree(self._local, ignore_errors=True)
 
 
@@ -160,7 +173,15 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     path = as_path(workdir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"No metrics.jsonl in {workdir}: has a run written metrics there?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not JSON ({line[:80]!r})") from None
+            # the last line, cut short: a copy uploaded while a row was being written, or a kill
     last = {}
     for row in rows:  # a resumed run rewrites steps: keep the latest value of each
         last[(row["step"])] = {**last.get(row["step"], {}), **row}
