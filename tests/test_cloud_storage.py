@@ -148,6 +148,42 @@ def test_metrics_upload_in_the_background_and_survive_failures(gcs_bucket, seed,
     assert [r["step"] for r in read_metrics(local)] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
+def test_two_processes_train_into_one_bucket(gcs_bucket, seed):
+    """Two jax.distributed processes (hosts) train into one gs:// workdir: both pass the shared-workdir
+    check, write their parts of each checkpoint, which process 0 commits; the workdir then serves."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import portpicker
+
+    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.train.metrics import read_metrics
+
+    root = Path(__file__).parents[1]
+    run = f"{gcs_bucket}/two-hosts/{seed}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # the emulator's variables included
+    env.pop("XLA_FLAGS", None)
+    port = portpicker.pick_unused_port()
+    procs = [subprocess.Popen(["bash", str(root / "launch" / "gpu_multihost.sh"), "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--", sys.executable, "-m",
+                               "idefics_jax.train", "--config", str(root / "configs" / "tiny.py"), "--workdir", run,
+                               "--config.train.steps=2", "--config.train.checkpoint_every=1", "--config.train.log_every=1",
+                               "--config.data.synthetic_num=60", "--config.data.batch_size=4",
+                               "--config.data.seq_len=256", f"--config.data.seed={seed % 1000}",
+                               "--config.data.eval_source="],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    steps = as_path(f"{run}/checkpoints")
+    assert sorted(int(d.name) for d in steps.iterdir() if d.name.isdigit()) == [1, 2]
+    assert load_for_inference(run).description.endswith("at step 2")
+
+
 def test_urls_that_cannot_serve_are_named(gcs_bucket, tmp_path):
     from idefics_jax.inference.loading import load_for_inference
     from idefics_jax.train.loop import prepare_data
