@@ -2,10 +2,11 @@
 # Run the same idefics_jax command on every worker of a Cloud TPU VM pod (or multislice).
 #
 #   launch/tpu_pod.sh --tpu my-v5p-128 --zone us-east5-a [--project P] [--setup] -- \
-#       python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir gs://bucket/stage1
+#       python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir gs://bucket/stage1 \
+#       --config.data.dir=gs://bucket/data
 #
 # The workdir must be one that all workers see: a gs:// bucket (the workers' own credentials serve),
-# or a shared filesystem at the same path on every worker.
+# or a shared filesystem at the same path on every worker. The data may be in a bucket as well.
 #
 # --setup first clones/updates this repository on every worker (REPO_URL, default: this checkout's
 # origin) and installs it with pip. On a TPU pod jax.distributed finds the other workers by
@@ -23,7 +24,7 @@ while [[ $# -gt 0 ]]; do
     --repo-dir) repo_dir="$2"; shift 2 ;;
     --setup) setup=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "tpu_pod.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
