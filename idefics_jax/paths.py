@@ -58,15 +58,25 @@ def as_path(path: str | os.PathLike, what: str = "--workdir") -> epath.Path:
     return epath.Path(text)
 
 
-def upload_tree(local: str | os.PathLike, remote: epath.Path) -> None:
-    """Copies the files under the local directory `local` to `remote`, keeping their relative paths."""
+def upload_tree(local: str | os.PathLike, remote: epath.Path, sent: dict[str, tuple[int, int]] | None = None) -> None:
+    """Copies the files under the local directory `local` to `remote`, keeping their relative paths.
+    `sent` (relative path -> (size, mtime_ns) when last copied): only files changed since are
+    copied, and it is brought up to date."""
+    sent = {} if sent is None else sent
     for root, _, files in os.walk(local):
-        for name in files:
+        for name in sorted(files):
             source = os.path.join(root, name)
-            target = remote / os.path.relpath(source, local)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(open(source, "rb").read())
+            stat = os.stat(source)  # before reading: a file that grows meanwhile is sent again next time
+            relative = os.path.relpath(source, local)
+            if sent.get(relative) != (stat.st_size, stat.st_mtime_ns):
+                _put(source, remote / relative)
+                sent[relative] = (stat.st_size, stat.st_mtime_ns)
 
+
+def _put(source: str, target: epath.Path):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "rb") as f:
+        target.write_bytes(f.read())
 
 
 class TreeUploader:
@@ -93,19 +103,7 @@ class TreeUploader:
         self.upload()
 
     def upload(self):
-        for root, _, files in os.walk(self.local):
-            for name in sorted(files):
-                source = os.path.join(root, name)
-                stat = os.stat(source)  # before reading: a file that grows meanwhile is sent again next time
-                relative = os.path.relpath(source, self.local)
-                if self._sent.get(relative) != (stat.st_size, stat.st_mtime_ns):
-                    self._put(source, self.remote / relative)
-                    self._sent[relative] = (stat.st_size, stat.st_mtime_ns)
-
-    @staticmethod
-    def _put(source: str, target: epath.Path):
-        with open(source, "rb") as f:
-            target.write_bytes(f.read())
+        upload_tree(self.local, self.remote, self._sent)
 
     def _serve(self):
         while True:

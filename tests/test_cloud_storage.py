@@ -106,10 +106,10 @@ def test_metrics_upload_in_the_background_and_survive_failures(gcs_bucket, seed,
     import threading
     import time
 
-    from idefics_jax.paths import TreeUploader
+    from idefics_jax import paths
     from idefics_jax.train.metrics import MetricWriter, read_metrics
 
-    put, sent, fail = TreeUploader._put, [], threading.Event()
+    put, sent, fail = paths._put, [], threading.Event()
 
     def slow_put(source, target):
         time.sleep(0.3)
@@ -118,7 +118,7 @@ def test_metrics_upload_in_the_background_and_survive_failures(gcs_bucket, seed,
         sent.append(target.name)
         put(source, target)
 
-    monkeypatch.setattr(TreeUploader, "_put", staticmethod(slow_put))
+    monkeypatch.setattr(paths, "_put", slow_put)
     run = f"{gcs_bucket}/metrics/{seed}"
     writer = MetricWriter(run)
     began = time.perf_counter()
