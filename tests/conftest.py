@@ -164,8 +164,8 @@ def gcs_bucket():
 
     from gcp_storage_emulator import server as emulator
     from gcp_storage_emulator.handlers import buckets, objects
-    from gcp_storage_emulator.server import RequestHandler
     from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.server import RequestHandler
     from gcp_storage_emulator.storage import Storage
 
     # Downloads as Cloud Storage serves them, where the emulator differs:
