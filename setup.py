@@ -20,8 +20,8 @@ setup(
     extras_require={
         # transformers' Idefics2 is the reference the tests compare against; CPU torch only.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0,<6",
-                 # gs:// workdirs, tested against a local Cloud Storage emulator
+                 # gs:// workdirs and data, tested against a local Cloud Storage emulator
                  "gcsfs>=2024.2", "gcp-storage-emulator>=2026.7"],
-        "gcs": ["gcsfs>=2024.2"],  # gs:// workdirs (checkpoints, metrics, profiles in a bucket)
+        "gcs": ["gcsfs>=2024.2"],  # gs:// workdirs (checkpoints, metrics, profiles) and data in a bucket
     },
 )
