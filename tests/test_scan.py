@@ -28,6 +28,8 @@ def test_scanned_model_equals_unrolled(converted, seed):
     back = flat(unstack_layers(stacked))
     assert back.keys() == flat(params).keys()
     assert all(np.array_equal(back[k], v) for k, v in flat(params).items())
+    on_host = stack_layers(jax.tree.map(np.asarray, params))  # a checkpoint being loaded stays on the host
+    assert all(type(x) is np.ndarray for x in jax.tree.leaves(on_host))
 
     rng = np.random.default_rng([seed, 500])
     ids, mask, pixels, pixel_mask = make_batch(rng, [([4, 3], [(40, 36)]), ([9, 5], [(28, 52)])], config.image_seq_len)

@@ -320,3 +320,40 @@ def test_learning_rate_multipliers_per_tower(seed):
     assert not frozen["vision_model"].any()
     with pytest.raises(ValueError, match="lr_multipliers"):
         update(lr_multipliers={"visoin": 2.0})
+
+
+def test_training_starts_from_a_checkpoint(seed, tmp_path):
+    """`config.model.init_from`: the model a run starts training is the checkpoint's, in either
+    format, into scanned layers, with fresh DoRA adapters (their magnitudes are the loaded weights'
+    norms; made for the random weights they replace, the adapted model would start elsewhere). A
+    checkpoint of another model is refused with the fields that differ."""
+    from idefics_jax import save_checkpoint, save_hf_checkpoint
+    from idefics_jax.models.scan import unstack_layers
+    from idefics_jax.train.lora import merge
+    from idefics_jax.train.loop import build, load_initial_params
+    from idefics_jax.train.step import state_shardings
+    from train_helpers import load_config
+
+    config = load_config("tiny")
+    config.train.scan_layers, config.train.lora.rank, config.train.lora.dora = True, 4, True
+    mcfg, model, tx, _, mesh, lora = build(config)
+    _, shardings = state_shardings(model, tx, mesh, lora=lora)
+    state = init_state(model, tx, mesh, jax.random.PRNGKey(seed), lora=lora)
+    rng = np.random.default_rng(seed)  # the checkpoint: other weights of the same model
+    other = {k: v for k, v in state.params.items() if k != "lora"}
+    checkpoint = unstack_layers(jax.tree.map(lambda x: np.asarray(x) * rng.uniform(0.5, 2) + rng.normal(), other))
+    save_hf_checkpoint(tmp_path / "hf", mcfg, checkpoint)
+    save_checkpoint(tmp_path / "ours", mcfg, checkpoint)
+
+    for fmt in ("hf", "ours"):
+        started = load_initial_params(state, str(tmp_path / fmt), mcfg, shardings, lora)
+        for got, want in zip(jax.tree.leaves(unstack_layers(merge(started.params, lora))), jax.tree.leaves(checkpoint)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+        assert jax.tree.map(lambda x: x.sharding, started.params) == shardings.params
+        for key, entry in started.params["lora"].items():  # the fresh run's adapters: A random, B zero
+            np.testing.assert_array_equal(entry["a"], state.params["lora"][key]["a"])
+            assert not np.array_equal(entry["m"], state.params["lora"][key]["m"])
+
+    other = mcfg.replace(text=mcfg.text.replace(rope_theta=mcfg.text.rope_theta * 2))
+    with pytest.raises(ValueError, match=r"different model than config.model describes: text.rope_theta="):
+        load_initial_params(state, str(tmp_path / "ours"), other, shardings, lora)

@@ -15,6 +15,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LAYER_KEY = re.compile(r"^layers_(\d+)$")
 
@@ -65,8 +66,15 @@ def _stack_tower(tower: dict) -> dict:
     if sorted(numbered) != list(range(len(numbered))):
         raise ValueError(f"Layer numbers {sorted(numbered)} are not 0 .. {len(numbered) - 1}")
     rest = {k: v for k, v in tower.items() if not LAYER_KEY.match(k)}
-    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
-                                           *[numbered[i] for i in range(len(numbered))])}
+    return {**rest, "layers": jax.tree.map(_stack, *[numbered[i] for i in range(len(numbered))])}
+
+
+def _stack(*layers):
+    """Host arrays stay on the host (a checkpoint being loaded: its stacked tower would not fit
+    one device), device arrays stay on the device."""
+    if all(isinstance(x, np.ndarray) for x in layers):
+        return np.stack(layers)
+    return jnp.stack([jnp.asarray(x) for x in layers])
 
 
 def _unstack_tower(tower: dict) -> dict:

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from flax import traverse_util
 from tqdm.auto import tqdm
 
+from idefics_jax.config import Idefics2Config
 from idefics_jax.data.packing import PackConfig
 from idefics_jax.data.pipeline import Pipeline, SourceConfig
 from idefics_jax.data.tokenizer import Tokenizer
@@ -36,7 +38,7 @@ from idefics_jax.sharding import batch_sharding, make_mesh, put_everywhere
 from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from idefics_jax.train.config import model_config
 from idefics_jax.train.metrics import MetricWriter, StepProfiler, peak_flops, step_flops
-from idefics_jax.train.lora import LoraConfig, merge
+from idefics_jax.train.lora import ADAPTERS, LoraConfig, merge, start_magnitudes
 from idefics_jax.train.lora import trainable as lora_trainable
 from idefics_jax.train.optimizer import count_trainable, make_optimizer
 from idefics_jax.train.step import MODEL_KEYS, check_batch_size, init_state, make_train_step, state_shardings
@@ -152,20 +154,42 @@ def build(config):
     return mcfg, model, tx, schedule, mesh, lora
 
 
-def load_initial_params(state, path: str, mcfg, shardings):
-    """Starts from a Hugging Face directory or an idefics_jax checkpoint (`config.model.init_from`)."""
+def load_initial_params(state, path: str, mcfg, shardings, lora: LoraConfig | None = None):
+    """Starts from a Hugging Face directory or an idefics_jax checkpoint (`config.model.init_from`,
+    a local path or gs://bucket/...). The checkpoint is read on the host and each parameter placed
+    in its shards; LoRA/DoRA adapters stay fresh, DoRA's magnitudes taken from the loaded weights
+    (so that the adapted model starts as the checkpoint's)."""
     from idefics_jax.convert import load_checkpoint, load_hf_checkpoint
 
-    ours = (Path(path) / "params").exists()
+    path = as_path(path, "config.model.init_from")
+    ours = (path / "params").exists()
     config, params = (load_checkpoint if ours else load_hf_checkpoint)(path, on_device=False)
     if config != mcfg:
-        raise ValueError(f"config.model.init_from={path} holds a different model than config.model describes")
+        raise ValueError(f"config.model.init_from={path} holds a different model than config.model describes: "
+                         + "; ".join(config_differences(config, mcfg)))
     if is_stacked(state.params):  # scan_layers: the model keeps each tower's layers stacked
         params = stack_layers(params)
-    model_keys = [k for k in state.params if k != "lora"]
-    loaded = jax.tree.map(lambda x, s, old: put_everywhere(np.asarray(x).astype(old.dtype), s),
-                          params, {k: shardings.params[k] for k in model_keys}, {k: state.params[k] for k in model_keys})
-    return state.replace(params={**state.params, **loaded})
+    magnitudes = start_magnitudes(params, lora) if lora else {}
+    model_keys = [k for k in state.params if k != ADAPTERS]
+    flat = traverse_util.flatten_dict(params)
+    del params  # each host array goes as soon as it is placed
+    old = traverse_util.flatten_dict({k: state.params[k] for k in model_keys})
+    where = traverse_util.flatten_dict({k: shardings.params[k] for k in model_keys})
+    loaded = {key: put_everywhere(np.asarray(flat.pop(key)).astype(old[key].dtype), where[key]) for key in list(flat)}
+    params = {**state.params, **traverse_util.unflatten_dict(loaded)}
+    if magnitudes:
+        adapters = state.params[ADAPTERS]
+        params[ADAPTERS] = {key: {**entry, "m": put_everywhere(magnitudes[key].astype(entry["m"].dtype),
+                                                               shardings.params[ADAPTERS][key]["m"])}
+                            for key, entry in adapters.items()}
+    return state.replace(params=params)
+
+
+def config_differences(ours: Idefics2Config, wanted: Idefics2Config) -> list[str]:
+    """`section.field=a (config.model: b)` for each field that differs."""
+    a, b = (traverse_util.flatten_dict(c.to_dict(), sep=".") for c in (ours, wanted))
+    return [f"{key}={a.get(key)!r} (config.model: {b.get(key)!r})" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key)]
 
 
 def evaluate(config, mcfg, params, lora, data_dir: epath.Path, tokenizer: Tokenizer, mesh,
@@ -225,7 +249,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     else:
         state = init_state(model, tx, mesh, rng, lora=lora)
         if config.model.init_from:
-            state = load_initial_params(state, config.model.init_from, mcfg, shardings)
+            state = load_initial_params(state, config.model.init_from, mcfg, shardings, lora)
         start = 0
     params_count = sum(x.size for x in jax.tree.leaves(state.params))
     trainable = count_trainable(state.params, () if lora else tuple(config.train.freeze),

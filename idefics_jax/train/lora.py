@@ -20,6 +20,7 @@ from typing import Iterable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from idefics_jax.train.optimizer import check_towers, tower_of
@@ -87,10 +88,27 @@ def add_adapters(params, config: LoraConfig, rng) -> dict:
         entry = {"a": nn.LogicallyPartitioned(a, (*names[:-1], None)),
                  "b": nn.LogicallyPartitioned(b, (*names[:-2], None, names[-1]))}
         if config.dora:
-            entry["m"] = nn.LogicallyPartitioned(jnp.linalg.norm(w.astype(jnp.float32), axis=-2).astype(w.dtype),
-                                                 (*names[:-2], names[-1]))
+            entry["m"] = nn.LogicallyPartitioned(magnitude(w), (*names[:-2], names[-1]))
         adapters[SEP.join(path)] = entry
     return {**params, ADAPTERS: adapters}
+
+
+def magnitude(w):
+    """DoRA's starting magnitude `||W||_in` of a kernel `[..., in, out]` -> `[..., out]` (numpy for a
+    host array, which stays on the host)."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    return xp.linalg.norm(w.astype(xp.float32), axis=-2).astype(w.dtype)
+
+
+def start_magnitudes(params, config: LoraConfig) -> dict:
+    """Adapter key -> `magnitude` of the kernel it adapts in `params` (model parameters, no
+    adapters): where DoRA starts for these weights. Base weights that replace the ones the adapters
+    were made with (training from a checkpoint) need them, or the adapted model would not start as
+    the checkpoint's."""
+    if not config.dora:
+        return {}
+    flat = traverse_util.flatten_dict(params)
+    return {SEP.join(path): magnitude(flat[path + ("kernel",)]) for path in target_paths(params, config)}
 
 
 def adapted_kernel(w, entry, config: LoraConfig):
