@@ -10,16 +10,14 @@ gs://bucket/... URLs (OUT_DIR's files are written to local disk first, then uplo
 """
 
 import argparse
-import contextlib
 import sys
-import tempfile
 from collections import Counter
 
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError
 from idefics_jax.data.sources import JsonlSource, write_array_record
-from idefics_jax.paths import as_path, is_url, upload_tree
+from idefics_jax.paths import local_directory
 
 
 def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: int) -> int:
@@ -44,19 +42,6 @@ def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: i
     return 1 if problems else 0
 
 
-@contextlib.contextmanager
-def local_output(out_dir: str):
-    """A local directory to write OUT_DIR's files into: OUT_DIR itself, or for a gs:// URL a
-    temporary directory, uploaded to it when the writing succeeded."""
-    if not is_url(out_dir):
-        yield out_dir
-        return
-    remote = as_path(out_dir, "OUT_DIR")  # the bucket is checked before any work
-    with tempfile.TemporaryDirectory(prefix="idefics_jax_prepare_") as local:
-        yield local
-        upload_tree(local, remote)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,14 +62,14 @@ def main(argv=None) -> int:
         return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length)
     if args.command == "array_record":
         source = JsonlSource(args.dir)
-        with local_output(args.out_dir) as out_dir:
+        with local_directory(args.out_dir, "OUT_DIR") as out_dir:
             paths = write_array_record(out_dir, (source[i] for i in range(len(source))), source.base_dir,
                                        num_shards=args.shards)
         print(f"Wrote {len(source)} records to {len(paths)} ArrayRecord files in {args.out_dir}")
         return 0
     from idefics_jax.data.tfds_builder import build
 
-    with local_output(args.out_dir) as out_dir:
+    with local_directory(args.out_dir, "OUT_DIR") as out_dir:
         built = build(args.dir, out_dir)
     print(f"Wrote the TFDS build {built.replace(out_dir, args.out_dir.rstrip('/'), 1)}")
     return 0

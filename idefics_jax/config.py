@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from etils import epath
+
 # Keys that Hugging Face's `PretrainedConfig` writes into every config.json and that do not change
 # the network's function (generation defaults, bookkeeping, labels). They are accepted and dropped
 # when reading a Hugging Face config; any other key we do not know is an error.
@@ -296,13 +298,11 @@ class Idefics2Config(_Config):
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Idefics2Config":
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f))
+        """A local path or a gs:// URL."""
+        return cls.from_hf_dict(json.loads(epath.Path(path).read_text()))
 
     def to_json_file(self, path: str | os.PathLike, dtype: str = "float32"):
-        with open(path, "w") as f:
-            json.dump(self.to_hf_dict(dtype), f, indent=2, sort_keys=True)
-            f.write("\n")
+        epath.Path(path).write_text(json.dumps(self.to_hf_dict(dtype), indent=2, sort_keys=True) + "\n")
 
 
 def _strip(section: Mapping[str, Any], where: str, cls) -> dict[str, Any]:

@@ -5,16 +5,21 @@ it outlives the VMs. Orbax writes checkpoints there natively (arrays through ten
 rest through `etils.epath`); metrics, TensorBoard events, the run's config and its tokenizer go
 through `epath` as well. So may the training data (`config.data.dir`, `evaluate --data`):
 ArrayRecord files and TFDS builds are read a record at a time by array_record's own Cloud Storage
-reader, jsonl files and image files through `epath`. `gs://` needs `gcsfs`
+reader, jsonl files and image files through `epath`. So may checkpoints: converted ones (orbax) are
+read and written natively; Hugging Face safetensors are fetched a shard at a time to a temporary
+file (safetensors reads local files only) and written likewise. `gs://` needs `gcsfs`
 (`pip install "idefics_jax[gcs]"`) and the host's Google credentials (a TPU VM has them).
-Hugging Face and converted checkpoints stay local paths (`loading.py` says so when given a URL).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import threading
+from typing import Iterator
 
 from etils import epath
 
@@ -75,8 +80,37 @@ def upload_tree(local: str | os.PathLike, remote: epath.Path, sent: dict[str, tu
 
 def _put(source: str, target: epath.Path):
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(source, "rb") as f:
-        target.write_bytes(f.read())
+    with open(source, "rb") as f, target.open("wb") as out:  # streamed: a checkpoint shard is gigabytes
+        shutil.copyfileobj(f, out, 16 << 20)
+
+
+@contextlib.contextmanager
+def local_copy(path: epath.Path) -> Iterator[str]:
+    """A local file holding `path`'s bytes, for libraries that read local files only: `path` itself,
+    or a gs:// file streamed into a temporary file, removed on exit."""
+    if not is_url(path):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="idefics_jax-fetch-") as tmp:
+        local = os.path.join(tmp, path.name)
+        with path.open("rb") as f, open(local, "wb") as out:
+            shutil.copyfileobj(f, out, 16 << 20)
+        yield local
+
+
+@contextlib.contextmanager
+def local_directory(target: str | os.PathLike, what: str = "Output directory") -> Iterator[str]:
+    """A local directory to write `target`'s files into: `target` itself, or for a gs:// URL a
+    temporary directory, uploaded to `target` when the writing succeeded (nothing half-written
+    lands in the bucket)."""
+    if not is_url(target):
+        os.makedirs(target, exist_ok=True)
+        yield str(target)
+        return
+    remote = as_path(target, what)  # the bucket is checked before any work
+    with tempfile.TemporaryDirectory(prefix="idefics_jax-out-") as local:
+        yield local
+        upload_tree(local, remote)
 
 
 class TreeUploader:

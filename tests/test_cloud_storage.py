@@ -184,6 +184,47 @@ def test_two_processes_train_into_one_bucket(gcs_bucket, seed):
     assert load_for_inference(run).description.endswith("at step 2")
 
 
+def test_checkpoints_in_a_bucket_convert_and_load(gcs_bucket, sp_model, seed, tmp_path):
+    """A Hugging Face checkpoint in a bucket, converted to ours and back by the command line from
+    bucket to bucket (the processor files travel along): each loads for inference from the bucket
+    as the local original does, and the safetensors written to the bucket are those written to
+    disk. A corrupt shard in the bucket is named."""
+    from conftest import HF_TINY, build_hf_model
+    from idefics_jax.convert import CheckpointError
+    from idefics_jax.convert.__main__ import main as convert
+    from idefics_jax.data.tokenizer import Tokenizer
+    from idefics_jax.inference.loading import load_for_inference
+
+    tokenizer = Tokenizer(sp_model[1])
+    text = {**HF_TINY["text_config"], "vocab_size": tokenizer.vocab_size}
+    local = tmp_path / "hf"
+    build_hf_model(seed, text_config=text, image_token_id=tokenizer.token_id("<image>")).save_pretrained(local)
+    (local / "tokenizer.model").write_bytes(sp_model[1])
+    (local / "preprocessor_config.json").write_text(json.dumps({"size": {"longest_edge": 56, "shortest_edge": 28}}))
+    root = f"{gcs_bucket}/checkpoints/{seed}"
+    upload_tree(local, as_path(f"{root}/hf"))
+    assert convert(["from-hf", f"{root}/hf", f"{root}/ours"]) == 0
+    assert convert(["to-hf", f"{root}/ours", f"{root}/back", "--max-shard-size", "100KB"]) == 0
+    assert convert(["to-hf", f"{root}/ours", str(tmp_path / "back"), "--max-shard-size", "100KB"]) == 0
+
+    reference = load_for_inference(local)
+    for kind in ("hf", "ours", "back"):
+        loaded = load_for_inference(f"{root}/{kind}")
+        assert loaded.config == reference.config and loaded.image_processor == reference.image_processor
+        assert loaded.tokenizer.model_proto == reference.tokenizer.model_proto
+        for ours, theirs in zip(jax_leaves(loaded.params), jax_leaves(reference.params)):
+            np.testing.assert_array_equal(ours, theirs)
+    shards = sorted(as_path(f"{root}/back").glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(p.name for p in (tmp_path / "back").iterdir()) == \
+        sorted(p.name for p in as_path(f"{root}/back").iterdir())
+    for shard in shards:
+        assert shard.read_bytes() == (tmp_path / "back" / shard.name).read_bytes()
+
+    shards[-1].write_bytes(shards[-1].read_bytes()[:50])  # cut short
+    with pytest.raises(CheckpointError, match=f"{shards[-1]} is not a readable safetensors file"):
+        load_for_inference(f"{root}/back")
+
+
 def test_urls_that_cannot_serve_are_named(gcs_bucket, tmp_path):
     from idefics_jax.inference.loading import load_for_inference
     from idefics_jax.train.loop import prepare_data
@@ -192,11 +233,6 @@ def test_urls_that_cannot_serve_are_named(gcs_bucket, tmp_path):
         as_path("gs://no-such-bucket/run")
     with pytest.raises(FileNotFoundError, match="Checkpoint directory gs://idefics-test/empty does not exist"):
         load_for_inference(f"{gcs_bucket}/empty")
-    hf = as_path(f"{gcs_bucket}/hf")
-    (hf / "config.json").write_text("{}")
-    (hf / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="read from local disk; copy it first"):
-        load_for_inference(str(hf))
     config = tiny(1, f"{gcs_bucket}/nothing", 0)
     with pytest.raises(ValueError, match="config.data.dir=gs://idefics-test/nothing holds no tokenizer.model, and "
                                          "synthetic data is generated on local disk"):

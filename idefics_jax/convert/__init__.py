@@ -7,14 +7,14 @@ Both stream: one tensor is read, transformed and placed at a time, so peak host 
 one copy of the model. Every name, shape and dtype is checked against the model the config
 describes; a missing, unexpected or mis-shaped tensor is an error naming the key and both shapes.
 Our own checkpoints (orbax, plus `config.json`) are written and read by `save_checkpoint` /
-`load_checkpoint`.
+`load_checkpoint`. Every directory may be a local path or a gs:// URL (see `idefics_jax.paths`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -23,13 +23,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
+from etils import epath
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from idefics_jax.config import Idefics2Config
 from idefics_jax.convert.names import hf_name, hf_shape, leaf_rule
 from idefics_jax.models.idefics2 import Idefics2
+from idefics_jax.paths import as_path, local_copy, local_directory
 from idefics_jax.sharding import put_everywhere
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -59,8 +61,10 @@ def _dtype_name(dtype: np.dtype) -> str:
     return str(dtype)
 
 
+@functools.lru_cache(maxsize=16)  # every conversion asks, and tracing the model takes seconds
 def abstract_params(config: Idefics2Config, dtype=jnp.float32) -> dict:
-    """The parameter tree of `Idefics2(config)` as `ShapeDtypeStruct`s (nothing allocated)."""
+    """The parameter tree of `Idefics2(config)` as `ShapeDtypeStruct`s (nothing allocated; the
+    same tree for the same arguments: do not change it)."""
     model = Idefics2(config, param_dtype=dtype)
     ids = jnp.zeros((1, 1), jnp.int32)
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
@@ -76,10 +80,9 @@ def _name_map(config: Idefics2Config) -> dict[str, tuple[tuple[str, ...], Any]]:
     return out
 
 
-def _safetensors_files(hf_dir: Path) -> list[Path]:
+def _safetensors_files(hf_dir: epath.Path) -> list[epath.Path]:
     if (hf_dir / SAFE_INDEX).exists():
-        with open(hf_dir / SAFE_INDEX) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = json.loads((hf_dir / SAFE_INDEX).read_text())["weight_map"]
         files = sorted(set(weight_map.values()))
         missing = [name for name in files if not (hf_dir / name).exists()]
         if missing:
@@ -93,6 +96,13 @@ def _safetensors_files(hf_dir: Path) -> list[Path]:
     )
 
 
+def _safe_open(local: str, file: epath.Path):
+    try:
+        return safe_open(local, framework="numpy")
+    except SafetensorError as error:  # a truncated or corrupt file
+        raise CheckpointError(f"{file} is not a readable safetensors file ({error})") from error
+
+
 def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool = True,
                        shardings: Mapping | None = None, progress: bool = False):
     """Reads a Hugging Face Idefics2 checkpoint directory; returns `(config, params)`.
@@ -100,9 +110,10 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool
     dtype: the parameters' dtype (`"float32"`, `"bfloat16"`, a numpy dtype); None keeps each
     tensor's stored dtype. on_device: place each tensor on the default device as it is read
     (False keeps numpy arrays on the host). shardings: optional tree of `jax.sharding.Sharding`
-    (same structure as the params) to place each tensor sharded as it is read.
+    (same structure as the params) to place each tensor sharded as it is read. From a gs:// URL
+    each shard is fetched to a temporary file while it is read (safetensors maps local files).
     """
-    hf_dir = Path(hf_dir)
+    hf_dir = as_path(hf_dir, "Hugging Face directory")
     if not (hf_dir / "config.json").exists():
         raise FileNotFoundError(f"No config.json in {hf_dir}")
     config = Idefics2Config.from_json_file(hf_dir / "config.json")
@@ -112,10 +123,10 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool
 
     files = _safetensors_files(hf_dir)
     flat: dict[tuple[str, ...], Any] = {}
-    seen: dict[str, Path] = {}
+    seen: dict[str, epath.Path] = {}
     with tqdm(desc=f"Reading {hf_dir.name}", unit="tensor", total=len(expected), disable=not progress) as bar:
         for file in files:
-            with safe_open(file, framework="numpy") as f:
+            with local_copy(file) as local, _safe_open(local, file) as f:
                 for name in f.keys():
                     if name in seen:
                         raise CheckpointError(f"Tensor '{name}' appears in both {seen[name].name} and {file.name}")
@@ -170,9 +181,10 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     """Writes `config.json`, `model.safetensors.index.json` and `model-0000i-of-0000n.safetensors`.
 
     dtype: the stored dtype (None keeps each parameter's dtype). Tensors are fetched from the
-    devices and transformed one at a time; a shard is written as soon as it is full.
+    devices and transformed one at a time; a shard is written as soon as it is full (to a gs://
+    URL: written locally, then uploaded).
     """
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir, "Output directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     target_dtype = _np_dtype(dtype)
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))
@@ -218,11 +230,11 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
                 stored_dtypes.add(tensors[name].dtype)
                 weight_map[name] = file
                 bar.update()
-            save_file(tensors, out_dir / file, metadata={"format": "pt"})
+            with local_directory(out_dir) as local:  # out_dir itself, or a directory uploaded to it
+                save_file(tensors, os.path.join(local, file), metadata={"format": "pt"})
             del tensors
-    with open(out_dir / SAFE_INDEX, "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-        f.write("\n")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     dtype_name = _dtype_name(stored_dtypes.pop()) if len(stored_dtypes) == 1 else "float32"
     config.to_json_file(out_dir / "config.json", dtype=dtype_name)
     return out_dir
@@ -234,7 +246,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, config: Idefics2Config, params)
     """Writes `ckpt_dir/config.json` and the orbax checkpoint `ckpt_dir/params`."""
     import orbax.checkpoint as ocp
 
-    ckpt_dir = Path(ckpt_dir).absolute()
+    ckpt_dir = as_path(ckpt_dir, "Checkpoint directory")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if (ckpt_dir / "params").exists():
         raise FileExistsError(f"{ckpt_dir / 'params'} exists already; choose an empty directory")
@@ -253,7 +265,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True, shar
     straight into its shards (on several hosts, each reads its own). dtype: cast as read (None: as stored)."""
     import orbax.checkpoint as ocp
 
-    ckpt_dir = Path(ckpt_dir).absolute()
+    ckpt_dir = as_path(ckpt_dir, "Checkpoint directory")
     for needed in ("config.json", "params"):
         if not (ckpt_dir / needed).exists():
             raise FileNotFoundError(f"{ckpt_dir} is not an idefics_jax checkpoint: {needed} is missing")

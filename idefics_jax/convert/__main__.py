@@ -7,34 +7,27 @@
 writes sharded safetensors, `model.safetensors.index.json` and `config.json`, which
 transformers' `Idefics2ForConditionalGeneration.from_pretrained` loads. Both copy the
 tokenizer (`tokenizer.model`) and the processor settings (`preprocessor_config.json`,
-`processor_config.json`) when the source has them.
+`processor_config.json`) when the source has them. Either directory may be a gs://bucket/... URL.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-from pathlib import Path
 import time
 
-from idefics_jax.convert import (
-    CheckpointError,
-    load_checkpoint,
-    load_hf_checkpoint,
-    save_checkpoint,
-    save_hf_checkpoint,
-)
-from idefics_jax.config import ConfigError
+from idefics_jax.convert import load_checkpoint, load_hf_checkpoint, save_checkpoint, save_hf_checkpoint
 
 
 def copy_processor_files(src, dst):
     """The tokenizer and image-processing settings travel with the weights (when there are any)."""
     from idefics_jax.inference.loading import PROCESSOR_FILES
+    from idefics_jax.paths import as_path
 
+    src, dst = as_path(src, "Source directory"), as_path(dst, "Output directory")
     for name in PROCESSOR_FILES:
-        if (Path(src) / name).exists():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
+        if (src / name).exists():
+            (dst / name).write_bytes((src / name).read_bytes())
 
 
 def main(argv=None) -> int:
@@ -67,7 +60,7 @@ def main(argv=None) -> int:
                                max_shard_size=args.max_shard_size, progress=True)
             copy_processor_files(args.ckpt_dir, args.hf_dir)
             print(f"Wrote {args.hf_dir} ({_count(params):,} parameters) in {time.time() - start:.1f}s")
-    except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # CheckpointError, ConfigError, bad URLs
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

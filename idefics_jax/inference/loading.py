@@ -7,7 +7,8 @@ Three kinds of directory are understood:
 - an idefics_jax checkpoint (`config.json` + orbax `params/`, from `python -m idefics_jax.convert`);
 - a training workdir (`config.json` of the training run + `checkpoints/`): its latest readable
   step, LoRA/DoRA adapters merged, with the tokenizer the run saved beside them and the image
-  sizes of its data config. A workdir may be a gs:// URL; the other two are read from local disk.
+  sizes of its data config.
+Any of them may be a gs://bucket/... URL.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from idefics_jax.config import Idefics2Config
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.data.tokenizer import Tokenizer
-from idefics_jax.paths import as_path, is_url
+from idefics_jax.paths import as_path
 
 PROCESSOR_FILES = ("tokenizer.model", "preprocessor_config.json", "processor_config.json")
 
@@ -97,10 +98,6 @@ def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None,
 
     path = as_path(path, "Checkpoint")
     kind = checkpoint_kind(path)
-    if is_url(path) and kind != "workdir":
-        raise ValueError(f"Checkpoint {path}: a {'Hugging Face' if kind == 'hf' else 'converted'} checkpoint is read "
-                         f"from local disk; copy it first (gcloud storage cp -r {path} .). Training workdirs load "
-                         f"from gs:// directly")
     if kind == "workdir":
         config, params, default_tokenizer, images, description = _load_workdir(path)
         if dtype is not None:

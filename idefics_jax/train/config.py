@@ -20,7 +20,8 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
         "vision": model.vision.to_dict(), "perceiver": model.perceiver.to_dict(), "text": model.text.to_dict(),
         "image_token_id": model.image_token_id, "tie_word_embeddings": model.tie_word_embeddings,
         "dtype": "bfloat16", "param_dtype": "float32", "attention_impl": "auto",
-        "init_from": "",  # a Hugging Face directory or an idefics_jax checkpoint to start from ("": random)
+        # a Hugging Face directory or an idefics_jax checkpoint (may be gs://...) to start from ("": random)
+        "init_from": "",
     })
 
 
