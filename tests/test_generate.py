@@ -200,8 +200,12 @@ def test_stream_equals_generate(converted, seed):
     streamed = np.stack(list(generator.stream(input_ids, mask, pixels, pixel_mask, max_new_tokens=12,
                                               sampling=sampling, seed=3)), axis=1)
     np.testing.assert_array_equal(streamed, whole)
-    again = generator.generate(input_ids, mask, pixels, pixel_mask, max_new_tokens=12, sampling=sampling, seed=3)
+    # a Generator made again for the same model (new parameters) runs the programs already compiled
+    compiled = generator._generate._cache_size()
+    other = Generator(Idefics2(config), jax.tree.map(jnp.copy, params))
+    again = other.generate(input_ids, mask, pixels, pixel_mask, max_new_tokens=12, sampling=sampling, seed=3)
     np.testing.assert_array_equal(again, whole)
+    assert other._generate is generator._generate and other._generate._cache_size() == compiled
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,penalty,min_p",

@@ -155,6 +155,24 @@ def _generate(model, params, inputs, rng, *, max_new_tokens, max_columns, sampli
     return jax.lax.while_loop(cond, body, carry)[4]
 
 
+@functools.lru_cache(maxsize=8)
+def _programs(model, rules):
+    """The jitted programs of one model, shared by its Generators (equal models are equal modules),
+    so that a Generator made again, for new parameters or another mesh, reuses what was compiled
+    for the same shapes, shardings and mesh. Keyed by the rule table too: tracing reads it, and
+    jit's own cache does not see it."""
+    del rules
+    statics = ("max_columns", "sampling", "stop_ids", "pad_id")
+    return (jax.jit(functools.partial(_generate, model), static_argnames=("max_new_tokens",) + statics),
+            jax.jit(functools.partial(_first, model), static_argnames=statics + ("cache_length",)),
+            jax.jit(functools.partial(_continued, model), donate_argnums=(1,), static_argnames=statics[1:]),
+            jax.jit(functools.partial(_step, model), static_argnames=statics[1:], donate_argnums=(1,)))
+
+
+def _hashable(rules):
+    return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
+
+
 class Generator:
     """Cached generation for one model and its parameters; compiled programs are kept per shape.
 
@@ -166,12 +184,7 @@ class Generator:
         self.model, self.mesh, self.rules = model, mesh, rules
         self.use_params(params)
         self.stop_ids, self.pad_id = tuple(int(i) for i in stop_ids), int(pad_id)
-        statics = ("max_columns", "sampling", "stop_ids", "pad_id")
-        self._generate = jax.jit(functools.partial(_generate, model), static_argnames=("max_new_tokens",) + statics)
-        self._first = jax.jit(functools.partial(_first, model), static_argnames=statics + ("cache_length",))
-        self._continued = jax.jit(functools.partial(_continued, model), donate_argnums=(1,),
-                                  static_argnames=statics[1:])
-        self._step = jax.jit(functools.partial(_step, model), static_argnames=statics[1:], donate_argnums=(1,))
+        self._generate, self._first, self._continued, self._step = _programs(model, _hashable(rules))
 
     def use_params(self, params):
         """Generates with `params` from now on (placed on the mesh by the rule table, unless every
