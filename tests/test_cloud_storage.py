@@ -52,6 +52,15 @@ def test_training_in_a_bucket_resumes_exactly_and_serves(gcs_bucket, tmp_path, s
     assert loaded.description.endswith("at step 3") and loaded.tokenizer.vocab_size == expected_vocab(data)
     for ours, trained in zip(*(jax_leaves(t) for t in (loaded.params, resumed["state"].params))):
         np.testing.assert_array_equal(ours, trained)
+    # --export_hf into the bucket: the weights, the run's tokenizer and image sizes, as the workdir serves them
+    from idefics_jax.train.loop import export_hf
+
+    assert export_hf(tiny(3, bucket_data, seed), run, f"{run}/hf") == 3
+    exported = load_for_inference(f"{run}/hf")
+    assert exported.config == loaded.config and exported.image_processor == loaded.image_processor
+    assert exported.tokenizer.model_proto == loaded.tokenizer.model_proto
+    for ours, trained in zip(*(jax_leaves(t) for t in (exported.params, loaded.params))):
+        np.testing.assert_array_equal(ours, trained)
 
     # evaluate: the workdir, the questions (their images files) and the report all in the bucket
     from idefics_jax import evaluate
@@ -150,8 +159,9 @@ def test_metrics_upload_in_the_background_and_survive_failures(gcs_bucket, seed,
 
 @pytest.mark.slow
 def test_two_processes_train_into_one_bucket(gcs_bucket, seed):
-    """Two jax.distributed processes (hosts) train into one gs:// workdir: both pass the shared-workdir
-    check, write their parts of each checkpoint, which process 0 commits; the workdir then serves."""
+    """Two jax.distributed processes (hosts) train into one gs:// workdir, the parameters split over
+    both (fsdp): both pass the shared-workdir check, write their parts of each checkpoint, which
+    process 0 commits; the workdir then serves, and both export it to the bucket together."""
     import os
     import subprocess
     import sys
@@ -167,21 +177,33 @@ def test_two_processes_train_into_one_bucket(gcs_bucket, seed):
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # the emulator's variables included
     env.pop("XLA_FLAGS", None)
     port = portpicker.pick_unused_port()
-    procs = [subprocess.Popen(["bash", str(root / "launch" / "gpu_multihost.sh"), "--coordinator", f"127.0.0.1:{port}",
-                               "--num-processes", "2", "--process-id", str(i), "--", sys.executable, "-m",
-                               "idefics_jax.train", "--config", str(root / "configs" / "tiny.py"), "--workdir", run,
-                               "--config.train.steps=2", "--config.train.checkpoint_every=1", "--config.train.log_every=1",
-                               "--config.data.synthetic_num=60", "--config.data.batch_size=4",
-                               "--config.data.seq_len=256", f"--config.data.seed={seed % 1000}",
-                               "--config.data.eval_source="],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    command = lambda i: [
+        "bash", str(root / "launch" / "gpu_multihost.sh"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+        "--process-id", str(i), "--", sys.executable, "-m", "idefics_jax.train", "--config",
+        str(root / "configs" / "tiny.py"), "--workdir", run, "--config.train.steps=2", "--config.train.checkpoint_every=1",
+        "--config.train.log_every=1", "--config.data.synthetic_num=60", "--config.data.batch_size=4",
+        "--config.data.seq_len=256", f"--config.data.seed={seed % 1000}", "--config.data.eval_source=",
+        "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+    procs = [subprocess.Popen(command(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outputs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
     steps = as_path(f"{run}/checkpoints")
     assert sorted(int(d.name) for d in steps.iterdir() if d.name.isdigit()) == [1, 2]
-    assert load_for_inference(run).description.endswith("at step 2")
+    loaded = load_for_inference(run)
+    assert loaded.description.endswith("at step 2")
+    # both hosts export: the parameters are split over them (fsdp), gathered tensor by tensor
+    procs = [subprocess.Popen([*command(i), "--export_hf", f"{run}/hf"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0 and f"Exported step 2 of {run}" in out, err[-3000:]
+    exported = load_for_inference(f"{run}/hf")
+    assert exported.tokenizer.model_proto == loaded.tokenizer.model_proto
+    for ours, trained in zip(*(jax_leaves(t) for t in (exported.params, loaded.params))):
+        np.testing.assert_array_equal(ours, trained)
 
 
 def test_checkpoints_in_a_bucket_convert_and_load(gcs_bucket, sp_model, seed, tmp_path):

@@ -81,6 +81,23 @@ def test_image_processor_matches_reference(split, seed):
         np.testing.assert_array_equal(got["pixel_attention_mask"], ref["pixel_attention_mask"].astype(bool))
 
 
+def test_saved_settings_are_read_back_and_by_the_reference(tmp_path, seed):
+    """`save_image_processor` (an exported workdir's image sizes) writes what `image_processor_from`
+    and transformers' Idefics2 image processor read: the same pixels from both."""
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    from idefics_jax.inference.loading import image_processor_from, save_image_processor
+
+    ours = ImageProcessor(longest_edge=384, shortest_edge=200, do_image_splitting=True)
+    save_image_processor(tmp_path, ours)
+    assert image_processor_from(tmp_path) == ours
+    reference = Idefics2ImageProcessorPil.from_pretrained(tmp_path)
+    image = make_images(np.random.default_rng([seed, 12]))[9]
+    np.testing.assert_allclose(ours([[image]])["pixel_values"],
+                               np.moveaxis(reference(images=[[image]], return_tensors="np")["pixel_values"], 2, -1),
+                               atol=1e-5, rtol=0)
+
+
 def test_batch_padding_matches_reference(seed):
     rng = np.random.default_rng([seed, 11])
     images = make_images(rng)

@@ -37,6 +37,7 @@ from idefics_jax.sharding import put_everywhere
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 
+PROCESSOR_FILES = ("tokenizer.model", "preprocessor_config.json", "processor_config.json")  # beside the weights
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -182,10 +183,13 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
 
     dtype: the stored dtype (None keeps each parameter's dtype). Tensors are fetched from the
     devices and transformed one at a time; a shard is written as soon as it is full (to a gs://
-    URL: written locally, then uploaded).
+    URL: written locally, then uploaded). On several processes (hosts) every one calls this: each
+    tensor is gathered from the hosts holding its shards, and process 0 writes the files.
     """
     out_dir = as_path(out_dir, "Output directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = jax.process_index() == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     target_dtype = _np_dtype(dtype)
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))
     expected = {path: (name, rule, shape) for name, (path, rule, shape) in _name_map(config).items()}
@@ -217,27 +221,51 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
 
     weight_map = {}
     stored_dtypes = set()
-    with tqdm(desc=f"Writing {out_dir.name}", unit="tensor", total=len(order), disable=not progress) as bar:
+    with tqdm(desc=f"Writing {out_dir.name}", unit="tensor", total=len(order), disable=not (progress and writer)) as bar:
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
             for path in shard:
                 name, rule, _ = expected[path]
-                array = np.asarray(jax.device_get(flat[path]))
+                array = _whole(flat[path])
                 if target_dtype is not None and array.dtype != target_dtype:
                     array = array.astype(target_dtype)
                 tensors[name] = np.ascontiguousarray(rule.to_hf(array))
                 stored_dtypes.add(tensors[name].dtype)
                 weight_map[name] = file
                 bar.update()
-            with local_directory(out_dir) as local:  # out_dir itself, or a directory uploaded to it
-                save_file(tensors, os.path.join(local, file), metadata={"format": "pt"})
+            if writer:
+                with local_directory(out_dir) as local:  # out_dir itself, or a directory uploaded to it
+                    save_file(tensors, os.path.join(local, file), metadata={"format": "pt"})
             del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    dtype_name = _dtype_name(stored_dtypes.pop()) if len(stored_dtypes) == 1 else "float32"
-    config.to_json_file(out_dir / "config.json", dtype=dtype_name)
+    if writer:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        dtype_name = _dtype_name(stored_dtypes.pop()) if len(stored_dtypes) == 1 else "float32"
+        config.to_json_file(out_dir / "config.json", dtype=dtype_name)
+    if jax.process_count() > 1:  # every process returns once the checkpoint is complete
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"save_hf_checkpoint {out_dir}")
     return out_dir
+
+
+def _whole(x) -> np.ndarray:
+    """`x` whole on this host: an array split over other processes' devices is gathered from them
+    (every process must ask for the same arrays in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def copy_processor_files(src: str | os.PathLike, dst: str | os.PathLike):
+    """The tokenizer and image-processing settings travel with the weights (when there are any)."""
+    src, dst = as_path(src, "Source directory"), as_path(dst, "Output directory")
+    for name in PROCESSOR_FILES:
+        if (src / name).exists():
+            (dst / name).write_bytes((src / name).read_bytes())
 
 
 # -- our checkpoints: orbax params + config.json ------------------------------------------------

@@ -16,18 +16,8 @@ import argparse
 import sys
 import time
 
-from idefics_jax.convert import load_checkpoint, load_hf_checkpoint, save_checkpoint, save_hf_checkpoint
-
-
-def copy_processor_files(src, dst):
-    """The tokenizer and image-processing settings travel with the weights (when there are any)."""
-    from idefics_jax.inference.loading import PROCESSOR_FILES
-    from idefics_jax.paths import as_path
-
-    src, dst = as_path(src, "Source directory"), as_path(dst, "Output directory")
-    for name in PROCESSOR_FILES:
-        if (src / name).exists():
-            (dst / name).write_bytes((src / name).read_bytes())
+from idefics_jax.convert import (copy_processor_files, load_checkpoint, load_hf_checkpoint, save_checkpoint,
+                                 save_hf_checkpoint)
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,6 @@ from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.paths import as_path
 
-PROCESSOR_FILES = ("tokenizer.model", "preprocessor_config.json", "processor_config.json")
 
 
 @dataclasses.dataclass
@@ -68,6 +67,23 @@ def image_processor_from(directory: Path) -> ImageProcessor:
                           image_std=std[0], rescale_factor=settings.get("rescale_factor", 1 / 255))
 
 
+def save_image_processor(directory: Path, images: ImageProcessor):
+    """Writes `images` as Hugging Face's `preprocessor_config.json` (what `image_processor_from` reads,
+    and transformers' Idefics2ImageProcessor)."""
+    settings = {"image_processor_type": "Idefics2ImageProcessor", "do_convert_rgb": True, "do_resize": True,
+                "size": {"longest_edge": images.longest_edge, "shortest_edge": images.shortest_edge},
+                "resample": 2, "do_rescale": True, "rescale_factor": images.rescale_factor, "do_normalize": True,
+                "image_mean": [images.image_mean] * 3, "image_std": [images.image_std] * 3, "do_pad": True,
+                "do_image_splitting": images.do_image_splitting}
+    (directory / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def training_image_processor(config) -> ImageProcessor:
+    """The image sizes a training config's (first) source was processed at."""
+    source = config.data.sources[0] if config.data.sources else {}
+    return ImageProcessor(longest_edge=source.get("longest_edge", 980), shortest_edge=source.get("shortest_edge", 378))
+
+
 def _load_workdir(path: Path):
     import ml_collections
 
@@ -79,9 +95,7 @@ def _load_workdir(path: Path):
     if not tokenizer.exists():
         data_dir = epath.Path(config.data.dir) if config.data.dir else path / "data"
         tokenizer = epath.Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
-    source = config.data.sources[0] if config.data.sources else {}
-    images = ImageProcessor(longest_edge=source.get("longest_edge", 980), shortest_edge=source.get("shortest_edge", 378))
-    return mcfg, params, tokenizer, images, f"training workdir {path} at step {step}"
+    return mcfg, params, tokenizer, training_image_processor(config), f"training workdir {path} at step {step}"
 
 
 def load_for_inference(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None,

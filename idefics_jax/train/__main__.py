@@ -17,8 +17,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and generated data", required=True)
 flags.DEFINE_bool("plot", False, "Plot WORKDIR's loss curve to WORKDIR/loss.png and exit")
-flags.DEFINE_string("export_hf", None, "Write WORKDIR's latest checkpoint (LoRA/DoRA merged) as a Hugging Face "
-                    "checkpoint to this directory and exit")
+flags.DEFINE_string("export_hf", None, "Write WORKDIR's latest checkpoint (LoRA/DoRA merged), its tokenizer and "
+                    "image sizes as a Hugging Face directory (may be gs://) and exit; on every host of a multi-host run")
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-host runs")
 flags.DEFINE_integer("num_processes", None, "number of processes (hosts) in a multi-host run")
 flags.DEFINE_integer("process_id", None, "this process's index in a multi-host run")
@@ -46,11 +46,9 @@ def main(argv):
     reuse_freed_memory_on_cpu()  # before XLA starts its threads
     initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.export_hf:
-        from idefics_jax.convert import save_hf_checkpoint
-        from idefics_jax.train.loop import restore_latest
+        from idefics_jax.train.loop import export_hf
 
-        mcfg, params, step = restore_latest(FLAGS.config, FLAGS.workdir)
-        save_hf_checkpoint(FLAGS.export_hf, mcfg, params, progress=True)
+        step = export_hf(FLAGS.config, FLAGS.workdir, FLAGS.export_hf)
         print(f"Exported step {step} of {FLAGS.workdir} to {FLAGS.export_hf}")
         return 0
     from idefics_jax.train.loop import train

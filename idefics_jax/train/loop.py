@@ -198,17 +198,13 @@ def evaluate(config, mcfg, params, lora, data_dir: epath.Path, tokenizer: Tokeni
     on the training mesh (every process takes part; each gets the whole report).
 
     Returns (report, assistant): pass the assistant back next time to reuse its compiled programs."""
-    from idefics_jax.data.image_processing import ImageProcessor
     from idefics_jax.inference.assistant import Assistant
     from idefics_jax.inference.evaluate import evaluate_records, load_records
-    from idefics_jax.inference.loading import LoadedModel
+    from idefics_jax.inference.loading import LoadedModel, training_image_processor
 
     params = unstack_layers(merge(params, lora) if lora else params)  # generation uses the unscanned model
     if assistant is None:
-        source = config.data.sources[0]
-        images = ImageProcessor(longest_edge=source.get("longest_edge", 980),
-                                shortest_edge=source.get("shortest_edge", 378))
-        assistant = Assistant(LoadedModel(mcfg, params, tokenizer, images, "training"),
+        assistant = Assistant(LoadedModel(mcfg, params, tokenizer, training_image_processor(config), "training"),
                               dtype=_dtype(config.model.dtype, "dtype"), mesh=mesh)
     else:
         assistant.generator.use_params(params)
@@ -327,3 +323,22 @@ def restore_latest(config, workdir: str | os.PathLike):
     checkpointer.close()
     params = merge(state.params, lora) if lora else state.params
     return mcfg, unstack_layers(params), step
+
+
+def export_hf(config, workdir: str | os.PathLike, out_dir: str | os.PathLike) -> int:
+    """Writes WORKDIR's latest checkpoint (LoRA/DoRA merged) as a Hugging Face directory (local or
+    gs://), with the run's tokenizer and its image sizes (`preprocessor_config.json`), which
+    `generate`, `evaluate` and `config.model.init_from` read. Every process of a multi-host run
+    calls it (each tensor is gathered from the hosts holding it; process 0 writes). Returns the step."""
+    from idefics_jax.convert import save_hf_checkpoint
+    from idefics_jax.inference.loading import save_image_processor, training_image_processor
+
+    mcfg, params, step = restore_latest(config, workdir)
+    out, tokenizer = as_path(out_dir, "--export_hf"), as_path(workdir) / "tokenizer.model"
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if tokenizer.exists():
+            (out / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+        save_image_processor(out, training_image_processor(config))
+    save_hf_checkpoint(out, mcfg, params, progress=True)  # returns on every process once complete
+    return step
