@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -342,12 +343,14 @@ def test_training_starts_from_a_checkpoint(seed, tmp_path):
     rng = np.random.default_rng(seed)  # the checkpoint: other weights of the same model
     other = {k: v for k, v in state.params.items() if k != "lora"}
     checkpoint = unstack_layers(jax.tree.map(lambda x: np.asarray(x) * rng.uniform(0.5, 2) + rng.normal(), other))
-    save_hf_checkpoint(tmp_path / "hf", mcfg, checkpoint)
+    save_hf_checkpoint(tmp_path / "hf", mcfg, checkpoint, dtype="bfloat16")  # trained in float32 from bfloat16
     save_checkpoint(tmp_path / "ours", mcfg, checkpoint)
+    as_stored = {"hf": jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(np.float32), checkpoint), "ours": checkpoint}
 
     for fmt in ("hf", "ours"):
         started = load_initial_params(state, str(tmp_path / fmt), mcfg, shardings, lora)
-        for got, want in zip(jax.tree.leaves(unstack_layers(merge(started.params, lora))), jax.tree.leaves(checkpoint)):
+        for got, want in zip(jax.tree.leaves(unstack_layers(merge(started.params, lora))),
+                             jax.tree.leaves(as_stored[fmt])):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
         assert jax.tree.map(lambda x: x.sharding, started.params) == shardings.params
         for key, entry in started.params["lora"].items():  # the fresh run's adapters: A random, B zero

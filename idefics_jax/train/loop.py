@@ -169,19 +169,18 @@ def load_initial_params(state, path: str, mcfg, shardings, lora: LoraConfig | No
                          + "; ".join(config_differences(config, mcfg)))
     if is_stacked(state.params):  # scan_layers: the model keeps each tower's layers stacked
         params = stack_layers(params)
-    magnitudes = start_magnitudes(params, lora) if lora else {}
     model_keys = [k for k in state.params if k != ADAPTERS]
     flat = traverse_util.flatten_dict(params)
     del params  # each host array goes as soon as it is placed
     old = traverse_util.flatten_dict({k: state.params[k] for k in model_keys})
     where = traverse_util.flatten_dict({k: shardings.params[k] for k in model_keys})
-    loaded = {key: put_everywhere(np.asarray(flat.pop(key)).astype(old[key].dtype), where[key]) for key in list(flat)}
-    params = {**state.params, **traverse_util.unflatten_dict(loaded)}
-    if magnitudes:
-        adapters = state.params[ADAPTERS]
-        params[ADAPTERS] = {key: {**entry, "m": put_everywhere(magnitudes[key].astype(entry["m"].dtype),
-                                                               shardings.params[ADAPTERS][key]["m"])}
-                            for key, entry in adapters.items()}
+    loaded = traverse_util.unflatten_dict(
+        {key: put_everywhere(np.asarray(flat.pop(key)).astype(old[key].dtype), where[key]) for key in list(flat)})
+    params = {**state.params, **loaded}
+    if lora and lora.dora:  # from the placed kernels: sharded, in the dtype they train in
+        magnitudes = start_magnitudes(loaded, lora)
+        params[ADAPTERS] = {key: {**entry, "m": put_everywhere(magnitudes[key], shardings.params[ADAPTERS][key]["m"])}
+                            for key, entry in state.params[ADAPTERS].items()}
     return state.replace(params=params)
 
 

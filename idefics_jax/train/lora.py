@@ -20,7 +20,6 @@ from typing import Iterable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from idefics_jax.train.optimizer import check_towers, tower_of
@@ -94,10 +93,8 @@ def add_adapters(params, config: LoraConfig, rng) -> dict:
 
 
 def magnitude(w):
-    """DoRA's starting magnitude `||W||_in` of a kernel `[..., in, out]` -> `[..., out]` (numpy for a
-    host array, which stays on the host)."""
-    xp = np if isinstance(w, np.ndarray) else jnp
-    return xp.linalg.norm(w.astype(xp.float32), axis=-2).astype(w.dtype)
+    """DoRA's starting magnitude `||W||_in` of a kernel `[..., in, out]` -> `[..., out]`."""
+    return jnp.linalg.norm(w.astype(jnp.float32), axis=-2).astype(w.dtype)
 
 
 def start_magnitudes(params, config: LoraConfig) -> dict:
