@@ -52,10 +52,14 @@ def test_training_in_a_bucket_resumes_exactly_and_serves(gcs_bucket, tmp_path, s
     assert loaded.description.endswith("at step 3") and loaded.tokenizer.vocab_size == expected_vocab(data)
     for ours, trained in zip(*(jax_leaves(t) for t in (loaded.params, resumed["state"].params))):
         np.testing.assert_array_equal(ours, trained)
-    # --export_hf into the bucket: the weights, the run's tokenizer and image sizes, as the workdir serves them
+    # --export_hf into the bucket: the weights, the run's tokenizer and image sizes, as the workdir serves
+    # them; from a run on several slices too (its config's mesh cannot be made here: the weights are
+    # read onto this host's devices)
     from idefics_jax.train.loop import export_hf
 
-    assert export_hf(tiny(3, bucket_data, seed), run, f"{run}/hf") == 3
+    several_slices = tiny(3, bucket_data, seed)
+    several_slices.mesh.dcn_data = 2
+    assert export_hf(several_slices, run, f"{run}/hf") == 3
     exported = load_for_inference(f"{run}/hf")
     assert exported.config == loaded.config and exported.image_processor == loaded.image_processor
     assert exported.tokenizer.model_proto == loaded.tokenizer.model_proto

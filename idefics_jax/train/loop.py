@@ -128,8 +128,9 @@ def lora_config(config) -> LoraConfig | None:
     return lora if lora.enabled else None
 
 
-def build(config):
-    """(model config, model, optimizer, schedule, mesh, lora) from a training config."""
+def build(config, mesh=None):
+    """(model config, model, optimizer, schedule, mesh, lora) from a training config (the mesh: as
+    `config.mesh` describes, unless one is given)."""
     mcfg = model_config(config.model)
     if config.data.tokenizer == "" and not config.data.synthetic and not config.data.dir:
         raise ValueError("config.data: set tokenizer/dir, or synthetic=True")
@@ -147,10 +148,11 @@ def build(config):
                                   weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip,
                                   frozen=() if lora else frozen, lr_multipliers=dict(o.get("lr_multipliers", {})),
                                   trainable_mask=lora_trainable(lora, frozen) if lora else None)
-    m = config.mesh
-    # .get: configs saved in workdirs before these keys existed still load
-    dcn = tuple(m.get(f"dcn_{axis}", 1) for axis in ("data", "fsdp", "tensor"))
-    mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=dcn)
+    if mesh is None:
+        m = config.mesh
+        # .get: configs saved in workdirs before these keys existed still load
+        dcn = tuple(m.get(f"dcn_{axis}", 1) for axis in ("data", "fsdp", "tensor"))
+        mesh = make_mesh(m.data, m.fsdp, m.tensor, dcn=dcn)
     return mcfg, model, tx, schedule, mesh, lora
 
 
@@ -313,8 +315,10 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
 
 def restore_latest(config, workdir: str | os.PathLike):
-    """(model config, merged model params, step) of WORKDIR's (local or gs://) latest readable checkpoint."""
-    mcfg, model, tx, _, mesh, lora = build(config)
+    """(model config, merged model params, step) of WORKDIR's (local or gs://) latest readable checkpoint,
+    split over all devices (fsdp): any host or pod can read any run's workdir, whatever mesh and
+    slices the run trained on."""
+    mcfg, model, tx, _, mesh, lora = build(config, mesh=make_mesh(1, -1, 1))
     init, shardings = state_shardings(model, tx, mesh, lora=lora)
     checkpointer = Checkpointer(as_path(workdir) / "checkpoints", async_save=False)
     abstract = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.PRNGKey(0))
