@@ -54,6 +54,12 @@ def main(argv):
     from idefics_jax.train.loop import train
 
     result = train(FLAGS.config, FLAGS.workdir)
+    if result["preempted_at"] is not None:
+        from idefics_jax.train.preemption import EXIT_CODE
+
+        print(f"Stopped at step {result['preempted_at']} on a preemption notice (SIGTERM); its checkpoint is saved: "
+              f"run the same command to resume")
+        return EXIT_CODE  # not finished: schedulers that retry failed jobs start it again
     history = result["history"]
     if history:
         print(f"Trained to step {history[-1][0]}: loss {history[0][1]:.3f} -> {history[-1][1]:.3f}; "

@@ -38,6 +38,7 @@ from idefics_jax.sharding import batch_sharding, make_mesh, put_everywhere
 from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from idefics_jax.train.config import model_config
 from idefics_jax.train.metrics import MetricWriter, StepProfiler, peak_flops, step_flops
+from idefics_jax.train.preemption import PreemptionWatch
 from idefics_jax.train.lora import ADAPTERS, LoraConfig, merge, start_magnitudes
 from idefics_jax.train.lora import trainable as lora_trainable
 from idefics_jax.train.optimizer import count_trainable, make_optimizer
@@ -264,6 +265,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     window = {"time": 0.0, "tokens": 0.0, "images": 0.0, "flops": 0.0}
     step = start
     last_eval = assistant = None
+    preemption = PreemptionWatch()
     try:
         while step < config.train.steps:
             started = time.perf_counter()
@@ -293,8 +295,14 @@ def train(config, workdir: str | os.PathLike) -> dict:
                     scalars["perf/mfu"] = window["flops"] / window["time"] / jax.device_count() / peak
                 writer.write(step, scalars)
                 window = dict.fromkeys(window, 0.0)
-            if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-                checkpointer.save(step, state, {"pipeline": pipeline.get_state()}, force=step == config.train.steps)
+            stop = preemption.requested(step)
+            if stop or step % config.train.checkpoint_every == 0 or step == config.train.steps:
+                checkpointer.save(step, state, {"pipeline": pipeline.get_state()},
+                                  force=stop or step == config.train.steps)
+            if stop:
+                log.warning("Stopped at step %d on a preemption notice, its checkpoint saved in %s: run the same "
+                            "command to resume", step, checkpointer.directory)
+                break
             eval_now = config.train.eval_every and step % config.train.eval_every == 0
             if config.data.eval_source and (eval_now or step == config.train.steps):
                 report, assistant = evaluate(config, mcfg, state.params, lora, data_dir, tokenizer, mesh, assistant)
@@ -306,12 +314,14 @@ def train(config, workdir: str | os.PathLike) -> dict:
                          report["n"])
                 last_eval = report
     finally:
+        preemption.close()
         profiler.close()
         bar.close()
-        checkpointer.close()
+        checkpointer.close()  # waits for the last save
         writer.close()
     log.info("Data: %s", pipeline.summary())
-    return {"history": history, "state": state, "data_summary": pipeline.summary(), "eval": last_eval}
+    return {"history": history, "state": state, "data_summary": pipeline.summary(), "eval": last_eval,
+            "preempted_at": preemption.stopped_at}
 
 
 def restore_latest(config, workdir: str | os.PathLike):
