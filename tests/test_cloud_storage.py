@@ -21,10 +21,14 @@ def tiny(steps: int, data_dir, seed: int):
     return c
 
 
-def test_training_in_a_bucket_resumes_exactly_and_serves(gcs_bucket, tmp_path, seed):
+def test_training_in_a_bucket_resumes_exactly_and_serves(gcs_bucket, tmp_path, seed, monkeypatch):
+    import os
+    import signal
+
     from idefics_jax.inference.loading import load_for_inference
     from idefics_jax.train.loop import train
     from idefics_jax.train.metrics import plot_loss, read_metrics
+    from idefics_jax.train.preemption import PreemptionWatch
 
     data = tmp_path / "data"
     expected = train(tiny(3, data, seed), tmp_path / "local")
@@ -32,9 +36,20 @@ def test_training_in_a_bucket_resumes_exactly_and_serves(gcs_bucket, tmp_path, s
     bucket_data = f"{gcs_bucket}/data/{seed}"
     upload_tree(data, as_path(bucket_data))
     run = f"{gcs_bucket}/runs/{seed}"
-    first = tiny(2, bucket_data, seed)
+    first = tiny(3, bucket_data, seed)
     first.train.profile_first_step, first.train.profile_steps = 2, 1
-    assert [s for s, _ in train(first, run)["history"]] == [1, 2]
+    asked = PreemptionWatch.requested
+
+    def preempted_in_step_2(watch, step):  # a real SIGTERM, to this process, as step 2 ends
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return asked(watch, step)
+
+    monkeypatch.setattr(PreemptionWatch, "requested", preempted_in_step_2)
+    stopped = train(first, run)
+    assert [s for s, _ in stopped["history"]] == [1, 2] and stopped["preempted_at"] == 2
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone with it
     # a save killed half way: step 3's files without orbax's commit marker, which resuming ignores
     step2, step3 = as_path(f"{run}/checkpoints/2"), as_path(f"{run}/checkpoints/3")
     (step3 / "state").mkdir(parents=True, exist_ok=True)
