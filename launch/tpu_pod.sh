@@ -7,6 +7,8 @@
 #
 # The workdir must be one that all workers see: a gs:// bucket (the workers' own credentials serve),
 # or a shared filesystem at the same path on every worker. The data may be in a bucket as well.
+# A preempted run (spot VMs: SIGTERM) saves the step it reached and exits with 143; the same
+# command resumes it.
 #
 # --setup first clones/updates this repository on every worker (REPO_URL, default: this checkout's
 # origin) and installs it with pip. On a TPU pod jax.distributed finds the other workers by
@@ -24,7 +26,7 @@ while [[ $# -gt 0 ]]; do
     --repo-dir) repo_dir="$2"; shift 2 ;;
     --setup) setup=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "tpu_pod.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -8,7 +8,7 @@ Three kinds of directory are understood:
 - a training workdir (`config.json` of the training run + `checkpoints/`): its latest readable
   step, LoRA/DoRA adapters merged, with the tokenizer the run saved beside them and the image
   sizes of its data config.
-Any of them may be a gs://bucket/... URL.
+Each may be a local path or a gs://bucket/... URL.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.paths import as_path
-
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Stopping on a preemption notice (SIGTERM) with a checkpoint of the step reached.
 
 Spot / preemptible TPU VMs and schedulers (Slurm, Kubernetes) send SIGTERM some seconds before
-they take the machine. The training loop asks `stop.requested(step)` after every step; once it
+they take the machine. The training loop asks `watch.requested(step)` after every step; once it
 says yes, the loop saves that step and ends, and running the same command again resumes from it.
 
 - One process: a SIGTERM handler notes the notice (the previous handler is put back on `close`).
