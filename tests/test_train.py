@@ -103,7 +103,7 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     assert [r["prediction"] for r in report["results"]] == [r["prediction"] for r in during["results"]]
     assert report["n"] == during["n"] > 0 and report["checkpoint"].endswith("at step 14")
 
-    kill_after = int(np.random.default_rng(seed).integers(4, 10))  # resumed at step 9 at most
+    kill_after = int(np.random.default_rng(seed).integers(4, 12))
     victim = run_train(tmp_path / "killed", *common)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 600
@@ -114,20 +114,9 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
         time.sleep(0.05)
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    # resumed, then preempted (SIGTERM) a few steps on: it saves the step it reached and says so
-    preempted = run_train(tmp_path / "killed", *common)
-    stop_after, deadline = len(metrics.read_text().splitlines()) + 2, time.time() + 600
-    while time.time() < deadline and preempted.poll() is None and len(metrics.read_text().splitlines()) < stop_after:
-        time.sleep(0.05)
-    preempted.send_signal(signal.SIGTERM)
-    out, err = preempted.communicate(timeout=600)
-    reached = len(losses(tmp_path / "killed"))
-    assert preempted.returncode == 143 and f"Stopped at step {reached} on a preemption notice" in out, err[-3000:]
-    assert reached < 14 and (tmp_path / "killed" / "checkpoints" / str(reached)).is_dir()
     resumed = run_train(tmp_path / "killed", *common)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
-    assert f"Resumed from {tmp_path / 'killed' / 'checkpoints'} at step {reached}" in err
     assert losses(tmp_path / "killed") == expected
 
 
@@ -375,8 +364,9 @@ def test_training_starts_from_a_checkpoint(seed, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_stop_together_on_a_preemption_notice(tmp_path, seed):
-    """SIGTERM to one host of two: JAX's preemption service tells the other, both save the same
-    step (saving is collective) and stop, and the run resumes from it."""
+    """SIGTERM to one host of two (the command line, as a scheduler stops it): JAX's preemption
+    service tells the other, both save the same step (saving is collective), say so and exit with
+    143. (In CI, the bucket training test preempts one process with a real SIGTERM and resumes.)"""
     import portpicker
 
     launcher = str(ROOT / "launch" / "gpu_multihost.sh")
