@@ -343,15 +343,14 @@ def export_hf(config, workdir: str | os.PathLike, out_dir: str | os.PathLike) ->
     gs://), with the run's tokenizer and its image sizes (`preprocessor_config.json`), which
     `generate`, `evaluate` and `config.model.init_from` read. Every process of a multi-host run
     calls it (each tensor is gathered from the hosts holding it; process 0 writes). Returns the step."""
-    from idefics_jax.convert import save_hf_checkpoint
+    from idefics_jax.convert import copy_processor_files, save_hf_checkpoint
     from idefics_jax.inference.loading import save_image_processor, training_image_processor
 
     mcfg, params, step = restore_latest(config, workdir)
-    out, tokenizer = as_path(out_dir, "--export_hf"), as_path(workdir) / "tokenizer.model"
+    out = as_path(out_dir, "--export_hf")
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if tokenizer.exists():
-            (out / "tokenizer.model").write_bytes(tokenizer.read_bytes())
+        copy_processor_files(workdir, out)  # the tokenizer the run saved
         save_image_processor(out, training_image_processor(config))
     save_hf_checkpoint(out, mcfg, params, progress=True)  # returns on every process once complete
     return step
