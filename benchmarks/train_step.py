@@ -76,6 +76,18 @@ def make_batch(spec, rng):
     return ids, pixels, mask, labels
 
 
+def train_batch(ids, pixels, mask, labels) -> dict:
+    """`make_batch`'s arrays as our training step's batch (next-token targets, loss on the labelled text)."""
+    targets = np.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    loss_mask = np.zeros(ids.shape, bool)
+    loss_mask[:, :-1] = labels[:, 1:] != -100
+    return {"tokens": ids.astype(np.int32), "segment_ids": np.ones(ids.shape, np.int32),
+            "positions": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy(),
+            "targets": targets.astype(np.int32), "loss_mask": loss_mask, "pixel_values": pixels,
+            "pixel_attention_mask": mask}
+
+
 def time_torch(hf_dir, ids, pixels, mask, labels, steps):
     import torch
     from transformers import Idefics2ForConditionalGeneration
@@ -179,15 +191,7 @@ def time_ours(hf_dir, ids, pixels, mask, labels, steps):
     state = init_state(model, tx, mesh, jax.random.PRNGKey(0))
     state = state.replace(params=jax.tree.map(lambda p, s: jax.device_put(p, s.sharding), params, state.params))
     step = make_train_step(model, tx, mesh)
-    targets = np.zeros_like(ids)
-    targets[:, :-1] = ids[:, 1:]
-    loss_mask = np.zeros(ids.shape, bool)
-    loss_mask[:, :-1] = labels[:, 1:] != -100
-    batch = {"tokens": ids.astype(np.int32), "segment_ids": np.ones(ids.shape, np.int32),
-             "positions": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy(),
-             "targets": targets.astype(np.int32), "loss_mask": loss_mask, "pixel_values": pixels,
-             "pixel_attention_mask": mask}
-    batch = global_batch(batch, mesh)
+    batch = global_batch(train_batch(ids, pixels, mask, labels), mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         traced = jax.jit(train_step_fn(model, tx)).trace(state, batch)  # one trace: products and FLOPs
         shapes = dot_shapes(traced.jaxpr.jaxpr)

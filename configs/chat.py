@@ -22,7 +22,7 @@ def get_config():
     c.optimizer.warmup_steps = 20
     c.optimizer.weight_decay = 0.0
     c.train.steps = 400
-    c.train.remat = True
+    c.train.remat = "full"
     c.train.scan_layers = True  # one compiled layer per tower: fast compiles at 8B
     c.train.checkpoint_every = 100
     c.train.lora.rank = 16

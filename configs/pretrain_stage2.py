@@ -25,7 +25,7 @@ def get_config():
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_steps = 500
     c.train.steps = 20_000
-    c.train.remat = True
+    c.train.remat = "full"
     c.train.scan_layers = True  # one compiled layer per tower: fast compiles at 8B
     c.train.checkpoint_every = 1000
     c.train.keep_period = 5000

@@ -26,7 +26,7 @@ def get_config():
     c.optimizer.warmup_steps = 200
     c.optimizer.weight_decay = 0.0
     c.train.steps = 5000
-    c.train.remat = True
+    c.train.remat = "full"
     c.train.scan_layers = True  # one compiled layer per tower: fast compiles at 8B
     c.train.neftune_alpha = 5.0
     c.train.lora.rank = 16

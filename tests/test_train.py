@@ -147,7 +147,7 @@ def test_config_typo_is_an_error_naming_the_key(tmp_path):
     assert proc.returncode != 0 and "stepz" in err
 
 
-def test_unknown_attention_implementation_is_named():
+def test_unknown_attention_implementation_or_remat_policy_is_named():
     from idefics_jax.train.config import base_config
     from idefics_jax.train.loop import build
 
@@ -156,6 +156,13 @@ def test_unknown_attention_implementation_is_named():
     config.model.attention_impl = "flsh"
     with pytest.raises(ValueError, match="attention_impl 'flsh' is not one of"):
         build(config)
+    config.model.attention_impl = "xla"
+    config.train.remat = "minmal"
+    with pytest.raises(ValueError, match=r"config.train.remat='minmal' is not a rematerialisation policy "
+                                         r"\(did you mean 'minimal'\?\)"):
+        build(config)
+    config.train.remat = "minimal"
+    assert build(config)[1].remat == "minimal"
 
 
 def test_batch_that_does_not_split_into_micro_batches_is_named(tmp_path):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from idefics_jax.config import Idefics2Config
 from idefics_jax.models.layers import GatedMLP, RMSNorm, dense
+from idefics_jax.models.remat import KEY, QUERY, VALUE, name_activation, remat_layer
 from idefics_jax.ops.attention import dot_product_attention
 from idefics_jax.sharding import ACTIVATION_AXES, constrain
 
@@ -40,6 +41,7 @@ class PerceiverAttention(nn.Module):
         q = dense(p.resampler_n_heads * head_dim, ("embed", "heads"), name="q_proj", **kw)(latents)
         k = dense(p.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(states)
         v = dense(p.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(states)
+        q, k, v = name_activation(q, QUERY), name_activation(k, KEY), name_activation(v, VALUE)  # for remat policies
         split = lambda t: einops.rearrange(t, "n s (h d) -> n s h d", d=head_dim)
         out = dot_product_attention(split(q), split(k), split(v), kv_mask=kv_mask,
                                     implementation=self.attention_impl)  # [n, latents, heads, head_dim]
@@ -76,7 +78,7 @@ class PerceiverResampler(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # a policy of models/remat.py
 
     def setup(self):
         p = self.config.perceiver
@@ -88,7 +90,7 @@ class PerceiverResampler(nn.Module):
             "latents", nn.with_logical_partitioning(nn.initializers.normal(p.initializer_range), (None, "embed")),
             (p.resampler_n_latents, self.config.text.hidden_size), self.param_dtype,
         )
-        layer = nn.remat(PerceiverLayer) if self.remat else PerceiverLayer
+        layer = remat_layer(PerceiverLayer, self.remat)
         self.layers = [layer(self.config, self.attention_impl, **kw) for _ in range(p.resampler_depth)]
         self.norm = RMSNorm(self.config.text.rms_norm_eps, **kw)
 
@@ -110,7 +112,7 @@ class Connector(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # a policy of models/remat.py
 
     @nn.compact
     def __call__(self, image_hidden_states, patch_mask):

@@ -90,7 +90,7 @@ class Idefics2Model(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     neftune_alpha: float = 0.0
     scan_layers: bool = False
 
@@ -160,7 +160,7 @@ class Idefics2(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    remat: bool | str = False  # what each layer keeps for the backward pass: a policy of models/remat.py
     neftune_alpha: float = 0.0  # NEFTune noise on text embeddings when train=True (0: off)
     scan_layers: bool = False  # vision and text layers as one nn.scan each, parameters stacked (models/scan.py)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from idefics_jax.config import TextConfig
 from idefics_jax.models.kv_cache import KVCache, LayerCache
 from idefics_jax.models.layers import Embed, GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
+from idefics_jax.models.remat import KEY, QUERY, VALUE, name_activation, remat_layer
 from idefics_jax.models.scan import scanned
 from idefics_jax.ops.attention import dot_product_attention
 from idefics_jax.sharding import ACTIVATION_AXES, constrain
@@ -44,9 +45,11 @@ class MistralAttention(nn.Module):
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, init_std=cfg.initializer_range)
         split = lambda t: einops.rearrange(t, "b s (h d) -> b s h d", d=head_dim)
         seq_major = lambda t: einops.rearrange(t, "b h s d -> b s h d")  # the cache's layout -> attention's
-        q = split(dense(cfg.num_attention_heads * head_dim, ("embed", "heads"), name="q_proj", **kw)(x))
-        k = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x))
-        v = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x))
+        q = dense(cfg.num_attention_heads * head_dim, ("embed", "heads"), name="q_proj", **kw)(x)
+        k = dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(x)
+        v = dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(x)
+        # tagged for the remat policies that keep the projections (models/remat.py)
+        q, k, v = (split(name_activation(t, name)) for t, name in ((q, QUERY), (k, KEY), (v, VALUE)))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # Without a cache, causality and the window go by index within the row, as in Hugging Face
         # (the same as by position for packed rows, whose positions count up by one within each
@@ -100,7 +103,7 @@ class MistralModel(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # a policy of models/remat.py
     scan_layers: bool = False  # one nn.scan over the layers, parameters stacked (see models/scan.py)
 
     def setup(self):
@@ -116,7 +119,7 @@ class MistralModel(nn.Module):
             self.layers = scanned(MistralDecoderLayer, cfg.num_hidden_layers, remat=self.remat, broadcast_args=5)(
                 cfg, self.attention_impl, **kw)
         else:
-            layer = nn.remat(MistralDecoderLayer) if self.remat else MistralDecoderLayer
+            layer = remat_layer(MistralDecoderLayer, self.remat)
             self.layers = [layer(cfg, self.attention_impl, **kw) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 

@@ -17,13 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from idefics_jax.models.remat import remat_layer
+
 LAYER_KEY = re.compile(r"^layers_(\d+)$")
 
 
-def scanned(layer_cls, num_layers: int, *, remat: bool, broadcast_args: int):
+def scanned(layer_cls, num_layers: int, *, remat: bool | str, broadcast_args: int):
     """`nn.scan` of `layer_cls` (whose `__call__(carry, *args)` returns `(carry, per-layer output)`),
-    parameters stacked on a leading `layers` axis, the `broadcast_args` arguments shared by all layers."""
-    body = nn.remat(layer_cls, prevent_cse=False) if remat else layer_cls
+    parameters stacked on a leading `layers` axis, the `broadcast_args` arguments shared by all layers,
+    each layer rematerialised as `remat` says (models/remat.py)."""
+    body = remat_layer(layer_cls, remat, prevent_cse=False)
     return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(nn.broadcast,) * broadcast_args, length=num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from idefics_jax.config import VisionConfig
-from idefics_jax.models.scan import scanned
 from idefics_jax.models.layers import Embed, activation, dense, layer_norm
+from idefics_jax.models.remat import KEY, QUERY, VALUE, name_activation, remat_layer
+from idefics_jax.models.scan import scanned
 from idefics_jax.ops.attention import dot_product_attention
 
 Dtype = Any
@@ -109,9 +110,11 @@ class VisionAttention(nn.Module):
         cfg = self.config
         kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, init_std=cfg.initializer_range)
         split = lambda t: einops.rearrange(t, "n s (h d) -> n s h d", d=cfg.head_dim)
-        q = split(dense(cfg.hidden_size, ("embed", "heads"), name="q_proj", **kw)(x))
-        k = split(dense(cfg.hidden_size, ("embed", "heads"), name="k_proj", **kw)(x))
-        v = split(dense(cfg.hidden_size, ("embed", "heads"), name="v_proj", **kw)(x))
+        q = dense(cfg.hidden_size, ("embed", "heads"), name="q_proj", **kw)(x)
+        k = dense(cfg.hidden_size, ("embed", "heads"), name="k_proj", **kw)(x)
+        v = dense(cfg.hidden_size, ("embed", "heads"), name="v_proj", **kw)(x)
+        # tagged for the remat policies that keep the projections (models/remat.py)
+        q, k, v = (split(name_activation(t, name)) for t, name in ((q, QUERY), (k, KEY), (v, VALUE)))
         out = dot_product_attention(q, k, v, kv_mask=kv_mask, implementation=self.attention_impl)
         out = einops.rearrange(out, "n s h d -> n s (h d)")
         return dense(cfg.hidden_size, ("heads", "embed"), name="out_proj", **kw)(out)
@@ -155,7 +158,7 @@ class VisionEncoder(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # a policy of models/remat.py
     scan_layers: bool = False
 
     def setup(self):
@@ -164,7 +167,7 @@ class VisionEncoder(nn.Module):
             self.layers = scanned(VisionEncoderLayer, self.config.num_hidden_layers, remat=self.remat,
                                   broadcast_args=1)(self.config, self.attention_impl, scanned=True, **kw)
             return
-        layer = nn.remat(VisionEncoderLayer) if self.remat else VisionEncoderLayer
+        layer = remat_layer(VisionEncoderLayer, self.remat)
         self.layers = [layer(self.config, self.attention_impl, **kw) for _ in range(self.config.num_hidden_layers)]
 
     def __call__(self, x, kv_mask):
@@ -182,7 +185,7 @@ class VisionTransformer(nn.Module):
     attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # a policy of models/remat.py
     scan_layers: bool = False
 
     @nn.compact

@@ -60,7 +60,10 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict({
         "steps": 1000, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep_checkpoints": 3,
         "keep_period": 0,  # also keep every N-th step's checkpoint for good (0: no)
-        "async_checkpoints": True, "freeze": [], "remat": False, "scan_layers": False, "neftune_alpha": 0.0,
+        "async_checkpoints": True, "freeze": [], "scan_layers": False, "neftune_alpha": 0.0,
+        # what each layer keeps for the backward pass: none, full, minimal, save_qkv_proj,
+        # minimal_offloaded, qkv_proj_offloaded (idefics_jax/models/remat.py)
+        "remat": "none",
         "eval_every": 0, "eval_samples": 50, "max_new_tokens": 16,
         # a jax.profiler trace of `profile_steps` steps from this one into WORKDIR/profile (0: off)
         "profile_first_step": 0, "profile_steps": 3,

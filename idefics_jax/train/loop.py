@@ -31,6 +31,7 @@ from idefics_jax.data.pipeline import Pipeline, SourceConfig
 from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.distributed import check_shared_directory, use_compilation_cache
 from idefics_jax.models.idefics2 import Idefics2
+from idefics_jax.models.remat import remat_policy
 from idefics_jax.models.scan import is_stacked, stack_layers, unstack_layers
 from idefics_jax.ops.attention import IMPLEMENTATIONS
 from idefics_jax.paths import as_path, is_url
@@ -137,9 +138,13 @@ def build(config, mesh=None):
         raise ValueError("config.data: set tokenizer/dir, or synthetic=True")
     if config.model.attention_impl not in IMPLEMENTATIONS:
         raise ValueError(f"config.model.attention_impl '{config.model.attention_impl}' is not one of {IMPLEMENTATIONS}")
+    try:
+        remat = remat_policy(config.train.remat)
+    except ValueError as e:
+        raise ValueError(f"config.train.{e}") from None
     model = Idefics2(mcfg, attention_impl=config.model.attention_impl,
                      dtype=_dtype(config.model.dtype, "dtype"), param_dtype=_dtype(config.model.param_dtype, "param_dtype"),
-                     remat=config.train.remat, neftune_alpha=config.train.neftune_alpha,
+                     remat=remat, neftune_alpha=config.train.neftune_alpha,
                      scan_layers=config.train.get("scan_layers", False))
     o = config.optimizer
     lora = lora_config(config)
