@@ -7,8 +7,8 @@
 #
 # The workdir must be one that all workers see: a gs:// bucket (the workers' own credentials serve),
 # or a shared filesystem at the same path on every worker. The data may be in a bucket as well.
-# A preempted run (spot VMs: SIGTERM) saves the step it reached and exits with 143; the same
-# command resumes it.
+# A preempted run (spot VMs: SIGTERM, or the metadata server's notice of a preemption or of a
+# terminating maintenance) saves the step it reached and exits with 143; the same command resumes it.
 #
 # --setup first clones/updates this repository on every worker (REPO_URL, default: this checkout's
 # origin) and installs it with pip. On a TPU pod jax.distributed finds the other workers by
