@@ -1,0 +1,369 @@
+"""An HTTP server with OpenAI's chat-completions interface that batches concurrent requests.
+
+    server = Server(Assistant(load_for_inference("DIR")), port=8000)
+    server.serve_forever()            # python -m idefics_jax.serve --checkpoint DIR --port 8000
+
+Endpoints: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`. A request is OpenAI's:
+`messages` whose `content` is a string or a list of parts (`{"type": "text", "text": ...}`,
+`{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`: each image goes where
+its part is), `max_tokens` (or `max_completion_tokens`, default 256), `temperature` (default 0:
+greedy, as our command line), `top_p`, `seed`, `stream`; and ours: `top_k`, `min_p`,
+`repetition_penalty`, `split` (320 visual tokens per image instead of 64). Images come inline as
+`data:` URLs (the server reads no files and fetches nothing). A request the server cannot answer
+as asked (malformed, an unreadable image, a prompt longer than the context, `n` > 1, `stop`,
+`logprobs`, tools) gets status 400 and an error naming the problem; the server goes on.
+
+Greedy requests that arrive together (within `batch_window` seconds, up to `max_batch`) with the same
+`split` run as one batch, padded to a power of two rows (a bounded number of compiled programs),
+each row cut at its own `max_tokens`; sampled and streamed (`stream: true`, server-sent events)
+requests run alone. One worker thread owns the model; requests are answered in arrival order.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import http.server
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from idefics_jax.data.image_processing import ImageError, load_image
+from idefics_jax.data.image_tokens import IMAGE_TOKEN
+from idefics_jax.inference.sampling import Sampling
+
+log = logging.getLogger(__name__)
+
+UNSUPPORTED = {"n": 1, "stop": None, "logprobs": False, "top_logprobs": None, "tools": None, "tool_choice": None,
+               "response_format": None, "functions": None, "logit_bias": None}
+
+
+MAX_BODY = 256 << 20  # bytes of one request (its images inline)
+
+
+class RequestError(ValueError):
+    """A request that cannot be answered as asked (HTTP 400)."""
+
+
+@dataclasses.dataclass
+class Job:
+    messages: list[dict]
+    images: list
+    max_tokens: int = 256
+    sampling: Sampling = Sampling()
+    seed: int = 0
+    split: bool = False
+    stream: bool = False
+    result: dict | None = None
+    error: Exception | None = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    pieces: queue.Queue = dataclasses.field(default_factory=queue.Queue)  # streamed text; None ends it
+    cancelled: bool = False  # the client went away
+
+    def joins(self, other: "Job") -> bool:
+        """Whether `other` can run in one batch with this job (greedy, same settings, not streamed)."""
+        return (not self.stream and not other.stream and self.sampling.greedy and other.sampling == self.sampling
+                and other.split == self.split)
+
+
+def decode_image(url: str, where: str):
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise RequestError(f"{where}: images are sent inline as data URLs (data:image/png;base64,...), got "
+                           f"{str(url)[:60]!r}")
+    try:
+        data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+        return load_image(data)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(f"{where}: the image cannot be read ({e})") from None
+
+
+def parse_content(content, where: str) -> tuple[str, list]:
+    """A message's content -> (text with `<image>` where each image part was, the images)."""
+    if isinstance(content, str):
+        parts = [{"type": "text", "text": content}]
+    elif isinstance(content, list):
+        parts = content
+    else:
+        raise RequestError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
+    text, images = [], []
+    for i, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            if IMAGE_TOKEN in part["text"]:
+                raise RequestError(f"{where}.content[{i}]: the text holds {IMAGE_TOKEN}; send images as "
+                                   "image_url parts")
+            text.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            images.append(decode_image(url, f"{where}.content[{i}]"))
+            text.append(IMAGE_TOKEN)
+        else:
+            raise RequestError(f"{where}.content[{i}]: a part is {{'type': 'text', 'text': ...}} or "
+                               f"{{'type': 'image_url', 'image_url': {{'url': ...}}}}, got {str(part)[:80]}")
+    return "".join(text), images
+
+
+def parse_request(body: Any) -> Job:
+    """A chat-completions request (decoded JSON) -> a Job; `RequestError` naming what is wrong."""
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object")
+    for key, default in UNSUPPORTED.items():
+        if body.get(key, default) not in (default, None):
+            raise RequestError(f"'{key}' is not supported by this server (got {body[key]!r})")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list")
+    turns, images = [], []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(f"messages[{i}] must be an object with a role of system, user or assistant")
+        text, found = parse_content(message.get("content"), f"messages[{i}]")
+        if found and message["role"] != "user":
+            raise RequestError(f"messages[{i}]: only user messages carry images")
+        turns.append({"role": message["role"], "content": text})
+        images.extend(found)
+    if turns[-1]["role"] != "user":
+        raise RequestError("The last message must be the user's")
+    number = lambda key, default, kind: _number(body, key, default, kind)
+    try:
+        sampling = Sampling(temperature=number("temperature", 0.0, float), top_k=number("top_k", 0, int),
+                            top_p=number("top_p", 1.0, float), min_p=number("min_p", 0.0, float),
+                            repetition_penalty=number("repetition_penalty", 1.0, float))
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    max_tokens = number("max_completion_tokens", None, int)
+    max_tokens = number("max_tokens", 256, int) if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise RequestError(f"max_tokens must be at least 1, got {max_tokens}")
+    return Job(turns, images, max_tokens=max_tokens, sampling=sampling, seed=number("seed", 0, int),
+               split=bool(body.get("split", False)), stream=bool(body.get("stream", False)))
+
+
+def _number(body: dict, key: str, default, kind):
+    value = body.get(key, default)
+    if value is None or value is default:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise RequestError(f"'{key}' must be a{'n integer' if kind is int else ' number'}, got {value!r}")
+    return kind(value)
+
+
+class Worker(threading.Thread):
+    """Owns the model: takes jobs in arrival order, batching what can be batched."""
+
+    def __init__(self, assistant, *, max_batch: int = 8, batch_window: float = 0.01):
+        super().__init__(name="idefics-serve-worker", daemon=True)
+        self.assistant = assistant
+        self.max_batch, self.batch_window = max_batch, batch_window
+        self.jobs: queue.Queue = queue.Queue()
+        self.pending: deque = deque()  # taken from `jobs` while batching but not batchable with it
+        self.batches: list[int] = []  # the size of each batch run (for logs and tests)
+
+    def submit(self, job: Job) -> Job:
+        self.jobs.put(job)
+        return job
+
+    def stop(self):
+        self.jobs.put(None)
+
+    def run(self):
+        while (job := self.pending.popleft() if self.pending else self.jobs.get()) is not None:
+            batch = [job]
+            deadline = time.monotonic() + self.batch_window
+            while job.joins(job) and len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                try:
+                    other = self.jobs.get(timeout=left)
+                except queue.Empty:
+                    break
+                (batch if other is not None and job.joins(other) else self.pending).append(other)
+                if other is None:
+                    break
+            self.batches.append(len(batch))
+            self._run(batch)
+
+    def _run(self, batch: list[Job]):
+        try:
+            if batch[0].stream:
+                self._stream(batch[0])
+            else:
+                self._generate(batch)
+        except ValueError as e:  # one request's problem: alone, each gets its own answer
+            if len(batch) > 1:
+                for job in batch:
+                    self._run([job])
+                return
+            batch[0].error = RequestError(str(e))
+        except Exception as e:  # noqa: BLE001 - the server goes on; the request gets a 500
+            log.exception("generation failed")
+            for job in batch:
+                job.error = e
+        for job in batch:
+            job.pieces.put(None)
+            job.done.set()
+
+    def _generate(self, batch: list[Job]):
+        a = self.assistant
+        rows = 1 << (len(batch) - 1).bit_length()  # a power of two: few compiled shapes
+        inputs = a.prepare([j.messages for j in batch], [j.images for j in batch], split=batch[0].split,
+                           batch_size=rows)
+        new = a.generator.generate(*a._inputs(inputs), max_new_tokens=max(j.max_tokens for j in batch),
+                                   sampling=batch[0].sampling, seed=batch[0].seed)
+        for i, job in enumerate(batch):
+            tokens = [int(t) for t in np.asarray(new[i])[:job.max_tokens]]
+            job.result = self._answer(tokens, int(inputs["attention_mask"][i].sum()))
+
+    def _stream(self, job: Job):
+        a = self.assistant
+        inputs = a.prepare([job.messages], [job.images], split=job.split)
+        tokens = []
+
+        def chosen():
+            for step in a.generator.stream(*a._inputs(inputs), max_new_tokens=job.max_tokens,
+                                           sampling=job.sampling, seed=job.seed):
+                if job.cancelled:
+                    return
+                tokens.append(int(step[0]))
+                yield tokens[-1]
+
+        for piece in a.text_pieces(chosen()):
+            job.pieces.put(piece)
+        job.result = self._answer(tokens, int(inputs["attention_mask"][0].sum()))
+
+    def _answer(self, tokens: list[int], prompt_tokens: int) -> dict:
+        stops = [i for i, t in enumerate(tokens) if t in self.assistant.stop_ids]
+        used = stops[0] + 1 if stops else len(tokens)
+        return {"text": self.assistant.decode(tokens), "finish_reason": "stop" if stops else "length",
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used,
+                          "total_tokens": prompt_tokens + used}}
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """`Server(assistant, host, port)`; `serve_forever()` in any thread, `close()` to stop."""
+
+    daemon_threads = True
+
+    def __init__(self, assistant, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = "idefics2",
+                 max_batch: int = 8, batch_window: float = 0.01):
+        self.model_name = model_name
+        self.worker = Worker(assistant, max_batch=max_batch, batch_window=batch_window)
+        self.worker.start()
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+        self.worker.stop()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    server: Server
+
+    def log_message(self, fmt, *args):
+        log.info("%s %s", self.address_string(), fmt % args)
+
+    def _json(self, status: int, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error"):
+        self._json(status, {"error": {"message": message, "type": kind}})
+
+    def do_GET(self):
+        if self.path == "/health":
+            self._json(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                         "owned_by": "idefics_jax"}]})
+        else:
+            self._error(404, f"No such endpoint: GET {self.path}", "not_found")
+
+    def do_POST(self):
+        if self.path != "/v1/chat/completions":
+            self._error(404, f"No such endpoint: POST {self.path}", "not_found")
+            return
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            self._error(400, f"Content-Length {length!r} is not a number of bytes")
+            return
+        if (length := int(length)) > MAX_BODY:
+            self._error(413, f"The request is {length} bytes; this server takes up to {MAX_BODY}")
+            return
+        try:
+            job = parse_request(json.loads(self.rfile.read(length) or b"null"))
+        except json.JSONDecodeError as e:
+            self._error(400, f"The request body is not JSON: {e}")
+            return
+        except (RequestError, ImageError) as e:
+            self._error(400, str(e))
+            return
+        self.server.worker.submit(job)
+        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if job.stream:
+            self._stream(job, reply_id, created)
+            return
+        job.done.wait()
+        if job.error is not None:
+            self._failed(job.error)
+            return
+        self._json(200, {"id": reply_id, "object": "chat.completion", "created": created,
+                         "model": self.server.model_name, "usage": job.result["usage"],
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": job.result["text"]},
+                                      "finish_reason": job.result["finish_reason"]}]})
+
+    def _failed(self, error: Exception):
+        if isinstance(error, RequestError):
+            self._error(400, str(error))
+        else:
+            self._error(500, f"Generation failed: {type(error).__name__}: {error}", "server_error")
+
+    def _stream(self, job: Job, reply_id: str, created: int):
+        """Server-sent events: a chunk per piece of text, the finish reason, then [DONE]."""
+        first = job.pieces.get()
+        if first is None and job.error is not None:  # failed before any text: a plain error answer
+            job.done.wait()
+            self._failed(job.error)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+        def event(delta: dict, finish: str | None = None, **extra):
+            chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                     "model": self.server.model_name,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+
+        try:
+            event({"role": "assistant", "content": ""})
+            piece = first
+            while piece is not None:
+                event({"content": piece})
+                piece = job.pieces.get()
+            job.done.wait()
+            if job.error is not None:
+                self.wfile.write(f"data: {json.dumps({'error': {'message': str(job.error)}})}\n\n".encode())
+            else:
+                event({}, job.result["finish_reason"], usage=job.result["usage"])
+            self.wfile.write(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancelled = True  # the worker stops generating at its next token

@@ -1,0 +1,83 @@
+"""Command line: serve a checkpoint over HTTP with OpenAI's chat-completions interface.
+
+    python -m idefics_jax.serve --checkpoint DIR --port 8000
+    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR..."}},
+        {"type": "text", "text": "What is written here?"}]}], "max_tokens": 32}'
+
+DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir (local or
+gs://). Greedy requests that arrive within --batch_window seconds of each other run as one batch of
+up to --max_batch; sampled and streamed ones run alone. See idefics_jax/inference/server.py for the
+request fields. One process (on several devices of its host with --mesh); stop it with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from idefics_jax.generate import add_device_arguments, start
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m idefics_jax.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Hugging Face directory, idefics_jax checkpoint or workdir")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max_batch", type=int, default=8, help="most requests generated together")
+    p.add_argument("--batch_window", type=float, default=0.01,
+                   help="seconds a greedy request waits for others to batch with")
+    p.add_argument("--model_name", default="idefics2", help="the model id that /v1/models lists")
+    p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
+    add_device_arguments(p)
+    return p
+
+
+def make_server(args):
+    """The `Server` that `args` describe (the checkpoint loaded, not yet serving)."""
+    import jax
+    import jax.numpy as jnp
+
+    from idefics_jax.inference.assistant import Assistant
+    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.inference.server import Server
+
+    mesh = start(args)
+    if jax.process_count() > 1:
+        raise ValueError("serve runs in one process (several devices of one host with --mesh)")
+    if args.max_batch < 1 or args.batch_window < 0:
+        raise ValueError(f"--max_batch must be >= 1 and --batch_window >= 0, got {args.max_batch}, "
+                         f"{args.batch_window}")
+    dtype = jnp.dtype(args.dtype)
+    assistant = Assistant(load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype),
+                          dtype=dtype, mesh=mesh)
+    return Server(assistant, args.host, args.port, model_name=args.model_name, max_batch=args.max_batch,
+                  batch_window=args.batch_window)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from idefics_jax.config import ConfigError
+    from idefics_jax.convert import CheckpointError
+    from idefics_jax.distributed import DistributedError
+
+    try:
+        server = make_server(args)
+    except (ValueError, FileNotFoundError, CheckpointError, ConfigError, DistributedError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Serving {args.checkpoint} at {server.url}/v1/chat/completions", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The HTTP server (OpenAI's chat-completions interface) on a tiny random model with a real tokenizer:
+concurrent requests batched and answered as each alone, streaming, and clear errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+from idefics_jax.serve import make_server, parser
+from test_inference_cli import chat_dir  # noqa: F401 - the fixture: a tiny model, its tokenizer, two images
+
+
+def request(url: str, body=None, raw: bytes | None = None):
+    """(status, decoded JSON or the raw text of an event stream)."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=300) as response:
+            text = response.read().decode()
+            status = response.status
+            kind = response.headers.get("Content-Type")
+    except urllib.error.HTTPError as e:
+        text, status, kind = e.read().decode(), e.code, e.headers.get("Content-Type")
+    return status, json.loads(text) if kind == "application/json" else text
+
+
+def image_part(path) -> dict:
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + encoded}}
+
+
+@pytest.fixture(scope="module")
+def server(chat_dir):  # noqa: F811
+    args = parser().parse_args(["--checkpoint", str(chat_dir[0]), "--port", "0", "--max_batch", "4",
+                                "--batch_window", "1.0"])
+    server = make_server(args)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.close()
+
+
+def test_concurrent_requests_run_as_one_batch_and_answer_as_each_alone(server, chat_dir):  # noqa: F811
+    path = chat_dir[0]
+    conversations = [
+        [{"role": "user", "content": [image_part(path / "a.png"), {"type": "text", "text": "What is this?"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "Say more about"}, image_part(path / "a.png")]}],
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": [{"type": "text", "text": "Compare "}, image_part(path / "a.png"),
+                                      {"type": "text", "text": " and "}, image_part(path / "b.png")]}],
+    ]
+    as_ours = [  # the same conversations as Assistant.reply takes them (the first two: one compiled program)
+        ([{"role": "user", "content": "<image>What is this?"}], ["a.png"]),
+        ([{"role": "user", "content": "Say more about<image>"}], ["a.png"]),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compare <image> and <image>"}],
+         ["a.png", "b.png"]),
+    ]
+    budgets = [6, 3, 6]
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda c: request(server.url + "/v1/chat/completions",
+                                                  {"model": "idefics2", "messages": c[0], "max_tokens": c[1]}),
+                                zip(conversations, budgets)))
+    assert server.worker.batches == [3]
+    assistant = server.worker.assistant
+    for (status, reply), (messages, images), budget in zip(replies, as_ours, budgets):
+        assert status == 200, reply
+        expected = assistant.reply(messages, [Image.open(path / i) for i in images], max_new_tokens=budget)
+        choice = reply["choices"][0]
+        assert choice["message"] == {"role": "assistant", "content": expected}
+        used = reply["usage"]["completion_tokens"]
+        assert 1 <= used <= budget and choice["finish_reason"] == ("length" if used == budget else "stop") or (
+            used == budget and choice["finish_reason"] == "stop")
+        assert reply["usage"]["total_tokens"] == reply["usage"]["prompt_tokens"] + used
+        assert reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-")
+
+    # streamed: server-sent events whose pieces join into the same answer
+    status, events = request(server.url + "/v1/chat/completions",
+                             {"messages": conversations[0], "max_tokens": budgets[0], "stream": True})
+    assert status == 200 and events.endswith("data: [DONE]\n\n")
+    chunks = [json.loads(line[6:]) for line in events.split("\n\n") if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == replies[0][1]["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == replies[0][1]["choices"][0]["finish_reason"]
+    assert server.worker.batches == [3, 1]
+
+
+def test_bad_requests_are_named_and_the_server_goes_on(server, chat_dir):  # noqa: F811
+    url = server.url + "/v1/chat/completions"
+    user = lambda content: {"messages": [{"role": "user", "content": content}]}
+    garbage = "data:image/png;base64," + base64.b64encode(b"not an image at all").decode()
+    cases = [
+        (user([{"type": "image_url", "image_url": {"url": garbage}}]),
+         "messages[0].content[0]: the image cannot be read"),
+        (user([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]), "cannot be read"),
+        (user([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]), "inline as data URLs"),
+        (user("<image>What is this?"), "the text holds <image>"),
+        ({**user("Hi"), "n": 2}, "'n' is not supported"),
+        ({**user("Hi"), "max_tokens": 0}, "max_tokens must be at least 1"),
+        ({**user("Hi"), "temperature": -1}, "temperature must be >= 0"),
+        ({**user("Hi"), "max_tokens": 100_000}, "new ones were asked for"),  # longer than the context
+        ({"messages": [{"role": "assistant", "content": "Hi"}]}, "The last message must be the user's"),
+        ({"messages": []}, "'messages' must be a non-empty list"),
+    ]
+    for body, message in cases:
+        status, reply = request(url, body)
+        assert status == 400 and message in reply["error"]["message"], (body, reply)
+    assert request(url, raw=b"{not json")[0] == 400
+    assert request(server.url + "/v1/completions", {})[0] == 404
+    assert request(server.url + "/health") == (200, {"status": "ok"})
+    assert request(server.url + "/v1/models")[1]["data"][0]["id"] == "idefics2"
+    status, reply = request(url, {**user("Hello"), "max_tokens": 2})
+    assert status == 200 and reply["usage"]["completion_tokens"] <= 2
