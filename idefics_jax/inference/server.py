@@ -13,10 +13,11 @@ greedy, as our command line), `top_p`, `seed`, `stream`; and ours: `top_k`, `min
 as asked (malformed, an unreadable image, a prompt longer than the context, `n` > 1, `stop`,
 `logprobs`, tools) gets status 400 and an error naming the problem; the server goes on.
 
-Greedy requests that arrive together (within `batch_window` seconds, up to `max_batch`) with the same
-`split` run as one batch, padded to a power of two rows (a bounded number of compiled programs),
-each row cut at its own `max_tokens`; sampled and streamed (`stream: true`, server-sent events)
-requests run alone. One worker thread owns the model; requests are answered in arrival order.
+Greedy requests that arrive together (within `batch_window` seconds, up to `max_batch`) with the
+same `split` run as one batch, padded to a power of two rows or `max_batch` (a bounded number of
+compiled programs), each row cut at its own `max_tokens`; sampled and streamed (`stream: true`,
+server-sent events) requests run alone. One worker thread owns the model and takes requests in
+arrival order (a batch gathers the requests that can join it during its window).
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ class Worker(threading.Thread):
         while (job := self.pending.popleft() if self.pending else self.jobs.get()) is not None:
             batch = [job]
             deadline = time.monotonic() + self.batch_window
-            while job.joins(job) and len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+            collect = job.joins(job)  # greedy and not streamed: others may join it
+            while collect and len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                 try:
                     other = self.jobs.get(timeout=left)
                 except queue.Empty:
@@ -212,7 +214,7 @@ class Worker(threading.Thread):
 
     def _generate(self, batch: list[Job]):
         a = self.assistant
-        rows = 1 << (len(batch) - 1).bit_length()  # a power of two: few compiled shapes
+        rows = min(1 << (len(batch) - 1).bit_length(), self.max_batch)  # a power of two: few compiled shapes
         inputs = a.prepare([j.messages for j in batch], [j.images for j in batch], split=batch[0].split,
                            batch_size=rows)
         new = a.generator.generate(*a._inputs(inputs), max_new_tokens=max(j.max_tokens for j in batch),
