@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from idefics_jax.serve import make_server, parser
+from idefics_jax.inference.sampling import Sampling
+from idefics_jax.serve import main, make_server, parser
 from test_inference_cli import chat_dir  # noqa: F401 - the fixture: a tiny model, its tokenizer, two images
 
 
@@ -61,12 +62,16 @@ def test_concurrent_requests_run_as_one_batch_and_answer_as_each_alone(server, c
          ["a.png", "b.png"]),
     ]
     budgets = [6, 3, 6]
-    with ThreadPoolExecutor(3) as pool:
-        replies = list(pool.map(lambda c: request(server.url + "/v1/chat/completions",
-                                                  {"model": "idefics2", "messages": c[0], "max_tokens": c[1]}),
-                                zip(conversations, budgets)))
-    assert server.worker.batches == [3]
+    sampled = {"temperature": 0.8, "top_k": 20, "seed": 7}  # runs alone: batches are greedy
+    bodies = [{"model": "idefics2", "messages": c, "max_tokens": n} for c, n in zip(conversations, budgets)]
+    bodies.append({"messages": conversations[0], "max_tokens": 6, **sampled})
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda body: request(server.url + "/v1/chat/completions", body), bodies))
+    assert sorted(server.worker.batches) == [1, 3]
     assistant = server.worker.assistant
+    expected = assistant.reply(as_ours[0][0], [Image.open(path / "a.png")], max_new_tokens=6, seed=7,
+                               sampling=Sampling(temperature=0.8, top_k=20))
+    assert replies.pop()[1]["choices"][0]["message"]["content"] == expected
     for (status, reply), (messages, images), budget in zip(replies, as_ours, budgets):
         assert status == 200, reply
         expected = assistant.reply(messages, [Image.open(path / i) for i in images], max_new_tokens=budget)
@@ -87,7 +92,7 @@ def test_concurrent_requests_run_as_one_batch_and_answer_as_each_alone(server, c
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text == replies[0][1]["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == replies[0][1]["choices"][0]["finish_reason"]
-    assert server.worker.batches == [3, 1]
+    assert server.worker.batches[-1] == 1
 
 
 def test_bad_requests_are_named_and_the_server_goes_on(server, chat_dir):  # noqa: F811
@@ -116,3 +121,8 @@ def test_bad_requests_are_named_and_the_server_goes_on(server, chat_dir):  # noq
     assert request(server.url + "/v1/models")[1]["data"][0]["id"] == "idefics2"
     status, reply = request(url, {**user("Hello"), "max_tokens": 2})
     assert status == 200 and reply["usage"]["completion_tokens"] <= 2
+
+
+def test_the_command_names_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "nothing"), "--port", "0"]) == 2
+    assert f"Checkpoint directory {tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
