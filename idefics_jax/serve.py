@@ -8,14 +8,17 @@
 DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir (local or
 gs://). Greedy requests that arrive within --batch_window seconds of each other run as one batch of
 up to --max_batch; sampled and streamed ones run alone. See idefics_jax/inference/server.py for the
-request fields. One process (on several devices of its host with --mesh); stop it with Ctrl-C.
+request fields. One process (on several devices of its host with --mesh); stop it with Ctrl-C or
+SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from idefics_jax.generate import add_device_arguments, start
 
@@ -69,6 +72,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, ConfigError, DistributedError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # SIGTERM (a scheduler stopping the service) ends it as Ctrl-C does: no new requests, and the
+    # worker finishes the one it is generating
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     print(f"Serving {args.checkpoint} at {server.url}/v1/chat/completions", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
@@ -76,6 +83,8 @@ def main(argv=None) -> int:
         pass
     finally:
         server.close()
+        server.worker.join(timeout=60)
+    print("Stopped", file=sys.stderr)
     return 0
 
 

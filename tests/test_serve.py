@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -126,3 +131,20 @@ def test_bad_requests_are_named_and_the_server_goes_on(server, chat_dir):  # noq
 def test_the_command_names_a_missing_checkpoint(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--port", "0"]) == 2
     assert f"Checkpoint directory {tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+
+
+def test_the_command_serves_until_sigterm(chat_dir):  # noqa: F811
+    """The command line as a service manager runs it: it serves, then stops on SIGTERM with status 0."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "idefics_jax.serve", "--checkpoint", str(chat_dir[0]), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stderr:
+            if found := re.search(r"Serving .* at (http://\S+)/v1/chat/completions", line):
+                break
+        assert found, "the command did not start serving"
+        assert request(found.group(1) + "/health") == (200, {"status": "ok"})
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0 and "Stopped" in proc.stderr.read()
+    finally:
+        proc.kill()
