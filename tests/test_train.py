@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,6 +90,9 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     expected = losses(tmp_path / "full")
     assert [s for s, _ in expected] == list(range(1, 15))
     assert f"Profile of steps 2-3 written to {tmp_path / 'full' / 'profile'}" in err
+    # each resolution bucket's program: its memory per device, from XLA (for choosing train.remat)
+    assert re.search(r"Step compiled for the batch's images \(4, \d+, \d+, \d+, 3\); per device: [\d.]+ GB of "
+                     r"inputs .*, [\d.]+ GB of temporaries .*; remat 'none'", err), err[-3000:]
     assert list((tmp_path / "full" / "profile").glob("plugins/profile/*/*.xplane.pb"))
     # the session's cache (conftest) holds the compiled step: the resumed run below skips compiling it
     assert f"Compiled programs are cached in {os.environ['JAX_COMPILATION_CACHE_DIR']}" in err

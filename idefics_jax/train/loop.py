@@ -43,7 +43,8 @@ from idefics_jax.train.preemption import PreemptionWatch
 from idefics_jax.train.lora import ADAPTERS, LoraConfig, merge, start_magnitudes
 from idefics_jax.train.lora import trainable as lora_trainable
 from idefics_jax.train.optimizer import count_trainable, make_optimizer
-from idefics_jax.train.step import MODEL_KEYS, check_batch_size, init_state, make_train_step, state_shardings
+from idefics_jax.train.step import (MODEL_KEYS, check_batch_size, init_state, make_train_step, memory_summary,
+                                    state_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +272,19 @@ def train(config, workdir: str | os.PathLike) -> dict:
     step = start
     last_eval = assistant = None
     preemption = PreemptionWatch()
+    compiled_for = set()  # the image shapes (resolution buckets) the step was compiled for
     try:
         while step < config.train.steps:
             started = time.perf_counter()
             batch = next(pipeline)
             profiler.before(step + 1)
-            state, metrics = step_fn(state, global_batch(batch, mesh))
+            placed = global_batch(batch, mesh)
+            if (images := placed["pixel_values"].shape) not in compiled_for:  # a new bucket: a new program
+                compiled_for.add(images)
+                if memory := memory_summary(step_fn.compile(state, placed)):  # jit's cache keeps it for the call
+                    log.info("Step compiled for the batch's images %s; per device: %s; remat %r", images, memory,
+                             remat_policy(config.train.remat))
+            state, metrics = step_fn(state, placed)
             step += 1
             if traced := profiler.after(step, (state, metrics)):
                 log.info("Profile of steps %d-%d written to %s", profiler.first, step, traced)

@@ -155,4 +155,24 @@ def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICA
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch)
 
+    def compile(state, batch):  # the program `run` then uses (jit's cache holds it): compiled once
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(state, batch).compile()
+
+    run.compile = compile
     return run
+
+
+def memory_summary(compiled) -> str | None:
+    """What one device holds for the compiled step, from XLA's buffer assignment (None where the
+    backend does not say)."""
+    try:
+        m = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return None
+    if m is None:
+        return None
+    gb = lambda n: f"{n / 1e9:.2f} GB"
+    host = getattr(m, "host_temp_size_in_bytes", 0)
+    return (f"{gb(m.argument_size_in_bytes)} of inputs (state and batch), {gb(m.temp_size_in_bytes)} of temporaries "
+            f"(activations kept for the backward pass, gradients, workspace){f', {gb(host)} on the host' if host else ''}")
