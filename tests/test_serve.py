@@ -148,3 +148,16 @@ def test_the_command_serves_until_sigterm(chat_dir):  # noqa: F811
         assert proc.wait(timeout=120) == 0 and "Stopped" in proc.stderr.read()
     finally:
         proc.kill()
+
+
+def test_earlier_answers_are_disarmed_and_typed_placeholders_refused():
+    from idefics_jax.inference.server import RequestError, parse_request
+
+    disarm = lambda text: text.replace("<image>", "<\u2060image>")  # as Tokenizer.disarm does
+    job = parse_request({"messages": [{"role": "assistant", "content": [{"type": "text", "text": "I said <image>"}]},
+                                      {"role": "user", "content": "Why?"}], "max_tokens": 5}, disarm=disarm)
+    assert job.messages == [{"role": "assistant", "content": "I said <\u2060image>"},
+                            {"role": "user", "content": "Why?"}]
+    assert job.max_tokens == 5 and job.images == [] and job.sampling.greedy
+    with pytest.raises(RequestError, match=r"messages\[0\].content\[0\]: the text holds <image>"):
+        parse_request({"messages": [{"role": "user", "content": "Say <image>"}]}, disarm=disarm)

@@ -86,8 +86,10 @@ def decode_image(url: str, where: str):
         raise RequestError(f"{where}: the image cannot be read ({e})") from None
 
 
-def parse_content(content, where: str) -> tuple[str, list]:
-    """A message's content -> (text with `<image>` where each image part was, the images)."""
+def parse_content(content, where: str, disarm=None) -> tuple[str, list]:
+    """A message's content -> (text with `<image>` where each image part was, the images).
+    `disarm`: for model-written text (earlier answers), breaks the special tokens it spells
+    (`Tokenizer.disarm`) instead of refusing a typed `<image>`."""
     if isinstance(content, str):
         parts = [{"type": "text", "text": content}]
     elif isinstance(content, list):
@@ -97,7 +99,9 @@ def parse_content(content, where: str) -> tuple[str, list]:
     text, images = [], []
     for i, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind == "text" and isinstance(part.get("text"), str) and disarm is not None:
+            text.append(disarm(part["text"]))
+        elif kind == "text" and isinstance(part.get("text"), str):
             if IMAGE_TOKEN in part["text"]:
                 raise RequestError(f"{where}.content[{i}]: the text holds {IMAGE_TOKEN}; send images as "
                                    "image_url parts")
@@ -113,8 +117,9 @@ def parse_content(content, where: str) -> tuple[str, list]:
     return "".join(text), images
 
 
-def parse_request(body: Any) -> Job:
-    """A chat-completions request (decoded JSON) -> a Job; `RequestError` naming what is wrong."""
+def parse_request(body: Any, disarm=None) -> Job:
+    """A chat-completions request (decoded JSON) -> a Job; `RequestError` naming what is wrong.
+    `disarm`: applied to the assistant's earlier answers (see `parse_content`)."""
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object")
     for key, default in UNSUPPORTED.items():
@@ -127,7 +132,8 @@ def parse_request(body: Any) -> Job:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise RequestError(f"messages[{i}] must be an object with a role of system, user or assistant")
-        text, found = parse_content(message.get("content"), f"messages[{i}]")
+        text, found = parse_content(message.get("content"), f"messages[{i}]",
+                                    disarm if message["role"] == "assistant" else None)
         if found and message["role"] != "user":
             raise RequestError(f"messages[{i}]: only user messages carry images")
         turns.append({"role": message["role"], "content": text})
@@ -309,7 +315,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._error(413, f"The request is {length} bytes; this server takes up to {MAX_BODY}")
             return
         try:
-            job = parse_request(json.loads(self.rfile.read(length) or b"null"))
+            job = parse_request(json.loads(self.rfile.read(length) or b"null"),
+                                disarm=self.server.worker.assistant.tokenizer.disarm)
         except json.JSONDecodeError as e:
             self._error(400, f"The request body is not JSON: {e}")
             return
