@@ -63,13 +63,13 @@ def wait_for(condition, timeout=10.0) -> bool:
 
 def test_a_terminating_maintenance_event_stops_the_loop_as_sigterm_does(server, monkeypatch):
     monkeypatch.setenv("GCE_METADATA_HOST", server.host)
-    watch = PreemptionWatch()  # takes SIGTERM (one process) and starts reading the server
+    watch = PreemptionWatch()  # one process: takes SIGTERM, and starts reading the server
     try:
         assert wait_for(lambda: server.requests >= 4) and not watch.requested(1)
         server.answers["maintenance-event"] = "MIGRATE_ON_HOST_MAINTENANCE"  # the VM stays: no notice
         assert wait_for(lambda: server.requests >= 8) and not watch.requested(2)
         server.answers["maintenance-event"] = "TERMINATE_ON_HOST_MAINTENANCE"
-        assert wait_for(lambda: watch.signalled)  # a real SIGTERM to this process, from the thread
+        assert wait_for(lambda: watch.signalled)  # noted from the watch's thread
         assert watch.requested(3) and watch.stopped_at == 3
         assert watch.metadata.notice == "maintenance event TERMINATE_ON_HOST_MAINTENANCE"
     finally:

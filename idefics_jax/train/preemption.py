@@ -7,9 +7,10 @@ says yes, the loop saves that step and ends, and running the same command again 
 On a Google Cloud VM the metadata server says so first: `instance/preempted` turns TRUE when a spot
 VM's notice starts, and `instance/maintenance-event` announces TERMINATE_ON_HOST_MAINTENANCE ahead
 of a maintenance that stops the VM (TPU VMs are never live-migrated). `MetadataWatch`, a background
-thread, reads both each second and turns either into a SIGTERM to this process, so the paths below
-serve it. Off Google Cloud its first request fails and it ends (`GCE_METADATA_HOST` names another
-server, as for Google's client libraries).
+thread, reads both each second and passes either on as a preemption notice: to the watch itself in
+one process, as a SIGTERM to this process in several (JAX's service below listens for it). Off
+Google Cloud its first request fails and it ends (`GCE_METADATA_HOST` names another server, as for
+Google's client libraries).
 
 - One process: a SIGTERM handler notes the notice (the previous handler is put back on `close`).
 - Several processes (`jax.distributed`): a notice reaches one host, but saving is collective, so
@@ -37,17 +38,20 @@ class PreemptionWatch:
         """metadata: also watch a Google Cloud VM's metadata server (`MetadataWatch`)."""
         from jax._src import distributed
 
-        self.metadata = MetadataWatch() if metadata else None
         self.signalled = False
         self.stopped_at: int | None = None
         self._shared = distributed.global_state.client is not None  # JAX's service holds SIGTERM
+        # a metadata notice: one process notes it here (from any thread); several pass it to JAX's
+        # service as the SIGTERM it listens for
+        notify = None if self._shared else (lambda: self._note(signal.SIGTERM, None))
+        self.metadata = MetadataWatch(notify=notify) if metadata else None
         self._previous = None
         if not self._shared and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._note)
 
     def _note(self, signum, frame):
         if not self.signalled:
-            log.warning("SIGTERM received: stopping after this step with a checkpoint of it")
+            log.warning("Preemption notice: stopping after this step with a checkpoint of it")
         self.signalled = True
 
     def requested(self, step: int) -> bool:
