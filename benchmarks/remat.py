@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import time
 from pathlib import Path
 
@@ -84,14 +83,9 @@ def measure(config, policy: str, batch, params=None, steps: int = 0, scan: bool 
     result = {"compile": time.perf_counter() - start, "temp": memory.temp_size_in_bytes,
               "host": getattr(memory, "host_temp_size_in_bytes", 0), "arguments": memory.argument_size_in_bytes}
     if steps:
-        step = make_train_step(model, tx, mesh)
-        times = []
-        for _ in range(steps + 2):
-            begin = time.perf_counter()
-            state, metrics = step(state, batch)
-            result["loss"] = float(metrics["loss"])  # waits for the step
-            times.append(time.perf_counter() - begin)
-        result["step"] = statistics.median(times[2:])
+        from train_step import median_step_time
+
+        result["step"], result["loss"] = median_step_time(make_train_step(model, tx, mesh), state, batch, steps)
     return result
 
 

@@ -196,13 +196,19 @@ def time_ours(hf_dir, ids, pixels, mask, labels, steps):
         traced = jax.jit(train_step_fn(model, tx)).trace(state, batch)  # one trace: products and FLOPs
         shapes = dot_shapes(traced.jaxpr.jaxpr)
         flops = traced.lower().compile().cost_analysis()["flops"]
+    seconds, loss = median_step_time(step, state, batch, steps)
+    return seconds, loss, flops, shapes
+
+
+def median_step_time(step, state, batch, steps: int) -> tuple[float, float]:
+    """(median seconds of `steps` steps after 2 warm-up steps, the last loss)."""
     times = []
     for _ in range(steps + 2):
         start = time.perf_counter()
         state, metrics = step(state, batch)
         loss = float(metrics["loss"])  # waits for the step
         times.append(time.perf_counter() - start)
-    return statistics.median(times[2:]), loss, flops, shapes
+    return statistics.median(times[2:]), loss
 
 
 def main():

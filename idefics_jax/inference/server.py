@@ -99,13 +99,11 @@ def parse_content(content, where: str, disarm=None) -> tuple[str, list]:
     text, images = [], []
     for i, part in enumerate(parts):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str) and disarm is not None:
-            text.append(disarm(part["text"]))
-        elif kind == "text" and isinstance(part.get("text"), str):
-            if IMAGE_TOKEN in part["text"]:
+        if kind == "text" and isinstance(part.get("text"), str):
+            if disarm is None and IMAGE_TOKEN in part["text"]:
                 raise RequestError(f"{where}.content[{i}]: the text holds {IMAGE_TOKEN}; send images as "
                                    "image_url parts")
-            text.append(part["text"])
+            text.append(part["text"] if disarm is None else disarm(part["text"]))
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url

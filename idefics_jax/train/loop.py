@@ -283,7 +283,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
                 compiled_for.add(images)
                 if memory := memory_summary(step_fn.compile(state, placed)):  # jit's cache keeps it for the call
                     log.info("Step compiled for the batch's images %s; per device: %s; remat %r", images, memory,
-                             remat_policy(config.train.remat))
+                             model.remat)
             state, metrics = step_fn(state, placed)
             step += 1
             if traced := profiler.after(step, (state, metrics)):
