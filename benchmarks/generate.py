@@ -82,17 +82,17 @@ def time_ours(hf_dir, inputs, new, repeats):
 def product_shapes(generator, inputs, new):
     """{(batch, m, k, n): count} of the matrix products of our first-token program and of one
     decode step (`train_step.dot_shapes`), traced as `generate` runs them."""
-    import jax
+    import jax.numpy as jnp
 
-    from idefics_jax.inference.sampling import GREEDY
+    from idefics_jax.inference.sampling import GREEDY, row_keys
     from train_step import dot_shapes
 
     settings = dict(sampling=GREEDY, stop_ids=generator.stop_ids, pad_id=generator.pad_id)
     max_columns = inputs[0].shape[1] + new
-    rng = jax.random.PRNGKey(0)
-    first = generator._first.trace(generator.params, inputs, rng, max_columns=max_columns, **settings)
-    state, token, done = generator._first(generator.params, inputs, rng, max_columns=max_columns, **settings)
-    step = generator._step.trace(generator.params, state, token, done, rng, **settings)
+    keys = row_keys(0, inputs[0].shape[0])
+    first = generator._first.trace(generator.params, inputs, keys, max_columns=max_columns, **settings)
+    state, token, done = generator._first(generator.params, inputs, keys, max_columns=max_columns, **settings)
+    step = generator._step.trace(generator.params, state, token, done, keys, jnp.int32(1), **settings)
     return dot_shapes(first.jaxpr.jaxpr), dot_shapes(step.jaxpr.jaxpr)
 
 

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from idefics_jax import Idefics2, load_hf_checkpoint  # noqa: E402
 from idefics_jax.inference.conversation import Conversation  # noqa: E402
 from idefics_jax.inference.generate import Generator  # noqa: E402
-from idefics_jax.inference.sampling import GREEDY, Sampling  # noqa: E402
+from idefics_jax.inference.sampling import GREEDY, Sampling, row_keys  # noqa: E402
 from idefics_jax.sharding import make_mesh, param_shardings  # noqa: E402
 from test_parity import make_batch  # noqa: E402
 
@@ -60,7 +60,8 @@ def main(hf_dir, seed):
             sys.exit(f"mesh (2, 1, 2), {name}: tokens differ\n{a}\n{b}")
     settings = dict(max_columns=ids.shape[1] + NEW, sampling=GREEDY, stop_ids=(), pad_id=0)
     with generator._on_mesh():
-        state, token, _ = generator._first(generator.params, generator._place(inputs), jax.random.PRNGKey(0), **settings)
+        state, token, _ = generator._first(generator.params, generator._place(inputs), row_keys(0, len(ids)),
+                                          **settings)
     specs = (tuple(state.cache.keys[0].sharding.spec), tuple(token.sharding.spec))
     print(f"cache keys {state.cache.keys[0].shape} laid out {specs[0]}, tokens {specs[1]}")
     if specs[0][:2] != ("data", "tensor") or any(specs[1]):

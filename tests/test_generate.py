@@ -17,7 +17,8 @@ from conftest import IMAGE_TOKEN_ID, rel_err
 from idefics_jax import Idefics2
 from idefics_jax.data.image_processing import ImageProcessor, pad_images
 from idefics_jax.inference.generate import Generator, decode, prefill
-from idefics_jax.inference.sampling import Sampling, process_logits, seen_tokens
+from idefics_jax.inference.sampling import (RowSampling, Sampling, next_token, next_token_rows, process_logits,
+                                          process_logits_rows, row_keys, seen_tokens, token_keys)
 from test_parity import make_batch
 
 NEW = 32
@@ -208,10 +209,11 @@ def test_stream_equals_generate(converted, seed):
     assert other._generate is generator._generate and other._generate._cache_size() == compiled
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,penalty,min_p",
-                         [(1.0, 5, 1.0, 1.0, 0.0), (0.7, 0, 0.8, 1.0, 0.0), (1.3, 10, 0.5, 1.0, 0.0),
-                          (1.0, 0, 0.05, 1.0, 0.0), (0.0, 0, 1.0, 1.4, 0.0), (0.8, 7, 0.9, 0.7, 0.0),
-                          (1.0, 0, 1.0, 1.0, 0.1), (1.5, 20, 0.95, 1.2, 0.05)])
+FILTER_CASES = [(1.0, 5, 1.0, 1.0, 0.0), (0.7, 0, 0.8, 1.0, 0.0), (1.3, 10, 0.5, 1.0, 0.0), (1.0, 0, 0.05, 1.0, 0.0),
+                (0.0, 0, 1.0, 1.4, 0.0), (0.8, 7, 0.9, 0.7, 0.0), (1.0, 0, 1.0, 1.0, 0.1), (1.5, 20, 0.95, 1.2, 0.05)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,penalty,min_p", FILTER_CASES)
 def test_logit_filters_equal_transformers(seed, temperature, top_k, top_p, penalty, min_p):
     from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
                                                         RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
@@ -230,6 +232,23 @@ def test_logit_filters_equal_transformers(seed, temperature, top_k, top_p, penal
     ours = np.asarray(process_logits(logits, Sampling(temperature, top_k, top_p, penalty, min_p), seen))
     np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
     np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
+
+
+def test_row_settings_choose_as_each_row_alone(seed):
+    """A batch whose rows sample differently (continuous batching) processes and draws each row as a
+    batch of that row alone with its settings: the same logits bit for bit, the same draws."""
+    rng = np.random.default_rng([seed, 407])
+    settings = [Sampling(*row) for row in FILTER_CASES] + [Sampling(top_k=3), Sampling(0.9, 0, 1.0, 1.0, 0.3)]
+    logits = rng.normal(size=(len(settings), 300)).astype(np.float32) * 3
+    seen = np.asarray(seen_tokens(rng.integers(0, 300, size=(len(settings), 40)), np.ones((len(settings), 40)), 300))
+    rows = RowSampling.of(settings)
+    together = np.asarray(process_logits_rows(logits, rows, seen))
+    keys = token_keys(jnp.concatenate([row_keys(int(s), 1) for s in rng.integers(0, 1 << 30, len(settings))]), 5)
+    drawn = np.asarray(next_token_rows(logits, rows, keys, seen))
+    for i, sampling in enumerate(settings):
+        alone = np.asarray(process_logits(logits[i:i + 1], sampling, seen[i:i + 1]))[0]
+        np.testing.assert_array_equal(together[i], alone, err_msg=str(sampling))
+        assert drawn[i] == next_token(logits[i:i + 1], sampling, keys[i:i + 1], seen[i:i + 1])[0], sampling
 
 
 @pytest.mark.parametrize("case", ["text_only", "one_image"])

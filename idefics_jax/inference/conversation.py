@@ -28,7 +28,7 @@ import numpy as np
 
 from idefics_jax.data.image_processing import pad_images
 from idefics_jax.inference.generate import DecodeState, Generator, check_context
-from idefics_jax.inference.sampling import GREEDY, Sampling, seen_tokens
+from idefics_jax.inference.sampling import GREEDY, Sampling, row_keys, seen_tokens
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -114,7 +114,7 @@ class Conversation:
         start = self.columns[shared - 1] + 1 if shared else 0  # the new tokens' first column
         length = round_up(start + padded + max_new_tokens, self.length_multiple)
         settings = dict(sampling=sampling, stop_ids=self.generator.stop_ids, pad_id=self.generator.pad_id)
-        rng, first_rng = jax.random.split(jax.random.PRNGKey(seed))
+        keys = row_keys(seed, 1)
         state, kept = self.state, (self.tokens[:shared], self.as_image[:shared], self.columns[:shared])
         self.reset()  # the call below consumes (donates) the state; the turn is recorded at the end
         self.reused = shared
@@ -127,14 +127,14 @@ class Conversation:
                     seen = seen_tokens(np.asarray([input_ids]), np.ones((1, len(input_ids)), bool),
                                        state.logits.shape[-1])
                 first = self.generator._continued(self.generator.params, state, jnp.int32(start),
-                                                  jnp.full((1,), shared, jnp.int32), seen, inputs, first_rng,
+                                                  jnp.full((1,), shared, jnp.int32), seen, inputs, keys,
                                                   **settings)
             else:
-                first = self.generator._first(self.generator.params, inputs, first_rng,
+                first = self.generator._first(self.generator.params, inputs, keys,
                                               max_columns=padded + max_new_tokens, cache_length=length, **settings)
         yielded, latest = [], None
         try:
-            for token, latest in self.generator.steps(first, rng, max_new_tokens=max_new_tokens, sampling=sampling):
+            for token, latest in self.generator.steps(first, keys, max_new_tokens=max_new_tokens, sampling=sampling):
                 yielded.append(int(token[0]))
                 yield yielded[-1]
         finally:

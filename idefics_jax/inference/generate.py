@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from idefics_jax.inference.sampling import GREEDY, Sampling, next_token, seen_tokens
+from idefics_jax.inference.sampling import GREEDY, Sampling, next_token, row_keys, seen_tokens, token_keys
 from idefics_jax.models.idefics2 import check_image_token_count
 from idefics_jax.models.kv_cache import KVCache
 from idefics_jax.sharding import (LOGICAL_AXIS_RULES, batch_sharding, constrain, fit_sharding, param_shardings,
@@ -105,53 +105,52 @@ def _laid_out(state: DecodeState, token, done):
     return state, constrain(token, None), constrain(done, None)
 
 
-def _chosen(state, rng, sampling, stop_ids):
-    token = next_token(state.logits, sampling, rng, state.seen)
+def _chosen(state, keys, t, sampling, stop_ids):
+    """The `t`-th new token of each row (`keys`: the rows' keys, `row_keys`) from the state's logits."""
+    token = next_token(state.logits, sampling, token_keys(keys, t), state.seen)
     return _laid_out(state, token, jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
 
 
-def _first(model, params, inputs, rng, *, max_columns, sampling, stop_ids, pad_id, cache_length=None):
+def _first(model, params, inputs, keys, *, max_columns, sampling, stop_ids, pad_id, cache_length=None):
     state = prefill(model, params, *inputs, max_columns=max_columns, cache_length=cache_length)
     if sampling.penalised:
         state = state.replace(seen=seen_tokens(inputs[0], inputs[1], state.logits.shape[-1]))
-    return _chosen(state, rng, sampling, stop_ids)
+    return _chosen(state, keys, 0, sampling, stop_ids)
 
 
-def _continued(model, params, state, column, positions, seen, inputs, rng, *, sampling, stop_ids, pad_id):
+def _continued(model, params, state, column, positions, seen, inputs, keys, *, sampling, stop_ids, pad_id):
     """A cache that has not wrapped, cut back to its first `column` columns (next positions `[batch]`),
     then the new tokens `inputs` run into it; `seen`: the whole conversation's tokens, or None
     without a repetition penalty."""
     state = state.replace(cache=state.cache.rewound(column), positions=positions, seen=seen)
-    return _chosen(extend(model, params, state, *inputs), rng, sampling, stop_ids)
+    return _chosen(extend(model, params, state, *inputs), keys, 0, sampling, stop_ids)
 
 
-def _step(model, params, state, token, done, rng, *, sampling, stop_ids, pad_id):
-    """Feeds `token` `[batch]`; returns (state, next token, done). Finished rows emit `pad_id`."""
+def _step(model, params, state, token, done, keys, t, *, sampling, stop_ids, pad_id):
+    """Feeds `token` `[batch]`; returns (state, the `t`-th new token, done). Finished rows emit `pad_id`."""
     state = decode(model, params, state, token)
     if sampling.penalised:
         state = state.replace(seen=state.seen.at[jnp.arange(token.shape[0]), token].set(True))
-    token = jnp.where(done, pad_id, next_token(state.logits, sampling, rng, state.seen))
+    token = jnp.where(done, pad_id, next_token(state.logits, sampling, token_keys(keys, t), state.seen))
     return _laid_out(state, token, done | jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
 
 
-def _generate(model, params, inputs, rng, *, max_new_tokens, max_columns, sampling, stop_ids, pad_id):
+def _generate(model, params, inputs, keys, *, max_new_tokens, max_columns, sampling, stop_ids, pad_id):
     settings = dict(sampling=sampling, stop_ids=stop_ids, pad_id=pad_id)
-    rng, first_rng = jax.random.split(rng)
-    state, token, done = _first(model, params, inputs, first_rng, max_columns=max_columns, **settings)
+    state, token, done = _first(model, params, inputs, keys, max_columns=max_columns, **settings)
     batch = token.shape[0]
     tokens = constrain(jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token), None, None)
 
     def cond(carry):
-        t, _, _, done, _, _ = carry
+        t, _, _, done, _ = carry
         return (t < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        t, state, token, done, tokens, rng = carry
-        rng, step_rng = jax.random.split(rng)
-        state, token, done = _step(model, params, state, token, done, step_rng, **settings)
-        return t + 1, state, token, done, tokens.at[:, t].set(token), rng
+        t, state, token, done, tokens = carry
+        state, token, done = _step(model, params, state, token, done, keys, t, **settings)
+        return t + 1, state, token, done, tokens.at[:, t].set(token)
 
-    carry = (jnp.int32(1), state, token, done, tokens, rng)
+    carry = (jnp.int32(1), state, token, done, tokens)
     return jax.lax.while_loop(cond, body, carry)[4]
 
 
@@ -235,7 +234,7 @@ class Generator:
         max_columns = self._check(input_ids, attention_mask, pixel_values, max_new_tokens)
         inputs = self._place((input_ids, attention_mask, pixel_values, pixel_attention_mask))
         with self._on_mesh():
-            out = self._generate(self.params, inputs, jax.random.PRNGKey(seed), max_new_tokens=max_new_tokens,
+            out = self._generate(self.params, inputs, row_keys(seed, len(input_ids)), max_new_tokens=max_new_tokens,
                                  max_columns=max_columns, sampling=sampling, stop_ids=self.stop_ids,
                                  pad_id=self.pad_id)
         return np.asarray(out)
@@ -244,25 +243,25 @@ class Generator:
                max_new_tokens: int, sampling: Sampling = GREEDY, seed: int = 0) -> Iterator[np.ndarray]:
         """Yields each step's tokens `[batch]` as soon as they are chosen; stops when all rows are done."""
         max_columns = self._check(input_ids, attention_mask, pixel_values, max_new_tokens)
-        rng, first_rng = jax.random.split(jax.random.PRNGKey(seed))
+        keys = row_keys(seed, len(input_ids))
         inputs = self._place((input_ids, attention_mask, pixel_values, pixel_attention_mask))
         with self._on_mesh():
-            first = self._first(self.params, inputs, first_rng, max_columns=max_columns, sampling=sampling,
+            first = self._first(self.params, inputs, keys, max_columns=max_columns, sampling=sampling,
                                 stop_ids=self.stop_ids, pad_id=self.pad_id)
-        for token, _ in self.steps(first, rng, max_new_tokens=max_new_tokens, sampling=sampling):
+        for token, _ in self.steps(first, keys, max_new_tokens=max_new_tokens, sampling=sampling):
             yield token
 
-    def steps(self, first, rng, *, max_new_tokens: int, sampling: Sampling) -> Iterator[tuple[np.ndarray, DecodeState]]:
-        """The decode loop from the host: `first` is (state, token, done) after a prefill; yields
+    def steps(self, first, keys, *, max_new_tokens: int, sampling: Sampling) -> Iterator[tuple[np.ndarray, DecodeState]]:
+        """The decode loop from the host: `first` is (state, token, done) after a prefill with the
+        rows' `keys` (`row_keys`); yields
         (tokens `[batch]`, the state whose cache holds every column before them) until all rows are
         done or `max_new_tokens` were yielded. Each step consumes (donates) the state before it."""
         state, token, done = first
         settings = dict(sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
         yield np.asarray(token), state
-        for _ in range(max_new_tokens - 1):
+        for t in range(1, max_new_tokens):
             if bool(done.all()):
                 return
-            rng, step_rng = jax.random.split(rng)
             with self._on_mesh():
-                state, token, done = self._step(self.params, state, token, done, step_rng, **settings)
+                state, token, done = self._step(self.params, state, token, done, keys, jnp.int32(t), **settings)
             yield np.asarray(token), state

@@ -5,14 +5,23 @@ The logits are processed in the order of Hugging Face's `generate` (the repetiti
 temperature, top-k and top-p), with the same tie and boundary rules, so the same settings keep the
 same tokens. One difference: the penalty counts the tokens of the prompt and of the answer so far,
 not the pad id of left padding (which transformers penalises in padded rows).
+
+Random draws are per row: row i of a call with `seed` draws its t-th token with
+`token_keys(row_keys(seed, batch), t)[i]`, so a row's tokens depend on its seed, its index and its
+logits, never on the rows beside it (a request answers the same alone or batched with others).
+`RowSampling` holds settings per row, as arrays, for a batch whose rows sample differently
+(continuous batching); `next_token_rows` chooses with them exactly as `next_token` does per row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +97,17 @@ def seen_tokens(tokens, mask, vocab: int):
     return jnp.zeros((tokens.shape[0], vocab), bool).at[rows, tokens].max(mask.astype(bool))
 
 
+def inverse(x: float) -> np.float32:
+    """1 / x rounded to float32 on the host. Logits are divided by multiplying with it, in every
+    path: XLA turns a division by a constant or a broadcast column into such a product anyway,
+    and where it does depends on the program; one product keeps every path bit for bit the same."""
+    return np.float32(1.0 / x)
+
+
 def repetition_penalty(logits, seen, penalty: float):
     """CTRL's penalty (Keskar et al. 2019) on `[batch, vocab]`: a seen token's logit is divided by
     `penalty` when positive, multiplied when negative."""
-    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    penalised = jnp.where(logits < 0, logits * np.float32(penalty), logits * inverse(penalty))
     return jnp.where(seen, penalised, logits)
 
 
@@ -103,14 +119,93 @@ def process_logits(logits, sampling: Sampling, seen=None):
         logits = repetition_penalty(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
         return logits
-    logits = logits / sampling.temperature
+    logits = logits * inverse(sampling.temperature)
     logits = top_p_filter(top_k_filter(logits, sampling.top_k), sampling.top_p)
     return min_p_filter(logits, sampling.min_p)  # after top-k and top-p, as transformers orders them
 
 
-def next_token(logits, sampling: Sampling, rng, seen=None):
-    """`[batch, vocab]` logits -> int32 `[batch]` tokens; `seen` as in `process_logits`."""
+def row_keys(seed, batch: int):
+    """uint32 `[batch, 2]`: each row's key for a call with `seed` (see the module docstring)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
+
+
+def token_keys(keys, t):
+    """`[batch, 2]` row keys -> the keys of each row's `t`-th token (`t`: int, or int32 `[batch]`)."""
+    return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(jnp.asarray(t, jnp.int32), keys.shape[:1]))
+
+
+def _drawn(logits, keys):
+    """One draw per row from `[batch, vocab]` logits with that row's key `[batch, 2]`."""
+    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, logits).astype(jnp.int32)
+
+
+def next_token(logits, sampling: Sampling, keys, seen=None):
+    """`[batch, vocab]` logits -> int32 `[batch]` tokens; `keys` `[batch, 2]`: this token's key per
+    row (`token_keys`); `seen` as in `process_logits`."""
     logits = process_logits(logits, sampling, seen)
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    return _drawn(logits, keys)
+
+
+@flax.struct.dataclass
+class RowSampling:
+    """`Sampling` per row: each field `[batch]`, computed on the host as the scalar path computes
+    them (`inverse`; `top_p_rest` is 1 - top_p in float64, as `top_p_filter` takes it), so that each
+    row's logits come out bit for bit as that row's alone."""
+
+    inverse_temperature: Any  # float32; 0 for greedy rows
+    top_k: Any  # int32; 0 off
+    top_p_rest: Any  # float32; 0 off
+    min_p: Any  # float32; 0 off
+    repetition_penalty: Any  # float32; 1 off
+    inverse_penalty: Any  # float32
+
+    @classmethod
+    def of(cls, settings: Sequence[Sampling]) -> "RowSampling":
+        column = lambda values, dtype=np.float32: np.asarray(values, dtype)
+        return cls(inverse_temperature=column([0.0 if s.greedy else inverse(s.temperature) for s in settings]),
+                   top_k=column([s.top_k for s in settings], np.int32),
+                   top_p_rest=column([1.0 - s.top_p for s in settings]),
+                   min_p=column([s.min_p for s in settings]),
+                   repetition_penalty=column([s.repetition_penalty for s in settings]),
+                   inverse_penalty=column([inverse(s.repetition_penalty) for s in settings]))
+
+    @property
+    def greedy(self):
+        return self.inverse_temperature == 0.0
+
+
+def process_logits_rows(logits, rows: RowSampling, seen):
+    """`process_logits` with each row's own settings (`rows`, fields `[batch]`); `seen` bool
+    `[batch, vocab]` (read where a row's penalty is not 1). Greedy rows come back penalised only."""
+    logits = logits.astype(jnp.float32)
+    column = lambda x: x[:, None]
+    penalty = column(rows.repetition_penalty)
+    penalised = jnp.where(logits < 0, logits * penalty, logits * column(rows.inverse_penalty))
+    logits = jnp.where(seen & (penalty != 1.0), penalised, logits)
+    greedy = column(rows.greedy)
+    scaled = logits * column(rows.inverse_temperature)
+    # top-k: the k-th largest logit of each row (k = 0: off), ties at it kept
+    descending = -jnp.sort(-scaled, axis=-1)
+    k = column(rows.top_k)
+    kth = jnp.take_along_axis(descending, jnp.clip(k - 1, 0, scaled.shape[-1] - 1), axis=-1)
+    scaled = jnp.where((k > 0) & (scaled < kth), NEG_INF, scaled)
+    # top-p, as top_p_filter, with each row's 1 - p (0: off)
+    rest = column(rows.top_p_rest)
+    order = jnp.argsort(scaled, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1), axis=-1)
+    remove_sorted = (cumulative <= rest) & (rest > 0.0)
+    remove_sorted = remove_sorted.at[..., -1].set(False)  # keep the most likely token
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(remove_sorted)
+    scaled = jnp.where(remove, NEG_INF, scaled)
+    # min-p after top-k and top-p
+    probs = jax.nn.softmax(scaled, axis=-1)
+    scaled = jnp.where(probs < column(rows.min_p) * probs.max(axis=-1, keepdims=True), NEG_INF, scaled)
+    return jnp.where(greedy, logits, scaled)
+
+
+def next_token_rows(logits, rows: RowSampling, keys, seen):
+    """`next_token` with each row's own settings: argmax for greedy rows, a draw for the others."""
+    logits = process_logits_rows(logits, rows, seen)
+    return jnp.where(rows.greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), _drawn(logits, keys))
