@@ -6,9 +6,9 @@
         {"type": "text", "text": "What is written here?"}]}], "max_tokens": 32}'
 
 DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir (local or
-gs://). Greedy requests that arrive within --batch_window seconds of each other run as one batch of
-up to --max_batch; sampled and streamed ones run alone. See idefics_jax/inference/server.py for the
-request fields. One process (on several devices of its host with --mesh); stop it with Ctrl-C or
+gs://). Up to --max_batch requests decode together, whatever their settings; a request joins the
+running batch as soon as a row is free and leaves when it is answered (continuous batching; see
+idefics_jax/inference/server.py for the request fields). One process (on several devices of its host with --mesh); stop it with Ctrl-C or
 SIGTERM.
 """
 
@@ -29,9 +29,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="Hugging Face directory, idefics_jax checkpoint or workdir")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max_batch", type=int, default=8, help="most requests generated together")
+    p.add_argument("--max_batch", type=int, default=8, help="most requests decoding together (rows of the batch)")
     p.add_argument("--batch_window", type=float, default=0.01,
-                   help="seconds a greedy request waits for others to batch with")
+                   help="seconds an idle server waits after a request for others to start with it")
+    p.add_argument("--max_columns", type=int, default=None,
+                   help="longest request, prompt + max_tokens (default: the model's context); the KV cache "
+                        "holds max_batch x min(sliding window, max_columns) columns")
     p.add_argument("--model_name", default="idefics2", help="the model id that /v1/models lists")
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
     add_device_arguments(p)
@@ -50,14 +53,14 @@ def make_server(args):
     mesh = start(args)
     if jax.process_count() > 1:
         raise ValueError("serve runs in one process (several devices of one host with --mesh)")
-    if args.max_batch < 1 or args.batch_window < 0:
-        raise ValueError(f"--max_batch must be >= 1 and --batch_window >= 0, got {args.max_batch}, "
-                         f"{args.batch_window}")
+    if args.max_batch < 1 or args.batch_window < 0 or (args.max_columns is not None and args.max_columns < 2):
+        raise ValueError(f"--max_batch must be >= 1, --batch_window >= 0 and --max_columns >= 2, got "
+                         f"{args.max_batch}, {args.batch_window}, {args.max_columns}")
     dtype = jnp.dtype(args.dtype)
     assistant = Assistant(load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype),
                           dtype=dtype, mesh=mesh)
     return Server(assistant, args.host, args.port, model_name=args.model_name, max_batch=args.max_batch,
-                  batch_window=args.batch_window)
+                  batch_window=args.batch_window, max_columns=args.max_columns)
 
 
 def main(argv=None) -> int:

@@ -104,22 +104,39 @@ class Assistant:
         into `decode(tokens)`. Text that ends in an unfinished UTF-8 sequence (byte-fallback tokens)
         waits for the bytes that complete it; trailing whitespace waits for the text after it (the
         answer is stripped)."""
-        kept, shown = [], ""
+        pieces = TextPieces(self)
         for token in tokens:
             if token in self.stop_ids:
                 break
-            kept.append(token)
-            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-            if not text.endswith("\ufffd") and text.startswith(shown) and len(text) > len(shown):
-                yield text[len(shown):]
-                shown = text
-        final = self.decode(kept)
-        if final.startswith(shown) and len(final) > len(shown):
-            yield final[len(shown):]
+            if piece := pieces.add(token):
+                yield piece
+        if piece := pieces.end():
+            yield piece
 
     def chat(self, **options) -> "Chat":
         """A conversation that keeps its KV cache between turns; options as `Chat`'s."""
         return Chat(self, **options)
+
+
+class TextPieces:
+    """`Assistant.text_pieces` fed one token at a time (a server pushing each row's tokens):
+    `add(token)` returns the text it completes ("" while it waits), `end()` what is left; the
+    caller stops adding at a stop token."""
+
+    def __init__(self, assistant: Assistant):
+        self.assistant, self.kept, self.shown = assistant, [], ""
+
+    def add(self, token: int) -> str:
+        self.kept.append(int(token))
+        text = self.assistant.tokenizer.decode(self.kept, skip_special_tokens=True).strip()
+        if text.endswith("\ufffd") or not text.startswith(self.shown) or len(text) <= len(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+    def end(self) -> str:
+        final = self.assistant.decode(self.kept)
+        return final[len(self.shown):] if final.startswith(self.shown) else ""
 
 
 def system_message(text: str | None) -> list[dict]:

@@ -13,11 +13,14 @@ greedy, as our command line), `top_p`, `seed`, `stream`; and ours: `top_k`, `min
 as asked (malformed, an unreadable image, a prompt longer than the context, `n` > 1, `stop`,
 `logprobs`, tools) gets status 400 and an error naming the problem; the server goes on.
 
-Greedy requests that arrive together (within `batch_window` seconds, up to `max_batch`) with the
-same `split` run as one batch, padded to a power of two rows or `max_batch` (a bounded number of
-compiled programs), each row cut at its own `max_tokens`; sampled and streamed (`stream: true`,
-server-sent events) requests run alone. One worker thread owns the model and takes requests in
-arrival order (a batch gathers the requests that can join it during its window).
+Requests are batched continuously (`Batcher`): up to `max_batch` of them decode together, each
+with its own settings (greedy or sampled, streamed or not, split or not), and a request joins the
+running batch as soon as a row is free: its prompt is prefilled, then it decodes with the others,
+and it leaves at its stop token or `max_tokens`. Each answer is the one the request gets alone
+(`Assistant.reply` with its seed). One worker thread owns the model and admits requests in
+arrival order; an idle worker waits `batch_window` seconds after a request for others to start with
+it. `max_columns` bounds a request's prompt + `max_tokens` (the cache's columns per row; by
+default the model's context).
 """
 
 from __future__ import annotations
@@ -32,13 +35,13 @@ import queue
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter
 from typing import Any
-
-import numpy as np
 
 from idefics_jax.data.image_processing import ImageError, load_image
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
+from idefics_jax.inference.assistant import TextPieces
+from idefics_jax.inference.batcher import Batcher
 from idefics_jax.inference.sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -68,11 +71,6 @@ class Job:
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     pieces: queue.Queue = dataclasses.field(default_factory=queue.Queue)  # streamed text; None ends it
     cancelled: bool = False  # the client went away
-
-    def joins(self, other: "Job") -> bool:
-        """Whether `other` can run in one batch with this job (greedy, same settings, not streamed)."""
-        return (not self.stream and not other.stream and self.sampling.greedy and other.sampling == self.sampling
-                and other.split == self.split)
 
 
 def decode_image(url: str, where: str):
@@ -162,92 +160,121 @@ def _number(body: dict, key: str, default, kind):
     return kind(value)
 
 
-class Worker(threading.Thread):
-    """Owns the model: takes jobs in arrival order, batching what can be batched."""
+@dataclasses.dataclass
+class Running:
+    """A job in a row of the batch: its tokens so far, its streamed text."""
 
-    def __init__(self, assistant, *, max_batch: int = 8, batch_window: float = 0.01):
+    job: Job
+    prompt_tokens: int
+    pieces: TextPieces | None  # streamed jobs only
+    tokens: list[int] = dataclasses.field(default_factory=list)
+
+
+class Worker(threading.Thread):
+    """Owns the model: admits jobs into free rows of a running batch (`Batcher`) as they arrive and
+    steps it while any row is busy; a job leaves at its stop token or `max_tokens`."""
+
+    def __init__(self, assistant, *, max_batch: int = 8, batch_window: float = 0.01, max_columns: int | None = None):
         super().__init__(name="idefics-serve-worker", daemon=True)
         self.assistant = assistant
-        self.max_batch, self.batch_window = max_batch, batch_window
+        self.batch_window = batch_window
+        self.batcher = Batcher(assistant.generator, rows=max_batch, max_columns=max_columns)
         self.jobs: queue.Queue = queue.Queue()
-        self.pending: deque = deque()  # taken from `jobs` while batching but not batchable with it
-        self.batches: list[int] = []  # the size of each batch run (for logs and tests)
+        self.running: dict[int, Running] = {}  # row -> its job
+        self.busy_rows: Counter = Counter()  # steps run with each number of busy rows (for logs and tests)
 
     def submit(self, job: Job) -> Job:
         self.jobs.put(job)
         return job
 
     def stop(self):
+        """Stops after the jobs submitted so far."""
         self.jobs.put(None)
 
     def run(self):
-        while (job := self.pending.popleft() if self.pending else self.jobs.get()) is not None:
-            batch = [job]
-            deadline = time.monotonic() + self.batch_window
-            collect = job.joins(job)  # greedy and not streamed: others may join it
-            while collect and len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+        stopping = False
+        while not (stopping and not self.running):
+            if not self.running:  # idle: wait for a job, then briefly for others that come with it
+                job = self.jobs.get()
+                if job is None:
+                    break
+                self._admit(job)
+                deadline = time.monotonic() + self.batch_window
+                while self.batcher.free and (left := deadline - time.monotonic()) > 0:
+                    try:
+                        job = self.jobs.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stopping = True
+                        break
+                    self._admit(job)
+            while self.batcher.free and not stopping:  # what came while the batch ran joins it
                 try:
-                    other = self.jobs.get(timeout=left)
+                    job = self.jobs.get_nowait()
                 except queue.Empty:
                     break
-                (batch if other is not None and job.joins(other) else self.pending).append(other)
-                if other is None:
-                    break
-            self.batches.append(len(batch))
-            self._run(batch)
+                if job is None:
+                    stopping = True
+                else:
+                    self._admit(job)
+            if self.running:
+                self._step()
 
-    def _run(self, batch: list[Job]):
+    def _admit(self, job: Job):
+        a = self.assistant
         try:
-            if batch[0].stream:
-                self._stream(batch[0])
-            else:
-                self._generate(batch)
-        except ValueError as e:  # one request's problem: alone, each gets its own answer
-            if len(batch) > 1:
-                for job in batch:
-                    self._run([job])
-                return
-            batch[0].error = RequestError(str(e))
-        except Exception as e:  # noqa: BLE001 - the server goes on; the request gets a 500
-            log.exception("generation failed")
-            for job in batch:
-                job.error = e
-        for job in batch:
-            job.pieces.put(None)
-            job.done.set()
+            inputs = a.prepare([job.messages], [job.images], split=job.split)
+            row = self.batcher.admit(*a._inputs(inputs), max_new_tokens=job.max_tokens, sampling=job.sampling,
+                                     seed=job.seed)
+        except ValueError as e:  # this request's problem (too long, ...): the batch goes on
+            self._finish(job, error=RequestError(str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - a failed program may have consumed the batch
+            self._failed(e, job)
+            return
+        self.running[row] = Running(job, int(inputs["attention_mask"].sum()), TextPieces(a) if job.stream else None)
 
-    def _generate(self, batch: list[Job]):
-        a = self.assistant
-        rows = min(1 << (len(batch) - 1).bit_length(), self.max_batch)  # a power of two: few compiled shapes
-        inputs = a.prepare([j.messages for j in batch], [j.images for j in batch], split=batch[0].split,
-                           batch_size=rows)
-        new = a.generator.generate(*a._inputs(inputs), max_new_tokens=max(j.max_tokens for j in batch),
-                                   sampling=batch[0].sampling, seed=batch[0].seed)
-        for i, job in enumerate(batch):
-            tokens = [int(t) for t in np.asarray(new[i])[:job.max_tokens]]
-            job.result = self._answer(tokens, int(inputs["attention_mask"][i].sum()))
+    def _step(self):
+        try:
+            tokens = self.batcher.step()
+        except Exception as e:  # noqa: BLE001
+            self._failed(e)
+            return
+        self.busy_rows[len(self.running)] += 1
+        for row, run in list(self.running.items()):
+            token, job = int(tokens[row]), run.job
+            stopped = token in self.assistant.stop_ids
+            if not stopped and not job.cancelled:
+                run.tokens.append(token)
+                if run.pieces is not None and (piece := run.pieces.add(token)):
+                    job.pieces.put(piece)
+            if stopped or job.cancelled or len(run.tokens) == job.max_tokens:
+                del self.running[row]
+                self.batcher.release(row)
+                if run.pieces is not None and not job.cancelled and (piece := run.pieces.end()):
+                    job.pieces.put(piece)
+                self._finish(job, result=self._answer(run.tokens, stopped, run.prompt_tokens))
 
-    def _stream(self, job: Job):
-        a = self.assistant
-        inputs = a.prepare([job.messages], [job.images], split=job.split)
-        tokens = []
+    def _failed(self, error: Exception, job: Job | None = None):
+        """A program failed: every running job (and `job`) gets the error, the batch starts afresh."""
+        log.error("generation failed", exc_info=error)
+        for run in self.running.values():
+            self._finish(run.job, error=error)
+        if job is not None:
+            self._finish(job, error=error)
+        self.running.clear()
+        self.batcher.reset()
 
-        def chosen():
-            for step in a.generator.stream(*a._inputs(inputs), max_new_tokens=job.max_tokens,
-                                           sampling=job.sampling, seed=job.seed):
-                if job.cancelled:
-                    return
-                tokens.append(int(step[0]))
-                yield tokens[-1]
+    @staticmethod
+    def _finish(job: Job, result: dict | None = None, error: Exception | None = None):
+        job.result, job.error = result, error
+        job.pieces.put(None)
+        job.done.set()
 
-        for piece in a.text_pieces(chosen()):
-            job.pieces.put(piece)
-        job.result = self._answer(tokens, int(inputs["attention_mask"][0].sum()))
-
-    def _answer(self, tokens: list[int], prompt_tokens: int) -> dict:
-        stops = [i for i, t in enumerate(tokens) if t in self.assistant.stop_ids]
-        used = stops[0] + 1 if stops else len(tokens)
-        return {"text": self.assistant.decode(tokens), "finish_reason": "stop" if stops else "length",
+    def _answer(self, tokens: list[int], stopped: bool, prompt_tokens: int) -> dict:
+        used = len(tokens) + stopped  # the stop token counts, as OpenAI counts it
+        return {"text": self.assistant.decode(tokens), "finish_reason": "stop" if stopped else "length",
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used,
                           "total_tokens": prompt_tokens + used}}
 
@@ -258,9 +285,9 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, assistant, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = "idefics2",
-                 max_batch: int = 8, batch_window: float = 0.01):
+                 max_batch: int = 8, batch_window: float = 0.01, max_columns: int | None = None):
         self.model_name = model_name
-        self.worker = Worker(assistant, max_batch=max_batch, batch_window=batch_window)
+        self.worker = Worker(assistant, max_batch=max_batch, batch_window=batch_window, max_columns=max_columns)
         self.worker.start()
         super().__init__((host, port), Handler)
 
