@@ -31,6 +31,19 @@ COMPILATION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 if host_memory.reuse_freed_memory_on_cpu():
     os.environ.update(host_memory.ENVIRONMENT)
 
+# XLA:CPU compiles the tests' programs without LLVM's optimisations: the tiny models spend most of
+# their time compiling, which -O0 makes about a third shorter (measured on 2 tests: 72 -> 49 s); the
+# programs compute the same numbers (no fast-math at either level). Here, in the xdist workers and in
+# the commands the tests start; `xla_flags(devices)` is the variable for a command on simulated devices.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """XLA_FLAGS for a command the tests start: the fast compile above, and `devices` CPU devices."""
+    return FAST_COMPILE + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
+
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

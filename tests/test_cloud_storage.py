@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from idefics_jax.paths import as_path, upload_tree
 from train_helpers import load_config
 
@@ -193,8 +194,7 @@ def test_two_processes_train_into_one_bucket(gcs_bucket, seed):
 
     root = Path(__file__).parents[1]
     run = f"{gcs_bucket}/two-hosts/{seed}"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")  # the emulator's variables included
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())  # the emulator's variables included
     port = portpicker.pick_unused_port()
     command = lambda i: [
         "bash", str(root / "launch" / "gpu_multihost.sh"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import IMAGE_TOKEN_ID, rel_err
+from conftest import IMAGE_TOKEN_ID, rel_err, xla_flags
 from idefics_jax import Idefics2
 from idefics_jax.data.image_processing import ImageProcessor, pad_images
 from idefics_jax.inference.generate import Generator, decode, prefill
@@ -306,7 +306,7 @@ def test_bad_requests_are_named(converted, seed):
 def test_generation_on_eight_simulated_devices(hf_dir, seed):
     """Greedy, sampled and streamed tokens and a chat conversation on (data, fsdp, tensor) meshes equal
     one device's; the parameters and the KV cache are sharded (tests/sharded_generate.py, in a fresh process)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR="")  # compiled afresh: the partitioner's warnings below
     script = Path(__file__).with_name("sharded_generate.py")
     result = subprocess.run([sys.executable, str(script), str(hf_dir[0]), str(seed)], env=env, capture_output=True,

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import HF_TINY, build_hf_model
+from conftest import HF_TINY, build_hf_model, xla_flags
 from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.inference.evaluate import anls, levenshtein, normalize_answer, vqa_accuracy
 
@@ -314,7 +314,7 @@ def run_two_processes(module: str, argv: list[str], devices_each: int = 2,
     each with `devices_each` CPU devices; `stdin` goes to process 0."""
     import portpicker
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices_each))
     port = portpicker.pick_unused_port()
     launcher = str(Path(__file__).parents[1] / "launch" / "gpu_multihost.sh")
     procs = [subprocess.Popen(["bash", launcher, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",

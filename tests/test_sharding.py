@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import pytest
 
+from conftest import xla_flags
 from idefics_jax import Idefics2, Idefics2Config
 from idefics_jax.sharding import LOGICAL_AXIS_RULES, constrain, fit_spec, logical_specs, make_mesh
 
@@ -54,7 +55,7 @@ def test_make_mesh_checks_device_count():
 
 
 def test_sharded_forward_on_eight_simulated_devices(hf_dir, seed):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR="")  # compiled afresh: the partitioner's warnings below
     script = Path(__file__).with_name("sharded_forward.py")
     result = subprocess.run([sys.executable, str(script), str(hf_dir[0]), str(seed)], env=env,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import xla_flags
 from idefics_jax.sharding import make_mesh
 from idefics_jax.train.loop import global_batch
 from idefics_jax.train.optimizer import tower_of
@@ -215,8 +216,7 @@ def test_two_processes_give_the_losses_of_one(seed):
     import portpicker
 
     script = str(Path(__file__).with_name("multiprocess_step.py"))
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     single = subprocess.run([sys.executable, script, str(seed)], env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     expected = json.loads(single.stdout.strip().splitlines()[-1])
@@ -246,8 +246,7 @@ def test_workdir_must_be_a_path_that_every_host_shares(tmp_path):
         train(base_config("tiny"), "s3://bucket/run")
     port = portpicker.pick_unused_port()
     launcher = str(ROOT / "launch" / "gpu_multihost.sh")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     procs = [subprocess.Popen(["bash", launcher, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i), "--", sys.executable, "-m", "idefics_jax.train", "--config",
                                str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path / f"host{i}")],
@@ -381,8 +380,7 @@ def test_two_processes_stop_together_on_a_preemption_notice(tmp_path, seed):
     import portpicker
 
     launcher = str(ROOT / "launch" / "gpu_multihost.sh")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     port = portpicker.pick_unused_port()
     common = RUN + [f"--config.data.dir={tmp_path / 'data'}", "--config.train.steps=40", "--config.data.eval_source="]
     procs = [subprocess.Popen(["bash", launcher, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
