@@ -67,6 +67,7 @@ def main(hf_dir, seed):
     if specs[0][:2] != ("data", "tensor") or any(specs[1]):
         sys.exit(f"the KV cache should be split over (data, tensor) and tokens replicated, got {specs}")
     check_conversation(model, params, config, rng, one_device)
+    check_batcher(model, params, inputs, one_device, expected, sampled)
     check_sharded_loading(hf_dir, model, params, inputs, expected)
 
 
@@ -94,6 +95,30 @@ def check_sharded_loading(hf_dir, model, params, inputs, expected):
             if not all(placed) or not equal or not kept:
                 sys.exit(f"{name}: {sum(placed)} of {len(placed)} parameters placed as the rules say, kept: {kept}"
                          f"\n{got}\n{expected}")
+
+
+def check_batcher(model, params, inputs, one_device, expected, sampled):
+    """Continuous batching on a (2, 1, 2) mesh: a greedy request, then a sampled one joining it 3
+    steps later, each answered as on one device (the cache split over rows and key/value heads)."""
+    from idefics_jax.inference.batcher import Batcher
+
+    one = lambda i: tuple(x[i:i + 1] for x in inputs)
+    batcher = Batcher(Generator(model, params, mesh=mesh(2, 1, 2)), rows=2)
+    rows, got = {batcher.admit(*one(0), max_new_tokens=NEW): 0}, {0: [], 3: []}
+    for step in range(NEW + 3):
+        if step == 3:
+            rows[batcher.admit(*one(3), max_new_tokens=NEW, sampling=sampled, seed=3)] = 3
+        tokens = batcher.step()
+        for row, i in rows.items():
+            if len(got[i]) < NEW:
+                got[i].append(int(tokens[row]))
+    alone = [expected[0].tolist(), one_device.generate(*one(3), max_new_tokens=NEW, sampling=sampled, seed=3)[0].tolist()]
+    layout = tuple(batcher.state.state.cache.keys[0].sharding.spec)[:2]
+    equal = [got[0], got[3]] == alone
+    print(f"mesh (2, 1, 2), continuous batching: equal: {equal}, cache laid out {layout}")
+    if not equal or layout != ("data", "tensor"):
+        sys.exit(f"mesh (2, 1, 2): the batcher's answers {got} differ from one device's {alone}, or its cache is "
+                 f"laid out {layout}")
 
 
 def check_conversation(model, params, config, rng, one_device):
