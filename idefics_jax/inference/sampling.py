@@ -178,7 +178,9 @@ class RowSampling:
 
 def process_logits_rows(logits, rows: RowSampling, seen):
     """`process_logits` with each row's own settings (`rows`, fields `[batch]`); `seen` bool
-    `[batch, vocab]` (read where a row's penalty is not 1). Greedy rows come back penalised only."""
+    `[batch, vocab]` (read where a row's penalty is not 1). Greedy rows come back penalised only.
+    A filter that no row uses is skipped (`lax.cond`): the sorts of top-k and top-p are most of
+    a small model's decode step."""
     logits = logits.astype(jnp.float32)
     column = lambda x: x[:, None]
     penalty = column(rows.repetition_penalty)
@@ -186,26 +188,39 @@ def process_logits_rows(logits, rows: RowSampling, seen):
     logits = jnp.where(seen & (penalty != 1.0), penalised, logits)
     greedy = column(rows.greedy)
     scaled = logits * column(rows.inverse_temperature)
-    # top-k: the k-th largest logit of each row (k = 0: off), ties at it kept
-    descending = -jnp.sort(-scaled, axis=-1)
-    k = column(rows.top_k)
-    kth = jnp.take_along_axis(descending, jnp.clip(k - 1, 0, scaled.shape[-1] - 1), axis=-1)
-    scaled = jnp.where((k > 0) & (scaled < kth), NEG_INF, scaled)
-    # top-p, as top_p_filter, with each row's 1 - p (0: off)
-    rest = column(rows.top_p_rest)
-    order = jnp.argsort(scaled, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1), axis=-1)
+    used = lambda setting, off: jnp.any((setting != off) & ~rows.greedy)
+    scaled = jax.lax.cond(used(rows.top_k, 0), _top_k_rows, lambda x, _: x, scaled, column(rows.top_k))
+    scaled = jax.lax.cond(used(rows.top_p_rest, 0.0), _top_p_rows, lambda x, _: x, scaled, column(rows.top_p_rest))
+    scaled = jax.lax.cond(used(rows.min_p, 0.0), _min_p_rows, lambda x, _: x, scaled, column(rows.min_p))
+    return jnp.where(greedy, logits, scaled)
+
+
+def _top_k_rows(logits, k):
+    """Each row's k largest logits (k `[batch, 1]`, 0: off), ties at the k-th kept, -inf elsewhere."""
+    descending = -jnp.sort(-logits, axis=-1)
+    kth = jnp.take_along_axis(descending, jnp.clip(k - 1, 0, logits.shape[-1] - 1), axis=-1)
+    return jnp.where((k > 0) & (logits < kth), NEG_INF, logits)
+
+
+def _top_p_rows(logits, rest):
+    """`top_p_filter` with each row's 1 - p (`rest` `[batch, 1]`, 0: off)."""
+    order = jnp.argsort(logits, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
     remove_sorted = (cumulative <= rest) & (rest > 0.0)
     remove_sorted = remove_sorted.at[..., -1].set(False)  # keep the most likely token
-    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(remove_sorted)
-    scaled = jnp.where(remove, NEG_INF, scaled)
-    # min-p after top-k and top-p
-    probs = jax.nn.softmax(scaled, axis=-1)
-    scaled = jnp.where(probs < column(rows.min_p) * probs.max(axis=-1, keepdims=True), NEG_INF, scaled)
-    return jnp.where(greedy, logits, scaled)
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+    return jnp.where(remove, NEG_INF, logits)
+
+
+def _min_p_rows(logits, min_p):
+    """`min_p_filter` with each row's min_p (`[batch, 1]`, 0: off); after top-k and top-p, as there."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), NEG_INF, logits)
 
 
 def next_token_rows(logits, rows: RowSampling, keys, seen):
     """`next_token` with each row's own settings: argmax for greedy rows, a draw for the others."""
     logits = process_logits_rows(logits, rows, seen)
-    return jnp.where(rows.greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), _drawn(logits, keys))
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    drawn = jax.lax.cond(jnp.all(rows.greedy), lambda: greedy, lambda: _drawn(logits, keys))  # no draws when none samples
+    return jnp.where(rows.greedy, greedy, drawn)
