@@ -129,6 +129,23 @@ def test_bad_requests_are_named_and_the_server_goes_on(server, chat_dir):  # noq
     assert status == 200 and reply["usage"]["completion_tokens"] <= 2
 
 
+def test_a_failed_step_fails_its_requests_and_the_next_batch_starts_afresh(server, monkeypatch):
+    batcher = server.worker.batcher
+    step = batcher.step
+
+    def fails_once():
+        monkeypatch.setattr(batcher, "step", step)
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (simulated)")
+
+    monkeypatch.setattr(batcher, "step", fails_once)
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
+    status, reply = request(server.url + "/v1/chat/completions", body)
+    assert status == 500 and "RuntimeError: RESOURCE_EXHAUSTED" in reply["error"]["message"], reply
+    assert batcher.free == batcher.rows and not server.worker.running
+    status, reply = request(server.url + "/v1/chat/completions", body)
+    assert status == 200 and 1 <= reply["usage"]["completion_tokens"] <= 3, reply
+
+
 def test_the_command_names_a_missing_checkpoint(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "nothing"), "--port", "0"]) == 2
     assert f"Checkpoint directory {tmp_path / 'nothing'} does not exist" in capsys.readouterr().err

@@ -253,9 +253,9 @@ class Generator:
 
     def steps(self, first, keys, *, max_new_tokens: int, sampling: Sampling) -> Iterator[tuple[np.ndarray, DecodeState]]:
         """The decode loop from the host: `first` is (state, token, done) after a prefill with the
-        rows' `keys` (`row_keys`); yields
-        (tokens `[batch]`, the state whose cache holds every column before them) until all rows are
-        done or `max_new_tokens` were yielded. Each step consumes (donates) the state before it."""
+        rows' `keys` (`row_keys`); yields (tokens `[batch]`, the state whose cache holds every column
+        before them) until all rows are done or `max_new_tokens` were yielded. Each step consumes
+        (donates) the state before it."""
         state, token, done = first
         settings = dict(sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
         yield np.asarray(token), state

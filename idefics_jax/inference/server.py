@@ -257,14 +257,16 @@ class Worker(threading.Thread):
                 self._finish(job, result=self._answer(run.tokens, stopped, run.prompt_tokens))
 
     def _failed(self, error: Exception, job: Job | None = None):
-        """A program failed: every running job (and `job`) gets the error, the batch starts afresh."""
+        """A program failed: the batch starts afresh, then every running job (and `job`) gets the error."""
         log.error("generation failed", exc_info=error)
-        for run in self.running.values():
-            self._finish(run.job, error=error)
-        if job is not None:
-            self._finish(job, error=error)
+        failed = [run.job for run in self.running.values()] + ([job] if job is not None else [])
         self.running.clear()
-        self.batcher.reset()
+        try:
+            self.batcher.reset()
+        except Exception:  # noqa: BLE001 - out of memory still: the next request tries again (and gets a 500)
+            log.exception("the batch could not be started afresh")
+        for job in failed:
+            self._finish(job, error=error)
 
     @staticmethod
     def _finish(job: Job, result: dict | None = None, error: Exception | None = None):
