@@ -9,8 +9,8 @@ server's do), greedy, float32, on this machine's CPU. Three ways to answer them 
 * one at a time: `Generator.generate` per request (batch 1);
 * static batches: `--rows` requests at a time in one `Generator.generate` call, which runs until
   its longest request is done (rows that finished early wait);
-* continuous: `Batcher` with `--rows` rows: a request joins as soon as a row is free (what
-  `python -m idefics_jax.serve` runs).
+* continuous: `Batcher.generate_all` with `--rows` rows: a request joins as soon as a row is free
+  (as `python -m idefics_jax.serve` runs them).
 
 Reported: the wall time to answer all of them and the useful new tokens per second (the tokens
 asked for), compile time excluded (each way runs once before it is timed). All three give every
@@ -42,19 +42,9 @@ def static_batches(generator, requests, rows):
 
 
 def continuous(batcher, requests):
-    waiting, running, done = list(range(len(requests))), {}, {}
-    while waiting or running:
-        while waiting and batcher.free:
-            i = waiting.pop(0)
-            running[batcher.admit(*requests[i][0], max_new_tokens=requests[i][1])] = (i, [])
-        tokens = batcher.step()
-        for row, (i, out) in list(running.items()):
-            out.append(int(tokens[row]))
-            if len(out) == requests[i][1]:
-                done[i] = out
-                batcher.release(row)
-                del running[row]
-    return [done[i] for i in range(len(requests))]
+    from idefics_jax.inference.batcher import Request
+
+    return batcher.generate_all([Request(inputs, new) for inputs, new in requests])
 
 
 def timed(fn):

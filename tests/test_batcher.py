@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from idefics_jax import Idefics2
-from idefics_jax.inference.batcher import Batcher
+from idefics_jax.inference.batcher import Batcher, Request
 from idefics_jax.inference.generate import Generator
 from idefics_jax.inference.sampling import GREEDY, Sampling
 from test_parity import make_batch
@@ -26,22 +26,21 @@ def request(rng, rows, n_latents, width: int, image_side: int = 56):
 
 def serve(batcher, requests, joins):
     """Runs `requests` [(inputs, max_new_tokens, sampling, seed)] through `batcher`: request i joins
-    before step `joins[i]` (or later, when no row is free); returns (each one's tokens, steps run)."""
-    waiting, running, done, step = list(range(len(requests))), {}, {}, 0
+    before step `joins[i]` (or later, when no row is free); returns each one's tokens."""
+    waiting, running, done = list(range(len(requests))), {}, {}
     while waiting or running:
-        while waiting and joins[waiting[0]] <= step and batcher.free:
+        while waiting and joins[waiting[0]] <= batcher.steps and batcher.free:
             i = waiting.pop(0)
             inputs, new, sampling, seed = requests[i]
             running[batcher.admit(*inputs, max_new_tokens=new, sampling=sampling, seed=seed)] = (i, [])
         tokens = batcher.step()
-        step += 1
         for row, (i, out) in list(running.items()):
             out.append(int(tokens[row]))
             if len(out) == requests[i][1]:
                 done[i] = out
                 batcher.release(row)
                 del running[row]
-    return [done[i] for i in range(len(requests))], step
+    return [done[i] for i in range(len(requests))]
 
 
 def alone(generator, inputs, new, sampling, seed):
@@ -64,7 +63,7 @@ def test_requests_joining_a_running_batch_answer_as_each_alone(converted, seed):
     ]
     batcher = Batcher(generator, rows=3)
     assert batcher.length == config.text.sliding_window and batcher.wraps
-    got, _ = serve(batcher, requests, joins=[0, 2, 2, 3, 4])  # the last two wait for free rows
+    got = serve(batcher, requests, joins=[0, 2, 2, 3, 4])  # the last two wait for free rows
     for i, (tokens, (inputs, new, sampling, s)) in enumerate(zip(got, requests)):
         assert tokens == alone(generator, inputs, new, sampling, s), f"request {i} ({sampling})"
     with pytest.raises(ValueError, match="left padded"):
@@ -87,9 +86,16 @@ def test_rows_reused_round_the_ring_without_a_window(converted, seed):
     prompts = [request(rng, [([int(k)], [])], config.image_seq_len, 48) for k in rng.integers(4, 13, 8)]
     requests = [(p, int(new), Sampling(temperature=1.0) if i % 2 else GREEDY, i)
                 for i, (p, new) in enumerate(zip(prompts, rng.integers(10, 21, 8)))]
-    got, steps = serve(batcher, requests, joins=[0, 1, 1, 5, 5, 6, 8, 9])
-    assert steps > 32 and int(batcher.state.state.cache.index) == steps % 32  # it went round
+    got = batcher.generate_all([Request(*r) for r in requests])  # each joins when a row is free
+    assert batcher.steps > 32 and int(batcher.state.state.cache.index) == batcher.steps % 32  # it went round
     for i, (tokens, (inputs, new, sampling, s)) in enumerate(zip(got, requests)):
         assert tokens == alone(generator, inputs, new, sampling, s), f"request {i} ({sampling})"
+    # a stop token ends a request early: it is kept, the row taken by the next one (the programs above serve)
+    stop = got[0][2]
+    stopping = Generator(generator.model, params, stop_ids=(stop,))
+    ended = Batcher(stopping, rows=2, max_columns=32).generate_all([Request(*r) for r in requests[:4]])
+    assert ended[0] == got[0][:got[0].index(stop) + 1]
+    for i, (tokens, (inputs, new, sampling, s)) in enumerate(zip(ended, requests)):
+        assert tokens == alone(stopping, inputs, new, sampling, s), f"request {i} ({sampling}), stop {stop}"
     with pytest.raises(ValueError, match="35 is more than the 32 columns each request may take here"):
         batcher.admit(*request(rng, [([20], [])], config.image_seq_len, 48), max_new_tokens=15)

@@ -5,6 +5,7 @@
                         max_new_tokens=64, sampling=Sampling(temperature=0.7), seed=3)
     tokens = batcher.step()        # int32 [rows]: the next token of every row (busy rows' are theirs)
     batcher.release(row)           # when its request is done: the row takes the next one
+    batcher.generate_all([Request(inputs, max_new_tokens=32), ...])   # a list answered offline, so batched
 
 `rows` requests decode together in one KV cache of `rows` x `length` slots, a ring buffer as
 `KVCache` is (`length`: the sliding window, or `max_columns` when that is shorter). Each step
@@ -23,7 +24,9 @@ On a mesh (the `Generator`'s) the cache is split over rows and key/value heads, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Sequence
 
 import flax
 import jax
@@ -127,6 +130,7 @@ class Batcher:
         with self.generator._on_mesh():
             self.state = self._empty(rows=self.rows, length=self.length)
         self.busy = [False] * self.rows
+        self.steps = 0  # steps run since (the cache's column index is this modulo its length)
 
     @property
     def free(self) -> int:
@@ -163,8 +167,41 @@ class Batcher:
         """The next token of every row, int32 `[rows]` (a free row's is meaningless)."""
         with self.generator._on_mesh():
             self.state, tokens = self._advance(self.generator.params, self.state)
+        self.steps += 1
         return np.asarray(tokens)
 
     def release(self, row: int):
         """Frees `row` for the next request (what it holds is overwritten when one is admitted)."""
         self.busy[row] = False
+
+    def generate_all(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Answers `requests` offline, continuously batched: each joins as soon as a row is free (in
+        order) and leaves after `max_new_tokens` or its first stop token (the Generator's `stop_ids`,
+        kept at the end of its tokens). Returns each request's new tokens, in order."""
+        waiting, running, done = list(range(len(requests))), {}, {}
+        stop_ids = set(self.generator.stop_ids)
+        while waiting or running:
+            while waiting and self.free:
+                i = waiting.pop(0)
+                request = requests[i]
+                running[self.admit(*request.inputs, max_new_tokens=request.max_new_tokens, sampling=request.sampling,
+                                   seed=request.seed)] = (i, [])
+            tokens = self.step()
+            for row, (i, out) in list(running.items()):
+                out.append(int(tokens[row]))
+                if len(out) == requests[i].max_new_tokens or out[-1] in stop_ids:
+                    done[i] = out
+                    self.release(row)
+                    del running[row]
+        return [done[i] for i in range(len(requests))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt for `Batcher.generate_all`: `inputs` is (input_ids, attention_mask, pixel_values,
+    pixel_attention_mask), `[1, prompt]` left padded (the images None without any)."""
+
+    inputs: tuple
+    max_new_tokens: int
+    sampling: Sampling = GREEDY
+    seed: int = 0
