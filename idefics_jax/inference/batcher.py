@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idefics_jax.inference.generate import DecodeState, _hashable, _laid_out, decode, prefill
+from idefics_jax.inference.generate import DecodeState, _hashable, _state_laid_out, decode, prefill
 from idefics_jax.inference.sampling import GREEDY, RowSampling, Sampling, next_token_rows, row_keys, seen_tokens, token_keys
 from idefics_jax.models.kv_cache import KVCache, cache_length
 
@@ -47,8 +47,7 @@ class Rows:
 
 
 def _laid(rows: Rows) -> Rows:
-    state, _, _ = _laid_out(rows.state, rows.chosen, rows.chosen)
-    return rows.replace(state=state)
+    return rows.replace(state=_state_laid_out(rows.state))
 
 
 def _empty(model, *, rows: int, length: int) -> Rows:

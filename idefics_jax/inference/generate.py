@@ -93,16 +93,20 @@ def check_context(config, tokens: int, max_new_tokens: int, what: str = "prompt"
                          f"{tokens + max_new_tokens} is more than the model's context of {context} tokens")
 
 
-def _laid_out(state: DecodeState, token, done):
-    """The decode state's layout on a mesh: cache over batch and key/value heads, tokens replicated."""
+def _state_laid_out(state: DecodeState) -> DecodeState:
+    """The decode state's layout on a mesh: cache over batch and key/value heads, per-row arrays over batch."""
     cache = state.cache
     kv = lambda t: constrain(t, "activation_batch", "kv_heads", None, None)  # [batch, kv_heads, length, head_dim]
     rows = lambda t: constrain(t, "activation_batch", None)
     cache = cache.replace(keys=tuple(map(kv, cache.keys)), values=tuple(map(kv, cache.values)),
                           positions=rows(cache.positions), valid=rows(cache.valid))
     seen = None if state.seen is None else rows(state.seen)
-    state = state.replace(cache=cache, logits=rows(state.logits), seen=seen)
-    return state, constrain(token, None), constrain(done, None)
+    return state.replace(cache=cache, logits=rows(state.logits), seen=seen)
+
+
+def _laid_out(state: DecodeState, token, done):
+    """The state laid out as `_state_laid_out`, the tokens and done flags replicated."""
+    return _state_laid_out(state), constrain(token, None), constrain(done, None)
 
 
 def _chosen(state, keys, t, sampling, stop_ids):

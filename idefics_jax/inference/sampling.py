@@ -73,10 +73,15 @@ def top_p_filter(logits, p: float):
     least `p` (always at least one), -inf elsewhere."""
     if p >= 1.0:
         return logits
+    return _nucleus(logits, 1.0 - p)
+
+
+def _nucleus(logits, rest):
+    """`top_p_filter`'s work, given 1 - p (`rest`: a float, or `[batch, 1]`)."""
     order = jnp.argsort(logits, axis=-1)  # ascending, as the reference sorts
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    remove_sorted = cumulative <= 1.0 - p
+    remove_sorted = cumulative <= rest
     remove_sorted = remove_sorted.at[..., -1].set(False)  # keep the most likely token
     remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
     return jnp.where(remove, NEG_INF, logits)
@@ -87,6 +92,11 @@ def min_p_filter(logits, min_p: float):
     at least `min_p` times the most likely token's, -inf elsewhere."""
     if min_p <= 0.0:
         return logits
+    return _min_p(logits, min_p)
+
+
+def _min_p(logits, min_p):
+    """`min_p_filter`'s work (`min_p`: a float, or `[batch, 1]`; 0 keeps every token)."""
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), NEG_INF, logits)
 
@@ -107,8 +117,12 @@ def inverse(x: float) -> np.float32:
 def repetition_penalty(logits, seen, penalty: float):
     """CTRL's penalty (Keskar et al. 2019) on `[batch, vocab]`: a seen token's logit is divided by
     `penalty` when positive, multiplied when negative."""
-    penalised = jnp.where(logits < 0, logits * np.float32(penalty), logits * inverse(penalty))
-    return jnp.where(seen, penalised, logits)
+    return _penalised(logits, seen, np.float32(penalty), inverse(penalty))
+
+
+def _penalised(logits, seen, penalty, inverse_penalty):
+    """`repetition_penalty`'s work (`penalty` and its `inverse`: float32 scalars, or `[batch, 1]`)."""
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits * inverse_penalty), logits)
 
 
 def process_logits(logits, sampling: Sampling, seen=None):
@@ -184,14 +198,13 @@ def process_logits_rows(logits, rows: RowSampling, seen):
     logits = logits.astype(jnp.float32)
     column = lambda x: x[:, None]
     penalty = column(rows.repetition_penalty)
-    penalised = jnp.where(logits < 0, logits * penalty, logits * column(rows.inverse_penalty))
-    logits = jnp.where(seen & (penalty != 1.0), penalised, logits)
+    logits = _penalised(logits, seen & (penalty != 1.0), penalty, column(rows.inverse_penalty))
     greedy = column(rows.greedy)
     scaled = logits * column(rows.inverse_temperature)
     used = lambda setting, off: jnp.any((setting != off) & ~rows.greedy)
     scaled = jax.lax.cond(used(rows.top_k, 0), _top_k_rows, lambda x, _: x, scaled, column(rows.top_k))
     scaled = jax.lax.cond(used(rows.top_p_rest, 0.0), _top_p_rows, lambda x, _: x, scaled, column(rows.top_p_rest))
-    scaled = jax.lax.cond(used(rows.min_p, 0.0), _min_p_rows, lambda x, _: x, scaled, column(rows.min_p))
+    scaled = jax.lax.cond(used(rows.min_p, 0.0), _min_p, lambda x, _: x, scaled, column(rows.min_p))
     return jnp.where(greedy, logits, scaled)
 
 
@@ -204,18 +217,7 @@ def _top_k_rows(logits, k):
 
 def _top_p_rows(logits, rest):
     """`top_p_filter` with each row's 1 - p (`rest` `[batch, 1]`, 0: off)."""
-    order = jnp.argsort(logits, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
-    remove_sorted = (cumulative <= rest) & (rest > 0.0)
-    remove_sorted = remove_sorted.at[..., -1].set(False)  # keep the most likely token
-    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
-    return jnp.where(remove, NEG_INF, logits)
-
-
-def _min_p_rows(logits, min_p):
-    """`min_p_filter` with each row's min_p (`[batch, 1]`, 0: off); after top-k and top-p, as there."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.where(probs < min_p * probs.max(axis=-1, keepdims=True), NEG_INF, logits)
+    return jnp.where(rest > 0.0, _nucleus(logits, rest), logits)
 
 
 def next_token_rows(logits, rows: RowSampling, keys, seen):
