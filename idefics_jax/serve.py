@@ -8,8 +8,8 @@
 DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir (local or
 gs://). Up to --max_batch requests decode together, whatever their settings; a request joins the
 running batch as soon as a row is free and leaves when it is answered (continuous batching; see
-idefics_jax/inference/server.py for the request fields). One process (on several devices of its host with --mesh); stop it with Ctrl-C or
-SIGTERM.
+idefics_jax/inference/server.py for the request fields). One process (on several devices of its
+host with --mesh); stop it with Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     # SIGTERM (a scheduler stopping the service) ends it as Ctrl-C does: no new requests, and the
-    # worker finishes the one it is generating
+    # worker finishes the requests it has taken
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     print(f"Serving {args.checkpoint} at {server.url}/v1/chat/completions", file=sys.stderr, flush=True)
