@@ -1,7 +1,7 @@
 """Attention implementations at Idefics2's shapes: TFLOP/s and fraction of the measured bf16 peak.
 
     python benchmarks/attention.py [--repeats 10] [--quick]
-        [--implementations xla,cudnn,pallas,pallas:mgpu,pallas:128x64w8s3]
+        [--implementations xla,cudnn,pallas,pallas:mgpu,pallas:mgpu:64x64s3,pallas:128x64w8s3] [--calls 10]
         [--out benchmarks/RESULTS.md]
 
 Runs on a GPU (every implementation the backend offers: xla, cudnn, pallas); elsewhere it
@@ -48,32 +48,46 @@ def pallas_blocks(spec: str) -> Blocks:
     return Blocks(block_q=bq, block_k=bk, block_q_dkv=dkv, num_warps=warps, num_stages=stages or 2)
 
 
+def mgpu_blocks(spec: str, head_dim: int) -> Blocks:
+    """`mgpu[:<block_q>x<block_k>s<stages>]`: the Mosaic GPU (Hopper) forward, at these tiles (block_q
+    per compute warpgroup) or its defaults, before the Triton backward at its default tiles."""
+    blocks = default_blocks("gpu", head_dim)._replace(forward="mgpu")
+    if spec == "mgpu":
+        return blocks
+    match = re.fullmatch(r"mgpu:(\d+)x(\d+)s(\d+)", spec)
+    if not match:
+        raise ValueError(f"mgpu tiles '{spec}': expected e.g. mgpu:64x128s2")
+    return blocks._replace(mgpu=tuple(int(g) for g in match.groups()))
+
+
 def attention_fn(impl: str, mask_kw: dict):
-    if impl == "pallas:mgpu":  # the Mosaic GPU (Hopper) forward, the Triton backward at its default tiles
-        return lambda q, k, v: flash_attention(
-            q, k, v, blocks=default_blocks("gpu", q.shape[-1])._replace(forward="mgpu"), **mask_kw)
+    if impl.startswith("pallas:mgpu"):
+        return lambda q, k, v: flash_attention(q, k, v, blocks=mgpu_blocks(impl.split(":", 1)[1], q.shape[-1]),
+                                               **mask_kw)
     if impl.startswith("pallas:"):
         blocks = pallas_blocks(impl.split(":", 1)[1])
         return lambda q, k, v: flash_attention(q, k, v, blocks=blocks, **mask_kw)
     return lambda q, k, v: dot_product_attention(q, k, v, implementation=impl, **mask_kw)
 
 
-def timed(fn, *args, repeats: int) -> float:
-    """Median seconds of `fn(*args)` after a warm-up call (compilation)."""
+def timed(fn, *args, repeats: int, calls: int = 1) -> float:
+    """Median seconds of `fn(*args)` after a warm-up call (compilation), over `repeats` rounds of
+    `calls` calls dispatched back to back (the device's time per call, once `calls` hides the
+    host's dispatch and wait: kernels of a millisecond want ~10)."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+        jax.block_until_ready([fn(*args) for _ in range(calls)])
+        times.append((time.perf_counter() - start) / calls)
     return statistics.median(times)
 
 
-def matmul_peak(repeats: int, n: int = 8192) -> float:
+def matmul_peak(repeats: int, calls: int, n: int = 8192) -> float:
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
     f = jax.jit(jnp.dot)  # bfloat16 in and out, float32 accumulation inside
-    return 2 * n**3 / timed(f, a, b, repeats=repeats) / 1e12
+    return 2 * n**3 / timed(f, a, b, repeats=repeats, calls=calls) / 1e12
 
 
 def shapes(quick: bool):
@@ -115,7 +129,7 @@ def visible_pairs(seq, mask_kw) -> float:
     return float(total)
 
 
-def bench_shape(name, spec, implementations, repeats, rng):
+def bench_shape(name, spec, implementations, repeats, calls, rng):
     batch, seq, heads, kv_heads, head_dim, make_mask = spec
     mask_kw = make_mask(batch, seq, rng)
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -140,8 +154,8 @@ def bench_shape(name, spec, implementations, repeats, rng):
         try:
             out = np.asarray(fwd(q, k, v), np.float32)
             err = float(np.abs(out - ref).max() / np.abs(ref).max())
-            t_fwd = timed(fwd, q, k, v, repeats=repeats)
-            t_all = timed(fwd_bwd, q, k, v, dout, repeats=repeats)
+            t_fwd = timed(fwd, q, k, v, repeats=repeats, calls=calls)
+            t_all = timed(fwd_bwd, q, k, v, dout, repeats=repeats, calls=calls)
         except Exception as e:  # an implementation that fails to compile is reported, not hidden
             rows.append((name, impl, None, None, f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
             print(rows[-1], flush=True)
@@ -163,18 +177,19 @@ def main():
     parser.add_argument("--quick", action="store_true", help="shapes / 8 (a smoke run, e.g. on CPU)")
     parser.add_argument("--implementations", default="xla,cudnn,pallas",
                         help="comma-separated; 'pallas:128x64d64w8s2' runs the Pallas kernels with those tiles, "
-                             "'pallas:mgpu' with the Mosaic GPU (Hopper) forward")
+                             "'pallas:mgpu' with the Mosaic GPU (Hopper) forward, 'pallas:mgpu:64x64s3' at those tiles")
+    parser.add_argument("--calls", type=int, default=10, help="calls per timed round, dispatched back to back")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    peak = matmul_peak(args.repeats)
+    peak = matmul_peak(args.repeats, args.calls)
     print(f"bf16 matmul peak: {peak:.0f} TFLOP/s", flush=True)
     rows = []
     for name, spec in shapes(args.quick).items():
-        rows += bench_shape(name, spec, args.implementations.split(","), args.repeats, rng)
+        rows += bench_shape(name, spec, args.implementations.split(","), args.repeats, args.calls, rng)
     lines = [f"\n## Attention ({datetime.date.today()})\n", f"Machine: {machine()}.\n",
              f"Command: `python benchmarks/attention.py --repeats {args.repeats}"
-             f"{' --quick' if args.quick else ''} --implementations {args.implementations}` (bfloat16; FLOPs over visible pairs; measured bf16 matmul "
+             f" --calls {args.calls}{' --quick' if args.quick else ''} --implementations {args.implementations}` (bfloat16; FLOPs over visible pairs; measured bf16 matmul "
              f"peak {peak:.0f} TFLOP/s).\n",
              "| shape | implementation | forward ms | forward TFLOP/s | % of peak | fwd+bwd ms | fwd+bwd TFLOP/s "
              "| % of peak | note |", "|---|---|---|---|---|---|---|---|---|"]

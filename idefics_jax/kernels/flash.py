@@ -68,6 +68,8 @@ class Blocks(NamedTuple):
     num_warps: int | None = None  # Triton only
     num_stages: int = 2  # Triton's software pipelining depth: each stage holds one more K / V tile
     forward: str = "triton"  # "mgpu": the forward by `flash_mgpu` (Hopper, bfloat16 / float16), its own tiles
+    mgpu: tuple[int, int, int] = (64, 128, 2)  # that forward's tiles: `flash_mgpu.MgpuBlocks` (block_q per
+    # compute warpgroup, block_k, stages)
 
 
 FORWARDS = ("triton", "mgpu")
@@ -381,7 +383,7 @@ def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: 
     if _mgpu_forward(blocks, x.q.dtype):
         from idefics_jax.kernels import flash_mgpu
 
-        return flash_mgpu.forward(x, mask, scale, interpret=interpret)
+        return flash_mgpu.forward(x, mask, scale, flash_mgpu.MgpuBlocks(*blocks.mgpu), interpret=interpret)
     b, sq, h, d = x.q.shape
     sk, kvh = x.k.shape[1], x.k.shape[2]
     groups = h // kvh
@@ -572,7 +574,8 @@ def prepare(query, key, value, *, scale: float | None, blocks: Blocks | None, in
     if _mgpu_forward(blocks, query.dtype):  # its tiles too (powers of two, like the Triton ones)
         from idefics_jax.kernels import flash_mgpu
 
-        multiple_q, multiple_k = max(multiple_q, flash_mgpu.CTA_ROWS), max(multiple_k, flash_mgpu.BLOCK_K)
+        multiple_q = max(multiple_q, flash_mgpu.COMPUTE_WGS * blocks.mgpu[0])
+        multiple_k = max(multiple_k, blocks.mgpu[1])
     sq, sk = pl.cdiv(q_len, multiple_q) * multiple_q, pl.cdiv(kv_len, multiple_k) * multiple_k
     d = sum(head_parts(head_dim))
     q_pos, q_seg, kv_pos, kv_seg = token_arrays(batch, q_len, kv_len, **token_kw)

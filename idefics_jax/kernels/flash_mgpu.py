@@ -60,10 +60,6 @@ class MgpuBlocks(NamedTuple):
     stages: int = 2  # key / value slots in flight
 
 
-CTA_ROWS = COMPUTE_WGS * MgpuBlocks().block_q  # query rows per CTA: `flash.prepare` pads to these
-BLOCK_K = MgpuBlocks().block_k
-
-
 def _tile_transforms(width: int, dtype):
     """Shared-memory tiling of a `[rows, width]` tile (width a power of two >= 16): 128-byte swizzle
     in 64-column tiles for wide parts, the part's own width in bytes (32 or 64) for narrow ones."""
