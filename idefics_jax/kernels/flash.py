@@ -523,11 +523,18 @@ def _mgpu_forward(blocks: Blocks, dtype) -> bool:
     return blocks.forward == "mgpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def hopper() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x: wgmma, TMA)."""
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
 def default_blocks(backend: str, head_dim: int) -> Blocks:
     if backend == "gpu":  # Hopper's 227 KiB of shared memory: at head dim 128 the dK / dV kernel's
-        # [128, 128] query and dO tiles times 3 stages do not fit (measured on an H200)
+        # [128, 128] query and dO tiles times 3 stages do not fit (measured on an H200). On Hopper the
+        # forward is Mosaic GPU's (bfloat16 / float16): 1.5-2.1x Triton's (benchmarks/RESULTS.md)
         return Blocks(block_q=128, block_k=64 if head_dim > 64 else 128,
-                      block_q_dkv=64 if head_dim > 64 else 128, num_stages=2)
+                      block_q_dkv=64 if head_dim > 64 else 128, num_stages=2,
+                      forward="mgpu" if hopper() else "triton")
     return Blocks(block_q=32, block_k=32)  # interpret mode: small tiles keep the loops short
 
 

@@ -92,7 +92,7 @@ def _scores(q_smems, k_smems, after_issue, interpret: bool):
 
     def product(acc_ref):
         for q, k in zip(q_smems, k_smems):
-            plgpu.wgmma(acc_ref, q, plgpu.transpose_ref(k, (1, 0)))
+            plgpu.wgmma(acc_ref, q, k.transpose((1, 0)))  # (jax 0.11 deprecates plgpu.transpose_ref)
         after_issue()
         return acc_ref[...]
 
