@@ -1,7 +1,7 @@
 """Attention implementations at Idefics2's shapes: TFLOP/s and fraction of the measured bf16 peak.
 
     python benchmarks/attention.py [--repeats 10] [--quick]
-        [--implementations xla,cudnn,pallas,pallas:mgpu,pallas:mgpu:64x64s3,pallas:128x64w8s3] [--calls 10]
+        [--implementations xla,cudnn,pallas,pallas:triton,pallas:mgpu:64x64s3,pallas:128x64w8s3] [--calls 10]
         [--out benchmarks/RESULTS.md]
 
 Runs on a GPU (every implementation the backend offers: xla, cudnn, pallas); elsewhere it
@@ -61,6 +61,9 @@ def mgpu_blocks(spec: str, head_dim: int) -> Blocks:
 
 
 def attention_fn(impl: str, mask_kw: dict):
+    if impl == "pallas:triton":  # the default tiles with Triton's forward (on Hopper the default is Mosaic GPU's)
+        return lambda q, k, v: flash_attention(q, k, v, blocks=default_blocks("gpu", q.shape[-1])._replace(
+            forward="triton"), **mask_kw)
     if impl.startswith("pallas:mgpu"):
         return lambda q, k, v: flash_attention(q, k, v, blocks=mgpu_blocks(impl.split(":", 1)[1], q.shape[-1]),
                                                **mask_kw)
@@ -177,7 +180,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="shapes / 8 (a smoke run, e.g. on CPU)")
     parser.add_argument("--implementations", default="xla,cudnn,pallas",
                         help="comma-separated; 'pallas:128x64d64w8s2' runs the Pallas kernels with those tiles, "
-                             "'pallas:mgpu' with the Mosaic GPU (Hopper) forward, 'pallas:mgpu:64x64s3' at those tiles")
+                             "'pallas:mgpu' / 'pallas:triton' with that forward (the default: Mosaic GPU's on Hopper), "
+                             "'pallas:mgpu:64x64s3' at those tiles")
     parser.add_argument("--calls", type=int, default=10, help="calls per timed round, dispatched back to back")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()

@@ -31,8 +31,9 @@ Head dims that are not a power of two are split into power-of-two parts (Triton'
 power-of-two sides): SigLIP's 72 as 64 + 16 (8 zero columns), 96 as 64 + 32, each part its own
 tile and its own matrix product, rather than one tile padded to 128.
 
-On Hopper the forward can instead be `flash_mgpu`'s (Mosaic GPU: warp-specialised, wgmma, TMA),
-`Blocks(forward="mgpu")`, with the same outputs and log-sum-exp, so the backward here serves both.
+On Hopper the forward is `flash_mgpu`'s (Mosaic GPU: warp-specialised, wgmma, TMA) by default for
+bfloat16 / float16, `Blocks(forward="mgpu")`, with the same outputs and log-sum-exp, so the backward
+here serves both.
 
 Lowering: Triton on GPU, interpreted on CPU (`interpret=True`, how the tests run it). Layout
 `[batch, seq, heads, head_dim]` throughout.
