@@ -1,7 +1,8 @@
 """Attention implementations at Idefics2's shapes: TFLOP/s and fraction of the measured bf16 peak.
 
     python benchmarks/attention.py [--repeats 10] [--quick]
-        [--implementations xla,cudnn,pallas,pallas:triton,pallas:mgpu:64x64s3,pallas:128x64w8s3] [--calls 10]
+        [--implementations xla,cudnn,pallas,pallas:triton,pallas:mgpu:64x64s3,pallas:mgpu:bwd,pallas:128x64w8s3]
+        [--calls 10]
         [--out benchmarks/RESULTS.md]
 
 Runs on a GPU (every implementation the backend offers: xla, cudnn, pallas); elsewhere it
@@ -50,14 +51,19 @@ def pallas_blocks(spec: str) -> Blocks:
 
 def mgpu_blocks(spec: str, head_dim: int) -> Blocks:
     """`mgpu[:<block_q>x<block_k>s<stages>]`: the Mosaic GPU (Hopper) forward, at these tiles (block_q
-    per compute warpgroup) or its defaults, before the Triton backward at its default tiles."""
+    per compute warpgroup) or its defaults, before the Triton backward at its default tiles;
+    `mgpu:bwd[:<block_k>x<block_q>s<stages>]`: dK / dV by Mosaic GPU too (block_k per warpgroup)."""
     blocks = default_blocks("gpu", head_dim)._replace(forward="mgpu")
+    tiles = lambda match: tuple(int(g) for g in match.groups())
     if spec == "mgpu":
         return blocks
-    match = re.fullmatch(r"mgpu:(\d+)x(\d+)s(\d+)", spec)
-    if not match:
-        raise ValueError(f"mgpu tiles '{spec}': expected e.g. mgpu:64x128s2")
-    return blocks._replace(mgpu=tuple(int(g) for g in match.groups()))
+    if spec == "mgpu:bwd":
+        return blocks._replace(backward="mgpu")
+    if match := re.fullmatch(r"mgpu:bwd:(\d+)x(\d+)s(\d+)", spec):
+        return blocks._replace(backward="mgpu", mgpu_bwd=tiles(match))
+    if match := re.fullmatch(r"mgpu:(\d+)x(\d+)s(\d+)", spec):
+        return blocks._replace(mgpu=tiles(match))
+    raise ValueError(f"mgpu tiles '{spec}': expected e.g. mgpu:64x128s2, mgpu:bwd or mgpu:bwd:64x64s2")
 
 
 def attention_fn(impl: str, mask_kw: dict):
@@ -181,7 +187,7 @@ def main():
     parser.add_argument("--implementations", default="xla,cudnn,pallas",
                         help="comma-separated; 'pallas:128x64d64w8s2' runs the Pallas kernels with those tiles, "
                              "'pallas:mgpu' / 'pallas:triton' with that forward (the default: Mosaic GPU's on Hopper), "
-                             "'pallas:mgpu:64x64s3' at those tiles")
+                             "'pallas:mgpu:64x64s3' at those tiles, 'pallas:mgpu:bwd[:64x64s2]' with the Mosaic GPU dK / dV")
     parser.add_argument("--calls", type=int, default=10, help="calls per timed round, dispatched back to back")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()

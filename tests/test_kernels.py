@@ -241,6 +241,72 @@ def test_flash_mgpu_gradients_and_cache_shapes(seed):
     assert np.all(out[0, :10] == 0)  # queries 50..59: their window holds only padding
 
 
+def mgpu_dkdv_matches(rng, q, k, v, *, causal=False, sliding_window=None, detect_races=False, **token_kw):
+    """The Mosaic GPU dK / dV kernel (interpreted, eagerly; its lse and delta from the Triton forward)
+    against the reference's float32 gradients of `sum(attention * dO)`; returns (dk, dv)."""
+    from idefics_jax.kernels import flash, flash_mgpu
+
+    dout = jnp.asarray(rng.normal(size=q.shape), jnp.float32).astype(q.dtype)
+    mask = Mask(causal=causal, window=sliding_window)
+    blocks = default_blocks("cpu", q.shape[-1])._replace(backward="mgpu")
+    x, qp, kp, vp, scale, blocks, _ = flash.prepare(q, k, v, scale=None, blocks=blocks, interpret=True, **token_kw)
+    x = x._replace(q=qp, k=kp, v=vp)
+    out, lse = flash._forward(x, mask, scale, blocks, True)
+    dop = jnp.zeros(out.shape, q.dtype).at[:, :q.shape[1], :, :q.shape[3]].set(dout)
+    delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dop.astype(jnp.float32))
+    interpret = flash_mgpu.interpret_params(detect_races=True) if detect_races else True
+    dk, dv = flash_mgpu.backward_dkdv(x, dop, lse, delta, mask, scale, flash_mgpu.MgpuBwdBlocks(*blocks.mgpu_bwd),
+                                      interpret=interpret)
+    if detect_races:
+        assert not flash_mgpu.races_found()
+    f32 = lambda t: t.astype(jnp.float32)
+    loss = lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, causal=causal, sliding_window=sliding_window,
+                                                         **token_kw) * f32(dout))
+    _, ref_k, ref_v = jax.grad(loss, argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
+    cut = lambda t: np.asarray(t[:, :k.shape[1], :, :k.shape[3]], np.float32)
+    dk, dv = cut(dk), cut(dv)
+    for name, ours, ref in (("dk", dk, ref_k), ("dv", dv, ref_v)):
+        assert not np.isnan(ours).any(), name
+        assert rel_err(ours, np.asarray(ref)) < TOL[jnp.bfloat16], (name, rel_err(ours, np.asarray(ref)))
+    return dk, dv
+
+
+@interpreted_mgpu
+def test_flash_mgpu_backward_dkdv(seed):
+    """The Mosaic GPU dK / dV kernel: causal with a window over a GQA group (4 query heads on 2 kv
+    heads, summed in the kernel), head dim 72 as 64 + 16, 300 tokens (padding, three CTAs, skipped
+    and full blocks), with the race detector; packed ragged segments with padding keys; the vision
+    tower's bidirectional padding with an image whose every key is masked (gradients 0, no NaN)."""
+    rng = np.random.default_rng([seed, 33])
+    q, k, v = qkv(rng, 1, 300, 300, 4, 2, 72, jnp.bfloat16)
+    mgpu_dkdv_matches(rng, q, k, v, causal=True, sliding_window=40, detect_races=True)
+    q, k, v = qkv(rng, 2, 150, 150, 2, 1, 64, jnp.bfloat16)
+    seg, positions, kv_mask = packed_segments(rng, 2, 150)
+    mgpu_dkdv_matches(rng, q, k, v, causal=True, sliding_window=30, kv_mask=kv_mask, q_positions=positions,
+                      kv_positions=positions, q_segment_ids=seg, kv_segment_ids=seg)
+    q, k, v = qkv(rng, 2, 100, 100, 1, 1, 128, jnp.bfloat16)
+    kv_mask = jnp.asarray(rng.random((2, 100)) > 0.3).at[1].set(False)
+    dk, dv = mgpu_dkdv_matches(rng, q, k, v, kv_mask=kv_mask)
+    assert np.all(dk[1] == 0) and np.all(dv[1] == 0)
+
+
+def test_flash_mgpu_backward_lowers_for_gpu(monkeypatch):
+    """Forward and dK / dV both by Mosaic GPU, lowered for a GPU from CPU at the benchmark's shapes
+    (the decoder's 8k packed window with GQA, the vision tower's 4,900 padded patches at head dim
+    72); dQ stays Triton's."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    seg = jnp.repeat(jnp.arange(4), 2048)[None]
+    for q_shape, kv_shape, mask in (((1, 8192, 32, 128), (1, 8192, 8, 128),
+                                     dict(causal=True, sliding_window=4096, q_segment_ids=seg, kv_segment_ids=seg)),
+                                    ((1, 4900, 16, 72), (1, 4900, 16, 72), dict(kv_mask=jnp.arange(4900) < 4500))):
+        blocks = default_blocks("gpu", q_shape[-1])._replace(forward="mgpu", backward="mgpu")
+        loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, blocks=blocks, **mask).astype(jnp.float32))
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(spec(*q_shape), spec(*kv_shape), spec(*kv_shape)) \
+            .lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("custom_call @mosaic_gpu") == 2 and text.count("__gpu$xla.gpu.triton") == 1
+
+
 def test_flash_mgpu_lowers_for_gpu(monkeypatch):
     """The Mosaic GPU forward lowered for a GPU from CPU (its layouts, wgmma shapes and barriers are
     checked by Mosaic GPU's lowering; no GPU needed) at the benchmark's shapes: the decoder's 8k

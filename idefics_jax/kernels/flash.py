@@ -71,9 +71,13 @@ class Blocks(NamedTuple):
     forward: str = "triton"  # "mgpu": the forward by `flash_mgpu` (Hopper, bfloat16 / float16), its own tiles
     mgpu: tuple[int, int, int] = (64, 128, 2)  # that forward's tiles: `flash_mgpu.MgpuBlocks` (block_q per
     # compute warpgroup, block_k, stages)
+    backward: str = "triton"  # "mgpu": dK / dV by `flash_mgpu.backward_dkdv` (Hopper, bfloat16 / float16)
+    mgpu_bwd: tuple[int, int, int] = (64, 64, 2)  # its tiles: `flash_mgpu.MgpuBwdBlocks` (block_k per compute
+    # warpgroup, block_q, stages)
 
 
 FORWARDS = ("triton", "mgpu")
+BACKWARDS = FORWARDS
 
 
 def pair_mask(mask: Mask, same_segment, delta):
@@ -464,6 +468,12 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
         name="idefics_flash_dq",
     )(*kv_rows, *operands())
 
+    if _mgpu_backward(blocks, x.q.dtype):
+        from idefics_jax.kernels import flash_mgpu
+
+        dk, dv = flash_mgpu.backward_dkdv(x, dout, lse, delta, mask, scale,
+                                          flash_mgpu.MgpuBwdBlocks(*blocks.mgpu_bwd), interpret=interpret)
+        return _join(dq), dk, dv
     q_whole = lambda bi, hi, ki: (bi, 0, hi)
     kv_tile = lambda bi, hi, ki: (bi, ki, hi // groups)
     dkv = pl.pallas_call(
@@ -522,6 +532,13 @@ def _mgpu_forward(blocks: Blocks, dtype) -> bool:
     if blocks.forward not in FORWARDS:
         raise ValueError(f"unknown flash forward {blocks.forward!r}; one of {FORWARDS}")
     return blocks.forward == "mgpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _mgpu_backward(blocks: Blocks, dtype) -> bool:
+    """Whether the Mosaic GPU dK / dV kernel runs (else Triton's)."""
+    if blocks.backward not in BACKWARDS:
+        raise ValueError(f"unknown flash backward {blocks.backward!r}; one of {BACKWARDS}")
+    return blocks.backward == "mgpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def hopper() -> bool:
@@ -584,6 +601,11 @@ def prepare(query, key, value, *, scale: float | None, blocks: Blocks | None, in
 
         multiple_q = max(multiple_q, flash_mgpu.COMPUTE_WGS * blocks.mgpu[0])
         multiple_k = max(multiple_k, blocks.mgpu[1])
+    if _mgpu_backward(blocks, query.dtype):
+        from idefics_jax.kernels import flash_mgpu
+
+        multiple_q = max(multiple_q, blocks.mgpu_bwd[1])
+        multiple_k = max(multiple_k, flash_mgpu.COMPUTE_WGS * blocks.mgpu_bwd[0])
     sq, sk = pl.cdiv(q_len, multiple_q) * multiple_q, pl.cdiv(kv_len, multiple_k) * multiple_k
     d = sum(head_parts(head_dim))
     q_pos, q_seg, kv_pos, kv_seg = token_arrays(batch, q_len, kv_len, **token_kw)

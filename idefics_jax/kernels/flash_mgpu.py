@@ -1,4 +1,5 @@
-"""Flash attention forward for Hopper in Pallas Mosaic GPU: warp-specialised, wgmma, TMA.
+"""Flash attention forward, and the backward's dK / dV, for Hopper in Pallas Mosaic GPU:
+warp-specialised, wgmma, TMA.
 
 The Triton build (`flash.py`) leaves Hopper's tensor cores mostly idle: Triton's lowering of a Pallas
 kernel issues synchronous MMAs and does the softmax between them. This build is written the way
@@ -29,6 +30,13 @@ each part its own array, shared-memory buffer (swizzled to its width) and wgmma.
 `flash.Blocks(forward="mgpu")`, the default on a Hopper GPU: on an H200 it is 1.7x the Triton
 forward at the decoder's 8k shape (496 TFLOP/s, 63% of the measured bf16 peak) and 2.2x cuDNN's at
 the vision tower's (`benchmarks/RESULTS.md`; tiles in `Blocks.mgpu`, 64 / 128 / 2 the fastest tried).
+
+The backward's dK / dV (`backward_dkdv`, `flash.Blocks(backward="mgpu")`, opt-in until a Hopper run
+times it against Triton's) is the same plan with keys as rows: a CTA holds `2 * block_k` keys of one
+key/value head, each compute warpgroup its `block_k` keys' K and V in shared memory and dK / dV in
+registers across every query head of the GQA group (one output per key/value head, no per-query-head
+float32 array to sum afterwards); the memory warpgroup streams Q, dO, tokens, lse and delta per
+(query head, query block). dQ stays the Triton kernel's (FlashAttention-2's split).
 
 Checked on CPU two ways: Pallas' GPU interpret mode runs the kernel (three simulated warpgroups,
 barriers with per-waiter phases, TMA copies, its race detector) against the reference, with the two
@@ -306,6 +314,192 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
     )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1),
       *split(x.q), *split(x.k), *split(x.v))
     return fa._join(outs), lse
+
+
+# ----------------------------------------------------------------------------------------------
+# dK / dV: the backward's key side, FlashAttention-2's split (dQ stays Triton's, `flash._backward`).
+
+
+class MgpuBwdBlocks(NamedTuple):
+    block_k: int = 64  # key rows per compute warpgroup (wgmma's M)
+    block_q: int = 64  # query rows per step (wgmma's N for S^T and dP^T, K for dK and dV)
+    stages: int = 2  # query / dO slots in flight
+
+
+def _dkdv_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBwdBlocks, groups: int, n_parts: int,
+                 interpret: bool):
+    """One CTA: `2 * block_k` keys of one key/value head, over every query head of its GQA group.
+    Each compute warpgroup keeps its `block_k` keys' K and V in shared memory and dK / dV in
+    registers; the memory warpgroup streams (query head, query block) steps: Q, dO, the queries'
+    tokens and their lse / delta rows. Per step, with keys as rows (so that P^T and dS^T come out of
+    the products in registers, wgmma's A operand):
+        S^T = K Q^T,  P^T = exp2(S^T - lse),  dV += P^T dO,
+        dP^T = V dO^T,  dS^T = P^T (dP^T - delta),  dK += dS^T Q."""
+    (cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, stats_ref), q_refs, k_refs, v_refs, do_refs, dk_refs, dv_refs, \
+        (scoped,) = fa._take(refs, 5, n_parts, n_parts, n_parts, n_parts, n_parts, n_parts, 1)
+    (k_smem2, v_smem2, kv_tok_smem2, q_smem, do_smem, q_tok_smem, stats_smem), (kv_loaded, loaded, consumed) = scoped
+    bk, bq, stages = blocks
+    batch, kv_head, cta = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("k_blocks")
+    wg = lax.axis_index("wg")
+    cta_lo, cta_hi = cta_ranges[0, batch, cta], cta_ranges[1, batch, cta]
+    per_head = cta_hi - cta_lo  # steps per query head
+    slot_of = lambda g, i: lax.rem(g * per_head + i - cta_lo, stages)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        k_smems, v_smems = [buf.at[wg] for buf in k_smem2], [buf.at[wg] for buf in v_smem2]
+        kv_tok_smem = kv_tok_smem2.at[wg]
+        row0 = cta * (COMPUTE_WGS * bk) + wg * bk
+        kb = cta * COMPUTE_WGS + wg  # this warpgroup's key block
+        lo, hi, full_lo, full_hi = (wg_ranges[i, batch, kb] for i in range(4))
+        rows = (batch, pl.ds(row0, bk), kv_head)
+        for buf, ref in (*zip(k_smems, k_refs), *zip(v_smems, v_refs)):
+            plgpu.copy_gmem_to_smem(ref.at[rows], buf, kv_loaded.at[wg])
+        plgpu.copy_gmem_to_smem(kv_tok_ref.at[batch, :, pl.ds(row0, bk)], kv_tok_smem, kv_loaded.at[wg])
+        row_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per key (row)
+        col_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per query (column)
+        plgpu.barrier_wait(kv_loaded.at[wg])
+        kv_pos, kv_seg = _load(kv_tok_smem.at[0], row_layout), _load(kv_tok_smem.at[1], row_layout)
+
+        def step(kind, g, i, carry):
+            """One (query head g, query block i) step: kind "skip" (the other warpgroup's), "masked", "full"."""
+            slot = slot_of(g, i)
+            plgpu.barrier_wait(loaded.at[slot])
+            if kind == "skip":
+                plgpu.barrier_arrive(consumed.at[slot])
+                return carry
+            dks, dvs = carry
+            qs, dos = [buf.at[slot] for buf in q_smem], [buf.at[slot] for buf in do_smem]
+            lse, delta = _load(stats_smem.at[slot, 0], col_layout), _load(stats_smem.at[slot, 1], col_layout)
+            shape = (bk, bq)
+            s = _scores(k_smems, qs, lambda: None, interpret)  # S^T [keys, queries]
+            p = jnp.exp2(s * (scale * LOG2E) - _col(lse, shape))
+            if kind == "masked":
+                q_pos, q_seg = _load(q_tok_smem.at[slot, 0], col_layout), _load(q_tok_smem.at[slot, 1], col_layout)
+                visible = pair_mask(mask, _row(kv_seg, shape) == _col(q_seg, shape),
+                                    lambda: _col(q_pos, shape) - _row(kv_pos, shape))
+                p = jnp.where(visible, p, 0.0)
+            dp = _scores(v_smems, dos, lambda: None, interpret)  # dP^T [keys, queries]
+            ds = p * (dp - _col(delta, shape))
+            dvs = _accumulate(dvs, p.astype(q_refs[0].dtype), dos, interpret)
+            dks = _accumulate(dks, ds.astype(q_refs[0].dtype), qs, interpret)
+            plgpu.barrier_arrive(consumed.at[slot])
+            return dks, dvs
+
+        def head(g, carry):
+            for kind, start, stop in (("skip", cta_lo, lo), ("masked", lo, full_lo), ("full", full_lo, full_hi),
+                                      ("masked", full_hi, hi), ("skip", hi, cta_hi)):
+                carry = lax.fori_loop(start, stop, functools.partial(step, kind, g), carry)
+            return carry
+
+        zeros = tuple(plgpu.layout_cast(jnp.zeros((bk, r.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+                      for r in k_refs)
+        dks, dvs = lax.fori_loop(0, groups, head, (zeros, zeros))
+        for acc, buf in zip(dks, k_smems):  # out through the key / value buffers
+            buf[...] = (acc * scale).astype(buf.dtype)
+        for acc, buf in zip(dvs, v_smems):
+            buf[...] = acc.astype(buf.dtype)
+        plgpu.commit_smem()
+        for buf, ref in (*zip(k_smems, dk_refs), *zip(v_smems, dv_refs)):
+            plgpu.copy_smem_to_gmem(buf, ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def fetch_head(g, _):
+            head = kv_head * groups + g
+
+            @pl.loop(cta_lo, cta_hi)
+            def _fetch(i):
+                slot = slot_of(g, i)
+
+                @pl.when(g * per_head + i - cta_lo >= stages)  # the slot's previous step used by both
+                def _():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                cols = pl.ds(i * bq, bq)
+                for buf, ref in (*zip(q_smem, q_refs), *zip(do_smem, do_refs)):
+                    plgpu.copy_gmem_to_smem(ref.at[batch, cols, head], buf.at[slot], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(q_tok_ref.at[batch, :, cols], q_tok_smem.at[slot], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(stats_ref.at[batch, head, :, cols], stats_smem.at[slot], loaded.at[slot])
+
+            return ()
+
+        lax.fori_loop(0, groups, fetch_head, ())
+        total = groups * per_head
+
+        @pl.loop(jnp.maximum(0, total - stages), total)
+        def _drain(t):  # the last releases: every phase of a barrier is waited for by its waiters
+            plgpu.barrier_wait(consumed.at[lax.rem(t, stages)])
+
+
+def _bwd_ranges(x: fa._Prepared, mask: Mask, blocks: MgpuBwdBlocks):
+    """Query-block intervals for the CTAs (`[2, batch, n_cta]`) and for each compute warpgroup's key
+    block (`[4, batch, n_k]`: lo, hi, full_lo, full_hi), clipped into its CTA's as in `_ranges`."""
+    bk = blocks.block_k
+    cta = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, blocks.block_q, COMPUTE_WGS * bk)
+    wg = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, blocks.block_q, bk)
+    cta_lo = jnp.repeat(cta.q_lo, COMPUTE_WGS, axis=1)
+    empty = wg.q_lo == wg.q_hi
+    clip = lambda a: jnp.where(empty, cta_lo, a)
+    wg_rows = jnp.stack([clip(wg.q_lo), clip(wg.q_hi), clip(wg.q_full_lo), clip(wg.q_full_hi)])
+    return jnp.stack([cta.q_lo, cta.q_hi]), wg_rows
+
+
+def backward_dkdv(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float,
+                  blocks: MgpuBwdBlocks = MgpuBwdBlocks(), interpret=False):
+    """dK, dV `[b, sk, kv_heads, d]` (the keys' dtype, each GQA group summed in float32 inside) from
+    padded inputs (`flash.prepare`: queries to whole `block_q`, keys to whole `2 * block_k`), the
+    output's cotangent `dout` `[b, sq, h, d]`, the forward's base-2 `lse` and `delta` = rowsum(dO * O),
+    both `[b, h, sq]` float32. `interpret` as in `forward`."""
+    b, sq, h, d = x.q.shape
+    sk, kvh = x.k.shape[1], x.k.shape[2]
+    bk, bq, stages = blocks
+    if x.q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"the Mosaic GPU kernel takes bfloat16 / float16, got {x.q.dtype}")
+    if sq % bq or sk % (COMPUTE_WGS * bk):
+        raise ValueError(f"sequences must be padded to whole blocks: {sq} % {bq}, {sk} % {COMPUTE_WGS * bk}")
+    parts = fa.head_parts(d)
+    if sum(parts) != d:
+        raise ValueError(f"head dim {d} must be padded to its parts {parts} (flash.prepare does)")
+    offsets = [sum(parts[:i]) for i in range(len(parts))]
+    cta_ranges, wg_ranges = _bwd_ranges(x, mask, blocks)
+    dtype = x.q.dtype
+    tiles = lambda n, rows: tuple(plgpu.SMEM((n, rows, w), dtype, transforms=_tile_transforms(w, dtype))
+                                  for w in parts)
+    n = len(parts)
+
+    def entry(*refs):
+        kernel = functools.partial(_dkdv_kernel, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
+                                   n_parts=n, interpret=interpret)
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped),
+            (tiles(COMPUTE_WGS, bk), tiles(COMPUTE_WGS, bk), plgpu.SMEM((COMPUTE_WGS, 2, bk), jnp.int32),
+             tiles(stages, bq), tiles(stages, bq), plgpu.SMEM((stages, 2, bq), jnp.int32),
+             plgpu.SMEM((stages, 2, bq), jnp.float32)),
+            # one arrival per copy: K's and V's parts + the keys' tokens; Q's and dO's parts + tokens + stats
+            (plgpu.Barrier(num_arrivals=2 * n + 1, num_barriers=COMPUTE_WGS),
+             plgpu.Barrier(num_arrivals=2 * n + 2, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)),
+            collective_axes="wg",
+        )
+
+    split = lambda t: [t[..., o:o + w] for o, w in zip(offsets, parts)] if n > 1 else [t]
+    out = plgpu.kernel(
+        entry,
+        out_type=[jax.ShapeDtypeStruct((b, sk, kvh, w), x.k.dtype) for w in parts] * 2,
+        grid=(kvh, sk // (COMPUTE_WGS * bk), b),
+        grid_names=("heads", "k_blocks", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=(interpret_params() if interpret is True else interpret) or None,
+    )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1),
+      jnp.stack([lse, delta], axis=2), *split(x.q), *split(x.k), *split(x.v), *split(dout.astype(dtype)))
+    return fa._join(out[:n]), fa._join(out[n:])
 
 
 def interpret_params(detect_races: bool = False):
