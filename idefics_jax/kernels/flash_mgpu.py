@@ -262,6 +262,24 @@ def _ranges(x: fa._Prepared, mask: Mask, blocks: MgpuBlocks):
     return jnp.stack([cta.kv_lo, cta.kv_hi]), wg_rows
 
 
+def _operands(x: fa._Prepared, q_multiple: int, k_multiple: int):
+    """Both kernels' checks of the padded inputs; returns the head-dim parts, a function splitting a
+    `[..., d]` array into them, and one making a shared-memory tile per part `(n, rows)`."""
+    sq, d, sk, dtype = x.q.shape[1], x.q.shape[3], x.k.shape[1], x.q.dtype
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"the Mosaic GPU kernel takes bfloat16 / float16, got {dtype}")
+    if sq % q_multiple or sk % k_multiple:
+        raise ValueError(f"sequences must be padded to whole blocks: {sq} % {q_multiple}, {sk} % {k_multiple}")
+    parts = fa.head_parts(d)
+    if sum(parts) != d:
+        raise ValueError(f"head dim {d} must be padded to its parts {parts} (flash.prepare does)")
+    offsets = [sum(parts[:i]) for i in range(len(parts))]
+    split = lambda t: [t[..., o:o + w] for o, w in zip(offsets, parts)] if len(parts) > 1 else [t]
+    tiles = lambda n, rows: tuple(plgpu.SMEM((n, rows, w), dtype, transforms=_tile_transforms(w, dtype))
+                                  for w in parts)
+    return parts, split, tiles
+
+
 def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = MgpuBlocks(), interpret=False):
     """Padded inputs (`flash.prepare` with `block_q = 2 * blocks.block_q`, `block_k = blocks.block_k`)
     -> (out `[b, sq, h, d]`, lse float32 `[b, h, sq]` base 2), as `flash._forward`. `interpret`:
@@ -269,19 +287,9 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
     b, sq, h, d = x.q.shape
     kvh = x.k.shape[2]
     bq, bk, stages = blocks
-    if x.q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"the Mosaic GPU kernel takes bfloat16 / float16, got {x.q.dtype}")
-    if sq % (COMPUTE_WGS * bq) or x.k.shape[1] % bk:
-        raise ValueError(f"sequences must be padded to whole blocks: {sq} % {COMPUTE_WGS * bq}, "
-                         f"{x.k.shape[1]} % {bk}")
-    parts = fa.head_parts(d)
-    if sum(parts) != d:
-        raise ValueError(f"head dim {d} must be padded to its parts {parts} (flash.prepare does)")
-    offsets = [sum(parts[:i]) for i in range(len(parts))]
+    parts, split, tiles = _operands(x, COMPUTE_WGS * bq, bk)
     cta_ranges, wg_ranges = _ranges(x, mask, blocks)
     dtype = x.q.dtype
-    tiles = lambda n, rows: tuple(plgpu.SMEM((n, rows, w), dtype, transforms=_tile_transforms(w, dtype))
-                                  for w in parts)
 
     def entry(*refs):
         kernel = functools.partial(_forward_kernel, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
@@ -300,7 +308,6 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
             collective_axes="wg",
         )
 
-    split = lambda t: [t[..., o:o + w] for o, w in zip(offsets, parts)] if len(parts) > 1 else [t]
     *outs, lse = plgpu.kernel(
         entry,
         out_type=(*[jax.ShapeDtypeStruct((b, sq, h, w), dtype) for w in parts],
@@ -458,18 +465,9 @@ def backward_dkdv(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float,
     b, sq, h, d = x.q.shape
     sk, kvh = x.k.shape[1], x.k.shape[2]
     bk, bq, stages = blocks
-    if x.q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"the Mosaic GPU kernel takes bfloat16 / float16, got {x.q.dtype}")
-    if sq % bq or sk % (COMPUTE_WGS * bk):
-        raise ValueError(f"sequences must be padded to whole blocks: {sq} % {bq}, {sk} % {COMPUTE_WGS * bk}")
-    parts = fa.head_parts(d)
-    if sum(parts) != d:
-        raise ValueError(f"head dim {d} must be padded to its parts {parts} (flash.prepare does)")
-    offsets = [sum(parts[:i]) for i in range(len(parts))]
+    parts, split, tiles = _operands(x, bq, COMPUTE_WGS * bk)
     cta_ranges, wg_ranges = _bwd_ranges(x, mask, blocks)
     dtype = x.q.dtype
-    tiles = lambda n, rows: tuple(plgpu.SMEM((n, rows, w), dtype, transforms=_tile_transforms(w, dtype))
-                                  for w in parts)
     n = len(parts)
 
     def entry(*refs):
@@ -487,7 +485,6 @@ def backward_dkdv(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float,
             collective_axes="wg",
         )
 
-    split = lambda t: [t[..., o:o + w] for o, w in zip(offsets, parts)] if n > 1 else [t]
     out = plgpu.kernel(
         entry,
         out_type=[jax.ShapeDtypeStruct((b, sk, kvh, w), x.k.dtype) for w in parts] * 2,
