@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_columns", type=int, default=None,
                    help="longest request, prompt + max_tokens (default: the model's context); the KV cache "
                         "holds max_batch x min(sliding window, max_columns) columns")
+    p.add_argument("--decode_chunk", type=int, default=1,
+                   help="tokens each row decodes per device call (fewer host round trips; requests join, leave "
+                        "and stream text between calls)")
     p.add_argument("--model_name", default="idefics2", help="the model id that /v1/models lists")
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
     add_device_arguments(p)
@@ -53,14 +56,15 @@ def make_server(args):
     mesh = start(args)
     if jax.process_count() > 1:
         raise ValueError("serve runs in one process (several devices of one host with --mesh)")
-    if args.max_batch < 1 or args.batch_window < 0 or (args.max_columns is not None and args.max_columns < 2):
-        raise ValueError(f"--max_batch must be >= 1, --batch_window >= 0 and --max_columns >= 2, got "
-                         f"{args.max_batch}, {args.batch_window}, {args.max_columns}")
+    if (args.max_batch < 1 or args.batch_window < 0 or (args.max_columns is not None and args.max_columns < 2)
+            or args.decode_chunk < 1):
+        raise ValueError(f"--max_batch must be >= 1, --batch_window >= 0, --max_columns >= 2 and --decode_chunk >= 1, "
+                         f"got {args.max_batch}, {args.batch_window}, {args.max_columns}, {args.decode_chunk}")
     dtype = jnp.dtype(args.dtype)
     assistant = Assistant(load_for_inference(args.checkpoint, tokenizer=args.tokenizer, mesh=mesh, dtype=dtype),
                           dtype=dtype, mesh=mesh)
     return Server(assistant, args.host, args.port, model_name=args.model_name, max_batch=args.max_batch,
-                  batch_window=args.batch_window, max_columns=args.max_columns)
+                  batch_window=args.batch_window, max_columns=args.max_columns, decode_chunk=args.decode_chunk)
 
 
 def main(argv=None) -> int:

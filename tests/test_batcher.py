@@ -90,10 +90,13 @@ def test_rows_reused_round_the_ring_without_a_window(converted, seed):
     assert batcher.steps > 32 and int(batcher.state.state.cache.index) == batcher.steps % 32  # it went round
     for i, (tokens, (inputs, new, sampling, s)) in enumerate(zip(got, requests)):
         assert tokens == alone(generator, inputs, new, sampling, s), f"request {i} ({sampling})"
+    # three tokens per device call: requests end inside a call (their later tokens dropped) and join
+    # between calls, each still answered as alone
+    assert Batcher(generator, rows=2, max_columns=32).generate_all([Request(*r) for r in requests], chunk=3) == got
     # a stop token ends a request early: it is kept, the row taken by the next one (the programs above serve)
     stop = got[0][2]
     stopping = Generator(generator.model, params, stop_ids=(stop,))
-    ended = Batcher(stopping, rows=2, max_columns=32).generate_all([Request(*r) for r in requests[:4]])
+    ended = Batcher(stopping, rows=2, max_columns=32).generate_all([Request(*r) for r in requests[:4]], chunk=3)
     assert ended[0] == got[0][:got[0].index(stop) + 1]
     for i, (tokens, (inputs, new, sampling, s)) in enumerate(zip(ended, requests)):
         assert tokens == alone(stopping, inputs, new, sampling, s), f"request {i} ({sampling}), stop {stop}"

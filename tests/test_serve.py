@@ -44,7 +44,7 @@ def image_part(path) -> dict:
 @pytest.fixture(scope="module")
 def server(chat_dir):  # noqa: F811
     args = parser().parse_args(["--checkpoint", str(chat_dir[0]), "--port", "0", "--max_batch", "4",
-                                "--batch_window", "1.0"])
+                                "--batch_window", "1.0", "--decode_chunk", "2"])
     server = make_server(args)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server
@@ -52,8 +52,9 @@ def server(chat_dir):  # noqa: F811
 
 
 def test_concurrent_requests_decode_together_and_answer_as_each_alone(server, chat_dir):  # noqa: F811
-    """Five requests at once on four rows (greedy, sampled, streamed; one waits for a free row): each
-    answer is `Assistant.reply`'s for that request alone."""
+    """Five requests at once on four rows (greedy, sampled, streamed; one waits for a free row), two
+    tokens per device call (a budget of 3 ends inside a call): each answer is `Assistant.reply`'s for
+    that request alone."""
     path = chat_dir[0]
     conversations = [
         [{"role": "user", "content": [image_part(path / "a.png"), {"type": "text", "text": "What is this?"}]}],
@@ -68,7 +69,7 @@ def test_concurrent_requests_decode_together_and_answer_as_each_alone(server, ch
         ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compare <image> and <image>"}],
          ["a.png", "b.png"]),
     ]
-    budgets = [6, 3, 6]
+    budgets = [5, 3, 6]  # with two tokens per call, 5 and 3 end inside a call
     sampled = {"temperature": 0.8, "top_k": 20, "seed": 7}
     bodies = [{"model": "idefics2", "messages": c, "max_tokens": n} for c, n in zip(conversations, budgets)]
     bodies.append({"messages": conversations[0], "max_tokens": 6, **sampled})
@@ -131,13 +132,13 @@ def test_bad_requests_are_named_and_the_server_goes_on(server, chat_dir):  # noq
 
 def test_a_failed_step_fails_its_requests_and_the_next_batch_starts_afresh(server, monkeypatch):
     batcher = server.worker.batcher
-    step = batcher.step
+    advance = batcher.advance
 
-    def fails_once():
-        monkeypatch.setattr(batcher, "step", step)
+    def fails_once(n):
+        monkeypatch.setattr(batcher, "advance", advance)
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (simulated)")
 
-    monkeypatch.setattr(batcher, "step", fails_once)
+    monkeypatch.setattr(batcher, "advance", fails_once)
     body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
     status, reply = request(server.url + "/v1/chat/completions", body)
     assert status == 500 and "RuntimeError: RESOURCE_EXHAUSTED" in reply["error"]["message"], reply

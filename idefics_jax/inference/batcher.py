@@ -4,6 +4,7 @@
     row = batcher.admit(input_ids, attention_mask, pixel_values, pixel_attention_mask,   # [1, prompt]
                         max_new_tokens=64, sampling=Sampling(temperature=0.7), seed=3)
     tokens = batcher.step()        # int32 [rows]: the next token of every row (busy rows' are theirs)
+    tokens = batcher.advance(4)    # int32 [rows, 4]: the next 4, in one device call
     batcher.release(row)           # when its request is done: the row takes the next one
     batcher.generate_all([Request(inputs, max_new_tokens=32), ...])   # a list answered offline, so batched
 
@@ -88,14 +89,20 @@ def _admitted(model, params, rows: Rows, inputs, row, sampling: RowSampling, key
                               keys=at_row(rows.keys, key), chosen=rows.chosen.at[row].set(0)))
 
 
-def _advanced(model, params, rows: Rows):
-    """Every row's next token (chosen from its logits with its settings), fed back: (rows, tokens `[rows]`)."""
-    state = rows.state
-    token = next_token_rows(state.logits, rows.sampling, token_keys(rows.keys, rows.chosen), state.seen)
-    state = decode(model, params, state, token)
-    cache = state.cache.replace(index=state.cache.index % state.cache.length)  # the ring's slot is all that counts
-    state = state.replace(cache=cache, seen=state.seen.at[jnp.arange(token.shape[0]), token].set(True))
-    return _laid(rows.replace(state=state, chosen=rows.chosen + 1)), token
+def _advanced(model, params, rows: Rows, *, n: int):
+    """`n` steps, each choosing every row's next token (from its logits, with its settings) and
+    feeding it back: (rows, tokens `[rows, n]`)."""
+
+    def step(rows: Rows, _):
+        state = rows.state
+        token = next_token_rows(state.logits, rows.sampling, token_keys(rows.keys, rows.chosen), state.seen)
+        state = decode(model, params, state, token)
+        cache = state.cache.replace(index=state.cache.index % state.cache.length)  # the ring's slot is what counts
+        state = state.replace(cache=cache, seen=state.seen.at[jnp.arange(token.shape[0]), token].set(True))
+        return _laid(rows.replace(state=state, chosen=rows.chosen + 1)), token
+
+    rows, tokens = jax.lax.scan(step, rows, length=n)
+    return rows, tokens.T
 
 
 @functools.lru_cache(maxsize=8)
@@ -104,7 +111,7 @@ def _programs(model, rules):
     del rules
     return (jax.jit(functools.partial(_empty, model), static_argnames=("rows", "length")),
             jax.jit(functools.partial(_admitted, model), donate_argnums=(1,)),
-            jax.jit(functools.partial(_advanced, model), donate_argnums=(1,)))
+            jax.jit(functools.partial(_advanced, model), static_argnames=("n",), donate_argnums=(1,)))
 
 
 class Batcher:
@@ -164,19 +171,29 @@ class Batcher:
 
     def step(self) -> np.ndarray:
         """The next token of every row, int32 `[rows]` (a free row's is meaningless)."""
+        return self.advance(1)[:, 0]
+
+    def advance(self, n: int) -> np.ndarray:
+        """The next `n` tokens of every row, int32 `[rows, n]`, in one device call (one host round
+        trip instead of `n`). A request that ends inside them (stop token, `max_new_tokens`) has
+        decoded past its end: drop its later tokens and release its row as usual (admission resets
+        the whole row, and a row never reads another's)."""
+        if n < 1:
+            raise ValueError(f"advance() takes n >= 1 tokens, got {n}")
         with self.generator._on_mesh():
-            self.state, tokens = self._advance(self.generator.params, self.state)
-        self.steps += 1
+            self.state, tokens = self._advance(self.generator.params, self.state, n=n)
+        self.steps += n
         return np.asarray(tokens)
 
     def release(self, row: int):
         """Frees `row` for the next request (what it holds is overwritten when one is admitted)."""
         self.busy[row] = False
 
-    def generate_all(self, requests: Sequence[Request]) -> list[list[int]]:
+    def generate_all(self, requests: Sequence[Request], *, chunk: int = 1) -> list[list[int]]:
         """Answers `requests` offline, continuously batched: each joins as soon as a row is free (in
         order) and leaves after `max_new_tokens` or its first stop token (the Generator's `stop_ids`,
-        kept at the end of its tokens). Returns each request's new tokens, in order."""
+        kept at the end of its tokens). `chunk`: tokens per device call (`advance`); requests join
+        between calls. Returns each request's new tokens, in order."""
         waiting, running, done = list(range(len(requests))), {}, {}
         stop_ids = set(self.generator.stop_ids)
         while waiting or running:
@@ -185,13 +202,15 @@ class Batcher:
                 request = requests[i]
                 running[self.admit(*request.inputs, max_new_tokens=request.max_new_tokens, sampling=request.sampling,
                                    seed=request.seed)] = (i, [])
-            tokens = self.step()
+            tokens = self.advance(chunk)
             for row, (i, out) in list(running.items()):
-                out.append(int(tokens[row]))
-                if len(out) == requests[i].max_new_tokens or out[-1] in stop_ids:
-                    done[i] = out
-                    self.release(row)
-                    del running[row]
+                for token in tokens[row]:
+                    out.append(int(token))
+                    if len(out) == requests[i].max_new_tokens or out[-1] in stop_ids:
+                        done[i] = out
+                        self.release(row)
+                        del running[row]
+                        break
         return [done[i] for i in range(len(requests))]
 
 

@@ -174,10 +174,14 @@ class Worker(threading.Thread):
     """Owns the model: admits jobs into free rows of a running batch (`Batcher`) as they arrive and
     steps it while any row is busy; a job leaves at its stop token or `max_tokens`."""
 
-    def __init__(self, assistant, *, max_batch: int = 8, batch_window: float = 0.01, max_columns: int | None = None):
+    def __init__(self, assistant, *, max_batch: int = 8, batch_window: float = 0.01, max_columns: int | None = None,
+                 decode_chunk: int = 1):
         super().__init__(name="idefics-serve-worker", daemon=True)
+        if decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
         self.assistant = assistant
         self.batch_window = batch_window
+        self.decode_chunk = decode_chunk  # tokens per device call; jobs join and leave between calls
         self.batcher = Batcher(assistant.generator, rows=max_batch, max_columns=max_columns)
         self.jobs: queue.Queue = queue.Queue()
         self.running: dict[int, Running] = {}  # row -> its job
@@ -237,24 +241,26 @@ class Worker(threading.Thread):
 
     def _step(self):
         try:
-            tokens = self.batcher.step()
+            tokens = self.batcher.advance(self.decode_chunk)
         except Exception as e:  # noqa: BLE001
             self._failed(e)
             return
         self.busy_rows[len(self.running)] += 1
         for row, run in list(self.running.items()):
-            token, job = int(tokens[row]), run.job
-            stopped = token in self.assistant.stop_ids
-            if not stopped and not job.cancelled:
-                run.tokens.append(token)
-                if run.pieces is not None and (piece := run.pieces.add(token)):
-                    job.pieces.put(piece)
-            if stopped or job.cancelled or len(run.tokens) == job.max_tokens:
-                del self.running[row]
-                self.batcher.release(row)
-                if run.pieces is not None and not job.cancelled and (piece := run.pieces.end()):
-                    job.pieces.put(piece)
-                self._finish(job, result=self._answer(run.tokens, stopped, run.prompt_tokens))
+            job = run.job
+            for token in map(int, tokens[row]):
+                stopped = token in self.assistant.stop_ids
+                if not stopped and not job.cancelled:
+                    run.tokens.append(token)
+                    if run.pieces is not None and (piece := run.pieces.add(token)):
+                        job.pieces.put(piece)
+                if stopped or job.cancelled or len(run.tokens) == job.max_tokens:
+                    del self.running[row]
+                    self.batcher.release(row)
+                    if run.pieces is not None and not job.cancelled and (piece := run.pieces.end()):
+                        job.pieces.put(piece)
+                    self._finish(job, result=self._answer(run.tokens, stopped, run.prompt_tokens))
+                    break  # its later tokens decoded past its end
 
     def _failed(self, error: Exception, job: Job | None = None):
         """A program failed: the batch starts afresh, then every running job (and `job`) gets the error."""
@@ -287,9 +293,11 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, assistant, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = "idefics2",
-                 max_batch: int = 8, batch_window: float = 0.01, max_columns: int | None = None):
+                 max_batch: int = 8, batch_window: float = 0.01, max_columns: int | None = None,
+                 decode_chunk: int = 1):
         self.model_name = model_name
-        self.worker = Worker(assistant, max_batch=max_batch, batch_window=batch_window, max_columns=max_columns)
+        self.worker = Worker(assistant, max_batch=max_batch, batch_window=batch_window, max_columns=max_columns,
+                             decode_chunk=decode_chunk)
         self.worker.start()
         super().__init__((host, port), Handler)
 
