@@ -52,7 +52,7 @@ def pallas_blocks(spec: str) -> Blocks:
 def mgpu_blocks(spec: str, head_dim: int) -> Blocks:
     """`mgpu[:<block_q>x<block_k>s<stages>]`: the Mosaic GPU (Hopper) forward, at these tiles (block_q
     per compute warpgroup) or its defaults, before the Triton backward at its default tiles;
-    `mgpu:bwd[:<block_k>x<block_q>s<stages>]`: dK / dV by Mosaic GPU too (block_k per warpgroup)."""
+    `mgpu:bwd[:<block_k>x<block_q>s<stages>]`: the backward by Mosaic GPU too (`Blocks.mgpu_bwd`)."""
     blocks = default_blocks("gpu", head_dim)._replace(forward="mgpu")
     tiles = lambda match: tuple(int(g) for g in match.groups())
     if spec == "mgpu":
@@ -187,7 +187,7 @@ def main():
     parser.add_argument("--implementations", default="xla,cudnn,pallas",
                         help="comma-separated; 'pallas:128x64d64w8s2' runs the Pallas kernels with those tiles, "
                              "'pallas:mgpu' / 'pallas:triton' with that forward (the default: Mosaic GPU's on Hopper), "
-                             "'pallas:mgpu:64x64s3' at those tiles, 'pallas:mgpu:bwd[:64x64s2]' with the Mosaic GPU dK / dV")
+                             "'pallas:mgpu:64x64s3' at those tiles, 'pallas:mgpu:bwd[:64x64s2]' with the Mosaic GPU backward")
     parser.add_argument("--calls", type=int, default=10, help="calls per timed round, dispatched back to back")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()

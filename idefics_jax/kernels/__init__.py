@@ -4,7 +4,7 @@ Each computes exactly what the pure-jnp reference in `ops.attention` computes; t
 them in interpret mode on CPU. Builds: `flash` / `perceiver_pooling` lower through Triton on
 GPU, `flash_tpu` through Mosaic on TPU; `flash_mgpu` is a Hopper (Mosaic GPU) flash forward that
 `flash.Blocks(forward="mgpu")` puts in front of the Triton backward (the default on Hopper), with an
-opt-in dK / dV kernel (`Blocks(backward="mgpu")`).
+opt-in Mosaic GPU backward (`Blocks(backward="mgpu")`: dQ and dK / dV).
 `ops.attention.dot_product_attention(implementation="pallas")` is how the model reaches them (the
 TPU build on a TPU backend, the Triton build elsewhere).
 """

@@ -71,9 +71,9 @@ class Blocks(NamedTuple):
     forward: str = "triton"  # "mgpu": the forward by `flash_mgpu` (Hopper, bfloat16 / float16), its own tiles
     mgpu: tuple[int, int, int] = (64, 128, 2)  # that forward's tiles: `flash_mgpu.MgpuBlocks` (block_q per
     # compute warpgroup, block_k, stages)
-    backward: str = "triton"  # "mgpu": dK / dV by `flash_mgpu.backward_dkdv` (Hopper, bfloat16 / float16)
-    mgpu_bwd: tuple[int, int, int] = (64, 64, 2)  # its tiles: `flash_mgpu.MgpuBwdBlocks` (block_k per compute
-    # warpgroup, block_q, stages)
+    backward: str = "triton"  # "mgpu": dQ and dK / dV by `flash_mgpu` (Hopper, bfloat16 / float16)
+    mgpu_bwd: tuple[int, int, int] = (64, 64, 2)  # their tiles: `flash_mgpu.MgpuBwdBlocks` (key rows per compute
+    # warpgroup of dK / dV, key block of dQ; query block of dK / dV, query rows per warpgroup of dQ; stages)
 
 
 FORWARDS = ("triton", "mgpu")
@@ -433,6 +433,14 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
     nq, nk, parts = sq // bq, sk // bk, head_parts(d)
     n = len(parts)
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
+    if _mgpu_backward(blocks, x.q.dtype):
+        from idefics_jax.kernels import flash_mgpu
+
+        tiles = flash_mgpu.MgpuBwdBlocks(*blocks.mgpu_bwd)
+        dq = flash_mgpu.backward_dq(x, dout, lse, delta, mask, scale, flash_mgpu.MgpuBlocks(
+            block_q=tiles.block_q, block_k=tiles.block_k, stages=tiles.stages), interpret=interpret)
+        dk, dv = flash_mgpu.backward_dkdv(x, dout, lse, delta, mask, scale, tiles, interpret=interpret)
+        return dq, dk, dv
     r = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
     bq_dkv = min(bq, blocks.block_q_dkv or bq)  # divides sq: both are powers of two, sq a multiple of bq
     r_dkv = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq_dkv, bk)
@@ -468,12 +476,6 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
         name="idefics_flash_dq",
     )(*kv_rows, *operands())
 
-    if _mgpu_backward(blocks, x.q.dtype):
-        from idefics_jax.kernels import flash_mgpu
-
-        dk, dv = flash_mgpu.backward_dkdv(x, dout, lse, delta, mask, scale,
-                                          flash_mgpu.MgpuBwdBlocks(*blocks.mgpu_bwd), interpret=interpret)
-        return _join(dq), dk, dv
     q_whole = lambda bi, hi, ki: (bi, 0, hi)
     kv_tile = lambda bi, hi, ki: (bi, ki, hi // groups)
     dkv = pl.pallas_call(
@@ -535,7 +537,7 @@ def _mgpu_forward(blocks: Blocks, dtype) -> bool:
 
 
 def _mgpu_backward(blocks: Blocks, dtype) -> bool:
-    """Whether the Mosaic GPU dK / dV kernel runs (else Triton's)."""
+    """Whether the Mosaic GPU dQ and dK / dV kernels run (else Triton's)."""
     if blocks.backward not in BACKWARDS:
         raise ValueError(f"unknown flash backward {blocks.backward!r}; one of {BACKWARDS}")
     return blocks.backward == "mgpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -604,8 +606,8 @@ def prepare(query, key, value, *, scale: float | None, blocks: Blocks | None, in
     if _mgpu_backward(blocks, query.dtype):
         from idefics_jax.kernels import flash_mgpu
 
-        multiple_q = max(multiple_q, blocks.mgpu_bwd[1])
-        multiple_k = max(multiple_k, flash_mgpu.COMPUTE_WGS * blocks.mgpu_bwd[0])
+        multiple_q = max(multiple_q, flash_mgpu.COMPUTE_WGS * blocks.mgpu_bwd[1])  # dQ: 2 warpgroups' rows
+        multiple_k = max(multiple_k, flash_mgpu.COMPUTE_WGS * blocks.mgpu_bwd[0])  # dK / dV: 2 warpgroups' keys
     sq, sk = pl.cdiv(q_len, multiple_q) * multiple_q, pl.cdiv(kv_len, multiple_k) * multiple_k
     d = sum(head_parts(head_dim))
     q_pos, q_seg, kv_pos, kv_seg = token_arrays(batch, q_len, kv_len, **token_kw)

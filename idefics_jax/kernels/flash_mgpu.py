@@ -1,5 +1,4 @@
-"""Flash attention forward, and the backward's dK / dV, for Hopper in Pallas Mosaic GPU:
-warp-specialised, wgmma, TMA.
+"""Flash attention forward and backward for Hopper in Pallas Mosaic GPU: warp-specialised, wgmma, TMA.
 
 The Triton build (`flash.py`) leaves Hopper's tensor cores mostly idle: Triton's lowering of a Pallas
 kernel issues synchronous MMAs and does the softmax between them. This build is written the way
@@ -31,12 +30,14 @@ each part its own array, shared-memory buffer (swizzled to its width) and wgmma.
 forward at the decoder's 8k shape (496 TFLOP/s, 63% of the measured bf16 peak) and 2.2x cuDNN's at
 the vision tower's (`benchmarks/RESULTS.md`; tiles in `Blocks.mgpu`, 64 / 128 / 2 the fastest tried).
 
-The backward's dK / dV (`backward_dkdv`, `flash.Blocks(backward="mgpu")`, opt-in until a Hopper run
-times it against Triton's) is the same plan with keys as rows: a CTA holds `2 * block_k` keys of one
-key/value head, each compute warpgroup its `block_k` keys' K and V in shared memory and dK / dV in
-registers across every query head of the GQA group (one output per key/value head, no per-query-head
-float32 array to sum afterwards); the memory warpgroup streams Q, dO, tokens, lse and delta per
-(query head, query block). dQ stays the Triton kernel's (FlashAttention-2's split).
+The backward (`flash.Blocks(backward="mgpu")`, opt-in until a Hopper run times it against Triton's)
+is FlashAttention-2's split into two kernels of the same plan. dK / dV (`backward_dkdv`), keys as
+rows: a CTA holds `2 * block_k` keys of one key/value head, each compute warpgroup its `block_k` keys'
+K and V in shared memory and dK / dV in registers across every query head of the GQA group (one
+output per key/value head, no per-query-head float32 array to sum afterwards); the memory warpgroup
+streams Q, dO, tokens, lse and delta per (query head, query block). dQ (`backward_dq`) is the
+forward's layout: each compute warpgroup holds its query rows' Q, dO, lse and delta, dQ in
+registers, while the forward's memory warpgroup (`_stream_keys`) streams K and V.
 
 Checked on CPU two ways: Pallas' GPU interpret mode runs the kernel (three simulated warpgroups,
 barriers with per-waiter phases, TMA copies, its race detector) against the reference, with the two
@@ -218,34 +219,44 @@ def _forward_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBlocks, groups:
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(head, groups)
+        _stream_keys(k_refs, v_refs, kv_tok_ref, (k_smem, v_smem, kv_tok_smem), (k_loaded, v_loaded, k_free, v_free),
+                     batch=batch, kv_head=lax.div(head, groups), lo=cta_lo, hi=cta_hi, block_k=bk, stages=stages)
 
-        @pl.loop(cta_lo, cta_hi)
-        def _fetch(j):
-            slot = slot_of(j)
-            rows = (batch, pl.ds(j * bk, bk), kv_head)
 
-            @pl.when(j - cta_lo >= stages)  # the slot's previous block must have been used by both
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
+def _stream_keys(k_refs, v_refs, kv_tok_ref, smem, barriers, *, batch, kv_head, lo, hi, block_k: int, stages: int):
+    """The memory warpgroup of the kernels that walk key blocks (forward, dQ): key blocks `[lo, hi)`
+    of one key/value head into a ring of `stages` slots, K with the keys' tokens (`loaded` barrier K's)
+    and V (V's); a slot is refilled once both compute warpgroups released it (`k_free`, `v_free`)."""
+    k_smem, v_smem, kv_tok_smem = smem
+    k_loaded, v_loaded, k_free, v_free = barriers
+    plgpu.set_max_registers(40, action="decrease")
+    slot_of = lambda j: lax.rem(j - lo, stages)
 
-            for buf, k_ref in zip(k_smem, k_refs):
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], buf.at[slot], k_loaded.at[slot])
-            plgpu.copy_gmem_to_smem(kv_tok_ref.at[batch, :, pl.ds(j * bk, bk)], kv_tok_smem.at[slot],
-                                    k_loaded.at[slot])
+    @pl.loop(lo, hi)
+    def _fetch(j):
+        slot = slot_of(j)
+        rows = (batch, pl.ds(j * block_k, block_k), kv_head)
 
-            @pl.when(j - cta_lo >= stages)
-            def _():
-                plgpu.barrier_wait(v_free.at[slot])
+        @pl.when(j - lo >= stages)  # the slot's previous block must have been used by both
+        def _():
+            plgpu.barrier_wait(k_free.at[slot])
 
-            for buf, v_ref in zip(v_smem, v_refs):
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], buf.at[slot], v_loaded.at[slot])
+        for buf, k_ref in zip(k_smem, k_refs):
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], buf.at[slot], k_loaded.at[slot])
+        plgpu.copy_gmem_to_smem(kv_tok_ref.at[batch, :, pl.ds(j * block_k, block_k)], kv_tok_smem.at[slot],
+                                k_loaded.at[slot])
 
-        @pl.loop(jnp.maximum(cta_lo, cta_hi - stages), cta_hi)
-        def _drain(j):  # the last releases: every phase of a barrier is waited for by its waiters
-            plgpu.barrier_wait(k_free.at[slot_of(j)])
-            plgpu.barrier_wait(v_free.at[slot_of(j)])
+        @pl.when(j - lo >= stages)
+        def _():
+            plgpu.barrier_wait(v_free.at[slot])
+
+        for buf, v_ref in zip(v_smem, v_refs):
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], buf.at[slot], v_loaded.at[slot])
+
+    @pl.loop(jnp.maximum(lo, hi - stages), hi)
+    def _drain(j):  # the last releases: every phase of a barrier is waited for by its waiters
+        plgpu.barrier_wait(k_free.at[slot_of(j)])
+        plgpu.barrier_wait(v_free.at[slot_of(j)])
 
 
 def _ranges(x: fa._Prepared, mask: Mask, blocks: MgpuBlocks):
@@ -497,6 +508,123 @@ def backward_dkdv(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float,
     )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1),
       jnp.stack([lse, delta], axis=2), *split(x.q), *split(x.k), *split(x.v), *split(dout.astype(dtype)))
     return fa._join(out[:n]), fa._join(out[n:])
+
+
+def _dq_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBlocks, groups: int, n_parts: int, interpret: bool):
+    """One CTA: `2 * block_q` query rows of one head, their Q, dO, lse and delta in shared memory, dQ
+    in registers; the memory warpgroup streams key blocks as the forward's does. Per key block:
+        S = Q K^T,  P = exp2(S - lse),  dP = dO V^T,  dS = P (dP - delta),  dQ += dS K."""
+    (cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, stats_ref), q_refs, k_refs, v_refs, do_refs, dq_refs, \
+        (scoped,) = fa._take(refs, 5, n_parts, n_parts, n_parts, n_parts, n_parts, 1)
+    (q_smem2, do_smem2, q_tok_smem2, stats_smem2, k_smem, kv_tok_smem, v_smem), \
+        (q_loaded, k_loaded, v_loaded), (k_free, v_free) = scoped
+    bq, bk, stages = blocks
+    batch, head, cta = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_blocks")
+    wg = lax.axis_index("wg")
+    cta_lo, cta_hi = cta_ranges[0, batch, cta], cta_ranges[1, batch, cta]
+    slot_of = lambda j: lax.rem(j - cta_lo, stages)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        q_smems, do_smems = [buf.at[wg] for buf in q_smem2], [buf.at[wg] for buf in do_smem2]
+        q_tok_smem, stats_smem = q_tok_smem2.at[wg], stats_smem2.at[wg]
+        row0 = cta * (COMPUTE_WGS * bq) + wg * bq
+        qb = cta * COMPUTE_WGS + wg
+        lo, hi, full_lo, full_hi = (wg_ranges[i, batch, qb] for i in range(4))
+        rows = (batch, pl.ds(row0, bq), head)
+        for buf, ref in (*zip(q_smems, q_refs), *zip(do_smems, do_refs)):
+            plgpu.copy_gmem_to_smem(ref.at[rows], buf, q_loaded.at[wg])
+        plgpu.copy_gmem_to_smem(q_tok_ref.at[batch, :, pl.ds(row0, bq)], q_tok_smem, q_loaded.at[wg])
+        plgpu.copy_gmem_to_smem(stats_ref.at[batch, head, :, pl.ds(row0, bq)], stats_smem, q_loaded.at[wg])
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        col_layout = plgpu.Layout.WGMMA.reduce(0)
+        plgpu.barrier_wait(q_loaded.at[wg])
+        q_pos, q_seg = _load(q_tok_smem.at[0], row_layout), _load(q_tok_smem.at[1], row_layout)
+        lse, delta = _load(stats_smem.at[0], row_layout), _load(stats_smem.at[1], row_layout)
+
+        def step(kind, j, dqs):
+            """One key block: kind "skip" (the other warpgroup's), "masked" or "full"."""
+            slot = slot_of(j)
+            plgpu.barrier_wait(k_loaded.at[slot])
+            if kind == "skip":
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_loaded.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                return dqs
+            shape = (bq, bk)
+            ks = [buf.at[slot] for buf in k_smem]
+            p = jnp.exp2(_scores(q_smems, ks, lambda: None, interpret) * (scale * LOG2E) - _row(lse, shape))
+            if kind == "masked":
+                kv_pos, kv_seg = _load(kv_tok_smem.at[slot, 0], col_layout), _load(kv_tok_smem.at[slot, 1], col_layout)
+                visible = pair_mask(mask, _row(q_seg, shape) == _col(kv_seg, shape),
+                                    lambda: _row(q_pos, shape) - _col(kv_pos, shape))
+                p = jnp.where(visible, p, 0.0)
+            plgpu.barrier_wait(v_loaded.at[slot])
+            dp = _scores(do_smems, [buf.at[slot] for buf in v_smem], lambda: None, interpret)
+            plgpu.barrier_arrive(v_free.at[slot])
+            ds = p * (dp - _row(delta, shape))
+            dqs = _accumulate(dqs, ds.astype(q_refs[0].dtype), ks, interpret)
+            plgpu.barrier_arrive(k_free.at[slot])
+            return dqs
+
+        dqs = tuple(plgpu.layout_cast(jnp.zeros((bq, r.shape[-1]), jnp.float32), plgpu.Layout.WGMMA) for r in q_refs)
+        for kind, start, stop in (("skip", cta_lo, lo), ("masked", lo, full_lo), ("full", full_lo, full_hi),
+                                  ("masked", full_hi, hi), ("skip", hi, cta_hi)):
+            dqs = lax.fori_loop(start, stop, functools.partial(step, kind), dqs)
+        for dq, buf in zip(dqs, q_smems):  # out through the query's buffers
+            buf[...] = (dq * scale).astype(buf.dtype)
+        plgpu.commit_smem()
+        for buf, ref in zip(q_smems, dq_refs):
+            plgpu.copy_smem_to_gmem(buf, ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        _stream_keys(k_refs, v_refs, kv_tok_ref, (k_smem, v_smem, kv_tok_smem), (k_loaded, v_loaded, k_free, v_free),
+                     batch=batch, kv_head=lax.div(head, groups), lo=cta_lo, hi=cta_hi, block_k=bk, stages=stages)
+
+
+def backward_dq(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float, blocks: MgpuBlocks = MgpuBlocks(64, 64, 2),
+                interpret=False):
+    """dQ `[b, sq, h, d]` (the queries' dtype) from padded inputs (queries to whole `2 * block_q`,
+    keys to whole `block_k`), `dout`, `lse` and `delta` as `backward_dkdv` takes them."""
+    b, sq, h, d = x.q.shape
+    kvh = x.k.shape[2]
+    bq, bk, stages = blocks
+    parts, split, tiles = _operands(x, COMPUTE_WGS * bq, bk)
+    cta_ranges, wg_ranges = _ranges(x, mask, blocks)
+    dtype = x.q.dtype
+    n = len(parts)
+
+    def entry(*refs):
+        kernel = functools.partial(_dq_kernel, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
+                                   n_parts=n, interpret=interpret)
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped),
+            (tiles(COMPUTE_WGS, bq), tiles(COMPUTE_WGS, bq), plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),
+             plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.float32),
+             tiles(stages, bk), plgpu.SMEM((stages, 2, bk), jnp.int32), tiles(stages, bk)),
+            # one arrival per copy: Q's and dO's parts + tokens + stats; K's parts + the keys' tokens; V's parts
+            (plgpu.Barrier(num_arrivals=2 * n + 2, num_barriers=COMPUTE_WGS),
+             plgpu.Barrier(num_arrivals=n + 1, num_barriers=stages),
+             plgpu.Barrier(num_arrivals=n, num_barriers=stages)),
+            (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
+            collective_axes="wg",
+        )
+
+    out = plgpu.kernel(
+        entry,
+        out_type=[jax.ShapeDtypeStruct((b, sq, h, w), dtype) for w in parts],
+        grid=(h, sq // (COMPUTE_WGS * bq), b),
+        grid_names=("heads", "q_blocks", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=(interpret_params() if interpret is True else interpret) or None,
+    )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1),
+      jnp.stack([lse, delta], axis=2), *split(x.q), *split(x.k), *split(x.v), *split(dout.astype(dtype)))
+    return fa._join(out)
 
 
 def interpret_params(detect_races: bool = False):
