@@ -291,6 +291,24 @@ def _operands(x: fa._Prepared, q_multiple: int, k_multiple: int):
     return parts, split, tiles
 
 
+def _launch(kernel, scratch, interpret, **grid_and_out):
+    """A kernel of `COMPUTE_WGS` compute warpgroups and a memory one (`kernel(*refs, scoped)`, with
+    `scratch`'s shared memory and barriers scoped), as a function of its inputs."""
+
+    def entry(*refs):
+        pl.run_scoped(lambda *scoped: kernel(*refs, scoped), *scratch, collective_axes="wg")
+
+    return plgpu.kernel(entry, num_threads=COMPUTE_WGS + 1, thread_name="wg",
+                        compiler_params=plgpu.CompilerParams(approx_math=True),
+                        interpret=(interpret_params() if interpret is True else interpret) or None, **grid_and_out)
+
+
+def _token_rows(x: fa._Prepared):
+    """The kernels' first inputs after the block ranges: queries' and keys' tokens, `[batch, 2, seq]`
+    (positions, segment ids)."""
+    return jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1)
+
+
 def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = MgpuBlocks(), interpret=False):
     """Padded inputs (`flash.prepare` with `block_q = 2 * blocks.block_q`, `block_k = blocks.block_k`)
     -> (out `[b, sq, h, d]`, lse float32 `[b, h, sq]` base 2), as `flash._forward`. `interpret`:
@@ -302,35 +320,23 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
     cta_ranges, wg_ranges = _ranges(x, mask, blocks)
     dtype = x.q.dtype
 
-    def entry(*refs):
-        kernel = functools.partial(_forward_kernel, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
-                                   n_parts=len(parts), interpret=interpret)
-        pl.run_scoped(
-            lambda *scoped: kernel(*refs, scoped),
-            (tiles(COMPUTE_WGS, bq), plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),
-             tiles(stages, bk), plgpu.SMEM((stages, 2, bk), jnp.int32),
-             tiles(stages, bk), plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32)),
-            # loaded: one arrival per copy (K's parts + its tokens, V's parts, Q's parts + its tokens)
-            (plgpu.Barrier(num_arrivals=len(parts) + 1, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=len(parts), num_barriers=stages),
-             plgpu.Barrier(num_arrivals=len(parts) + 1, num_barriers=COMPUTE_WGS)),
-            (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
-            plgpu.Barrier(num_arrivals=COMPUTE_WGS),
-            collective_axes="wg",
-        )
-
-    *outs, lse = plgpu.kernel(
-        entry,
-        out_type=(*[jax.ShapeDtypeStruct((b, sq, h, w), dtype) for w in parts],
-                  jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
-        grid=(h, sq // (COMPUTE_WGS * bq), b),
-        grid_names=("heads", "q_blocks", "batch"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=(interpret_params() if interpret is True else interpret) or None,
-    )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1),
-      *split(x.q), *split(x.k), *split(x.v))
+    kernel = functools.partial(_forward_kernel, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
+                               n_parts=len(parts), interpret=interpret)
+    scratch = (
+        (tiles(COMPUTE_WGS, bq), plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),
+         tiles(stages, bk), plgpu.SMEM((stages, 2, bk), jnp.int32),
+         tiles(stages, bk), plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32)),
+        # loaded: one arrival per copy (K's parts + its tokens, V's parts, Q's parts + its tokens)
+        (plgpu.Barrier(num_arrivals=len(parts) + 1, num_barriers=stages),
+         plgpu.Barrier(num_arrivals=len(parts), num_barriers=stages),
+         plgpu.Barrier(num_arrivals=len(parts) + 1, num_barriers=COMPUTE_WGS)),
+        (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS))
+    *outs, lse = _launch(kernel, scratch, interpret, grid=(h, sq // (COMPUTE_WGS * bq), b),
+                         grid_names=("heads", "q_blocks", "batch"),
+                         out_type=(*[jax.ShapeDtypeStruct((b, sq, h, w), dtype) for w in parts],
+                                   jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
+                         )(cta_ranges, wg_ranges, *_token_rows(x), *split(x.q), *split(x.k), *split(x.v))
     return fa._join(outs), lse
 
 
@@ -481,32 +487,21 @@ def backward_dkdv(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float,
     dtype = x.q.dtype
     n = len(parts)
 
-    def entry(*refs):
-        kernel = functools.partial(_dkdv_kernel, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
-                                   n_parts=n, interpret=interpret)
-        pl.run_scoped(
-            lambda *scoped: kernel(*refs, scoped),
-            (tiles(COMPUTE_WGS, bk), tiles(COMPUTE_WGS, bk), plgpu.SMEM((COMPUTE_WGS, 2, bk), jnp.int32),
-             tiles(stages, bq), tiles(stages, bq), plgpu.SMEM((stages, 2, bq), jnp.int32),
-             plgpu.SMEM((stages, 2, bq), jnp.float32)),
-            # one arrival per copy: K's and V's parts + the keys' tokens; Q's and dO's parts + tokens + stats
-            (plgpu.Barrier(num_arrivals=2 * n + 1, num_barriers=COMPUTE_WGS),
-             plgpu.Barrier(num_arrivals=2 * n + 2, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)),
-            collective_axes="wg",
-        )
-
-    out = plgpu.kernel(
-        entry,
-        out_type=[jax.ShapeDtypeStruct((b, sk, kvh, w), x.k.dtype) for w in parts] * 2,
-        grid=(kvh, sk // (COMPUTE_WGS * bk), b),
-        grid_names=("heads", "k_blocks", "batch"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=(interpret_params() if interpret is True else interpret) or None,
-    )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1),
-      jnp.stack([lse, delta], axis=2), *split(x.q), *split(x.k), *split(x.v), *split(dout.astype(dtype)))
+    kernel = functools.partial(_dkdv_kernel, mask=mask, scale=scale, blocks=blocks, groups=h // kvh, n_parts=n,
+                               interpret=interpret)
+    scratch = (
+        (tiles(COMPUTE_WGS, bk), tiles(COMPUTE_WGS, bk), plgpu.SMEM((COMPUTE_WGS, 2, bk), jnp.int32),
+         tiles(stages, bq), tiles(stages, bq), plgpu.SMEM((stages, 2, bq), jnp.int32),
+         plgpu.SMEM((stages, 2, bq), jnp.float32)),
+        # one arrival per copy: K's and V's parts + the keys' tokens; Q's and dO's parts + tokens + stats
+        (plgpu.Barrier(num_arrivals=2 * n + 1, num_barriers=COMPUTE_WGS),
+         plgpu.Barrier(num_arrivals=2 * n + 2, num_barriers=stages),
+         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)))
+    out = _launch(kernel, scratch, interpret, grid=(kvh, sk // (COMPUTE_WGS * bk), b),
+                  grid_names=("heads", "k_blocks", "batch"),
+                  out_type=[jax.ShapeDtypeStruct((b, sk, kvh, w), x.k.dtype) for w in parts] * 2,
+                  )(cta_ranges, wg_ranges, *_token_rows(x), jnp.stack([lse, delta], axis=2), *split(x.q), *split(x.k),
+                    *split(x.v), *split(dout.astype(dtype)))
     return fa._join(out[:n]), fa._join(out[n:])
 
 
@@ -597,33 +592,22 @@ def backward_dq(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float, blo
     dtype = x.q.dtype
     n = len(parts)
 
-    def entry(*refs):
-        kernel = functools.partial(_dq_kernel, mask=mask, scale=scale, blocks=blocks, groups=h // kvh,
-                                   n_parts=n, interpret=interpret)
-        pl.run_scoped(
-            lambda *scoped: kernel(*refs, scoped),
-            (tiles(COMPUTE_WGS, bq), tiles(COMPUTE_WGS, bq), plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),
-             plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.float32),
-             tiles(stages, bk), plgpu.SMEM((stages, 2, bk), jnp.int32), tiles(stages, bk)),
-            # one arrival per copy: Q's and dO's parts + tokens + stats; K's parts + the keys' tokens; V's parts
-            (plgpu.Barrier(num_arrivals=2 * n + 2, num_barriers=COMPUTE_WGS),
-             plgpu.Barrier(num_arrivals=n + 1, num_barriers=stages),
-             plgpu.Barrier(num_arrivals=n, num_barriers=stages)),
-            (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
-            collective_axes="wg",
-        )
-
-    out = plgpu.kernel(
-        entry,
-        out_type=[jax.ShapeDtypeStruct((b, sq, h, w), dtype) for w in parts],
-        grid=(h, sq // (COMPUTE_WGS * bq), b),
-        grid_names=("heads", "q_blocks", "batch"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=(interpret_params() if interpret is True else interpret) or None,
-    )(cta_ranges, wg_ranges, jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1),
-      jnp.stack([lse, delta], axis=2), *split(x.q), *split(x.k), *split(x.v), *split(dout.astype(dtype)))
+    kernel = functools.partial(_dq_kernel, mask=mask, scale=scale, blocks=blocks, groups=h // kvh, n_parts=n,
+                               interpret=interpret)
+    scratch = (
+        (tiles(COMPUTE_WGS, bq), tiles(COMPUTE_WGS, bq), plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.int32),
+         plgpu.SMEM((COMPUTE_WGS, 2, bq), jnp.float32),
+         tiles(stages, bk), plgpu.SMEM((stages, 2, bk), jnp.int32), tiles(stages, bk)),
+        # one arrival per copy: Q's and dO's parts + tokens + stats; K's parts + the keys' tokens; V's parts
+        (plgpu.Barrier(num_arrivals=2 * n + 2, num_barriers=COMPUTE_WGS),
+         plgpu.Barrier(num_arrivals=n + 1, num_barriers=stages),
+         plgpu.Barrier(num_arrivals=n, num_barriers=stages)),
+        (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2)
+    out = _launch(kernel, scratch, interpret, grid=(h, sq // (COMPUTE_WGS * bq), b),
+                  grid_names=("heads", "q_blocks", "batch"),
+                  out_type=[jax.ShapeDtypeStruct((b, sq, h, w), dtype) for w in parts],
+                  )(cta_ranges, wg_ranges, *_token_rows(x), jnp.stack([lse, delta], axis=2), *split(x.q), *split(x.k),
+                    *split(x.v), *split(dout.astype(dtype)))
     return fa._join(out)
 
 
