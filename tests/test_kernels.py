@@ -242,26 +242,30 @@ def test_flash_mgpu_gradients_and_cache_shapes(seed):
 
 
 def mgpu_backward_matches(rng, q, k, v, *, causal=False, sliding_window=None, detect_races=False, **token_kw):
-    """The Mosaic GPU dQ and dK / dV kernels (interpreted, eagerly; lse and delta from the Triton
-    forward) against the reference's float32 gradients of `sum(attention * dO)`; returns (dq, dk, dv)."""
+    """The Mosaic GPU dQ and dK / dV kernels (eagerly: interpreted on CPU, compiled on a GPU; lse and
+    delta from the Triton forward) against the reference's float32 gradients of `sum(attention * dO)`;
+    returns (dq, dk, dv)."""
     from idefics_jax.kernels import flash, flash_mgpu
 
     dout = jnp.asarray(rng.normal(size=q.shape), jnp.float32).astype(q.dtype)
     mask = Mask(causal=causal, window=sliding_window)
     blocks = default_blocks("cpu", q.shape[-1])._replace(backward="mgpu")
-    x, qp, kp, vp, scale, blocks, _ = flash.prepare(q, k, v, scale=None, blocks=blocks, interpret=True, **token_kw)
+    interpret = jax.default_backend() != "gpu"  # on a GPU: compiled
+    x, qp, kp, vp, scale, blocks, _ = flash.prepare(q, k, v, scale=None, blocks=blocks, interpret=interpret,
+                                                    **token_kw)
     x = x._replace(q=qp, k=kp, v=vp)
-    out, lse = flash._forward(x, mask, scale, blocks, True)
+    out, lse = flash._forward(x, mask, scale, blocks, interpret)
     dop = jnp.zeros(out.shape, q.dtype).at[:, :q.shape[1], :, :q.shape[3]].set(dout)
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dop.astype(jnp.float32))
-    interpret = flash_mgpu.interpret_params(detect_races=True) if detect_races else True
+    if interpret and detect_races:
+        interpret = flash_mgpu.interpret_params(detect_races=True)
     tiles = flash_mgpu.MgpuBwdBlocks(*blocks.mgpu_bwd)
     dk, dv = flash_mgpu.backward_dkdv(x, dop, lse, delta, mask, scale, tiles, interpret=interpret)
-    if detect_races:
+    if not isinstance(interpret, bool):
         assert not flash_mgpu.races_found()
     dq = flash_mgpu.backward_dq(x, dop, lse, delta, mask, scale, flash_mgpu.MgpuBlocks(
         block_q=tiles.block_q, block_k=tiles.block_k, stages=tiles.stages), interpret=interpret)
-    if detect_races:
+    if not isinstance(interpret, bool):
         assert not flash_mgpu.races_found()
     f32 = lambda t: t.astype(jnp.float32)
     loss = lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, causal=causal, sliding_window=sliding_window,
