@@ -441,7 +441,9 @@ def test_selector_falls_back_with_a_reason(seed, caplog):
     assert default_blocks("gpu", 72).forward == "triton"  # (no Hopper here)
     with pytest.MonkeyPatch.context() as patch:  # on Hopper the Mosaic GPU forward beats cuDNN's (H200: 2.2x)
         patch.setattr(flash_module, "hopper", lambda: True)
-        assert select(q.astype(jnp.bfloat16), "gpu") == "pallas" and default_blocks("gpu", 72).forward == "mgpu"
+        vision = jnp.zeros((1, 729, 2, 72), jnp.bfloat16)
+        assert select(vision, "gpu") == "pallas" and default_blocks("gpu", 72).forward == "mgpu"
+        assert select(q.astype(jnp.bfloat16), "gpu") == "cudnn"  # the Perceiver's latents: pooling not timed
     assert select(q, "gpu") == "pallas"  # cuDNN takes no float32
     assert select(q[:, :1], "gpu", causal=True, positions=True) == "xla"  # a decode step
     on_tpu = lambda **kw: attention_ops.select_implementation("auto", long_q, long_k, backend="tpu", **kw)

@@ -59,17 +59,20 @@ def _auto(backend: str, query, *, causal: bool, positions: bool, segments: bool,
         return "chunked" if long_masked else "xla"
     if query.shape[1] < DECODE_QUERIES:  # a decode step: a matrix-vector product
         return "xla"
-    # cuDNN for plain (bidirectional) half-precision calls, except on Hopper, where the Pallas forward
-    # (Mosaic GPU) is 2.2x cuDNN's at the vision shape and forward + backward within 4% of it
+    # cuDNN for plain (bidirectional) half-precision calls, except the vision tower's on Hopper, where
+    # the Pallas flash forward (Mosaic GPU) is 2.2x cuDNN's and forward + backward within 4% of it.
+    # The Perceiver's few latent queries (Pallas' pooling kernel) stay cuDNN's: not timed on a GPU.
     plain = not (causal or positions or segments)
     half = query.dtype in (jnp.bfloat16, jnp.float16)
-    return "cudnn" if plain and half and query.shape[-1] % 8 == 0 and not _hopper() else "pallas"
+    return "cudnn" if plain and half and query.shape[-1] % 8 == 0 and not _hopper_flash(query) else "pallas"
 
 
-def _hopper() -> bool:
+def _hopper_flash(query) -> bool:
+    """Whether a plain call would take the Pallas flash kernel (not pooling) on a Hopper GPU."""
+    from idefics_jax.kernels import MAX_LATENTS
     from idefics_jax.kernels.flash import hopper
 
-    return hopper()
+    return query.shape[1] > MAX_LATENTS and hopper()
 
 
 def select_implementation(implementation: str, query, key, *, causal: bool, positions: bool,
