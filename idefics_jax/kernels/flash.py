@@ -551,10 +551,11 @@ def hopper() -> bool:
 def default_blocks(backend: str, head_dim: int) -> Blocks:
     if backend == "gpu":  # Hopper's 227 KiB of shared memory: at head dim 128 the dK / dV kernel's
         # [128, 128] query and dO tiles times 3 stages do not fit (measured on an H200). On Hopper the
-        # forward is Mosaic GPU's (bfloat16 / float16): 1.5-2.1x Triton's (benchmarks/RESULTS.md)
+        # forward is Mosaic GPU's (bfloat16 / float16): 1.5-2.1x Triton's (benchmarks/RESULTS.md), at the
+        # head dims it was timed at (72, 128; a wider one's accumulator would take more registers)
         return Blocks(block_q=128, block_k=64 if head_dim > 64 else 128,
                       block_q_dkv=64 if head_dim > 64 else 128, num_stages=2,
-                      forward="mgpu" if hopper() else "triton")
+                      forward="mgpu" if head_dim <= 128 and hopper() else "triton")
     return Blocks(block_q=32, block_k=32)  # interpret mode: small tiles keep the loops short
 
 
