@@ -184,7 +184,8 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     dtype: the stored dtype (None keeps each parameter's dtype). Tensors are fetched from the
     devices and transformed one at a time; a shard is written as soon as it is full (to a gs://
     URL: written locally, then uploaded). On several processes (hosts) every one calls this: each
-    tensor is gathered from the hosts holding its shards, and process 0 writes the files.
+    tensor is gathered from the hosts holding its shards, and process 0 converts it and writes the
+    files (the others only take part in the gathers).
     """
     out_dir = as_path(out_dir, "Output directory")
     writer = jax.process_index() == 0
@@ -226,6 +227,10 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
             for path in shard:
+                if not writer:  # it only takes part in gathering the arrays split over processes
+                    if _split_over_processes(flat[path]):
+                        _whole(flat[path])
+                    continue
                 name, rule, _ = expected[path]
                 array = _whole(flat[path])
                 if target_dtype is not None and array.dtype != target_dtype:
@@ -250,10 +255,14 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     return out_dir
 
 
+def _split_over_processes(x) -> bool:
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
 def _whole(x) -> np.ndarray:
     """`x` whole on this host: an array split over other processes' devices is gathered from them
     (every process must ask for the same arrays in the same order)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if _split_over_processes(x):
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
