@@ -287,7 +287,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
             state, metrics = step_fn(state, placed)
             step += 1
             if traced := profiler.after(step, (state, metrics)):
-                log.info("Profile of steps %d-%d written to %s", profiler.first, step, traced)
+                log.info("Profile of steps %d-%d written to %s%s", profiler.first, step, traced,
+                         " (uploading in the background)" if is_url(traced) else "")
             loss = float(metrics["loss"])  # waits for the step: the time below is the step's
             elapsed = time.perf_counter() - started
             history.append((step, loss))

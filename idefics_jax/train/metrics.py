@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from idefics_jax.config import Idefics2Config
-from idefics_jax.paths import TreeUploader, as_path, is_url, upload_tree
+from idefics_jax.paths import TreeUploader, as_path, is_url
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ class StepProfiler:
     `directory` (`plugins/profile/<time>/<host>.xplane.pb`, read by XProf / TensorBoard's profile
     plugin, and a Perfetto `trace.json.gz`). `first=0`: off. Traced on process 0 only: every host
     runs the same program, and hosts with one name would write over each other's files. A gs://
-    directory gets the files once the trace ends (written to a local directory first)."""
+    directory gets the files once the trace ends (written to a local directory first, uploaded from a
+    background thread while training goes on; `close()` waits for the upload)."""
 
     def __init__(self, directory: str | os.PathLike, first: int, count: int, enabled: bool = True):
         if first < 0 or (first and count < 1):
@@ -138,6 +139,7 @@ class StepProfiler:
                              f"(0: off) and at least one step to trace")
         self.directory, self.first, self.last = directory, first, first + count - 1
         self.enabled, self.active = enabled and first > 0, False
+        self._local, self._uploader = None, None
 
     def before(self, step: int):
         """Call before running step `step`."""
@@ -154,18 +156,32 @@ class StepProfiler:
             import jax
 
             jax.block_until_ready(outputs)  # the trace holds the last step's device work
-            self.close()
+            self._stop()
             return self.directory
         return None
 
-    def close(self):
+    def _stop(self):
         if self.active:
             import jax
 
             jax.profiler.stop_trace()
             self.active = False
             if self._local:
-                upload_tree(self._local, as_path(self.directory, "Profile directory"))
+                self._uploader = TreeUploader(self._local, as_path(self.directory, "Profile directory"))
+                self._uploader.request()
+
+    def close(self):
+        """Stops a trace still running and waits for the upload to a gs:// directory (a failed one is
+        logged: the files stay in the local directory named)."""
+        self._stop()
+        if self._uploader:
+            uploader, self._uploader = self._uploader, None
+            try:
+                uploader.close()
+            except Exception as error:  # noqa: BLE001 - a run that ends is not failed by its profile's upload
+                log.error("The profile could not be uploaded to %s (%s: %s); it is in %s", self.directory,
+                          type(error).__name__, error, self._local)
+            else:
                 shutil.rmtree(self._local, ignore_errors=True)
 
 
