@@ -148,7 +148,11 @@ def bench_shape(name, spec, implementations, repeats, calls, rng):
     dout = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
     pairs = visible_pairs(seq, mask_kw) * heads
     fwd_flops = 4 * pairs * head_dim
-    ref = np.asarray(jax.jit(lambda q, k, v: dot_product_attention(q, k, v, **mask_kw))(q, k, v), np.float32)
+    reference = lambda q, k, v: dot_product_attention(q, k, v, **mask_kw)
+    ref = np.asarray(jax.jit(reference)(q, k, v), np.float32)
+    ref_grads = [np.asarray(g, np.float32) for g in jax.jit(lambda q, k, v, d: jax.vjp(reference, q, k, v)[1](d))(
+        q, k, v, dout)]
+    rel = lambda a, b: float(np.abs(np.asarray(a, np.float32) - b).max() / np.abs(b).max())
     rows = []
     for impl in implementations:
         family = impl.split(":")[0]
@@ -162,7 +166,8 @@ def bench_shape(name, spec, implementations, repeats, calls, rng):
         fwd_bwd = jax.jit(lambda q, k, v, dout: jax.vjp(attend, q, k, v)[1](dout))
         try:
             out = np.asarray(fwd(q, k, v), np.float32)
-            err = float(np.abs(out - ref).max() / np.abs(ref).max())
+            err = rel(out, ref)
+            grad_err = max(rel(g, r) for g, r in zip(fwd_bwd(q, k, v, dout), ref_grads))
             t_fwd = timed(fwd, q, k, v, repeats=repeats, calls=calls)
             t_all = timed(fwd_bwd, q, k, v, dout, repeats=repeats, calls=calls)
         except Exception as e:  # an implementation that fails to compile is reported, not hidden
@@ -170,7 +175,7 @@ def bench_shape(name, spec, implementations, repeats, calls, rng):
             print(rows[-1], flush=True)
             continue
         rows.append((name, impl, (t_fwd, fwd_flops / t_fwd / 1e12), (t_all, 3.5 * fwd_flops / t_all / 1e12),
-                     f"max rel. diff to xla {err:.1e}"))
+                     f"max rel. diff to xla {err:.1e}, gradients {grad_err:.1e}"))
         print(rows[-1], flush=True)
     return rows
 
