@@ -98,20 +98,20 @@ def check_sharded_loading(hf_dir, model, params, inputs, expected):
 
 
 def check_batcher(model, params, inputs, one_device, expected, sampled):
-    """Continuous batching on a (2, 1, 2) mesh: a greedy request, then a sampled one joining it 3
-    steps later, each answered as on one device (the cache split over rows and key/value heads)."""
+    """Continuous batching on a (2, 1, 2) mesh, three tokens per device call: a greedy request, then a
+    sampled one joining it 3 steps later, each answered as on one device (the cache split over rows
+    and key/value heads)."""
     from idefics_jax.inference.batcher import Batcher
 
     one = lambda i: tuple(x[i:i + 1] for x in inputs)
     batcher = Batcher(Generator(model, params, mesh=mesh(2, 1, 2)), rows=2)
     rows, got = {batcher.admit(*one(0), max_new_tokens=NEW): 0}, {0: [], 3: []}
-    for step in range(NEW + 3):
-        if step == 3:
+    while len(got[3]) < NEW:
+        if batcher.steps == 3:
             rows[batcher.admit(*one(3), max_new_tokens=NEW, sampling=sampled, seed=3)] = 3
-        tokens = batcher.step()
+        tokens = batcher.advance(3)
         for row, i in rows.items():
-            if len(got[i]) < NEW:
-                got[i].append(int(tokens[row]))
+            got[i] = (got[i] + [int(t) for t in tokens[row]])[:NEW]
     alone = [expected[0].tolist(), one_device.generate(*one(3), max_new_tokens=NEW, sampling=sampled, seed=3)[0].tolist()]
     layout = tuple(batcher.state.state.cache.keys[0].sharding.spec)[:2]
     equal = [got[0], got[3]] == alone
