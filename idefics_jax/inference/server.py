@@ -185,7 +185,7 @@ class Worker(threading.Thread):
         self.batcher = Batcher(assistant.generator, rows=max_batch, max_columns=max_columns)
         self.jobs: queue.Queue = queue.Queue()
         self.running: dict[int, Running] = {}  # row -> its job
-        self.busy_rows: Counter = Counter()  # steps run with each number of busy rows (for logs and tests)
+        self.busy_rows: Counter = Counter()  # decode calls run with each number of busy rows (logs, tests)
 
     def submit(self, job: Job) -> Job:
         self.jobs.put(job)
