@@ -311,13 +311,14 @@ def test_flash_mgpu_backward(seed):
 def test_flash_mgpu_backward_lowers_for_gpu(monkeypatch):
     """Forward, dQ and dK / dV all by Mosaic GPU, lowered for a GPU from CPU at the benchmark's shapes
     (the decoder's 8k packed window with GQA, the vision tower's 4,900 padded patches at head dim
-    72): no Triton kernel left."""
+    72) and at head dim 96: no Triton kernel left."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     seg = jnp.repeat(jnp.arange(4), 2048)[None]
     for q_shape, kv_shape, mask in (((1, 8192, 32, 128), (1, 8192, 8, 128),
                                      dict(causal=True, sliding_window=4096, q_segment_ids=seg, kv_segment_ids=seg)),
-                                    ((1, 4900, 16, 72), (1, 4900, 16, 72), dict(kv_mask=jnp.arange(4900) < 4500))):
+                                    ((1, 4900, 16, 72), (1, 4900, 16, 72), dict(kv_mask=jnp.arange(4900) < 4500)),
+                                    ((1, 1000, 4, 96), (1, 1000, 2, 96), dict(causal=True))):  # 96 as 64 + 32
         blocks = default_blocks("gpu", q_shape[-1])._replace(forward="mgpu", backward="mgpu")
         loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, blocks=blocks, **mask).astype(jnp.float32))
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(spec(*q_shape), spec(*kv_shape), spec(*kv_shape)) \
