@@ -308,6 +308,14 @@ def test_flash_mgpu_backward(seed):
         assert rel_err(np.asarray(g, np.float32), np.asarray(r)) < TOL[jnp.bfloat16], name
 
 
+def test_flash_mgpu_backward_one_block_pair(seed):
+    """The CI's check of the Mosaic GPU backward, interpreted: one CTA each way (128 tokens), a GQA
+    pair, causal with a window (skipped and masked blocks); the slow test above covers more."""
+    rng = np.random.default_rng([seed, 34])
+    q, k, v = qkv(rng, 1, 128, 128, 2, 1, 32, jnp.bfloat16)
+    mgpu_backward_matches(rng, q, k, v, causal=True, sliding_window=70)
+
+
 def test_flash_mgpu_backward_lowers_for_gpu(monkeypatch):
     """Forward, dQ and dK / dV all by Mosaic GPU, lowered for a GPU from CPU at the benchmark's shapes
     (the decoder's 8k packed window with GQA, the vision tower's 4,900 padded patches at head dim
