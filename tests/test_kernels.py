@@ -194,6 +194,14 @@ def mgpu_forward_matches(q, k, v, *, causal=False, sliding_window=None, detect_r
     return ours
 
 
+def test_flash_mgpu_forward_one_cta(seed):
+    """The CI's check of the Mosaic GPU forward (the Hopper default), interpreted: one CTA (128
+    queries over 256 keys), a GQA pair, causal with a window; the slow tests below cover more."""
+    rng = np.random.default_rng([seed, 35])
+    q, k, v = qkv(rng, 1, 128, 256, 2, 1, 32, jnp.bfloat16)
+    mgpu_forward_matches(q, k, v, causal=True, sliding_window=100)
+
+
 @interpreted_mgpu
 def test_flash_mgpu_causal_windows_skip_full_and_masked_blocks(seed):
     """Causal, one long segment then a short one, GQA, head dim 72: with a window of 40 the second
