@@ -3,8 +3,8 @@
 # the attention benchmark, the 8B decode benchmark, the kernel tests compiled for the GPU (Triton and
 # Mosaic GPU; the TPU build's interpreted tests are left to the CPU suite).
 # Logs and result tables go to $OUT (default: ./gpu_out). Usage: bash benchmarks/gpu_session.sh
-# Stage budgets (seconds, 0 skips): ATTN_S 200, DECODE_S 90, TEST_S 100 (Mosaic GPU kernel tests),
-# TEST_REST_S 120 (the other GPU kernel tests), DECODE_CB_S 90: 600 s at most, one device call.
+# Stage budgets (seconds, 0 skips): ATTN_S 240, DECODE_S 80, TEST_S 100 (Mosaic GPU kernel tests),
+# TEST_REST_S 120 (the other GPU kernel tests), DECODE_CB_S 60: 600 s at most, one device call.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -17,10 +17,10 @@ stage() { [ "$1" -gt 0 ] 2>/dev/null || { echo "skipped (0 s)"; return 0; }; tim
 # cuDNN, our kernels at their defaults (the Mosaic GPU forward on Hopper), then with the Triton forward
 # (xla, the slow baseline, and tile sweeps such as pallas:128x128d64w8s2 or pallas:mgpu:64x64s3 left
 # to ATTN_IMPLS); three implementations took about 90 s on an H200
-stage "${ATTN_S:-200}" $PY benchmarks/attention.py --repeats 5 --calls 10 --out "$OUT/attention.md" \
+stage "${ATTN_S:-240}" $PY benchmarks/attention.py --repeats 5 --calls 10 --out "$OUT/attention.md" \
   --implementations "${ATTN_IMPLS:-cudnn,pallas,pallas:triton,pallas:mgpu:bwd,pallas:mgpu:bwd:64x64s3}" 2>&1 \
   | tee "$OUT/attention.log" | grep -v "^(" | tail -20
-stage "${DECODE_S:-90}" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/decode.md" 2>&1 | tail -12 \
+stage "${DECODE_S:-80}" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/decode.md" 2>&1 | tail -12 \
   | tee "$OUT/decode.log"
 # in one process (pytest.ini's two xdist workers would share the GPU, and xdist may not be installed).
 # Seen on an H200 (jax 0.11.2): with JAX_DEFAULT_MATMUL_PRECISION=highest the float32 Triton
@@ -35,6 +35,6 @@ for part in mgpu rest; do
 done
 # last, in whatever time is left: decode with the while loop captured as a CUDA graph (XLA command
 # buffers), to test whether per-kernel launches are what keeps decode at 67% of the HBM bound
-XLA_FLAGS="${CB_FLAGS:---xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL}" stage "${DECODE_CB_S:-90}" \
+XLA_FLAGS="${CB_FLAGS:---xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL}" stage "${DECODE_CB_S:-60}" \
   env $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/decode_command_buffers.md" 2>&1 | tail -12 \
   | tee "$OUT/decode_command_buffers.log"
