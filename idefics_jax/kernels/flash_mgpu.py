@@ -266,11 +266,15 @@ def _ranges(x: fa._Prepared, mask: Mask, blocks: MgpuBlocks):
     bq = blocks.block_q
     cta = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, COMPUTE_WGS * bq, blocks.block_k)
     wg = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, blocks.block_k)
-    cta_lo = jnp.repeat(cta.kv_lo, COMPUTE_WGS, axis=1)
-    empty = wg.kv_lo == wg.kv_hi
-    clip = lambda a: jnp.where(empty, cta_lo, a)
-    wg_rows = jnp.stack([clip(wg.kv_lo), clip(wg.kv_hi), clip(wg.kv_full_lo), clip(wg.kv_full_hi)])
-    return jnp.stack([cta.kv_lo, cta.kv_hi]), wg_rows
+    return _clipped((cta.kv_lo, cta.kv_hi), (wg.kv_lo, wg.kv_hi, wg.kv_full_lo, wg.kv_full_hi))
+
+
+def _clipped(cta, wg):
+    """`(cta [2, batch, n_cta], wg [4, batch, n_cta * COMPUTE_WGS])` stacked from the CTAs' (lo, hi)
+    and the warpgroups' (lo, hi, full_lo, full_hi), a warpgroup's empty interval placed at its CTA's lo."""
+    cta_lo = jnp.repeat(cta[0], COMPUTE_WGS, axis=1)
+    empty = wg[0] == wg[1]
+    return jnp.stack(cta), jnp.stack([jnp.where(empty, cta_lo, a) for a in wg])
 
 
 def _operands(x: fa._Prepared, q_multiple: int, k_multiple: int):
@@ -341,7 +345,7 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
 
 
 # ----------------------------------------------------------------------------------------------
-# dK / dV: the backward's key side, FlashAttention-2's split (dQ stays Triton's, `flash._backward`).
+# The backward, FlashAttention-2's split: dK / dV with keys as rows, then dQ in the forward's layout.
 
 
 class MgpuBwdBlocks(NamedTuple):
@@ -466,11 +470,7 @@ def _bwd_ranges(x: fa._Prepared, mask: Mask, blocks: MgpuBwdBlocks):
     bk = blocks.block_k
     cta = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, blocks.block_q, COMPUTE_WGS * bk)
     wg = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, blocks.block_q, bk)
-    cta_lo = jnp.repeat(cta.q_lo, COMPUTE_WGS, axis=1)
-    empty = wg.q_lo == wg.q_hi
-    clip = lambda a: jnp.where(empty, cta_lo, a)
-    wg_rows = jnp.stack([clip(wg.q_lo), clip(wg.q_hi), clip(wg.q_full_lo), clip(wg.q_full_hi)])
-    return jnp.stack([cta.q_lo, cta.q_hi]), wg_rows
+    return _clipped((cta.q_lo, cta.q_hi), (wg.q_lo, wg.q_hi, wg.q_full_lo, wg.q_full_hi))
 
 
 def backward_dkdv(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float,
