@@ -201,9 +201,7 @@ def _forward_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBlocks, groups:
                  plgpu.layout_cast(jnp.full((bq,), MASKED, jnp.float32), row_layout),
                  plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout))
         pl.when(wg == 1)(take_turn)  # warpgroup 1 starts half a step behind
-        for kind, start, stop in (("skip", cta_lo, lo), ("masked", lo, full_lo), ("full", full_lo, full_hi),
-                                  ("masked", full_hi, hi), ("skip", hi, cta_hi)):
-            carry = lax.fori_loop(start, stop, functools.partial(step, kind), carry)
+        carry = _visit(step, (cta_lo, cta_hi), (lo, hi, full_lo, full_hi), carry)
         pl.when(wg == 0)(take_turn)
         acc, m, l = carry
         seen = l > 0.0
@@ -221,6 +219,17 @@ def _forward_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBlocks, groups:
     def _memory():
         _stream_keys(k_refs, v_refs, kv_tok_ref, (k_smem, v_smem, kv_tok_smem), (k_loaded, v_loaded, k_free, v_free),
                      batch=batch, kv_head=lax.div(head, groups), lo=cta_lo, hi=cta_hi, block_k=bk, stages=stages)
+
+
+def _visit(step, cta, wg, carry):
+    """`fori_loop`s over the CTA's blocks `cta = (lo, hi)`: `step(kind, j, carry)`, kind "skip" outside
+    the warpgroup's `wg = (lo, hi, full_lo, full_hi)` (blocks only the other warpgroup needs: their
+    slots still waited on and released), "full" inside its full run, "masked" in the rest."""
+    (cta_lo, cta_hi), (lo, hi, full_lo, full_hi) = cta, wg
+    for kind, start, stop in (("skip", cta_lo, lo), ("masked", lo, full_lo), ("full", full_lo, full_hi),
+                              ("masked", full_hi, hi), ("skip", hi, cta_hi)):
+        carry = lax.fori_loop(start, stop, functools.partial(step, kind), carry)
+    return carry
 
 
 def _stream_keys(k_refs, v_refs, kv_tok_ref, smem, barriers, *, batch, kv_head, lo, hi, block_k: int, stages: int):
@@ -390,7 +399,7 @@ def _dkdv_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBwdBlocks, groups:
         plgpu.barrier_wait(kv_loaded.at[wg])
         kv_pos, kv_seg = _load(kv_tok_smem.at[0], row_layout), _load(kv_tok_smem.at[1], row_layout)
 
-        def step(kind, g, i, carry):
+        def step(kind, i, carry, *, g):
             """One (query head g, query block i) step: kind "skip" (the other warpgroup's), "masked", "full"."""
             slot = slot_of(g, i)
             plgpu.barrier_wait(loaded.at[slot])
@@ -416,10 +425,7 @@ def _dkdv_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBwdBlocks, groups:
             return dks, dvs
 
         def head(g, carry):
-            for kind, start, stop in (("skip", cta_lo, lo), ("masked", lo, full_lo), ("full", full_lo, full_hi),
-                                      ("masked", full_hi, hi), ("skip", hi, cta_hi)):
-                carry = lax.fori_loop(start, stop, functools.partial(step, kind, g), carry)
-            return carry
+            return _visit(functools.partial(step, g=g), (cta_lo, cta_hi), (lo, hi, full_lo, full_hi), carry)
 
         zeros = tuple(plgpu.layout_cast(jnp.zeros((bk, r.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
                       for r in k_refs)
@@ -564,9 +570,7 @@ def _dq_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBlocks, groups: int,
             return dqs
 
         dqs = tuple(plgpu.layout_cast(jnp.zeros((bq, r.shape[-1]), jnp.float32), plgpu.Layout.WGMMA) for r in q_refs)
-        for kind, start, stop in (("skip", cta_lo, lo), ("masked", lo, full_lo), ("full", full_lo, full_hi),
-                                  ("masked", full_hi, hi), ("skip", hi, cta_hi)):
-            dqs = lax.fori_loop(start, stop, functools.partial(step, kind), dqs)
+        dqs = _visit(step, (cta_lo, cta_hi), (lo, hi, full_lo, full_hi), dqs)
         for dq, buf in zip(dqs, q_smems):  # out through the query's buffers
             buf[...] = (dq * scale).astype(buf.dtype)
         plgpu.commit_smem()
