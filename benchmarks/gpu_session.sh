@@ -2,9 +2,12 @@
 # Every GPU check of the project in one go, for a session that is lent a GPU for a few minutes:
 # the attention benchmark, the 8B decode benchmark, the kernel tests compiled for the GPU (Triton and
 # Mosaic GPU; the TPU build's interpreted tests are left to the CPU suite).
-# Logs and result tables go to $OUT (default: ./gpu_out). Usage: bash benchmarks/gpu_session.sh
-# Stage budgets (seconds, 0 skips): ATTN_S 240, DECODE_S 80, TEST_S 100 (Mosaic GPU kernel tests),
-# TEST_REST_S 120 (the other GPU kernel tests), DECODE_CB_S 60: 600 s at most, one device call.
+# Logs and result tables go to $OUT (default: ./gpu_out; 8 files at most, what the device tool returns). Usage: bash benchmarks/gpu_session.sh
+# Stage budgets (seconds, 0 skips): ATTN_S 150 (cuDNN and our defaults), ATTN_BWD_S 150 (the Mosaic GPU
+# backward at two tilings, run apart: a kernel that hangs on its first GPU run loses only its own
+# rows), TEST_BWD_S 90 (its compiled tests), TEST_S 60 (the other Mosaic GPU kernel tests),
+# TEST_REST_S 60 (the Triton ones), DECODE_S 0, DECODE_CB_S 0 (the 8B decode runs, off by default):
+# 510 s at most, one device call.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -14,27 +17,36 @@ stage() { [ "$1" -gt 0 ] 2>/dev/null || { echo "skipped (0 s)"; return 0; }; tim
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
   $PY -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.log"
-# cuDNN, our kernels at their defaults (the Mosaic GPU forward on Hopper), then with the Triton forward
+# cuDNN and our kernels at their defaults (the Mosaic GPU forward on Hopper) and with the Triton forward
 # (xla, the slow baseline, and tile sweeps such as pallas:128x128d64w8s2 or pallas:mgpu:64x64s3 left
-# to ATTN_IMPLS); three implementations took about 90 s on an H200
-stage "${ATTN_S:-240}" $PY benchmarks/attention.py --repeats 5 --calls 10 --out "$OUT/attention.md" \
-  --implementations "${ATTN_IMPLS:-cudnn,pallas,pallas:triton,pallas:mgpu:bwd,pallas:mgpu:bwd:64x64s3}" 2>&1 \
-  | tee "$OUT/attention.log" | grep -v "^(" | tail -20
-stage "${DECODE_S:-80}" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/decode.md" 2>&1 | tail -12 \
-  | tee "$OUT/decode.log"
+# to ATTN_IMPLS); three implementations took about 90 s on an H200. Then the Mosaic GPU backward.
+attention() {  # budget, output name, implementations
+  stage "$1" $PY benchmarks/attention.py --repeats 5 --calls 10 --out "$OUT/$2.md" --implementations "$3" 2>&1 \
+    | tee "$OUT/$2.log" | grep -v "^(" | tail -20
+}
+attention "${ATTN_S:-150}" attention "${ATTN_IMPLS:-cudnn,pallas,pallas:triton}"
+attention "${ATTN_BWD_S:-150}" attention_mgpu_bwd "${ATTN_BWD_IMPLS:-pallas:mgpu:bwd,pallas:mgpu:bwd:64x64s3}"
+decode() {  # budget, output name (its table; the log's end goes to the terminal: $OUT takes 8 files)
+  stage "$1" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/$2.md" 2>&1 | tail -12
+}
+decode "${DECODE_S:-0}" decode
 # in one process (pytest.ini's two xdist workers would share the GPU, and xdist may not be installed).
 # Seen on an H200 (jax 0.11.2): with JAX_DEFAULT_MATMUL_PRECISION=highest the float32 Triton
 # gradient did not compile within 35 s (test_flash_causal_packed[None-float32]); without it the
 # float32 forward is TF32-accurate (2.1e-4), over the tests' 1e-5. So the mgpu tests come first, then
 # the bfloat16 Triton tests and the float32 model-logits test (a forward: it compiled under highest).
-for part in mgpu rest; do
-  if [ $part = mgpu ]; then pick="mgpu"; budget=${TEST_S:-100}
-  else pick="(bfloat16 or model_logits) and not mgpu and not splash and not tpu and not mosaic"; budget=${TEST_REST_S:-120}; fi
+# Of the mgpu tests the backward's come first (never compiled on a GPU before 2026-11-28's second
+# lease). One log for the three runs.
+for part in mgpu_bwd mgpu rest; do
+  case $part in
+    mgpu_bwd) pick="mgpu and backward"; budget=${TEST_BWD_S:-90};;
+    mgpu) pick="mgpu and not backward"; budget=${TEST_S:-60};;
+    rest) pick="(bfloat16 or model_logits) and not mgpu and not splash and not tpu and not mosaic"; budget=${TEST_REST_S:-60};;
+  esac
   JAX_DEFAULT_MATMUL_PRECISION=highest stage "$budget" env $PY -m pytest -v tests/test_kernels.py -o addopts="" \
-    -p no:cacheprovider -o faulthandler_timeout=60 -k "$pick" 2>&1 | tee "$OUT/kernel_tests_$part.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout"
+    -p no:cacheprovider -o faulthandler_timeout=60 -k "$pick" 2>&1 | tee -a "$OUT/kernel_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout|Error"
 done
 # last, in whatever time is left: decode with the while loop captured as a CUDA graph (XLA command
 # buffers), to test whether per-kernel launches are what keeps decode at 67% of the HBM bound
-XLA_FLAGS="${CB_FLAGS:---xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL}" stage "${DECODE_CB_S:-60}" \
-  env $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/decode_command_buffers.md" 2>&1 | tail -12 \
-  | tee "$OUT/decode_command_buffers.log"
+XLA_FLAGS="${CB_FLAGS:---xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL}" decode "${DECODE_CB_S:-0}" \
+  decode_command_buffers
