@@ -52,8 +52,9 @@ def pallas_blocks(spec: str) -> Blocks:
 def mgpu_blocks(spec: str, head_dim: int) -> Blocks:
     """`mgpu[:<block_q>x<block_k>s<stages>]`: the Mosaic GPU (Hopper) forward, at these tiles (block_q
     per compute warpgroup) or its defaults, before the Triton backward at its default tiles;
-    `mgpu:bwd[:<block_k>x<block_q>s<stages>]`: the backward by Mosaic GPU too (`Blocks.mgpu_bwd`)."""
-    blocks = default_blocks("gpu", head_dim)._replace(forward="mgpu")
+    `mgpu:bwd[:<block_k>x<block_q>s<stages>]`: the backward by Mosaic GPU too (`Blocks.mgpu_bwd`; both
+    by Mosaic GPU is the default on Hopper, what plain `pallas` runs there)."""
+    blocks = default_blocks("gpu", head_dim)._replace(forward="mgpu", backward="triton")
     tiles = lambda match: tuple(int(g) for g in match.groups())
     if spec == "mgpu":
         return blocks
@@ -67,9 +68,9 @@ def mgpu_blocks(spec: str, head_dim: int) -> Blocks:
 
 
 def attention_fn(impl: str, mask_kw: dict):
-    if impl == "pallas:triton":  # the default tiles with Triton's forward (on Hopper the default is Mosaic GPU's)
+    if impl == "pallas:triton":  # the default tiles, all Triton (on Hopper the default is Mosaic GPU's)
         return lambda q, k, v: flash_attention(q, k, v, blocks=default_blocks("gpu", q.shape[-1])._replace(
-            forward="triton"), **mask_kw)
+            forward="triton", backward="triton"), **mask_kw)
     if impl.startswith("pallas:mgpu"):
         return lambda q, k, v: flash_attention(q, k, v, blocks=mgpu_blocks(impl.split(":", 1)[1], q.shape[-1]),
                                                **mask_kw)
@@ -191,8 +192,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="shapes / 8 (a smoke run, e.g. on CPU)")
     parser.add_argument("--implementations", default="xla,cudnn,pallas",
                         help="comma-separated; 'pallas:128x64d64w8s2' runs the Pallas kernels with those tiles, "
-                             "'pallas:mgpu' / 'pallas:triton' with that forward (the default: Mosaic GPU's on Hopper), "
-                             "'pallas:mgpu:64x64s3' at those tiles, 'pallas:mgpu:bwd[:64x64s2]' with the Mosaic GPU backward")
+                             "'pallas:triton' all Triton, 'pallas:mgpu[:64x64s3]' the Mosaic GPU forward "
+                             "(at those tiles) and Triton's backward, 'pallas:mgpu:bwd[:64x64s2]' both Mosaic GPU's "
+                             "(the default on Hopper)")
     parser.add_argument("--calls", type=int, default=10, help="calls per timed round, dispatched back to back")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()

@@ -455,12 +455,13 @@ def test_selector_falls_back_with_a_reason(seed, caplog):
         "auto", q, k.astype(q.dtype), **{"causal": False, "positions": False, "segments": False, **kw}, backend=backend)
     assert select(q, "gpu", causal=True) == "pallas"  # cuDNN would need a dense mask: pallas is faster
     assert select(q.astype(jnp.bfloat16), "gpu") == "cudnn"  # bidirectional bfloat16: cuDNN is faster
-    assert default_blocks("gpu", 72).forward == "triton"  # (no Hopper here)
-    with pytest.MonkeyPatch.context() as patch:  # on Hopper the Mosaic GPU forward beats cuDNN's (H200: 2.2x)
+    builds = lambda head_dim: (default_blocks("gpu", head_dim).forward, default_blocks("gpu", head_dim).backward)
+    assert builds(72) == ("triton", "triton")  # (no Hopper here)
+    with pytest.MonkeyPatch.context() as patch:  # on Hopper the Mosaic GPU kernels beat cuDNN's (H100: 2.3x)
         patch.setattr(flash_module, "hopper", lambda: True)
         vision = jnp.zeros((1, 729, 2, 72), jnp.bfloat16)
-        assert select(vision, "gpu") == "pallas" and default_blocks("gpu", 72).forward == "mgpu"
-        assert default_blocks("gpu", 256).forward == "triton"  # not timed: more registers
+        assert select(vision, "gpu") == "pallas" and builds(72) == ("mgpu", "mgpu")
+        assert builds(256) == ("triton", "triton")  # not timed: more registers
         assert select(q.astype(jnp.bfloat16), "gpu") == "cudnn"  # the Perceiver's latents: pooling not timed
     assert select(q, "gpu") == "pallas"  # cuDNN takes no float32
     assert select(q[:, :1], "gpu", causal=True, positions=True) == "xla"  # a decode step

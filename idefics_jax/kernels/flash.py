@@ -31,9 +31,9 @@ Head dims that are not a power of two are split into power-of-two parts (Triton'
 power-of-two sides): SigLIP's 72 as 64 + 16 (8 zero columns), 96 as 64 + 32, each part its own
 tile and its own matrix product, rather than one tile padded to 128.
 
-On Hopper the forward is `flash_mgpu`'s (Mosaic GPU: warp-specialised, wgmma, TMA) by default for
-bfloat16 / float16, `Blocks(forward="mgpu")`, with the same outputs and log-sum-exp, so the backward
-here serves both.
+On Hopper the forward and the backward are `flash_mgpu`'s (Mosaic GPU: warp-specialised, wgmma,
+TMA) by default for bfloat16 / float16, `Blocks(forward="mgpu", backward="mgpu")`; the two builds
+give the same outputs and log-sum-exp, so either backward follows either forward.
 
 Lowering: Triton on GPU, interpreted on CPU (`interpret=True`, how the tests run it). Layout
 `[batch, seq, heads, head_dim]` throughout.
@@ -551,11 +551,12 @@ def hopper() -> bool:
 def default_blocks(backend: str, head_dim: int) -> Blocks:
     if backend == "gpu":  # Hopper's 227 KiB of shared memory: at head dim 128 the dK / dV kernel's
         # [128, 128] query and dO tiles times 3 stages do not fit (measured on an H200). On Hopper the
-        # forward is Mosaic GPU's (bfloat16 / float16): 1.5-2.1x Triton's (benchmarks/RESULTS.md), at the
-        # head dims it was timed at (72, 128; a wider one's accumulator would take more registers)
+        # forward and backward are Mosaic GPU's (bfloat16 / float16): forward 1.5-2.1x Triton's, forward +
+        # backward 1.7-2.6x Triton's and 2.3x cuDNN's at the vision shape (H100, benchmarks/RESULTS.md),
+        # at the head dims they were timed at (72, 128; a wider one's accumulators take more registers)
+        mosaic = "mgpu" if head_dim <= 128 and hopper() else "triton"
         return Blocks(block_q=128, block_k=64 if head_dim > 64 else 128,
-                      block_q_dkv=64 if head_dim > 64 else 128, num_stages=2,
-                      forward="mgpu" if head_dim <= 128 and hopper() else "triton")
+                      block_q_dkv=64 if head_dim > 64 else 128, num_stages=2, forward=mosaic, backward=mosaic)
     return Blocks(block_q=32, block_k=32)  # interpret mode: small tiles keep the loops short
 
 
