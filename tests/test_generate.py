@@ -15,6 +15,7 @@ import torch
 
 from conftest import IMAGE_TOKEN_ID, rel_err, xla_flags
 from idefics_jax import Idefics2
+from idefics_jax.inference import sampling as sampling_module
 from idefics_jax.data.image_processing import ImageProcessor, pad_images
 from idefics_jax.inference.generate import Generator, decode, prefill
 from idefics_jax.inference.sampling import (RowSampling, Sampling, next_token, next_token_rows, process_logits,
@@ -213,8 +214,16 @@ FILTER_CASES = [(1.0, 5, 1.0, 1.0, 0.0), (0.7, 0, 0.8, 1.0, 0.0), (1.3, 10, 0.5,
                 (0.0, 0, 1.0, 1.4, 0.0), (0.8, 7, 0.9, 0.7, 0.0), (1.0, 0, 1.0, 1.0, 0.1), (1.5, 20, 0.95, 1.2, 0.05)]
 
 
+@pytest.fixture(params=[8, 256], ids=lambda n: f"{n}_candidates")
+def candidates(request, monkeypatch):
+    """The top-k / top-p filters' first look (`sampling.CANDIDATES`, 256): at 8 of the tests' 300
+    tokens some rows' k or nucleus is larger, and they take the whole vocabulary."""
+    monkeypatch.setattr(sampling_module, "CANDIDATES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p,penalty,min_p", FILTER_CASES)
-def test_logit_filters_equal_transformers(seed, temperature, top_k, top_p, penalty, min_p):
+def test_logit_filters_equal_transformers(seed, candidates, temperature, top_k, top_p, penalty, min_p):
     from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
                                                         RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                         TopKLogitsWarper, TopPLogitsWarper)
@@ -234,9 +243,10 @@ def test_logit_filters_equal_transformers(seed, temperature, top_k, top_p, penal
     np.testing.assert_allclose(ours[np.isfinite(ours)], expected[np.isfinite(expected)], rtol=1e-6)
 
 
-def test_row_settings_choose_as_each_row_alone(seed):
+def test_row_settings_choose_as_each_row_alone(seed, candidates):
     """A batch whose rows sample differently (continuous batching) processes and draws each row as a
-    batch of that row alone with its settings: the same logits bit for bit, the same draws."""
+    batch of that row alone with its settings: the same logits bit for bit, the same draws. With 8
+    candidates the batch's top-k and top-p take the whole vocabulary while some rows alone do not."""
     rng = np.random.default_rng([seed, 407])
     settings = [Sampling(*row) for row in FILTER_CASES] + [Sampling(top_k=3), Sampling(0.9, 0, 1.0, 1.0, 0.3)]
     logits = rng.normal(size=(len(settings), 300)).astype(np.float32) * 3
