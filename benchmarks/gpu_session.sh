@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one go, for a session that is lent a GPU for a few minutes:
-# the attention benchmark, the 8B decode benchmark, the kernel tests compiled for the GPU (Triton and
-# Mosaic GPU; the TPU build's interpreted tests are left to the CPU suite).
+# the attention benchmark, the train step of the 8B architecture, the kernel tests compiled for the
+# GPU (Triton and Mosaic GPU; the TPU build's interpreted tests are left to the CPU suite), and when
+# asked (DECODE_S) the 8B decode benchmark.
 # Logs and result tables go to $OUT (default: ./gpu_out; 8 files at most, what the device tool
 # returns). Usage: bash benchmarks/gpu_session.sh
-# Stage budgets (seconds, 0 skips): ATTN_S 150 (cuDNN, our defaults, all-Triton), ATTN_SWEEP_S 120
-# (other builds and tiles, run apart: a kernel that hangs loses only its own rows), TEST_BWD_S 60 (the
-# Mosaic GPU backward's quick tests), TEST_S 120 (the Mosaic GPU forward's), TEST_REST_S 60 (the
-# Triton ones), DECODE_S 0, DECODE_CB_S 0 (the 8B decode runs, off by default): 510 s at most, one
-# device call. On an H100 (2026-11-28) the two attention runs took about 250 s together.
+# Stage budgets (seconds, 0 skips): ATTN_S 150 (cuDNN, our defaults, all-Triton), ATTN_SWEEP_S 0
+# (other builds and tiles, run apart: a kernel that hangs loses only its own rows), TRAIN_S 240 (the
+# whole train step of the 8B architecture with 8 decoder layers: `auto` against `xla`), TEST_BWD_S 60
+# (the Mosaic GPU backward's quick tests), TEST_S 90 (the Mosaic GPU forward's), TEST_REST_S 60 (the
+# Triton ones), DECODE_S 0, DECODE_CB_S 0 (the 8B decode runs): 600 s at most, one device call. On
+# an H100 (2026-11-28) the two attention runs (defaults and sweep) took about 250 s together.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -19,15 +21,22 @@ stage() { [ "$1" -gt 0 ] 2>/dev/null || { echo "skipped (0 s)"; return 0; }; tim
   $PY -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.log"
 # cuDNN, our kernels at their defaults (on Hopper: Mosaic GPU's forward and backward) and all-Triton;
-# then the Mosaic GPU forward before Triton's backward, and the Mosaic GPU backward's 3-stage tiles
-# (xla, the slow baseline, and tile sweeps such as pallas:128x128d64w8s2 or pallas:mgpu:64x64s3 left
+# then, when ATTN_SWEEP_S is set, the Mosaic GPU forward before Triton's backward and the Mosaic GPU
+# backward's 3-stage tiles (xla, the slow baseline, and tile sweeps such as pallas:128x128d64w8s2 or pallas:mgpu:64x64s3 left
 # to ATTN_IMPLS / ATTN_SWEEP_IMPLS)
 attention() {  # budget, output name, implementations
+  [ "$1" -gt 0 ] || { echo "$2 skipped (0 s)"; return 0; }
   stage "$1" $PY benchmarks/attention.py --repeats 5 --calls 10 --out "$OUT/$2.md" --implementations "$3" 2>&1 \
     | tee "$OUT/$2.log" | grep -v "^(" | tail -20
 }
 attention "${ATTN_S:-150}" attention "${ATTN_IMPLS:-cudnn,pallas,pallas:triton}"
-attention "${ATTN_SWEEP_S:-120}" attention_sweep "${ATTN_SWEEP_IMPLS:-pallas:mgpu,pallas:mgpu:bwd:64x64s3}"
+attention "${ATTN_SWEEP_S:-0}" attention_sweep "${ATTN_SWEEP_IMPLS:-pallas:mgpu,pallas:mgpu:bwd:64x64s3}"
+# the whole train step (vision tower, Perceiver, decoder, AdamW): MFU with our kernels against XLA's
+# attention; the table's rows print as each implementation finishes (train.log)
+if [ "${TRAIN_S:-240}" -gt 0 ]; then
+  stage "${TRAIN_S:-240}" $PY benchmarks/train_gpu.py --steps 5 --implementations "${TRAIN_IMPLS:-auto,xla}" \
+    --out "$OUT/train.md" 2>&1 | tee "$OUT/train.log" | tail -12
+fi
 decode() {  # budget, output name (its table; the log's end goes to the terminal: $OUT takes 8 files)
   stage "$1" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/$2.md" 2>&1 | tail -12
 }
@@ -42,7 +51,7 @@ decode "${DECODE_S:-0}" decode
 for part in mgpu_bwd mgpu rest; do
   case $part in
     mgpu_bwd) pick="mgpu_backward_one or mgpu_backward_lowers"; budget=${TEST_BWD_S:-60};;
-    mgpu) pick="mgpu and not test_flash_mgpu_backward"; budget=${TEST_S:-120};;
+    mgpu) pick="mgpu and not test_flash_mgpu_backward"; budget=${TEST_S:-90};;
     rest) pick="(bfloat16 or model_logits) and not mgpu and not splash and not tpu and not mosaic"; budget=${TEST_REST_S:-60};;
   esac
   JAX_DEFAULT_MATMUL_PRECISION=highest stage "$budget" env $PY -m pytest -v tests/test_kernels.py -o addopts="" \

@@ -1,0 +1,169 @@
+"""Training speed of the Idefics2-8B architecture on one accelerator: the whole train step (vision
+tower, Perceiver, decoder, loss, backward, AdamW) for each attention implementation.
+
+    python benchmarks/train_gpu.py [--text_layers 8] [--vision_layers 27] [--rows 1] [--seq 2048]
+                                   [--images 4] [--implementations auto,xla] [--out benchmarks/RESULTS.md]
+
+For a GPU (or TPU). The model is Idefics2's default config (SigLIP-SO400M at 980 px, Perceiver of
+64 latents, Mistral-7B decoder) with `--text_layers` of the decoder's 32 layers (one H100 holds
+the float32 weights, gradients and AdamW state of about 2.6B parameters, not 8B) and
+`--vision_layers` of the tower's 27, trained as the stage configs train: bfloat16 compute over
+float32 weights, layers scanned, each rematerialised (`--remat`, stage 2's "full"). Random weights
+and one packed batch: `--rows` rows of `--seq` tokens, each with `--images` images of 980 x 980
+(4,900 patches, 64 `<image>` tokens each) and two samples (segments).
+
+Reported per implementation: median step time after warm-up, tokens/s, and TFLOP/s over the step's
+model FLOPs (`model_flops`: its matrix products with dense attention and no recomputation, the same
+number for every implementation) against the measured bfloat16 matmul peak. Also the
+loss of the first step: every implementation starts from the same weights and batch, so the
+losses agree to bfloat16 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import matmul_peak  # noqa: E402
+from preprocess import append_results  # noqa: E402
+
+from idefics_jax import Idefics2, Idefics2Config  # noqa: E402
+from idefics_jax.sharding import make_mesh  # noqa: E402
+from idefics_jax.train.optimizer import make_optimizer  # noqa: E402
+from idefics_jax.train.step import init_state, make_train_step, place_batch  # noqa: E402
+
+
+def packed_batch(config: Idefics2Config, rows: int, seq: int, images: int, size: int, rng) -> dict:
+    """One packed batch (data/packing.py's dict): per row two samples, the first holding `images`
+    images (their `<image>` tokens at its start), random text tokens, random normalised pixels."""
+    n_image_tokens = images * config.image_seq_len
+    if n_image_tokens >= seq // 2:
+        raise SystemExit(f"--images {images} x {config.image_seq_len} tokens do not fit half of --seq {seq}")
+    vocab = config.text.vocab_size
+    tokens = rng.integers(3, min(vocab, 32000), (rows, seq)).astype(np.int32)
+    tokens[tokens == config.image_token_id] = 3
+    tokens[:, :n_image_tokens] = config.image_token_id
+    split = seq // 2
+    segment_ids = np.where(np.arange(seq) < split, 1, 2)[None].repeat(rows, 0).astype(np.int32)
+    positions = np.where(segment_ids == 1, np.arange(seq), np.arange(seq) - split).astype(np.int32)
+    targets = np.concatenate([tokens[:, 1:], np.zeros((rows, 1), np.int32)], axis=1)
+    targets[:, split - 1] = 0  # a sample's last token predicts nothing
+    loss_mask = (tokens != config.image_token_id) & (targets != 0)
+    return dict(tokens=tokens, segment_ids=segment_ids, positions=positions, targets=targets, loss_mask=loss_mask,
+                pixel_values=rng.normal(size=(rows, images, size, size, 3)).astype(np.float32),
+                pixel_attention_mask=np.ones((rows, images, size, size), bool))
+
+
+def model_flops(config, tx, mesh, state, batch) -> float:
+    """The step's matrix-product FLOPs (2 per multiply-add) with the reference attention (dense:
+    masked pairs too) and no rematerialisation, read off its jaxpr (scans counted `length` times;
+    XLA's cost analysis counts a loop's body once): the work every implementation does, bar
+    recomputation and the pairs a kernel skips."""
+    import flax.linen as nn
+
+    from idefics_jax.sharding import LOGICAL_AXIS_RULES
+    from idefics_jax.train.step import train_step_fn
+    from train_step import dot_shapes
+
+    model = Idefics2(config, attention_impl="xla", dtype=jnp.bfloat16, param_dtype=jnp.float32, scan_layers=True)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        jaxpr = jax.jit(train_step_fn(model, tx)).trace(state, batch).jaxpr.jaxpr
+    return float(sum(2 * b * m * k * n * count for (b, m, k, n), count in dot_shapes(jaxpr).items()))
+
+
+def median_step(step, state, batch, warmup: int, steps: int):
+    """(median seconds, first loss, state): `warmup` steps (the first compiles), then `steps` timed."""
+    first_loss = None
+    for _ in range(warmup):
+        state, metrics = step(state, batch)
+        first_loss = float(metrics["loss"]) if first_loss is None else first_loss
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first_loss, state
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--text_layers", type=int, default=8)
+    parser.add_argument("--vision_layers", type=int, default=27)
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--image_size", type=int, default=980)
+    parser.add_argument("--remat", default="full")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--implementations", default="auto,xla")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run on CPU: the tiny preset's model, 256 tokens, 1 image of 112 px")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
+    args = parser.parse_args()
+    config = Idefics2Config.preset("tiny") if args.quick else Idefics2Config()
+    if args.quick:
+        args.text_layers, args.vision_layers, args.seq, args.images, args.image_size = 2, 2, 256, 1, 112
+        args.steps = 1
+    config = config.replace(text=config.text.replace(num_hidden_layers=args.text_layers),
+                            vision=config.vision.replace(num_hidden_layers=args.vision_layers))
+    batch = packed_batch(config, args.rows, args.seq, args.images, args.image_size, np.random.default_rng(0))
+    mesh = make_mesh()
+    tx, _ = make_optimizer(learning_rate=1e-5, warmup_steps=10, total_steps=1000)
+    tokens = args.rows * args.seq
+    implementations = args.implementations.split(",")
+    flops = None
+    results = []
+    for impl in implementations:
+        model = Idefics2(config, attention_impl=impl, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                         remat=args.remat, scan_layers=True)
+        state = init_state(model, tx, mesh, jax.random.PRNGKey(0))
+        placed = place_batch(batch, mesh)
+        if flops is None:
+            flops = model_flops(config, tx, mesh, state, placed)
+        try:
+            seconds, loss, state = median_step(make_train_step(model, tx, mesh), state, placed, warmup=2,
+                                               steps=args.steps)
+        except Exception as e:  # one implementation that fails is reported, not the run lost
+            results.append((impl, None, None, f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            print(results[-1], flush=True)
+            continue
+        finally:
+            del state
+        results.append((impl, seconds, loss, ""))
+        print(results[-1], flush=True)
+    peak = matmul_peak(5, 10, n=1024 if args.quick else 8192)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(
+        lambda: Idefics2(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])))
+    dev = jax.devices()[0]
+    lines = [f"\n## Train step, Idefics2-{'tiny' if args.quick else '8B'} architecture ({datetime.date.today()})\n",
+             f"Machine: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, {len(jax.devices())} device(s).\n",
+             f"Command: `python benchmarks/train_gpu.py {'--quick ' if args.quick else ''}--text_layers {args.text_layers} --vision_layers "
+             f"{args.vision_layers} --rows {args.rows} --seq {args.seq} --images {args.images} --image_size "
+             f"{args.image_size} --remat {args.remat} --steps {args.steps} --implementations {args.implementations}` "
+             f"({params / 1e6:,.0f}M parameters; bfloat16 compute, float32 weights and AdamW; layers scanned; "
+             f"{tokens:,} tokens a step with {args.rows * args.images} image(s); model FLOPs {flops / 1e12:.2f} TFLOP a "
+             f"step; measured bf16 matmul peak {peak:.0f} TFLOP/s).\n",
+             "| attention | step (s) | tokens/s | TFLOP/s | % of peak | first loss | note |", "|---|---|---|---|---|---|---|"]
+    for impl, seconds, loss, note in results:
+        if seconds is None:
+            lines.append(f"| {impl} | | | | | | {note} |")
+            continue
+        rate = flops / seconds / 1e12
+        lines.append(f"| {impl} | {seconds:.3f} | {tokens / seconds:,.0f} | {rate:.1f} | {100 * rate / peak:.0f}% "
+                     f"| {loss:.4f} | {note} |")
+    print("\n".join(lines), flush=True)
+    append_results(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
