@@ -81,11 +81,11 @@ def time_ours(hf_dir, inputs, new, repeats):
 
 def product_shapes(generator, inputs, new):
     """{(batch, m, k, n): count} of the matrix products of our first-token program and of one
-    decode step (`train_step.dot_shapes`), traced as `generate` runs them."""
+    decode step (`train.metrics.dot_shapes`), traced as `generate` runs them."""
     import jax.numpy as jnp
 
     from idefics_jax.inference.sampling import GREEDY, row_keys
-    from train_step import dot_shapes
+    from idefics_jax.train.metrics import dot_shapes
 
     settings = dict(sampling=GREEDY, stop_ids=generator.stop_ids, pad_id=generator.pad_id)
     max_columns = inputs[0].shape[1] + new

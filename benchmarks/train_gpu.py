@@ -71,8 +71,8 @@ def model_flops(config, tx, mesh, state, batch) -> float:
     import flax.linen as nn
 
     from idefics_jax.sharding import LOGICAL_AXIS_RULES
+    from idefics_jax.train.metrics import dot_shapes
     from idefics_jax.train.step import train_step_fn
-    from train_step import dot_shapes
 
     model = Idefics2(config, attention_impl="xla", dtype=jnp.bfloat16, param_dtype=jnp.float32, scan_layers=True)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):

@@ -109,26 +109,6 @@ def time_torch(hf_dir, ids, pixels, mask, labels, steps):
     return statistics.median(times[2:]), float(loss)
 
 
-def dot_shapes(jaxpr, times=1, out=None) -> dict:
-    """{(batch, m, k, n): count} of the `dot_general`s in a jaxpr and its sub-jaxprs (a scan's body
-    counted `length` times)."""
-    from jax.extend.core import jaxprs_in_params
-
-    out = {} if out is None else out
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-            size = lambda shape, dims: int(np.prod([shape[d] for d in dims], dtype=np.int64))
-            free = lambda shape, used: int(np.prod([d for i, d in enumerate(shape) if i not in used], dtype=np.int64))
-            key = (size(lhs, lb), free(lhs, (*lc, *lb)), size(lhs, lc), free(rhs, (*rc, *rb)))
-            out[key] = out.get(key, 0) + times
-        repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-        for sub in jaxprs_in_params(eqn.params):
-            dot_shapes(sub, times * repeat, out)
-    return out
-
-
 def best_seconds(fn, min_time=0.2) -> float:
     """Fastest of repeated calls of `fn` (which waits for its result), after one warm-up call."""
     fn()
@@ -181,6 +161,7 @@ def time_ours(hf_dir, ids, pixels, mask, labels, steps):
     from idefics_jax import Idefics2, load_hf_checkpoint
     from idefics_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
     from idefics_jax.train.loop import global_batch
+    from idefics_jax.train.metrics import dot_shapes
     from idefics_jax.train.optimizer import make_optimizer
     from idefics_jax.train.step import init_state, make_train_step, train_step_fn
 

@@ -125,6 +125,41 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     assert losses(tmp_path / "killed") == expected
 
 
+def test_step_flops_count_every_weight_matrix(seed):
+    """The FLOPs behind the logged MFU: `matmul_flops` equals the train step's products with a weight
+    (the dot_generals without batch axes, attention's have [batch, heads]), read off its jaxpr, for
+    a batch with no padding; `step_flops` adds attention's visible pairs on top."""
+    import flax.linen as nn
+
+    from idefics_jax import Idefics2
+    from idefics_jax.sharding import LOGICAL_AXIS_RULES
+    from idefics_jax.train.metrics import dot_shapes, matmul_flops, step_flops
+    from idefics_jax.train.optimizer import make_optimizer
+    from idefics_jax.train.step import TrainState, train_step_fn
+    from train_helpers import tiny_config
+
+    config = tiny_config()
+    rng = np.random.default_rng([seed, 12])
+    rows, seq, size = 2, 48, config.vision.image_size
+    tokens = rng.integers(3, 1000, (rows, seq)).astype(np.int32)
+    tokens[:, 1:1 + config.image_seq_len] = config.image_token_id  # one image a row, no padding anywhere
+    batch = dict(tokens=tokens, segment_ids=np.ones_like(tokens), positions=np.arange(seq)[None].repeat(rows, 0),
+                 targets=np.roll(tokens, -1, axis=1), loss_mask=tokens != config.image_token_id,
+                 pixel_values=rng.normal(size=(rows, 1, size, size, 3)).astype(np.float32),
+                 pixel_attention_mask=np.ones((rows, 1, size, size), bool))
+    model = Idefics2(config)
+    tx, _ = make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
+    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.asarray(tokens[:, :4]))))
+    state = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                                                rng=jax.random.PRNGKey(0)), params["params"])
+    with jax.set_mesh(make_mesh()), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        jaxpr = jax.jit(train_step_fn(model, tx)).trace(state, batch).jaxpr.jaxpr
+    weights = sum(2 * m * k * n * count for (b, m, k, n), count in dot_shapes(jaxpr).items() if b == 1)
+    patches = rows * (size // config.vision.patch_size) ** 2
+    assert matmul_flops(config, patches, rows, rows * seq) == weights
+    assert step_flops(config, batch) > weights
+
+
 def test_compilation_cache_setting():
     """`use_compilation_cache`: a directory given is used (programs land there), JAX's own setting
     wins, "" leaves the cache off. In fresh processes: the setting is global to one."""

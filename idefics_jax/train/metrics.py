@@ -36,29 +36,52 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
-def _tower_params(config: Idefics2Config) -> tuple[float, float, float]:
+def matmul_flops(config: Idefics2Config, patches: float, images: int, tokens: float) -> float:
+    """Training FLOPs (forward + backward: 6 per weight and token) of every weight matrix, for
+    `patches` real image patches in `images` images and `tokens` real text tokens. Each matrix counts
+    the tokens it multiplies: the vision tower's and the modality projection's the patches, the
+    Perceiver's queries, output and MLP its latents, its keys and values [patches; latents]."""
     v, p, t = config.vision, config.perceiver, config.text
-    vision = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-    d = t.hidden_size
-    perceiver_layer = d * p.resampler_n_heads * p.resampler_head_dim * 2 + 2 * d * p.num_key_value_heads * p.resampler_head_dim
-    perceiver = p.resampler_depth * (perceiver_layer + 3 * d * 4 * d) + 3 * v.hidden_size * t.intermediate_size
-    head_dim = t.attention_head_dim
-    text_layer = d * head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) + 3 * d * t.intermediate_size
-    text = t.num_hidden_layers * text_layer + d * t.vocab_size  # + LM head
-    return float(vision), float(perceiver), float(text)
+    d, latents = t.hidden_size, images * p.resampler_n_latents
+    vision = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) * patches
+    projection = (2 * v.hidden_size + d) * t.intermediate_size * patches  # gate, up: vision -> text MLP; down
+    perceiver = p.resampler_depth * (
+        (2 * d * p.resampler_n_heads * p.resampler_head_dim + 3 * d * 4 * d) * latents
+        + 2 * d * p.num_key_value_heads * p.resampler_head_dim * (patches + latents))
+    text_layer = d * t.attention_head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) \
+        + 3 * d * t.intermediate_size
+    text = (t.num_hidden_layers * text_layer + d * t.vocab_size) * tokens  # + the LM head
+    return 6.0 * float(vision + projection + perceiver + text)
+
+
+def dot_shapes(jaxpr, times: int = 1, out: dict | None = None) -> dict:
+    """{(batch, m, k, n): count} of the `dot_general`s in a jaxpr and its sub-jaxprs (a scan's body
+    counted `length` times; XLA's cost analysis counts a loop's body once). 2 * b * m * k * n FLOPs each."""
+    from jax.extend.core import jaxprs_in_params
+
+    out = {} if out is None else out
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            size = lambda shape, dims: int(np.prod([shape[d] for d in dims], dtype=np.int64))
+            free = lambda shape, used: int(np.prod([d for i, d in enumerate(shape) if i not in used], dtype=np.int64))
+            key = (size(lhs, lb), free(lhs, (*lc, *lb)), size(lhs, lc), free(rhs, (*rc, *rb)))
+            out[key] = out.get(key, 0) + times
+        repeat = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for sub in jaxprs_in_params(eqn.params):
+            dot_shapes(sub, times * repeat, out)
+    return out
 
 
 def step_flops(config: Idefics2Config, batch: dict[str, Any]) -> float:
     """Training FLOPs (forward + backward) of one packed batch."""
     v, p, t = config.vision, config.perceiver, config.text
-    vision_params, perceiver_params, text_params = _tower_params(config)
     patches = batch["pixel_attention_mask"][..., :: v.patch_size, :: v.patch_size]
     patch_counts = patches.reshape(*patches.shape[:2], -1).sum(-1)  # [batch, slots]
     n_images = int((patch_counts > 0).sum())
-    total_patches = float(patch_counts.sum())
     tokens = float((batch["segment_ids"] > 0).sum())
-    flops = 6 * (vision_params * total_patches + perceiver_params * n_images * p.resampler_n_latents
-                 + text_params * tokens)
+    flops = matmul_flops(config, float(patch_counts.sum()), n_images, tokens)
     # attention: 2 matmuls of 2 * q * k * width each, x3 for forward + backward
     flops += 12 * v.num_hidden_layers * v.hidden_size * float((patch_counts**2).sum())
     flops += 12 * p.resampler_depth * p.resampler_n_heads * p.resampler_head_dim * p.resampler_n_latents * \
