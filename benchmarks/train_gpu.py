@@ -13,8 +13,9 @@ and one packed batch: `--rows` rows of `--seq` tokens, each with `--images` imag
 (4,900 patches, 64 `<image>` tokens each) and two samples (segments).
 
 Reported per implementation: median step time after warm-up, tokens/s, and TFLOP/s over the step's
-model FLOPs (`model_flops`: its matrix products with dense attention and no recomputation, the same
-number for every implementation) against the measured bfloat16 matmul peak. Also the
+model FLOPs as training logs them (`train.metrics.step_flops`: every weight matrix times the tokens
+it multiplies, attention over visible pairs, no recomputation; the same number for every
+implementation) against the measured bfloat16 matmul peak. Also the
 loss of the first step: every implementation starts from the same weights and batch, so the
 losses agree to bfloat16 rounding.
 """
@@ -38,6 +39,7 @@ from preprocess import append_results  # noqa: E402
 
 from idefics_jax import Idefics2, Idefics2Config  # noqa: E402
 from idefics_jax.sharding import make_mesh  # noqa: E402
+from idefics_jax.train.metrics import step_flops  # noqa: E402
 from idefics_jax.train.optimizer import make_optimizer  # noqa: E402
 from idefics_jax.train.step import init_state, make_train_step, place_batch  # noqa: E402
 
@@ -61,23 +63,6 @@ def packed_batch(config: Idefics2Config, rows: int, seq: int, images: int, size:
     return dict(tokens=tokens, segment_ids=segment_ids, positions=positions, targets=targets, loss_mask=loss_mask,
                 pixel_values=rng.normal(size=(rows, images, size, size, 3)).astype(np.float32),
                 pixel_attention_mask=np.ones((rows, images, size, size), bool))
-
-
-def model_flops(config, tx, mesh, state, batch) -> float:
-    """The step's matrix-product FLOPs (2 per multiply-add) with the reference attention (dense:
-    masked pairs too) and no rematerialisation, read off its jaxpr (scans counted `length` times;
-    XLA's cost analysis counts a loop's body once): the work every implementation does, bar
-    recomputation and the pairs a kernel skips."""
-    import flax.linen as nn
-
-    from idefics_jax.sharding import LOGICAL_AXIS_RULES
-    from idefics_jax.train.metrics import dot_shapes
-    from idefics_jax.train.step import train_step_fn
-
-    model = Idefics2(config, attention_impl="xla", dtype=jnp.bfloat16, param_dtype=jnp.float32, scan_layers=True)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        jaxpr = jax.jit(train_step_fn(model, tx)).trace(state, batch).jaxpr.jaxpr
-    return float(sum(2 * b * m * k * n * count for (b, m, k, n), count in dot_shapes(jaxpr).items()))
 
 
 def median_step(step, state, batch, warmup: int, steps: int):
@@ -121,15 +106,13 @@ def main():
     tx, _ = make_optimizer(learning_rate=1e-5, warmup_steps=10, total_steps=1000)
     tokens = args.rows * args.seq
     implementations = args.implementations.split(",")
-    flops = None
+    flops = step_flops(config, batch)  # what training logs its MFU over (perf/mfu)
     results = []
     for impl in implementations:
         model = Idefics2(config, attention_impl=impl, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                          remat=args.remat, scan_layers=True)
         state = init_state(model, tx, mesh, jax.random.PRNGKey(0))
         placed = place_batch(batch, mesh)
-        if flops is None:
-            flops = model_flops(config, tx, mesh, state, placed)
         try:
             seconds, loss, state = median_step(make_train_step(model, tx, mesh), state, placed, warmup=2,
                                                steps=args.steps)
