@@ -553,8 +553,9 @@ def default_blocks(backend: str, head_dim: int) -> Blocks:
         # [128, 128] query and dO tiles times 3 stages do not fit (measured on an H200). On Hopper the
         # forward and backward are Mosaic GPU's (bfloat16 / float16): forward 1.5-2.1x Triton's, forward +
         # backward 1.7-2.6x Triton's and 2.3x cuDNN's at the vision shape (H100, benchmarks/RESULTS.md),
-        # at the head dims they were timed at (72, 128; a wider one's accumulators take more registers)
-        mosaic = "mgpu" if head_dim <= 128 and hopper() else "triton"
+        # between the head dims they were timed at (72, 128; a wider one's accumulators take more
+        # registers; narrower ones, the tiny configs', were never compiled on a GPU)
+        mosaic = "mgpu" if 64 <= head_dim <= 128 and hopper() else "triton"
         return Blocks(block_q=128, block_k=64 if head_dim > 64 else 128,
                       block_q_dkv=64 if head_dim > 64 else 128, num_stages=2, forward=mosaic, backward=mosaic)
     return Blocks(block_q=32, block_k=32)  # interpret mode: small tiles keep the loops short
