@@ -554,7 +554,8 @@ def default_blocks(backend: str, head_dim: int) -> Blocks:
         # forward and backward are Mosaic GPU's (bfloat16 / float16): forward 1.5-2.1x Triton's, forward +
         # backward 1.7-2.6x Triton's and 2.3x cuDNN's at the vision shape (H100, benchmarks/RESULTS.md),
         # between the head dims they were timed at (72, 128; a wider one's accumulators take more
-        # registers; narrower ones, the tiny configs', were never compiled on a GPU)
+        # registers; of the tiny configs' narrower ones, 32 compiled in the kernel tests, untimed,
+        # and 8 to 16 were never compiled)
         mosaic = "mgpu" if 64 <= head_dim <= 128 and hopper() else "triton"
         return Blocks(block_q=128, block_k=64 if head_dim > 64 else 128,
                       block_q_dkv=64 if head_dim > 64 else 128, num_stages=2, forward=mosaic, backward=mosaic)
