@@ -465,6 +465,7 @@ def test_selector_falls_back_with_a_reason(seed, caplog):
         assert select(vision, "gpu") == "pallas" and builds(72) == ("mgpu", "mgpu")
         assert builds(256) == builds(32) == ("triton", "triton")  # not timed: more registers; tiny configs'
         assert select(q.astype(jnp.bfloat16), "gpu") == "cudnn"  # the Perceiver's latents: pooling not timed
+        assert select(jnp.zeros((1, 729, 2, 16), jnp.bfloat16), "gpu") == "cudnn"  # a tiny config's vision tower
     assert select(q, "gpu") == "pallas"  # cuDNN takes no float32
     assert select(q[:, :1], "gpu", causal=True, positions=True) == "xla"  # a decode step
     on_tpu = lambda **kw: attention_ops.select_implementation("auto", long_q, long_k, backend="tpu", **kw)

@@ -68,11 +68,12 @@ def _auto(backend: str, query, *, causal: bool, positions: bool, segments: bool,
 
 
 def _hopper_flash(query) -> bool:
-    """Whether a plain call would take the Pallas flash kernel (not pooling) on a Hopper GPU."""
+    """Whether a plain call would take the Mosaic GPU flash kernels (a Hopper GPU, their head dims;
+    not the Perceiver's few latents, which take the pooling kernel)."""
     from idefics_jax.kernels import MAX_LATENTS
-    from idefics_jax.kernels.flash import hopper
+    from idefics_jax.kernels.flash import default_blocks
 
-    return query.shape[1] > MAX_LATENTS and hopper()
+    return query.shape[1] > MAX_LATENTS and default_blocks("gpu", query.shape[-1]).forward == "mgpu"
 
 
 def select_implementation(implementation: str, query, key, *, causal: bool, positions: bool,
