@@ -11,7 +11,10 @@ measures what runs there (on CPU only a --quick smoke run makes sense). Shapes (
            about 15% padded patches per image (the key mask of a non-square image);
   text 4k  Mistral: 2 x 4,096 tokens, 32 query / 8 key-value heads x 128, causal, window 4,096,
            packed rows of 4 segments;
-  text 8k  the same at 1 x 8,192.
+  text 8k  the same at 1 x 8,192;
+  perceiver the resampler's 64 latents over [patches; latents] of 8 images (4,900 + 64 keys, 15% of
+           the patches padded), 16 query / 4 key-value heads x 96, bidirectional: `pallas` is the
+           pooling kernel there (one query tile), `pallas:...` specs the flash kernels.
 FLOPs are counted over the visible (query, key) pairs only (4 * pairs * head_dim forward, 2.5x
 that for the backward), so skipping masked blocks is not counted as work. Peak: a 8192^3 bf16
 matmul timed in the same run. Results are appended to RESULTS.md (a table per run).
@@ -101,13 +104,14 @@ def matmul_peak(repeats: int, calls: int, n: int = 8192) -> float:
 
 
 def shapes(quick: bool):
-    """name -> (batch, seq, heads, kv_heads, head_dim, mask kwargs builder)."""
+    """name -> (batch, q_len, kv_len, heads, kv_heads, head_dim, mask kwargs builder)."""
     scale = 8 if quick else 1
 
-    def vision(batch, seq, rng):
-        real = int(seq * 0.85)
+    def vision(batch, seq, rng, latents=0):
+        real = int((seq - latents) * 0.85)
         kv_mask = np.zeros((batch, seq), bool)
         kv_mask[:, :real] = True
+        kv_mask[:, seq - latents:] = True  # the Perceiver's latents: always valid keys
         return dict(kv_mask=jnp.asarray(kv_mask))
 
     def text(batch, seq, rng, window=4096 // scale):
@@ -122,32 +126,36 @@ def shapes(quick: bool):
         return dict(causal=True, sliding_window=window, q_positions=pos, kv_positions=pos,
                     q_segment_ids=seg, kv_segment_ids=seg)
 
+    same = lambda batch, seq, *rest: (batch, seq, seq, *rest)
+    latents = lambda batch, seq, rng: vision(batch, seq, rng, latents=64)
     return {
-        "vision (4 x 4900, 16 x 72, bidirectional, padding)": (4, 4900 // scale, 16, 16, 72, vision),
-        "text 4k (2 x 4096, 32/8 x 128, causal, window 4096, packed)": (2, 4096 // scale, 32, 8, 128, text),
-        "text 8k (1 x 8192, 32/8 x 128, causal, window 4096, packed)": (1, 8192 // scale, 32, 8, 128, text),
+        "vision (4 x 4900, 16 x 72, bidirectional, padding)": same(4, 4900 // scale, 16, 16, 72, vision),
+        "text 4k (2 x 4096, 32/8 x 128, causal, window 4096, packed)": same(2, 4096 // scale, 32, 8, 128, text),
+        "text 8k (1 x 8192, 32/8 x 128, causal, window 4096, packed)": same(1, 8192 // scale, 32, 8, 128, text),
+        "perceiver (8 x 64 latents over 4900 + 64, 16/4 x 96, padding)": (8, 64, 4900 // scale + 64, 16, 4, 96,
+                                                                          latents),
     }
 
 
-def visible_pairs(seq, mask_kw) -> float:
+def visible_pairs(q_len, kv_len, mask_kw) -> float:
     """Exact count of visible (query, key) pairs, summed over the batch, from the reference mask."""
     total = 0
     batch = next(iter(v.shape[0] for v in mask_kw.values() if hasattr(v, "shape")))
     for b in range(batch):
         one = {k: (v[b:b + 1] if hasattr(v, "shape") else v) for k, v in mask_kw.items()}
-        total += int(jnp.sum(attention_mask(seq, seq, **one)))
+        total += int(jnp.sum(attention_mask(q_len, kv_len, **one)))
     return float(total)
 
 
 def bench_shape(name, spec, implementations, repeats, calls, rng):
-    batch, seq, heads, kv_heads, head_dim, make_mask = spec
-    mask_kw = make_mask(batch, seq, rng)
+    batch, q_len, kv_len, heads, kv_heads, head_dim, make_mask = spec
+    mask_kw = make_mask(batch, kv_len, rng)
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    q = jax.random.normal(keys[0], (batch, seq, heads, head_dim), jnp.bfloat16)
-    k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
-    v = jax.random.normal(keys[2], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
+    q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), jnp.bfloat16)
     dout = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
-    pairs = visible_pairs(seq, mask_kw) * heads
+    pairs = visible_pairs(q_len, kv_len, mask_kw) * heads
     fwd_flops = 4 * pairs * head_dim
     reference = lambda q, k, v: dot_product_attention(q, k, v, **mask_kw)
     ref = np.asarray(jax.jit(reference)(q, k, v), np.float32)
