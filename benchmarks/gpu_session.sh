@@ -8,7 +8,7 @@
 # Stage budgets (seconds, 0 skips): ATTN_S 180 (cuDNN, our defaults, all-Triton; the Perceiver's
 # shape too, where `pallas` is the pooling kernel, never timed before), ATTN_SWEEP_S 0 (other builds
 # and tiles, run apart: a kernel that hangs loses only its own rows), TRAIN_S 220 (the whole train
-# step of the 8B architecture with 8 decoder layers: `auto` against `xla`), TEST_BWD_S 60 (the Mosaic
+# step of the 8B architecture with 6 decoder layers: `auto` against `xla`), TEST_BWD_S 60 (the Mosaic
 # GPU backward's quick tests), TEST_S 80 (the Mosaic GPU forward's), TEST_REST_S 50 (the Triton ones),
 # DECODE_S 0, DECODE_CB_S 0 (the 8B decode runs): 590 s at most, one device call. On an H100
 # (2026-11-28) the two attention runs (defaults and sweep, three shapes) took about 250 s together.
