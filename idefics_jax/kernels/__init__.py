@@ -2,9 +2,9 @@
 
 Each computes exactly what the pure-jnp reference in `ops.attention` computes; the tests compare
 them in interpret mode on CPU. Builds: `flash` / `perceiver_pooling` lower through Triton on
-GPU, `flash_tpu` through Mosaic on TPU; `flash_mgpu` is a Hopper (Mosaic GPU) flash forward that
-`flash.Blocks(forward="mgpu")` puts in front of the Triton backward (the default on Hopper), with an
-opt-in Mosaic GPU backward (`Blocks(backward="mgpu")`: dQ and dK / dV).
+GPU, `flash_tpu` through Mosaic on TPU; `flash_mgpu` is the Hopper (Mosaic GPU) build of the flash
+forward and backward (dQ and dK / dV), `flash.Blocks(forward="mgpu", backward="mgpu")`: the default
+on Hopper for bfloat16 / float16 at head dims 64-128, where either backward follows either forward.
 `ops.attention.dot_product_attention(implementation="pallas")` is how the model reaches them (the
 TPU build on a TPU backend, the Triton build elsewhere).
 """
