@@ -211,13 +211,14 @@ def test_stream_equals_generate(converted, seed):
 
 
 FILTER_CASES = [(1.0, 5, 1.0, 1.0, 0.0), (0.7, 0, 0.8, 1.0, 0.0), (1.3, 10, 0.5, 1.0, 0.0), (1.0, 0, 0.05, 1.0, 0.0),
-                (0.0, 0, 1.0, 1.4, 0.0), (0.8, 7, 0.9, 0.7, 0.0), (1.0, 0, 1.0, 1.0, 0.1), (1.5, 20, 0.95, 1.2, 0.05)]
+                (0.0, 0, 1.0, 1.4, 0.0), (0.8, 7, 0.9, 0.7, 0.0), (1.0, 0, 1.0, 1.0, 0.1), (1.5, 20, 0.95, 1.2, 0.05),
+                (2.0, 200, 0.99, 1.0, 0.0)]  # flat: its k and nucleus pass the middle tier at 8 candidates
 
 
 @pytest.fixture(params=[8, 256], ids=lambda n: f"{n}_candidates")
 def candidates(request, monkeypatch):
     """The top-k / top-p filters' first look (`sampling.CANDIDATES`, 256): at 8 of the tests' 300
-    tokens some rows' k or nucleus is larger, and they take the whole vocabulary."""
+    tokens the tiers are 8, 128 and 300, and the rows' k and nuclei fall in each of them."""
     monkeypatch.setattr(sampling_module, "CANDIDATES", request.param)
     return request.param
 
@@ -246,7 +247,7 @@ def test_logit_filters_equal_transformers(seed, candidates, temperature, top_k, 
 def test_row_settings_choose_as_each_row_alone(seed, candidates):
     """A batch whose rows sample differently (continuous batching) processes and draws each row as a
     batch of that row alone with its settings: the same logits bit for bit, the same draws. With 8
-    candidates the batch's top-k and top-p take the whole vocabulary while some rows alone do not."""
+    candidates the batch's top-k and top-p take the whole vocabulary, the rows alone all three tiers."""
     rng = np.random.default_rng([seed, 407])
     settings = [Sampling(*row) for row in FILTER_CASES] + [Sampling(top_k=3), Sampling(0.9, 0, 1.0, 1.0, 0.3)]
     logits = rng.normal(size=(len(settings), 300)).astype(np.float32) * 3

@@ -6,8 +6,8 @@ temperature, top-k, top-p and min-p), with the same boundary rules, so the same 
 same tokens. Differences: the penalty counts the tokens of the prompt and of the answer so far,
 not the pad id of left padding (which transformers penalises in padded rows); top-p keeps every
 token tied with its last kept one, as top-k does (transformers keeps whichever its sort put first).
-Top-k and top-p look at each row's `CANDIDATES` most likely tokens (`lax.top_k`) and sort the whole
-vocabulary only for a larger k or nucleus (`benchmarks/RESULTS.md`: 28-30x faster on a CPU).
+Top-k and top-p look at each row's `CANDIDATES` most likely tokens (`lax.top_k`), then 16 times as
+many, and sort the whole vocabulary only for a larger k or nucleus (`benchmarks/RESULTS.md`).
 
 Random draws are per row: row i of a call with `seed` draws its t-th token with
 `token_keys(row_keys(seed, batch), t)[i]`, so a row's tokens depend on its seed, its index and its
@@ -61,8 +61,24 @@ class Sampling:
 
 GREEDY = Sampling()
 NEG_INF = -jnp.inf
-CANDIDATES = 256  # top-k and top-p look at each row's 256 most likely tokens (`lax.top_k`); only a row whose k
-# or nucleus is larger sorts the whole vocabulary (32k tokens: ~40 ms for 8 rows on a 2-core CPU, 1 ms for these)
+CANDIDATES = 256  # top-k and top-p look at each row's 256 most likely tokens (`lax.top_k`), then at 16 times
+# as many, and only for a larger k or nucleus sort the whole vocabulary (32k tokens, 8 rows on a 2-core CPU:
+# ~1, ~10 and ~40 ms)
+
+
+def _tiers(vocab: int) -> tuple[int, ...]:
+    """How many of a row's most likely tokens the filters look at, in turn: `CANDIDATES`, 16 times
+    as many, the whole vocabulary (those below the vocabulary's size)."""
+    return tuple(sorted({min(CANDIDATES, vocab), min(16 * CANDIDATES, vocab), vocab}))
+
+
+def _first_serving(tiers, compute, serves):
+    """`compute(n)` for the first tier `n` that `serves`, trying them in turn (`lax.cond`): the
+    larger tiers' work is done only when a smaller one falls short."""
+    result = compute(tiers[0])
+    if len(tiers) == 1:
+        return result
+    return jax.lax.cond(serves(tiers[0], result), lambda: result, lambda: _first_serving(tiers[1:], compute, serves))
 
 
 def top_k_filter(logits, k: int):
@@ -88,28 +104,26 @@ def _nucleus(logits, p, used):
     whose result counts). Transformers' rule (sort ascending, drop the tokens whose cumulative
     probability is at most 1 - p) read from the top: a token is kept while the probability of the
     tokens more likely than it is below p; ties at the last kept logit are kept, as top-k keeps them.
-    Each row's `CANDIDATES` most likely tokens first; the whole vocabulary only when a used row's
-    nucleus is larger. Both give the same bits, so a row's answer does not depend on its batch."""
-    vocab = logits.shape[-1]
+    Each row's most likely tokens a tier at a time (`_tiers`), until every used row's nucleus fits.
+    Every tier gives the same bits (sums within chunks of `CANDIDATES` tokens, then over the chunks
+    one after another: a token's sum is the same whatever the tier), so a row's answer does not
+    depend on its batch."""
     probs = jax.nn.softmax(logits, axis=-1)
 
-    def smallest_kept(n):  # [batch, 1] the lowest logit kept, from each row's n most likely tokens; their total
+    def smallest_kept(n):  # [batch, 1]: the lowest logit kept among each row's n most likely; their total mass
         top, index = jax.lax.top_k(logits, n)
         chunks = -(-n // CANDIDATES)
         pad = lambda x, value: jnp.pad(x, ((0, 0), (0, chunks * CANDIDATES - n)), constant_values=value)
         mass = pad(jnp.take_along_axis(probs, index, axis=-1), 0.0).reshape(-1, chunks, CANDIDATES)
-        within = jnp.cumsum(mass, axis=-1)  # per chunk of CANDIDATES: the first chunk's sums are the same for any n
-        exclusive = lambda x, axis: jnp.concatenate([jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis)),
-                                                     jax.lax.slice_in_dim(x, 0, -1, axis=axis)], axis=axis)
-        before = exclusive(jnp.cumsum(within[..., -1:], axis=1), 1)  # the earlier chunks' mass: 0, the first's, ...
-        above = (exclusive(within, 2) + before).reshape(-1, chunks * CANDIDATES)
-        kept = jnp.min(jnp.where(above < p, pad(top, NEG_INF), jnp.inf), axis=-1, keepdims=True)
-        return kept, within[:, 0, -1:]
+        within = jnp.cumsum(mass, axis=-1)  # [batch, chunks, CANDIDATES]
+        total, before = jax.lax.scan(lambda sum_, chunk: (sum_ + chunk, sum_), jnp.zeros_like(within[:, 0, -1:]),
+                                     jnp.moveaxis(within[..., -1:], 1, 0))  # earlier chunks' mass, in order
+        exclusive = jnp.concatenate([jnp.zeros_like(within[..., :1]), within[..., :-1]], axis=-1)
+        above = (exclusive + jnp.moveaxis(before, 0, 1)).reshape(-1, chunks * CANDIDATES)
+        return jnp.min(jnp.where(above < p, pad(top, NEG_INF), jnp.inf), axis=-1, keepdims=True), total
 
-    n = min(CANDIDATES, vocab)
-    kept, total = smallest_kept(n)
-    if n < vocab:  # rows whose nucleus reaches past the candidates: all of them
-        kept = jax.lax.cond(jnp.all((total >= p) | ~jnp.asarray(used)), lambda: kept, lambda: smallest_kept(vocab)[0])
+    fits = lambda n, result: jnp.all((result[1] >= p) | ~jnp.asarray(used))
+    kept, _ = _first_serving(_tiers(logits.shape[-1]), smallest_kept, fits)
     return jnp.where(logits < kept, NEG_INF, logits)
 
 
@@ -235,10 +249,9 @@ def process_logits_rows(logits, rows: RowSampling, seen):
 
 def _top_k_rows(logits, k):
     """Each row's k largest logits (k `[batch, 1]`, 0: off), ties at the k-th kept, -inf elsewhere."""
-    vocab = logits.shape[-1]
     kth = lambda n: jnp.take_along_axis(jax.lax.top_k(logits, n)[0], jnp.clip(k - 1, 0, n - 1), axis=-1)
-    n = min(CANDIDATES, vocab)  # the k-th largest of the candidates is the k-th largest of the row
-    threshold = kth(n) if n == vocab else jax.lax.cond(jnp.all(k <= n), lambda: kth(n), lambda: kth(vocab))
+    # the k-th largest of a row's n most likely tokens is the row's k-th largest when k <= n
+    threshold = _first_serving(_tiers(logits.shape[-1]), kth, lambda n, _: jnp.all(k <= n))
     return jnp.where((k > 0) & (logits < threshold), NEG_INF, logits)
 
 
