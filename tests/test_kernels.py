@@ -21,7 +21,9 @@ from idefics_jax import Idefics2
 from idefics_jax.kernels import (Blocks, flash_attention, flash_attention_tpu, perceiver_pooling,
                                  perceiver_pooling_tpu)
 from idefics_jax.kernels import flash as flash_module
-from idefics_jax.kernels.flash import INVALID, BlockRanges, Mask, block_ranges, default_blocks, head_parts
+from idefics_jax.kernels.flash import default_blocks
+from idefics_jax.kernels.masking import INVALID, BlockRanges, Mask, block_ranges
+from idefics_jax.kernels.tiles import head_parts
 from idefics_jax.ops import attention as attention_ops
 from idefics_jax.ops.attention import attention_mask, dot_product_attention
 from test_parity import make_batch

@@ -7,7 +7,7 @@ sized is ever written to memory. A key is visible to a query when
     same segment  and  (not causal or kv_pos <= q_pos)  and  (no window or |q_pos - kv_pos| < window)
 
 (the window is one-sided when causal). Padding keys carry the segment id `INVALID`, which no query
-has. This is exactly `ops.attention.attention_mask`, the reference the tests compare against.
+has. This is exactly `masking.attention_mask`, the reference the tests compare against.
 
 Blocks: the grid runs over (batch, query head, query block); each program loops over the key
 blocks its queries can see. Which blocks those are is worked out before the kernel from each
@@ -49,17 +49,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-INVALID = jnp.iinfo(jnp.int32).min  # segment id of padding keys: equal to no query's
-MASKED = -1e30  # score of a hidden key: finite, so a row with no visible key stays NaN-free
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-
-
-class Mask(NamedTuple):
-    """Static description of the mask; the per-token arrays travel separately."""
-
-    causal: bool = False
-    window: int | None = None  # Mistral's convention: q_pos - kv_pos < window
-    segments: bool = True  # compare segment ids (also how padding keys are hidden)
+from idefics_jax.kernels import flash_mgpu
+from idefics_jax.kernels.masking import INVALID, MASKED, BlockRanges, Mask, block_ranges, pair_mask, token_arrays
+from idefics_jax.kernels.tiles import (LOG2E, Prepared, dot, dot_t, head_parts, join, pad_axis, part_specs, pow2,
+                                      take)
 
 
 class Blocks(NamedTuple):
@@ -78,21 +71,6 @@ class Blocks(NamedTuple):
 
 FORWARDS = ("triton", "mgpu")
 BACKWARDS = FORWARDS
-
-
-def pair_mask(mask: Mask, same_segment, delta):
-    """Visible pairs from the segment test and `delta()` (query position - key position), both
-    broadcast to the tile's shape: the mask of the module docstring, shared by both kernel builds."""
-    visible = same_segment
-    if mask.causal or mask.window is not None:
-        delta = delta()
-        if mask.causal:
-            visible = visible & (delta >= 0)
-        if mask.window is not None:
-            visible = visible & (delta < mask.window)
-            if not mask.causal:
-                visible = visible & (-delta < mask.window)
-    return visible
 
 
 def _visible(mask: Mask, q_pos, q_seg, kv_pos, kv_seg):
@@ -122,99 +100,9 @@ def _pick(row, index):
 
 
 # ----------------------------------------------------------------------------------------------
-# Which key blocks each query block can see (and the transpose, for dK / dV).
-
-
-class BlockRanges(NamedTuple):
-    """int32 block intervals `[lo, hi)`: key blocks per query block (`kv_*`, `[batch, nq]`) and query
-    blocks per key block (`q_*`, `[batch, nk]`). `*_lo, *_hi`: every block holding a visible pair
-    lies inside. `*_full_lo, *_full_hi`: a run inside `[lo, hi)` of blocks whose pairs are all
-    visible (`full_lo == full_hi == hi` when there is none)."""
-
-    kv_lo: jax.Array
-    kv_hi: jax.Array
-    kv_full_lo: jax.Array
-    kv_full_hi: jax.Array
-    q_lo: jax.Array
-    q_hi: jax.Array
-    q_full_lo: jax.Array
-    q_full_hi: jax.Array
-
-
-def _interval(p):
-    """First and one-past-last True along the last axis; (0, 0) when none."""
-    n = p.shape[-1]
-    idx = jnp.arange(n, dtype=jnp.int32)
-    first = jnp.min(jnp.where(p, idx, n), axis=-1)
-    last = jnp.max(jnp.where(p, idx, -1), axis=-1)
-    return jnp.where(last >= 0, first, 0).astype(jnp.int32), (last + 1).astype(jnp.int32)
-
-
-def _longest_run(p, empty_at):
-    """`[start, end)` of the longest run of True along the last axis (the first such run);
-    `(empty_at, empty_at)` when there is no True."""
-    idx = jnp.arange(p.shape[-1], dtype=jnp.int32)
-    last_false = lax.cummax(jnp.where(p, -1, idx), axis=p.ndim - 1)
-    run = jnp.where(p, idx - last_false, 0)  # length of the run ending here
-    end = jnp.argmax(run, axis=-1).astype(jnp.int32) + 1
-    length = jnp.max(run, axis=-1)
-    none = length == 0
-    return jnp.where(none, empty_at, end - length), jnp.where(none, empty_at, end)
-
-
-def block_ranges(q_pos, q_seg, kv_pos, kv_seg, mask: Mask, block_q: int, block_k: int) -> BlockRanges:
-    """Which block pairs hold visible token pairs (conservatively), and which hold only visible ones.
-
-    Inputs are padded to whole blocks: q_* `[batch, nq * block_q]`, kv_* `[batch, nk * block_k]`;
-    padded queries carry segment `INVALID` too. A block pair is left out only when no pair of tokens
-    in it can be visible, and called full only when every pair is, both judged from each block's
-    min / max position and segment id.
-    """
-    big = jnp.iinfo(jnp.int32).max
-
-    def summary(pos, seg, block):
-        pos, seg = pos.reshape(pos.shape[0], -1, block), seg.reshape(seg.shape[0], -1, block)
-        real = seg != INVALID
-        lo = lambda x: jnp.min(jnp.where(real, x, big), axis=-1)
-        hi = lambda x: jnp.max(jnp.where(real, x, -big), axis=-1)
-        return lo(pos), hi(pos), lo(seg), hi(seg), jnp.any(real, axis=-1), jnp.all(real, axis=-1)
-
-    qp_lo, qp_hi, qs_lo, qs_hi, q_any, q_all = (x[:, :, None] for x in summary(q_pos, q_seg, block_q))
-    kp_lo, kp_hi, ks_lo, ks_hi, k_any, k_all = (x[:, None, :] for x in summary(kv_pos, kv_seg, block_k))
-    possible = q_any & k_any & (qs_lo <= ks_hi) & (ks_lo <= qs_hi)  # [batch, nq, nk]
-    # full: no padding on either side, one segment throughout, every position pair inside the mask
-    full = q_all & k_all & (qs_lo == qs_hi) & (ks_lo == ks_hi) & (qs_lo == ks_lo)
-    if mask.causal:
-        possible &= kp_lo <= qp_hi
-        full &= kp_hi <= qp_lo
-    if mask.window is not None:
-        possible &= qp_lo - kp_hi < mask.window
-        full &= qp_hi - kp_lo < mask.window
-        if not mask.causal:
-            possible &= kp_lo - qp_hi < mask.window
-            full &= kp_hi - qp_lo < mask.window
-
-    kv_lo, kv_hi = _interval(possible)
-    q_lo, q_hi = _interval(jnp.swapaxes(possible, 1, 2))
-    kv_full = _longest_run(full, kv_hi)
-    q_full = _longest_run(jnp.swapaxes(full, 1, 2), q_hi)
-    return BlockRanges(kv_lo, kv_hi, *kv_full, q_lo, q_hi, *q_full)
-
-
-# ----------------------------------------------------------------------------------------------
 # Kernels. Refs arrive as 2-D tiles: q / o `[block_q, w]`, k / v `[kv_len, w]` (whole sequence of
 # one head), positions / segments 1-D, range rows `[n_blocks_pow2]`: lo, hi, full_lo, full_hi.
 # Every q / k / v / o / dO / gradient tile comes as one ref per head-dim part (`head_parts`).
-
-
-def _take(refs, *counts):
-    """Splits a flat ref list into consecutive groups of the given sizes."""
-    groups, start = [], 0
-    for n in counts:
-        groups.append(refs[start:start + n])
-        start += n
-    assert start == len(refs), (start, len(refs))
-    return groups
 
 
 def _ranges(range_refs, index):
@@ -223,17 +111,9 @@ def _ranges(range_refs, index):
     return lo, full_lo, full_hi, hi
 
 
-def _dot(a, b):  # a [m, k] @ b [k, n], float32 accumulation
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
-
-
-def _dot_t(a, b):  # a [m, k] @ b [n, k]^T
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _forward_kernel(*refs, mask: Mask, scale: float, block_k: int, parts: int):
     (lo, hi, full_lo, full_hi, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), q_refs, k_refs, v_refs, o_refs, \
-        (lse_ref,) = _take(refs, 8, parts, parts, parts, parts, 1)
+        (lse_ref,) = take(refs, 8, parts, parts, parts, parts, 1)
     qs = [r[...] for r in q_refs]
     q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
     block_q = qs[0].shape[0]
@@ -250,7 +130,7 @@ def _forward_kernel(*refs, mask: Mask, scale: float, block_k: int, parts: int):
         if masked:
             p = jnp.where(visible, p, 0.0)
         alpha = jnp.exp2(m - m_new)
-        accs = tuple(acc * alpha[:, None] + _dot(p.astype(r.dtype), r[cols, :]) for acc, r in zip(accs, v_refs))
+        accs = tuple(acc * alpha[:, None] + dot(p.astype(r.dtype), r[cols, :]) for acc, r in zip(accs, v_refs))
         return accs, m_new, l * alpha + jnp.sum(p, axis=-1)
 
     init = (tuple(jnp.zeros((block_q, r.shape[-1]), jnp.float32) for r in v_refs),
@@ -270,7 +150,7 @@ def _probabilities(mask, scale, qs, ks, q_pos, q_seg, kv_pos, kv_seg, lse, maske
 
 def _dq_kernel(*refs, mask: Mask, scale: float, block_k: int, parts: int):
     (lo, hi, full_lo, full_hi, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), q_refs, k_refs, v_refs, do_refs, \
-        (lse_ref, delta_ref), dq_refs = _take(refs, 8, parts, parts, parts, parts, 2, parts)
+        (lse_ref, delta_ref), dq_refs = take(refs, 8, parts, parts, parts, parts, 2, parts)
     qs, dos = [r[...] for r in q_refs], [r[...] for r in do_refs]
     lse, delta = lse_ref[...], delta_ref[...]
     q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]
@@ -279,9 +159,9 @@ def _dq_kernel(*refs, mask: Mask, scale: float, block_k: int, parts: int):
         cols = pl.ds(j * block_k, block_k)
         ks = [r[cols, :] for r in k_refs]
         p = _probabilities(mask, scale, qs, ks, q_pos, q_seg, kv_pos_ref[cols], kv_seg_ref[cols], lse, masked)
-        dp = sum(_dot_t(do, r[cols, :]) for do, r in zip(dos, v_refs))
+        dp = sum(dot_t(do, r[cols, :]) for do, r in zip(dos, v_refs))
         ds = p * (dp - delta[:, None])
-        return tuple(dq + _dot(ds.astype(k.dtype), k) for dq, k in zip(dqs, ks))
+        return tuple(dq + dot(ds.astype(k.dtype), k) for dq, k in zip(dqs, ks))
 
     dqs = _visit(*_ranges((lo, hi, full_lo, full_hi), pl.program_id(2)), body,
                  tuple(jnp.zeros(q.shape, jnp.float32) for q in qs))
@@ -291,7 +171,7 @@ def _dq_kernel(*refs, mask: Mask, scale: float, block_k: int, parts: int):
 
 def _dkdv_kernel(*refs, mask: Mask, scale: float, block_q: int, parts: int):
     (lo, hi, full_lo, full_hi, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), q_refs, k_refs, v_refs, do_refs, \
-        (lse_ref, delta_ref), dk_refs, dv_refs = _take(refs, 8, parts, parts, parts, parts, 2, parts, parts)
+        (lse_ref, delta_ref), dk_refs, dv_refs = take(refs, 8, parts, parts, parts, parts, 2, parts, parts)
     ks, vs = [r[...] for r in k_refs], [r[...] for r in v_refs]
     kv_pos, kv_seg = kv_pos_ref[...], kv_seg_ref[...]
 
@@ -301,10 +181,10 @@ def _dkdv_kernel(*refs, mask: Mask, scale: float, block_q: int, parts: int):
         qs, dos = [r[rows, :] for r in q_refs], [r[rows, :] for r in do_refs]
         p = _probabilities(mask, scale, qs, ks, q_pos_ref[rows], q_seg_ref[rows], kv_pos, kv_seg, lse_ref[rows],
                            masked)
-        dvs = tuple(dv + _dot(p.astype(do.dtype).T, do) for dv, do in zip(dvs, dos))
-        dp = sum(_dot_t(do, v) for do, v in zip(dos, vs))
+        dvs = tuple(dv + dot(p.astype(do.dtype).T, do) for dv, do in zip(dvs, dos))
+        dp = sum(dot_t(do, v) for do, v in zip(dos, vs))
         ds = (p * (dp - delta_ref[rows][:, None])).T
-        dks = tuple(dk + _dot(ds.astype(q.dtype), q) for dk, q in zip(dks, qs))
+        dks = tuple(dk + dot(ds.astype(q.dtype), q) for dk, q in zip(dks, qs))
         return dks, dvs
 
     zeros = tuple(jnp.zeros(k.shape, jnp.float32) for k in ks)
@@ -319,63 +199,13 @@ def _dkdv_kernel(*refs, mask: Mask, scale: float, block_q: int, parts: int):
 # pallas_call plumbing.
 
 
-def head_parts(head_dim: int) -> tuple[int, ...]:
-    """The head dim as powers of two of at least 16 (Triton's tiles: power-of-two sides, MMA's
-    16-wide K), largest first, covering it with the fewest zero columns: 72 -> (64, 16), 96 ->
-    (64, 32), 128 -> (128,). Each part is read and multiplied as its own tile; against padding to
-    one power of two (72 -> 128) the matrix work and the loads shrink by 80 / 128 at SigLIP's 72."""
-    units = -(-head_dim // 16)
-    return tuple(16 << bit for bit in reversed(range(units.bit_length())) if units >> bit & 1)
-
-
-def _part_specs(block_shape, index_map, parts):
-    """One BlockSpec per head-dim part over the same `[..., sum(parts)]` array: part `i` is the
-    block at column `offset_i / width_i` (offsets are multiples of the smaller widths that follow)."""
-    specs, offset = [], 0
-    for width in parts:
-        specs.append(pl.BlockSpec((*block_shape, width),
-                                  lambda *ids, _o=offset // width: (*index_map(*ids), _o)))
-        offset += width
-    return specs
-
-
-def _join(parts_out):
-    return parts_out[0] if len(parts_out) == 1 else jnp.concatenate(parts_out, axis=-1)
-
-
 def _compiler_params(blocks: Blocks, head_dim: int, interpret: bool):
     if interpret:
         return None
-    from jax.experimental.pallas import triton as plgpu
+    from jax.experimental.pallas import triton as plgpu  # lowering for GPUs only: not imported to interpret
 
     warps = blocks.num_warps or (4 if head_dim <= 64 else 8)
     return plgpu.CompilerParams(num_warps=warps, num_stages=blocks.num_stages)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _pad_axis(x, axis: int, size: int, value=0):
-    pad = size - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-class _Prepared(NamedTuple):
-    """Everything a kernel reads, padded to whole blocks. The int arrays are built once outside the
-    custom VJP (no gradient); q, k, v are filled in inside it."""
-
-    q: jax.Array
-    k: jax.Array
-    v: jax.Array
-    q_pos: jax.Array
-    q_seg: jax.Array
-    kv_pos: jax.Array
-    kv_seg: jax.Array
 
 
 def _row_spec(n: int, index_of_row):
@@ -383,11 +213,9 @@ def _row_spec(n: int, index_of_row):
     return pl.BlockSpec((None, n), index_of_row)
 
 
-def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: bool):
+def _forward(x: Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: bool):
     """Padded inputs -> (out [b, sq, h, d], lse float32 [b, h, sq], base 2)."""
     if _mgpu_forward(blocks, x.q.dtype):
-        from idefics_jax.kernels import flash_mgpu
-
         return flash_mgpu.forward(x, mask, scale, flash_mgpu.MgpuBlocks(*blocks.mgpu), interpret=interpret)
     b, sq, h, d = x.q.shape
     sk, kvh = x.k.shape[1], x.k.shape[2]
@@ -396,8 +224,8 @@ def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: 
     nq, parts = sq // bq, head_parts(d)
     n = len(parts)
     r = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
-    n_rows = _pow2(nq)
-    rows = [_pad_axis(a, 1, n_rows) for a in (r.kv_lo, r.kv_hi, r.kv_full_lo, r.kv_full_hi)]
+    n_rows = pow2(nq)
+    rows = [pad_axis(a, 1, n_rows) for a in (r.kv_lo, r.kv_hi, r.kv_full_lo, r.kv_full_hi)]
     q_tile = lambda bi, hi, qi: (bi, qi, hi)
     kv_whole = lambda bi, hi, qi: (bi, 0, hi // groups)
     *outs, lse = pl.pallas_call(
@@ -409,9 +237,9 @@ def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: 
             pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
             _row_spec(sk, lambda bi, hi, qi: (bi, 0)),
             _row_spec(sk, lambda bi, hi, qi: (bi, 0)),
-            *_part_specs((None, bq, None), q_tile, parts),
-            *_part_specs((None, sk, None), kv_whole, parts),
-            *_part_specs((None, sk, None), kv_whole, parts),
+            *part_specs((None, bq, None), q_tile, parts),
+            *part_specs((None, sk, None), kv_whole, parts),
+            *part_specs((None, sk, None), kv_whole, parts),
         ],
         out_specs=[*[pl.BlockSpec((None, bq, None, w), lambda bi, hi, qi: (bi, qi, hi, 0)) for w in parts],
                    pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi))],
@@ -421,10 +249,10 @@ def _forward(x: _Prepared, mask: Mask, scale: float, blocks: Blocks, interpret: 
         interpret=interpret,
         name="idefics_flash_forward",
     )(*rows, x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, *[x.q] * n, *[x.k] * n, *[x.v] * n)
-    return _join(outs), lse
+    return join(outs), lse
 
 
-def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Blocks, interpret: bool):
+def _backward(x: Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Blocks, interpret: bool):
     """Padded inputs and cotangent -> (dq, dk, dv), padded like the inputs."""
     b, sq, h, d = x.q.shape
     sk, kvh = x.k.shape[1], x.k.shape[2]
@@ -434,8 +262,6 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
     n = len(parts)
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
     if _mgpu_backward(blocks, x.q.dtype):
-        from idefics_jax.kernels import flash_mgpu
-
         tiles = flash_mgpu.MgpuBwdBlocks(*blocks.mgpu_bwd)
         dq = flash_mgpu.backward_dq(x, dout, lse, delta, mask, scale, flash_mgpu.MgpuBlocks(
             block_q=tiles.block_q, block_k=tiles.block_k, stages=tiles.stages), interpret=interpret)
@@ -444,9 +270,9 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
     r = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, bk)
     bq_dkv = min(bq, blocks.block_q_dkv or bq)  # divides sq: both are powers of two, sq a multiple of bq
     r_dkv = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq_dkv, bk)
-    nq_rows, nk_rows = _pow2(nq), _pow2(nk)
-    kv_rows = [_pad_axis(a, 1, nq_rows) for a in (r.kv_lo, r.kv_hi, r.kv_full_lo, r.kv_full_hi)]
-    q_rows = [_pad_axis(a, 1, nk_rows) for a in (r_dkv.q_lo, r_dkv.q_hi, r_dkv.q_full_lo, r_dkv.q_full_hi)]
+    nq_rows, nk_rows = pow2(nq), pow2(nk)
+    kv_rows = [pad_axis(a, 1, nq_rows) for a in (r.kv_lo, r.kv_hi, r.kv_full_lo, r.kv_full_hi)]
+    q_rows = [pad_axis(a, 1, nk_rows) for a in (r_dkv.q_lo, r_dkv.q_hi, r_dkv.q_full_lo, r_dkv.q_full_hi)]
     params = _compiler_params(blocks, d, interpret)
     row = lambda n_rows: _row_spec(n_rows, lambda bi, hi, i: (bi, 0))
     operands = lambda: [x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, *[x.q] * n, *[x.k] * n, *[x.v] * n, *[dout] * n,
@@ -462,10 +288,10 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
             pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
             pl.BlockSpec((None, bq), lambda bi, hi, qi: (bi, qi)),
             row(sk), row(sk),
-            *_part_specs((None, bq, None), q_tile, parts),
-            *_part_specs((None, sk, None), kv_whole, parts),
-            *_part_specs((None, sk, None), kv_whole, parts),
-            *_part_specs((None, bq, None), q_tile, parts),
+            *part_specs((None, bq, None), q_tile, parts),
+            *part_specs((None, sk, None), kv_whole, parts),
+            *part_specs((None, sk, None), kv_whole, parts),
+            *part_specs((None, bq, None), q_tile, parts),
             pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
             pl.BlockSpec((None, None, bq), lambda bi, hi, qi: (bi, hi, qi)),
         ],
@@ -486,10 +312,10 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
             row(sq), row(sq),
             pl.BlockSpec((None, bk), lambda bi, hi, ki: (bi, ki)),
             pl.BlockSpec((None, bk), lambda bi, hi, ki: (bi, ki)),
-            *_part_specs((None, sq, None), q_whole, parts),
-            *_part_specs((None, bk, None), kv_tile, parts),
-            *_part_specs((None, bk, None), kv_tile, parts),
-            *_part_specs((None, sq, None), q_whole, parts),
+            *part_specs((None, sq, None), q_whole, parts),
+            *part_specs((None, bk, None), kv_tile, parts),
+            *part_specs((None, bk, None), kv_tile, parts),
+            *part_specs((None, sq, None), q_whole, parts),
             pl.BlockSpec((None, None, sq), lambda bi, hi, ki: (bi, hi, 0)),
             pl.BlockSpec((None, None, sq), lambda bi, hi, ki: (bi, hi, 0)),
         ],
@@ -500,12 +326,12 @@ def _backward(x: _Prepared, out, lse, dout, mask: Mask, scale: float, blocks: Bl
         interpret=interpret,
         name="idefics_flash_dkdv",
     )(*q_rows, *operands())
-    dk, dv = _join(dkv[:n]), _join(dkv[n:])
-    return _join(dq), sum_groups(dk, kvh, x.k.dtype), sum_groups(dv, kvh, x.k.dtype)
+    dk, dv = join(dkv[:n]), join(dkv[n:])
+    return join(dq), sum_groups(dk, kvh, x.k.dtype), sum_groups(dv, kvh, x.k.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash(x: _Prepared, q, k, v, mask, scale, blocks, interpret):
+def _flash(x: Prepared, q, k, v, mask, scale, blocks, interpret):
     out, _ = _forward(x._replace(q=q, k=k, v=v), mask, scale, blocks, interpret)
     return out
 
@@ -549,36 +375,16 @@ def hopper() -> bool:
 
 
 def default_blocks(backend: str, head_dim: int) -> Blocks:
+    """The tiles (and, on Hopper, the Mosaic GPU builds) a backend runs at `head_dim`."""
     if backend == "gpu":  # Hopper's 227 KiB of shared memory: at head dim 128 the dK / dV kernel's
-        # [128, 128] query and dO tiles times 3 stages do not fit (measured on an H200). On Hopper the
-        # forward and backward are Mosaic GPU's (bfloat16 / float16): forward 1.5-2.1x Triton's, forward +
-        # backward 1.7-2.6x Triton's and 2.3x cuDNN's at the vision shape (H100, benchmarks/RESULTS.md),
-        # between the head dims they were timed at (72, 128; a wider one's accumulators take more
-        # registers; of the tiny configs' narrower ones, 32 compiled in the kernel tests, untimed,
-        # and 8 to 16 were never compiled)
+        # [128, 128] query and dO tiles times 3 stages do not fit. On Hopper the forward and backward
+        # are Mosaic GPU's (bfloat16 / float16), the faster (benchmarks/RESULTS.md), within the head
+        # dims they were timed at (72 to 128: a wider one's accumulators take more registers, and the
+        # tiny configs' narrower ones were never timed)
         mosaic = "mgpu" if 64 <= head_dim <= 128 and hopper() else "triton"
         return Blocks(block_q=128, block_k=64 if head_dim > 64 else 128,
                       block_q_dkv=64 if head_dim > 64 else 128, num_stages=2, forward=mosaic, backward=mosaic)
     return Blocks(block_q=32, block_k=32)  # interpret mode: small tiles keep the loops short
-
-
-def token_arrays(batch, q_len, kv_len, *, kv_mask=None, q_positions=None, kv_positions=None,
-                 q_segment_ids=None, kv_segment_ids=None):
-    """Per-token int32 positions and segment ids for the kernels, with padding keys folded in.
-
-    Defaults follow `ops.attention.attention_mask`: queries are the last `q_len` of the keys.
-    """
-    i32 = lambda a: jnp.asarray(a, jnp.int32)
-    q_pos = jnp.arange(kv_len - q_len, kv_len, dtype=jnp.int32)[None] if q_positions is None else i32(q_positions)
-    kv_pos = jnp.arange(kv_len, dtype=jnp.int32)[None] if kv_positions is None else i32(kv_positions)
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-    q_seg = jnp.zeros((1, q_len), jnp.int32) if q_segment_ids is None else i32(q_segment_ids)
-    kv_seg = jnp.zeros((1, kv_len), jnp.int32) if kv_segment_ids is None else i32(kv_segment_ids)
-    if kv_mask is not None:
-        kv_seg = jnp.where(jnp.asarray(kv_mask, bool), kv_seg, INVALID)
-    full = lambda a, n: jnp.broadcast_to(a, (batch, n))
-    return full(q_pos, q_len), full(q_seg, q_len), full(kv_pos, kv_len), full(kv_seg, kv_len)
 
 
 def prepare(query, key, value, *, scale: float | None, blocks: Blocks | None, interpret: bool | None,
@@ -599,28 +405,24 @@ def prepare(query, key, value, *, scale: float | None, blocks: Blocks | None, in
     scale = head_dim**-0.5 if scale is None else float(scale)
     blocks = blocks or default_blocks("cpu" if interpret else backend, head_dim)
     # Power-of-two tiles (Triton's rule), no larger than the sequence needs, at least 16 rows (MMA).
-    blocks = blocks._replace(block_q=max(16, min(block_q or blocks.block_q, _pow2(q_len))),
-                             block_k=max(16, min(blocks.block_k, _pow2(kv_len))))
+    blocks = blocks._replace(block_q=max(16, min(block_q or blocks.block_q, pow2(q_len))),
+                             block_k=max(16, min(blocks.block_k, pow2(kv_len))))
     multiple_q, multiple_k = blocks.block_q, blocks.block_k
     if _mgpu_forward(blocks, query.dtype):  # its tiles too (powers of two, like the Triton ones)
-        from idefics_jax.kernels import flash_mgpu
-
         multiple_q = max(multiple_q, flash_mgpu.COMPUTE_WGS * blocks.mgpu[0])
         multiple_k = max(multiple_k, blocks.mgpu[1])
     if _mgpu_backward(blocks, query.dtype):
-        from idefics_jax.kernels import flash_mgpu
-
         multiple_q = max(multiple_q, flash_mgpu.COMPUTE_WGS * blocks.mgpu_bwd[1])  # dQ: 2 warpgroups' rows
         multiple_k = max(multiple_k, flash_mgpu.COMPUTE_WGS * blocks.mgpu_bwd[0])  # dK / dV: 2 warpgroups' keys
     sq, sk = pl.cdiv(q_len, multiple_q) * multiple_q, pl.cdiv(kv_len, multiple_k) * multiple_k
     d = sum(head_parts(head_dim))
     q_pos, q_seg, kv_pos, kv_seg = token_arrays(batch, q_len, kv_len, **token_kw)
-    x = _Prepared(
+    x = Prepared(
         q=None, k=None, v=None,
-        q_pos=_pad_axis(q_pos, 1, sq), q_seg=_pad_axis(q_seg, 1, sq, INVALID),
-        kv_pos=_pad_axis(kv_pos, 1, sk), kv_seg=_pad_axis(kv_seg, 1, sk, INVALID),
+        q_pos=pad_axis(q_pos, 1, sq), q_seg=pad_axis(q_seg, 1, sq, INVALID),
+        kv_pos=pad_axis(kv_pos, 1, sk), kv_seg=pad_axis(kv_seg, 1, sk, INVALID),
     )
-    pad = lambda t, s: _pad_axis(_pad_axis(t, 1, s), 3, d)
+    pad = lambda t, s: pad_axis(pad_axis(t, 1, s), 3, d)
     return x, pad(query, sq), pad(key, sk), pad(value, sk), scale, blocks, interpret
 
 

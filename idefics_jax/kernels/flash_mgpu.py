@@ -13,40 +13,34 @@ FlashAttention-3 runs on Hopper, in Pallas' Mosaic GPU dialect:
 - the two compute warpgroups take turns at the tensor cores (a shared "schedule" barrier, passed
   twice per key block): while one multiplies, the other does its softmax.
 
-The mask is the one of `flash.py` (module docstring there): per-token positions and segment ids,
-causal, a sliding window, padding keys with segment `INVALID`; the same `flash.block_ranges` says
-which key blocks a query block visits and which of them are full (no element mask built). The
-memory warpgroup streams the blocks the CTA's 2 * block_q rows can see; a compute warpgroup passes
-over the blocks only the other one needs (it still waits on and releases their slots, since a
-barrier's phase is counted per waiter).
+The mask is `masking`'s: per-token positions and segment ids, causal, a sliding window, padding
+keys with segment `INVALID`; `masking.block_ranges` says which key blocks a query block visits and
+which of them are full (no element mask built). The memory warpgroup streams the blocks the CTA's
+2 * block_q rows can see; a compute warpgroup passes over the blocks only the other one needs (it
+still waits on and releases their slots, since a barrier's phase is counted per waiter).
 
 Output: `(out, lse)` exactly as `flash._forward` returns them (lse in base 2, rows that see no key
 give out 0, lse 0), so either backward (Triton's in `flash.py` or this module's) takes them.
 
 Shapes it serves: bfloat16 / float16 (wgmma takes no float32 without tf32), any head dim, as the
-power-of-two parts of `flash.head_parts` (SigLIP's 72 as 64 + 16, 80 / 128 of padding it to 128),
-each part its own array, shared-memory buffer (swizzled to its width) and wgmma. Chosen by
-`flash.Blocks(forward="mgpu")`, the default on a Hopper GPU: on an H200 and on an H100 it is 1.7x the
-Triton forward at the decoder's 8k shape (496 / 487 TFLOP/s, 63% of the measured bf16 peak) and
-2.2-2.4x cuDNN's at the vision tower's (`benchmarks/RESULTS.md`; tiles in `Blocks.mgpu`, 64 / 128 / 2
-the fastest tried).
+power-of-two parts of `tiles.head_parts` (SigLIP's 72 as 64 + 16), each part its own array,
+shared-memory buffer (swizzled to its width) and wgmma. Chosen by `flash.Blocks(forward="mgpu")`,
+the default on a Hopper GPU (`flash.default_blocks`; timings in `benchmarks/RESULTS.md`).
 
-The backward (`flash.Blocks(backward="mgpu")`, also the Hopper default: on an H100 forward + backward
-takes 3.4 ms at 8k against 6.1 with Triton's backward and 12.4 with cuDNN's, and 4.6 ms at the vision
-shape against 10.8 and cuDNN's 10.7) is FlashAttention-2's split into two kernels of the same plan. dK / dV (`backward_dkdv`), keys as
-rows: a CTA holds `2 * block_k` keys of one key/value head, each compute warpgroup its `block_k` keys'
-K and V in shared memory and dK / dV in registers across every query head of the GQA group (one
-output per key/value head, no per-query-head float32 array to sum afterwards); the memory warpgroup
-streams Q, dO, tokens, lse and delta per (query head, query block). dQ (`backward_dq`) is the
-forward's layout: each compute warpgroup holds its query rows' Q, dO, lse and delta, dQ in
-registers, while the forward's memory warpgroup (`_stream_keys`) streams K and V.
+The backward (`flash.Blocks(backward="mgpu")`, also the Hopper default) is FlashAttention-2's split
+into two kernels of the same plan. dK / dV (`backward_dkdv`), keys as rows: a CTA holds
+`2 * block_k` keys of one key/value head, each compute warpgroup its `block_k` keys' K and V in
+shared memory and dK / dV in registers across every query head of the GQA group (one output per
+key/value head, no per-query-head float32 array to sum afterwards); the memory warpgroup streams
+Q, dO, tokens, lse and delta per (query head, query block). dQ (`backward_dq`) is the forward's
+layout: each compute warpgroup holds its query rows' Q, dO, lse and delta, dQ in registers, while
+the forward's memory warpgroup (`_stream_keys`) streams K and V.
 
-Checked on CPU two ways: Pallas' GPU interpret mode runs the kernel (three simulated warpgroups,
-barriers with per-waiter phases, TMA copies, its race detector) against the reference, with the two
-products as plain dots, since the interpreter has no wgmma on a transposed or register operand;
-and the GPU build, wgmma included, goes through Mosaic GPU's lowering for CUDA (layouts, shapes).
-On a Hopper GPU the same tests compile it (`benchmarks/gpu_session.sh`): the backward's
-passed on an H100, the forward's on an H200, but for the gradient test, unfinished inside a lease.
+On a CPU the tests run these kernels in Pallas' GPU interpret mode (three simulated warpgroups,
+barriers with per-waiter phases, TMA copies, its race detector; the two products as plain dots,
+since the interpreter has no wgmma on a transposed or register operand) and lower the GPU build,
+wgmma included, through Mosaic GPU's lowering for CUDA; `benchmarks/gpu_session.sh` compiles them
+on a Hopper GPU.
 """
 
 from __future__ import annotations
@@ -60,8 +54,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from idefics_jax.kernels import flash as fa
-from idefics_jax.kernels.flash import LOG2E, MASKED, Mask, pair_mask
+from idefics_jax.kernels.masking import MASKED, Mask, block_ranges, pair_mask
+from idefics_jax.kernels.tiles import LOG2E, Prepared, dot, dot_t, head_parts, join, take
 
 COMPUTE_WGS = 2  # compute warpgroups per CTA; warpgroup COMPUTE_WGS is the memory one
 SWIZZLE = 128  # bytes: TMA / wgmma shared-memory swizzle
@@ -99,7 +93,7 @@ def _scores(q_smems, k_smems, after_issue, interpret: bool):
     into one accumulator; `after_issue()` runs while they are in flight. (Pallas' GPU interpreter
     has no wgmma on a transposed operand: there, dots.)"""
     if interpret:
-        s = sum(fa._dot_t(q[...], k[...]) for q, k in zip(q_smems, k_smems))
+        s = sum(dot_t(q[...], k[...]) for q, k in zip(q_smems, k_smems))
         after_issue()
         return s
 
@@ -116,7 +110,7 @@ def _accumulate(accs, p, v_smems, interpret: bool):
     """acc + p @ v per head-dim part: wgmma with p from registers onto the running accumulators.
     (The interpreter has neither register operands nor `run_state`: there, dots.)"""
     if interpret:
-        return tuple(acc + fa._dot(p, v[...]) for acc, v in zip(accs, v_smems))
+        return tuple(acc + dot(p, v[...]) for acc, v in zip(accs, v_smems))
 
     def products(acc_refs):
         for acc_ref, v in zip(acc_refs, v_smems):
@@ -131,7 +125,7 @@ def _forward_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBlocks, groups:
     shared-memory buffer per head-dim part (`flash.head_parts`: 72 as 64 + 16; a TMA tile cannot
     cut an 80-wide row at 64), each multiplied on its own."""
     (cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref), q_refs, k_refs, v_refs, out_refs, (lse_ref, scoped) = \
-        fa._take(refs, 4, n_parts, n_parts, n_parts, n_parts, 2)
+        take(refs, 4, n_parts, n_parts, n_parts, n_parts, 2)
     (q_smem2, q_tok_smem2, k_smem, kv_tok_smem, v_smem, lse_smem2), (k_loaded, v_loaded, q_loaded), \
         (k_free, v_free), turn = scoped
     bq, bk, stages = blocks
@@ -271,13 +265,13 @@ def _stream_keys(k_refs, v_refs, kv_tok_ref, smem, barriers, *, batch, kv_head, 
         plgpu.barrier_wait(v_free.at[slot_of(j)])
 
 
-def _ranges(x: fa._Prepared, mask: Mask, blocks: MgpuBlocks):
+def _ranges(x: Prepared, mask: Mask, blocks: MgpuBlocks):
     """Block intervals for the CTAs (`[2, batch, n_cta]`: lo, hi) and for each compute warpgroup's
     query block (`[4, batch, n_q]`: lo, hi, full_lo, full_hi), the latter clipped into its CTA's
     interval (an empty one placed at the CTA's lo, so that its "skip" loops cover the CTA's)."""
     bq = blocks.block_q
-    cta = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, COMPUTE_WGS * bq, blocks.block_k)
-    wg = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, blocks.block_k)
+    cta = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, COMPUTE_WGS * bq, blocks.block_k)
+    wg = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, bq, blocks.block_k)
     return _clipped((cta.kv_lo, cta.kv_hi), (wg.kv_lo, wg.kv_hi, wg.kv_full_lo, wg.kv_full_hi))
 
 
@@ -289,7 +283,7 @@ def _clipped(cta, wg):
     return jnp.stack(cta), jnp.stack([jnp.where(empty, cta_lo, a) for a in wg])
 
 
-def _operands(x: fa._Prepared, q_multiple: int, k_multiple: int):
+def _operands(x: Prepared, q_multiple: int, k_multiple: int):
     """Both kernels' checks of the padded inputs; returns the head-dim parts, a function splitting a
     `[..., d]` array into them, and one making a shared-memory tile per part `(n, rows)`."""
     sq, d, sk, dtype = x.q.shape[1], x.q.shape[3], x.k.shape[1], x.q.dtype
@@ -297,7 +291,7 @@ def _operands(x: fa._Prepared, q_multiple: int, k_multiple: int):
         raise ValueError(f"the Mosaic GPU kernel takes bfloat16 / float16, got {dtype}")
     if sq % q_multiple or sk % k_multiple:
         raise ValueError(f"sequences must be padded to whole blocks: {sq} % {q_multiple}, {sk} % {k_multiple}")
-    parts = fa.head_parts(d)
+    parts = head_parts(d)
     if sum(parts) != d:
         raise ValueError(f"head dim {d} must be padded to its parts {parts} (flash.prepare does)")
     offsets = [sum(parts[:i]) for i in range(len(parts))]
@@ -319,13 +313,13 @@ def _launch(kernel, scratch, interpret, **grid_and_out):
                         interpret=(interpret_params() if interpret is True else interpret) or None, **grid_and_out)
 
 
-def _token_rows(x: fa._Prepared):
+def _token_rows(x: Prepared):
     """The kernels' first inputs after the block ranges: queries' and keys' tokens, `[batch, 2, seq]`
     (positions, segment ids)."""
     return jnp.stack([x.q_pos, x.q_seg], axis=1), jnp.stack([x.kv_pos, x.kv_seg], axis=1)
 
 
-def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = MgpuBlocks(), interpret=False):
+def forward(x: Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = MgpuBlocks(), interpret=False):
     """Padded inputs (`flash.prepare` with `block_q = 2 * blocks.block_q`, `block_k = blocks.block_k`)
     -> (out `[b, sq, h, d]`, lse float32 `[b, h, sq]` base 2), as `flash._forward`. `interpret`:
     False (compile for the GPU), True, or `interpret_params(...)`."""
@@ -353,7 +347,7 @@ def forward(x: fa._Prepared, mask: Mask, scale: float, blocks: MgpuBlocks = Mgpu
                          out_type=(*[jax.ShapeDtypeStruct((b, sq, h, w), dtype) for w in parts],
                                    jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
                          )(cta_ranges, wg_ranges, *_token_rows(x), *split(x.q), *split(x.k), *split(x.v))
-    return fa._join(outs), lse
+    return join(outs), lse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +370,7 @@ def _dkdv_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBwdBlocks, groups:
         S^T = K Q^T,  P^T = exp2(S^T - lse),  dV += P^T dO,
         dP^T = V dO^T,  dS^T = P^T (dP^T - delta),  dK += dS^T Q."""
     (cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, stats_ref), q_refs, k_refs, v_refs, do_refs, dk_refs, dv_refs, \
-        (scoped,) = fa._take(refs, 5, n_parts, n_parts, n_parts, n_parts, n_parts, n_parts, 1)
+        (scoped,) = take(refs, 5, n_parts, n_parts, n_parts, n_parts, n_parts, n_parts, 1)
     (k_smem2, v_smem2, kv_tok_smem2, q_smem, do_smem, q_tok_smem, stats_smem), (kv_loaded, loaded, consumed) = scoped
     bk, bq, stages = blocks
     batch, kv_head, cta = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("k_blocks")
@@ -473,16 +467,16 @@ def _dkdv_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBwdBlocks, groups:
             plgpu.barrier_wait(consumed.at[lax.rem(t, stages)])
 
 
-def _bwd_ranges(x: fa._Prepared, mask: Mask, blocks: MgpuBwdBlocks):
+def _bwd_ranges(x: Prepared, mask: Mask, blocks: MgpuBwdBlocks):
     """Query-block intervals for the CTAs (`[2, batch, n_cta]`) and for each compute warpgroup's key
     block (`[4, batch, n_k]`: lo, hi, full_lo, full_hi), clipped into its CTA's as in `_ranges`."""
     bk = blocks.block_k
-    cta = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, blocks.block_q, COMPUTE_WGS * bk)
-    wg = fa.block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, blocks.block_q, bk)
+    cta = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, blocks.block_q, COMPUTE_WGS * bk)
+    wg = block_ranges(x.q_pos, x.q_seg, x.kv_pos, x.kv_seg, mask, blocks.block_q, bk)
     return _clipped((cta.q_lo, cta.q_hi), (wg.q_lo, wg.q_hi, wg.q_full_lo, wg.q_full_hi))
 
 
-def backward_dkdv(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float,
+def backward_dkdv(x: Prepared, dout, lse, delta, mask: Mask, scale: float,
                   blocks: MgpuBwdBlocks = MgpuBwdBlocks(), interpret=False):
     """dK, dV `[b, sk, kv_heads, d]` (the keys' dtype, each GQA group summed in float32 inside) from
     padded inputs (`flash.prepare`: queries to whole `block_q`, keys to whole `2 * block_k`), the
@@ -511,7 +505,7 @@ def backward_dkdv(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float,
                   out_type=[jax.ShapeDtypeStruct((b, sk, kvh, w), x.k.dtype) for w in parts] * 2,
                   )(cta_ranges, wg_ranges, *_token_rows(x), jnp.stack([lse, delta], axis=2), *split(x.q), *split(x.k),
                     *split(x.v), *split(dout.astype(dtype)))
-    return fa._join(out[:n]), fa._join(out[n:])
+    return join(out[:n]), join(out[n:])
 
 
 def _dq_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBlocks, groups: int, n_parts: int, interpret: bool):
@@ -519,7 +513,7 @@ def _dq_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBlocks, groups: int,
     in registers; the memory warpgroup streams key blocks as the forward's does. Per key block:
         S = Q K^T,  P = exp2(S - lse),  dP = dO V^T,  dS = P (dP - delta),  dQ += dS K."""
     (cta_ranges, wg_ranges, q_tok_ref, kv_tok_ref, stats_ref), q_refs, k_refs, v_refs, do_refs, dq_refs, \
-        (scoped,) = fa._take(refs, 5, n_parts, n_parts, n_parts, n_parts, n_parts, 1)
+        (scoped,) = take(refs, 5, n_parts, n_parts, n_parts, n_parts, n_parts, 1)
     (q_smem2, do_smem2, q_tok_smem2, stats_smem2, k_smem, kv_tok_smem, v_smem), \
         (q_loaded, k_loaded, v_loaded), (k_free, v_free) = scoped
     bq, bk, stages = blocks
@@ -587,7 +581,7 @@ def _dq_kernel(*refs, mask: Mask, scale: float, blocks: MgpuBlocks, groups: int,
                      batch=batch, kv_head=lax.div(head, groups), lo=cta_lo, hi=cta_hi, block_k=bk, stages=stages)
 
 
-def backward_dq(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float, blocks: MgpuBlocks = MgpuBlocks(64, 64, 2),
+def backward_dq(x: Prepared, dout, lse, delta, mask: Mask, scale: float, blocks: MgpuBlocks = MgpuBlocks(64, 64, 2),
                 interpret=False):
     """dQ `[b, sq, h, d]` (the queries' dtype) from padded inputs (queries to whole `2 * block_q`,
     keys to whole `block_k`), `dout`, `lse` and `delta` as `backward_dkdv` takes them."""
@@ -615,16 +609,16 @@ def backward_dq(x: fa._Prepared, dout, lse, delta, mask: Mask, scale: float, blo
                   out_type=[jax.ShapeDtypeStruct((b, sq, h, w), dtype) for w in parts],
                   )(cta_ranges, wg_ranges, *_token_rows(x), jnp.stack([lse, delta], axis=2), *split(x.q), *split(x.k),
                     *split(x.v), *split(dout.astype(dtype)))
-    return fa._join(out)
+    return join(out)
 
 
 def interpret_params(detect_races: bool = False):
     """Pallas' GPU interpret mode (CPU), optionally with its happens-before race detector (which
     `races_found` then reports). Its interpreter evaluates `plgpu.layout_cast` as an ordinary
     primitive, which has no CPU lowering; a layout cast changes no value, so it lowers to its input."""
-    from jax._src.interpreters import mlir
-    from jax._src.pallas.mosaic_gpu import core as gpu_core
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    from jax._src.interpreters import mlir  # jax internals, only for interpreting on a CPU
+    from jax._src.pallas.mosaic_gpu import core as gpu_core  # (as above)
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # (as above)
 
     mlir.register_lowering(gpu_core.layout_cast_p, lambda ctx, x, **_: [x], platform="cpu")
     return InterpretGPUParams(detect_races=detect_races)
@@ -632,6 +626,6 @@ def interpret_params(detect_races: bool = False):
 
 def races_found() -> bool:
     """Whether the last kernel interpreted with `detect_races` had a data race."""
-    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races  # jax internals, as above
 
     return bool(get_races().races_found)

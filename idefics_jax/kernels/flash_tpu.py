@@ -30,7 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from idefics_jax.kernels import flash as fa
-from idefics_jax.kernels.flash import INVALID, MASKED, Mask, block_ranges, pair_mask, token_arrays
+from idefics_jax.kernels.masking import INVALID, MASKED, Mask, block_ranges, pair_mask, token_arrays
+from idefics_jax.kernels.tiles import dot, dot_t
 
 LANES, SUBLANES = 128, 8
 
@@ -100,7 +101,7 @@ def _forward_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, q_pos_ref, q_
         l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1)[:, None]
         m_scr[...] = m_next
         d = acc_scr.shape[1]
-        acc_scr[...] = acc_scr[...] * _lanes(alpha, d) + fa._dot(p.astype(v.dtype), v)
+        acc_scr[...] = acc_scr[...] * _lanes(alpha, d) + dot(p.astype(v.dtype), v)
 
     _branches(*_step_kind((lo, hi, full_lo, full_hi), b * n_q + qi, ki), compute)
 
@@ -130,9 +131,9 @@ def _dq_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, d
     def compute(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(mask, scale, q, k, lse_ref[...], (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), masked)
-        dp = fa._dot_t(do, v)
+        dp = dot_t(do, v)
         ds = p * (dp - _lanes(delta_ref[...], k.shape[0]))
-        dq_scr[...] += fa._dot(ds.astype(k.dtype), k)
+        dq_scr[...] += dot(ds.astype(k.dtype), k)
 
     _branches(*_step_kind((lo, hi, full_lo, full_hi), b * n_q + qi, ki), compute)
 
@@ -153,10 +154,10 @@ def _dkdv_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, do_ref, lse_ref,
     def compute(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(mask, scale, q, k, lse_ref[...], (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), masked)
-        dv_scr[...] += fa._dot(p.T.astype(do.dtype), do)
-        dp = fa._dot_t(do, v)
+        dv_scr[...] += dot(p.T.astype(do.dtype), do)
+        dp = dot_t(do, v)
         ds = p * (dp - _lanes(delta_ref[...], k.shape[0]))
-        dk_scr[...] += fa._dot(ds.T.astype(q.dtype), q)
+        dk_scr[...] += dot(ds.T.astype(q.dtype), q)
 
     _branches(*_step_kind((lo, hi, full_lo, full_hi), b * n_k + ki, qi), compute)
 
@@ -184,12 +185,12 @@ def _pooling_backward_kernel(lo, hi, full_lo, full_hi, q_ref, k_ref, v_ref, do_r
     def compute(masked):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(Mask(), scale, q, k, lse_ref[...], (q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref), masked)
-        dv_ref[...] = fa._dot(p.T.astype(do.dtype), do).astype(dv_ref.dtype)
-        dp = fa._dot_t(do, v)
+        dv_ref[...] = dot(p.T.astype(do.dtype), do).astype(dv_ref.dtype)
+        dp = dot_t(do, v)
         ds = p * (dp - _lanes(delta_ref[...], k.shape[0]))
-        dk_ref[...] = (fa._dot(ds.T.astype(q.dtype), q) * scale).astype(
+        dk_ref[...] = (dot(ds.T.astype(q.dtype), q) * scale).astype(
             dk_ref.dtype)
-        dq_scr[...] += fa._dot(ds.astype(k.dtype), k)
+        dq_scr[...] += dot(ds.astype(k.dtype), k)
 
     _branches(*_step_kind((lo, hi, full_lo, full_hi), b * n_k + ki, 0), compute)
 

@@ -24,11 +24,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from idefics_jax.kernels import flash as fa
+from idefics_jax.kernels.tiles import Prepared, dot, dot_t, head_parts, join, part_specs, pow2, take
 
 
 def _pooling_backward_kernel(*refs, scale: float, block_k: int, parts: int):
     q_refs, k_refs, v_refs, (q_seg_ref, kv_seg_ref), do_refs, (lse_ref, delta_ref), dq_refs, dk_refs, dv_refs = \
-        fa._take(refs, parts, parts, parts, 2, parts, 2, parts, parts, parts)
+        take(refs, parts, parts, parts, 2, parts, 2, parts, parts, parts)
     qs, dos = [r[...] for r in q_refs], [r[...] for r in do_refs]
     lse, delta = lse_ref[...], delta_ref[...]
     latents = qs[0].shape[0]
@@ -42,23 +43,23 @@ def _pooling_backward_kernel(*refs, scale: float, block_k: int, parts: int):
         kv_seg = kv_seg_ref[cols]
         p = fa._probabilities(mask, scale, qs, ks, q_pos, q_seg, jnp.zeros_like(kv_seg), kv_seg, lse)
         for do, dv_ref in zip(dos, dv_refs):
-            dv_ref[cols, :] = fa._dot(p.T.astype(do.dtype), do)
-        dp = sum(fa._dot_t(do, r[cols, :]) for do, r in zip(dos, v_refs))
+            dv_ref[cols, :] = dot(p.T.astype(do.dtype), do)
+        dp = sum(dot_t(do, r[cols, :]) for do, r in zip(dos, v_refs))
         ds = p * (dp - delta[:, None])
         for q, dk_ref in zip(qs, dk_refs):
-            dk_ref[cols, :] = fa._dot(ds.T.astype(q.dtype), q) * scale
-        return tuple(dq + fa._dot(ds.astype(k.dtype), k) for dq, k in zip(dqs, ks))
+            dk_ref[cols, :] = dot(ds.T.astype(q.dtype), q) * scale
+        return tuple(dq + dot(ds.astype(k.dtype), k) for dq, k in zip(dqs, ks))
 
     dqs = lax.fori_loop(0, k_refs[0].shape[0] // block_k, body, tuple(jnp.zeros(q.shape, jnp.float32) for q in qs))
     for dq, dq_ref in zip(dqs, dq_refs):
         dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _backward(x: fa._Prepared, out, lse, dout, scale: float, blocks: fa.Blocks, interpret: bool):
+def _backward(x: Prepared, out, lse, dout, scale: float, blocks: fa.Blocks, interpret: bool):
     n, latents, h, d = x.q.shape
     sk, kvh = x.k.shape[1], x.k.shape[2]
     groups = h // kvh
-    parts = fa.head_parts(d)
+    parts = head_parts(d)
     m = len(parts)
     delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), dout.astype(jnp.float32))
     query_head = lambda ni, hi: (ni, 0, hi)
@@ -67,12 +68,12 @@ def _backward(x: fa._Prepared, out, lse, dout, scale: float, blocks: fa.Blocks, 
         functools.partial(_pooling_backward_kernel, scale=scale, block_k=blocks.block_k, parts=m),
         grid=(n, h),
         in_specs=[
-            *fa._part_specs((None, latents, None), query_head, parts),
-            *fa._part_specs((None, sk, None), kv_head, parts),
-            *fa._part_specs((None, sk, None), kv_head, parts),
+            *part_specs((None, latents, None), query_head, parts),
+            *part_specs((None, sk, None), kv_head, parts),
+            *part_specs((None, sk, None), kv_head, parts),
             pl.BlockSpec((None, latents), lambda ni, hi: (ni, 0)),
             pl.BlockSpec((None, sk), lambda ni, hi: (ni, 0)),
-            *fa._part_specs((None, latents, None), query_head, parts),
+            *part_specs((None, latents, None), query_head, parts),
             pl.BlockSpec((None, None, latents), lambda ni, hi: (ni, hi, 0)),
             pl.BlockSpec((None, None, latents), lambda ni, hi: (ni, hi, 0)),
         ],
@@ -85,12 +86,12 @@ def _backward(x: fa._Prepared, out, lse, dout, scale: float, blocks: fa.Blocks, 
         interpret=interpret,
         name="idefics_perceiver_pooling_backward",
     )(*[x.q] * m, *[x.k] * m, *[x.v] * m, x.q_seg, x.kv_seg, *[dout] * m, lse, delta)
-    dq, dk, dv = fa._join(outs[:m]), fa._join(outs[m:2 * m]), fa._join(outs[2 * m:])
+    dq, dk, dv = join(outs[:m]), join(outs[m:2 * m]), join(outs[2 * m:])
     return dq, fa.sum_groups(dk, kvh, x.k.dtype), fa.sum_groups(dv, kvh, x.k.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _pool(x: fa._Prepared, q, k, v, scale, blocks, interpret):
+def _pool(x: Prepared, q, k, v, scale, blocks, interpret):
     out, _ = fa._forward(x._replace(q=q, k=k, v=v), fa.Mask(), scale, blocks, interpret)
     return out
 
@@ -123,6 +124,6 @@ def perceiver_pooling(latent_queries, key, value, *, kv_mask=None, scale: float 
         raise ValueError(f"perceiver_pooling takes at most {MAX_LATENTS} latent queries, got {latents}")
     x, q, k, v, scale, blocks, interpret = fa.prepare(
         latent_queries, key, value, scale=scale, blocks=blocks, interpret=interpret,
-        block_q=fa._pow2(latents), kv_mask=kv_mask)  # all latents in one query tile
+        block_q=pow2(latents), kv_mask=kv_mask)  # all latents in one query tile
     out = _pool(x, q, k, v, scale, blocks, interpret)
     return out[:, :latents, :, :latent_queries.shape[3]]

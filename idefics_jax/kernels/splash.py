@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from idefics_jax.kernels.masking import attention_mask
+
 PADDING_SEGMENT = -(2**30)  # a key segment no query carries
 
 
@@ -44,8 +46,6 @@ def splash_attention(query, key, value, *, scale: float, kv_mask=None, causal: b
     """query `[batch, q_len, heads, head_dim]`, key / value `[batch, kv_len, kv_heads, head_dim]`;
     masks by token index (no explicit positions). Causal or windowed attention needs
     q_len == kv_len. Lengths are padded to multiples of 128 (padding keys hidden by their segment)."""
-    from idefics_jax.ops.attention import attention_mask
-
     if q_positions is not None or kv_positions is not None:
         raise ValueError("splash attention masks by token index; explicit positions need 'xla' or 'pallas'")
     batch, q_len, heads, _ = query.shape

@@ -16,12 +16,13 @@ Implementations (`implementation=`, the model's `attention_impl`):
             a single query tile; Triton on GPU, interpreted on CPU.
   "cudnn"   `jax.nn.dot_product_attention(implementation="cudnn")`: GPU, bfloat16 / float16.
   "splash"  jax's TPU splash attention (Pallas / Mosaic): TPU only.
-  "auto"    the best of these for the call (benchmarks/RESULTS.md, H200): on GPU cuDNN for
-            bidirectional attention in bfloat16 / float16 (the vision tower, the Perceiver),
-            pallas for the rest (causal, windowed, packed: cuDNN needs them as a dense mask),
-            xla for decode steps (fewer than 16 queries: a matrix-vector product);
-            splash on TPU; on CPU chunked for causal / windowed self-attention of 256+ queries
-            (about 1.5x faster than xla forward + backward at 512-2048 tokens), xla otherwise.
+  "auto"    the fastest of these for the call, as timed in benchmarks/RESULTS.md: on GPU xla for
+            decode steps (fewer than 16 queries: a matrix-vector product), cuDNN for
+            bidirectional attention in bfloat16 / float16 (the Perceiver; the vision tower too
+            before Hopper), pallas for the rest (causal, windowed, packed: cuDNN needs them as a
+            dense mask; on Hopper the vision tower too, where the Mosaic GPU kernels serve its
+            head dim); splash on TPU; on CPU chunked for causal / windowed self-attention of 256+
+            queries, xla otherwise.
 An implementation that cannot serve a call (wrong backend, dtype, head dim, mask) falls back to
 "xla" and logs why, once per reason; it never computes something else.
 """
@@ -34,10 +35,15 @@ import einops
 import jax
 import jax.numpy as jnp
 
+from idefics_jax import kernels
+from idefics_jax.kernels import splash
+from idefics_jax.kernels.flash import default_blocks
+from idefics_jax.kernels.masking import attention_mask
+
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas", "cudnn", "splash")
 
 DECODE_QUERIES = 16  # calls with fewer queries than this are decode steps (a KV cache, a matvec)
-CHUNK = (128, 256)  # "chunked": query chunks of q_len // 2 clamped to this range (measured on XLA:CPU)
+CHUNK = (128, 256)  # "chunked": query chunks of q_len // 2 clamped to this range (the fastest on XLA:CPU)
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -60,8 +66,8 @@ def _auto(backend: str, query, *, causal: bool, positions: bool, segments: bool,
     if query.shape[1] < DECODE_QUERIES:  # a decode step: a matrix-vector product
         return "xla"
     # cuDNN for plain (bidirectional) half-precision calls, except the vision tower's on Hopper, where
-    # the Pallas flash kernels (Mosaic GPU) are 2.4x cuDNN's forward and 2.3x its forward + backward (H100).
-    # The Perceiver's few latent queries (Pallas' pooling kernel) stay cuDNN's: not timed on a GPU.
+    # the Pallas flash kernels (Mosaic GPU) are faster forward and backward (benchmarks/RESULTS.md).
+    # The Perceiver's few latent queries (Pallas' pooling kernel) stay cuDNN's until timed on a GPU.
     plain = not (causal or positions or segments)
     half = query.dtype in (jnp.bfloat16, jnp.float16)
     return "cudnn" if plain and half and query.shape[-1] % 8 == 0 and not _hopper_flash(query) else "pallas"
@@ -70,10 +76,7 @@ def _auto(backend: str, query, *, causal: bool, positions: bool, segments: bool,
 def _hopper_flash(query) -> bool:
     """Whether a plain call would take the Mosaic GPU flash kernels (a Hopper GPU, their head dims;
     not the Perceiver's few latents, which take the pooling kernel)."""
-    from idefics_jax.kernels import MAX_LATENTS
-    from idefics_jax.kernels.flash import default_blocks
-
-    return query.shape[1] > MAX_LATENTS and default_blocks("gpu", query.shape[-1]).forward == "mgpu"
+    return query.shape[1] > kernels.MAX_LATENTS and default_blocks("gpu", query.shape[-1]).forward == "mgpu"
 
 
 def select_implementation(implementation: str, query, key, *, causal: bool, positions: bool,
@@ -120,47 +123,6 @@ def select_implementation(implementation: str, query, key, *, causal: bool, posi
     return implementation
 
 
-def attention_mask(
-    q_len: int,
-    kv_len: int,
-    *,
-    kv_mask=None,  # bool [batch, kv_len]: False = padding key
-    causal: bool = False,
-    sliding_window: int | None = None,
-    q_positions=None,  # int [batch, q_len]; default arange(q_len) + kv_len - q_len
-    kv_positions=None,  # int [batch, kv_len]; default arange(kv_len)
-    q_segment_ids=None,  # int [batch, q_len]
-    kv_segment_ids=None,  # int [batch, kv_len]
-):
-    """Boolean mask `[batch or 1, 1, q_len, kv_len]`, True where a query may attend to a key.
-
-    Causal: key position <= query position. Sliding window `w` (Mistral's convention):
-    query position - key position < w, so a query sees itself and the `w - 1` keys before it.
-    Segments: a query attends only to keys of the same segment id.
-    """
-    mask = jnp.ones((1, 1, q_len, kv_len), dtype=bool)
-    if causal or sliding_window is not None:
-        if q_positions is None:
-            q_positions = jnp.arange(kv_len - q_len, kv_len, dtype=jnp.int32)[None]
-        if kv_positions is None:
-            kv_positions = jnp.arange(kv_len, dtype=jnp.int32)[None]
-        q_pos = q_positions[:, None, :, None]
-        kv_pos = kv_positions[:, None, None, :]
-        if causal:
-            mask = mask & (kv_pos <= q_pos)
-        if sliding_window is not None:
-            mask = mask & (q_pos - kv_pos < sliding_window)
-            if not causal:
-                mask = mask & (kv_pos - q_pos < sliding_window)
-    if kv_mask is not None:
-        mask = mask & kv_mask[:, None, None, :].astype(bool)
-    if q_segment_ids is not None or kv_segment_ids is not None:
-        if q_segment_ids is None or kv_segment_ids is None:
-            raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-        mask = mask & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
-    return mask
-
-
 def dot_product_attention(
     query,  # [batch, q_len, heads, head_dim]
     key,  # [batch, kv_len, kv_heads, head_dim]
@@ -194,8 +156,6 @@ def dot_product_attention(
     implementation = select_implementation(implementation, query, key, causal=causal, positions=positions,
                                            segments=segments, sliding_window=sliding_window)
     if implementation == "pallas":
-        from idefics_jax import kernels
-
         tpu = jax.default_backend() == "tpu"  # Mosaic kernels; Triton's on GPU, interpreted on CPU
         pooling = not (causal or sliding_window or positions or segments) and q_len <= kernels.MAX_LATENTS
         if pooling:  # one query tile over a long context: the Perceiver's shape
@@ -260,8 +220,6 @@ def _chunked_attention(query, key, value, scale, mask_kw):
 
 
 def _splash_attention(query, key, value, scale, mask_kw):
-    from idefics_jax.kernels import splash
-
     return splash.splash_attention(query, key, value, scale=scale, **mask_kw)
 
 
