@@ -32,7 +32,7 @@ def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: i
         try:
             if record.get("type") == "_invalid":
                 raise SampleError("bad_record", record["_error"])
-            lengths.append(len(encoder(record)["tokens"]))
+            lengths.append(len(encoder(record)["input_ids"]))
         except SampleError as error:
             problems[error.reason] += 1
             print(f"record {i} ({record.get('id', '?')}): {error.reason}: {error}", file=sys.stderr)

@@ -17,7 +17,7 @@ from idefics_jax.data.image_processing import ImageProcessor, pad_images
 from idefics_jax.data.packing import PackConfig, collate, finalize, pack_row
 from idefics_jax.data.synthetic import Renderer
 from idefics_jax.sharding import make_mesh
-from idefics_jax.train.loop import build
+from idefics_jax.train.run import build_run
 from idefics_jax.train.step import MODEL_KEYS, init_state, make_train_step
 from train_helpers import load_config
 QUESTION, DIGIT_0, FAKE = [300, 301], 500, 1024  # token ids: any fixed question; answers 500..509
@@ -47,7 +47,8 @@ def prompt(latents: int, image_token: int, digit: int | None = None):
 def test_tiny_model_learns_to_read_digits(seed):
     steps, rows, per_row = 300, 8, 8
     config = tiny_training_config(steps)
-    mcfg, model, tx, _, _, _ = build(config)
+    run = build_run(config)
+    mcfg, model, tx = run.model_config, run.model, run.tx
     latents = mcfg.image_seq_len
     images, labels = digit_images(3000, seed=seed)
     held_out, held_out_labels = digit_images(300, seed=seed + 1)
@@ -60,7 +61,7 @@ def test_tiny_model_learns_to_read_digits(seed):
             samples = []
             for i in rng.integers(0, len(images), per_row):
                 tokens = prompt(latents, mcfg.image_token_id, int(labels[i]))
-                samples.append({"tokens": tokens, "targets": np.arange(len(tokens)) == len(tokens) - 1,
+                samples.append({"input_ids": tokens, "targets": np.arange(len(tokens)) == len(tokens) - 1,
                                 "images": [images[i]]})
             packed.append(pack_row(samples, pack, {}))
         out = finalize(collate(packed, pack))

@@ -53,8 +53,8 @@ def test_packing_invariants(synthetic):
     for _ in range(6):
         batch = next(pipeline)
         assert batch["pixel_values"].shape[2:4] in ((28, 56), (56, 56))  # a static bucket
-        for b in range(batch["tokens"].shape[0]):
-            seg, tokens = batch["segment_ids"][b], batch["tokens"][b]
+        for b in range(batch["input_ids"].shape[0]):
+            seg, tokens = batch["segment_ids"][b], batch["input_ids"][b]
             slots = batch["image_segment_ids"][b]
             real = batch["pixel_attention_mask"][b].any(axis=(1, 2))
             assert (real == (slots > 0)).all()
@@ -83,7 +83,7 @@ def test_conversation_loss_is_on_answers_only(synthetic):
     seen = 0
     for _ in range(4):
         batch = next(pipeline)
-        for b in range(batch["tokens"].shape[0]):
+        for b in range(batch["input_ids"].shape[0]):
             seg = batch["segment_ids"][b]
             for s in np.unique(seg[seg > 0]):
                 where = (seg == s) & batch["loss_mask"][b]
@@ -107,7 +107,7 @@ def test_conversation_tokens_equal_the_processor_on_the_whole_prompt(synthetic):
             messages = [{"role": m["role"], "content": ([{"type": "image"}] if m["content"].startswith(IMAGE_TOKEN) else [])
                          + [{"type": "text", "text": m["content"].replace(IMAGE_TOKEN, "")}]} for m in record["messages"]]
             whole = processor.encode_prompt(apply_chat_template(messages))
-            assert encoder(record)["tokens"].tolist() == whole
+            assert encoder(record)["input_ids"].tolist() == whole
 
 
 def test_packed_rows_give_the_logits_of_each_sample_alone(synthetic):
@@ -126,7 +126,7 @@ def test_packed_rows_give_the_logits_of_each_sample_alone(synthetic):
     forward = jax.jit(lambda p, **kw: model.apply({"params": p}, **kw))
     batch = next(pipeline)
     b = int(np.argmax([len(np.unique(s[s > 0])) for s in batch["segment_ids"]]))  # the fullest row
-    packed = forward(params, input_ids=batch["tokens"][b:b + 1], pixel_values=batch["pixel_values"][b:b + 1],
+    packed = forward(params, input_ids=batch["input_ids"][b:b + 1], pixel_values=batch["pixel_values"][b:b + 1],
                      pixel_attention_mask=batch["pixel_attention_mask"][b:b + 1],
                      segment_ids=batch["segment_ids"][b:b + 1], positions=batch["positions"][b:b + 1])
     seg, slots = batch["segment_ids"][b], batch["image_segment_ids"][b]
@@ -138,7 +138,7 @@ def test_packed_rows_give_the_logits_of_each_sample_alone(synthetic):
         if len(mine):
             kwargs = dict(pixel_values=batch["pixel_values"][b:b + 1, mine],
                           pixel_attention_mask=batch["pixel_attention_mask"][b:b + 1, mine])
-        alone = forward(params, input_ids=batch["tokens"][b:b + 1, span], **kwargs)
+        alone = forward(params, input_ids=batch["input_ids"][b:b + 1, span], **kwargs)
         err = float(jnp.abs(packed[0, span] - alone[0]).max() / jnp.abs(alone).max())
         assert err < 1e-5, f"segment {s}: {err}"
 
@@ -149,7 +149,7 @@ def test_formats_give_the_same_batches_as_jsonl(synthetic, fmt):
     other, _ = make_pipeline(synthetic, fmt=fmt)
     for _ in range(3):
         a, b = next(reference), next(other)
-        for key in ("tokens", "loss_mask", "pixel_values", "image_segment_ids"):
+        for key in ("input_ids", "loss_mask", "pixel_values", "image_segment_ids"):
             np.testing.assert_array_equal(a[key], b[key])
 
 
@@ -169,7 +169,7 @@ def test_hosts_read_disjoint_shards(synthetic):
     batches = []
     for index in range(2):
         pipeline, _ = make_pipeline(synthetic, names=("pairs",), shard_index=index, shard_count=2, batch_size=2)
-        batches.append(next(pipeline)["tokens"])
+        batches.append(next(pipeline)["input_ids"])
     assert not np.array_equal(batches[0], batches[1])
 
 
@@ -182,7 +182,7 @@ from pathlib import Path
 pipeline, _ = make_pipeline(Path({data!r}), num_workers={workers})
 pipeline.load_state({state!r})
 out = [next(pipeline) for _ in range(3)]
-np.savez({out!r}, **{{f"{{i}}_{{k}}": b[k] for i, b in enumerate(out) for k in ("tokens", "loss_mask", "pixel_values")}})
+np.savez({out!r}, **{{f"{{i}}_{{k}}": b[k] for i, b in enumerate(out) for k in ("input_ids", "loss_mask", "pixel_values")}})
 print(json.dumps(pipeline.stats))
 """
 
@@ -201,7 +201,7 @@ def test_resume_in_a_fresh_process_gives_the_next_batches(synthetic, tmp_path, w
     assert result.returncode == 0, result.stderr[-3000:]
     got = np.load(tmp_path / "out.npz")
     for i, batch in enumerate(expected):
-        for key in ("tokens", "loss_mask", "pixel_values"):
+        for key in ("input_ids", "loss_mask", "pixel_values"):
             np.testing.assert_array_equal(got[f"{i}_{key}"], batch[key], err_msg=f"batch {i} {key}")
     assert json.loads(result.stdout.strip().splitlines()[-1]) == dict(pipeline.stats)
 
@@ -210,9 +210,9 @@ def test_same_seed_same_batches(synthetic):
     a, _ = make_pipeline(synthetic, seed=5)
     b, _ = make_pipeline(synthetic, seed=5)
     c, _ = make_pipeline(synthetic, seed=6)
-    first = [next(a)["tokens"] for _ in range(2)]
-    assert all(np.array_equal(x, next(b)["tokens"]) for x in first)
-    assert not np.array_equal(first[0], next(c)["tokens"])
+    first = [next(a)["input_ids"] for _ in range(2)]
+    assert all(np.array_equal(x, next(b)["input_ids"]) for x in first)
+    assert not np.array_equal(first[0], next(c)["input_ids"])
 
 
 def test_reader_threads_do_not_change_the_batches(synthetic):
@@ -221,7 +221,7 @@ def test_reader_threads_do_not_change_the_batches(synthetic):
     b, _ = make_pipeline(synthetic, seed=3, read_threads=1, read_buffer=2)
     for _ in range(3):
         x, y = next(a), next(b)
-        for key in ("tokens", "targets", "segment_ids", "pixel_values"):
+        for key in ("input_ids", "targets", "segment_ids", "pixel_values"):
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
     assert a.get_state() == b.get_state()
 

@@ -43,7 +43,7 @@ def tiny_batch(config: Idefics2Config, seed: int, batch_size: int, seq_len: int 
             tokens = np.concatenate([[1], rng.integers(3, 1000, text // 2),
                                      [config.image_token_id] * (n_images * config.image_seq_len),
                                      rng.integers(3, 1000, text - text // 2)]).astype(np.int32)
-            samples.append({"tokens": tokens, "targets": tokens != config.image_token_id,
+            samples.append({"input_ids": tokens, "targets": tokens != config.image_token_id,
                             "images": [rng.integers(0, 256, (int(rng.integers(14, 57)), int(rng.integers(14, 57)), 3),
                                                     dtype=np.uint8) for _ in range(n_images)]})
             used, images = used + n, images + n_images

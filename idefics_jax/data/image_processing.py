@@ -121,11 +121,6 @@ class ImageProcessor:
     image_std: float = 0.5
     rescale_factor: float = 1 / 255
 
-    @property
-    def images_per_image(self) -> int:
-        """Model images per prompt image: 5 when splitting (4 crops + whole), else 1."""
-        return 5 if self.do_image_splitting else 1
-
     def resize(self, image: Image.Image) -> np.ndarray:
         """An RGB PIL image -> uint8 `[h', w', 3]`, resized with PIL bilinear by the reference's rule."""
         new_height, new_width = resize_output_size(image.height, image.width, self.shortest_edge, self.longest_edge)

@@ -1,4 +1,4 @@
-"""The image-token arithmetic, in one place: the processor, the packer and the model use it.
+"""The image-token arithmetic, in one place: the processor and the packer use it.
 
 A prompt image becomes `<fake_token_around_image>` + `image_seq_len` x `<image>` +
 `<fake_token_around_image>`; with image splitting it becomes 5 such groups (4 crops + the whole
@@ -21,16 +21,6 @@ _CLOSING_FAKE = re.compile(rf"{re.escape(FAKE_TOKEN)}(?=[^\s<])")
 def model_images_per_image(do_image_splitting: bool) -> int:
     """Images the model encodes per prompt image: 4 crops + the whole image when splitting."""
     return 5 if do_image_splitting else 1
-
-
-def image_token_count(num_model_images: int, image_seq_len: int) -> int:
-    """`<image>` tokens for `num_model_images` encoded images of `image_seq_len` latents each."""
-    return num_model_images * image_seq_len
-
-
-def tokens_per_prompt_image(image_seq_len: int, do_image_splitting: bool) -> int:
-    """`<image>` tokens one prompt image expands into (64, or 320 when splitting)."""
-    return image_token_count(model_images_per_image(do_image_splitting), image_seq_len)
 
 
 def expand_image_placeholders(text: str, image_seq_len: int, do_image_splitting: bool) -> str:

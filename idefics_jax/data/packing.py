@@ -7,7 +7,7 @@ token span always stays whole. A sample that cannot fit even an empty row is dro
 
 The packed batch (every stage agrees on this dict):
 
-    tokens            int32 [batch, seq]      token ids, `pad_id` after the last sample
+    input_ids         int32 [batch, seq]      token ids, `pad_id` after the last sample (the model's `input_ids`)
     segment_ids       int32 [batch, seq]      1, 2, ... per sample in the row; 0 = padding
     positions         int32 [batch, seq]      restart at 0 for every sample
     targets           int32 [batch, seq]      the next token of the same sample (0 at its end)
@@ -48,14 +48,6 @@ class PackConfig:
             raise ValueError("PackConfig.buckets needs at least one (height, width)")
         object.__setattr__(self, "buckets", tuple(sorted((tuple(b) for b in self.buckets), key=lambda b: b[0] * b[1])))
 
-    @property
-    def max_height(self) -> int:
-        return max(h for h, _ in self.buckets)
-
-    @property
-    def max_width(self) -> int:
-        return max(w for _, w in self.buckets)
-
 
 def skipped(reason: str, record_id: str, message: str) -> dict[str, Any]:
     """The stream element standing for a record that could not be encoded."""
@@ -63,7 +55,7 @@ def skipped(reason: str, record_id: str, message: str) -> dict[str, Any]:
 
 
 def _misfit(sample: dict, config: PackConfig) -> str | None:
-    if len(sample["tokens"]) > config.seq_len:
+    if len(sample["input_ids"]) > config.seq_len:
         return "longer_than_row"
     if len(sample["images"]) > config.image_slots:
         return "more_images_than_slots"
@@ -85,19 +77,19 @@ def pack_row(samples: Sequence[dict], config: PackConfig, stats: dict[str, int])
     image_segment_ids = np.zeros(config.image_slots, np.int32)
     images, start = [], 0
     for segment, sample in enumerate(samples, start=1):
-        n = len(sample["tokens"])
+        n = len(sample["input_ids"])
         end = start + n
-        tokens[start:end] = sample["tokens"]
+        tokens[start:end] = sample["input_ids"]
         segment_ids[start:end] = segment
         positions[start:end] = np.arange(n)
-        targets[start:end - 1] = sample["tokens"][1:]
+        targets[start:end - 1] = sample["input_ids"][1:]
         loss_mask[start:end - 1] = sample["targets"][1:]
         image_segment_ids[len(images):len(images) + len(sample["images"])] = segment
         images.extend(sample["images"])
         start = end
     if start > seq or len(images) > config.image_slots:
         raise ValueError("pack_row: samples do not fit the row")
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "targets": targets,
+    return {"input_ids": tokens, "segment_ids": segment_ids, "positions": positions, "targets": targets,
             "loss_mask": loss_mask, "images": images, "image_segment_ids": image_segment_ids,
             "stats": dict(stats)}
 
@@ -114,7 +106,7 @@ class _PackIterator(grain.DatasetIterator):
         row, tokens, images = [], 0, 0
         stats: Counter = Counter()
         if self._pending is not None:
-            row, tokens, images = [self._pending], len(self._pending["tokens"]), len(self._pending["images"])
+            row, tokens, images = [self._pending], len(self._pending["input_ids"]), len(self._pending["images"])
             self._pending = None
         while True:
             state_before = self._parent.get_state()
@@ -133,7 +125,7 @@ class _PackIterator(grain.DatasetIterator):
                 stats[f"dropped/{misfit}"] += 1
                 log.warning("Dropped sample %s: %s", element.get("id"), misfit)
                 continue
-            n, m = len(element["tokens"]), len(element["images"])
+            n, m = len(element["input_ids"]), len(element["images"])
             if row and (tokens + n > config.seq_len or images + m > config.image_slots):
                 self._pending, self._pending_state = element, state_before
                 break
@@ -172,7 +164,7 @@ def collate(rows: Sequence[dict], config: PackConfig) -> dict[str, Any]:
     need_w = max([w for _, w in sizes] + [1])
     height, width = next((b for b in config.buckets if b[0] >= need_h and b[1] >= need_w), config.buckets[-1])
     batch = {key: np.stack([row[key] for row in rows]) for key in
-             ("tokens", "segment_ids", "positions", "targets", "loss_mask", "image_segment_ids")}
+             ("input_ids", "segment_ids", "positions", "targets", "loss_mask", "image_segment_ids")}
     pixels = np.zeros((len(rows), config.image_slots, height, width, 3), np.uint8)
     mask = np.zeros((len(rows), config.image_slots, height, width), bool)
     for b, row in enumerate(rows):

@@ -25,7 +25,9 @@ from collections import Counter
 from typing import Any, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.packing import PackConfig, PackIterDataset, collate, finalize, skipped
@@ -93,8 +95,6 @@ def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: P
     if len(set(names)) != len(names):
         raise ValueError(f"Source names must be unique, got {names}")
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index, shard_count = jax.process_index(), jax.process_count()
     streams = {}
     for k, source in enumerate(sources):
@@ -116,8 +116,6 @@ def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: P
     packed = PackIterDataset(mixed, pack)
     batched = packed.batch(batch_size, batch_fn=functools.partial(collate, config=pack))
     if num_workers > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; use their defaults
             flags.FLAGS.mark_as_parsed()
         batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -15,7 +15,7 @@ Image references are paths relative to the dataset directory, or keys of the rec
 trained on every text token (the end-of-sequence token included); conversations only on the
 assistant's answers and their `<end_of_utterance>`.
 
-An encoded sample is a dict: `tokens` int32 [n], `targets` bool [n] (token t is predicted),
+An encoded sample is a dict: `input_ids` int32 [n], `targets` bool [n] (token t is predicted),
 `images` a list of uint8 [h, w, 3] arrays (crops included, in prompt order), `id`, `source`.
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from idefics_jax.data.image_processing import ImageError, ImageProcessor
+from idefics_jax.data.image_processing import ImageError
 from idefics_jax.data.image_tokens import END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, count_placeholders
 from idefics_jax.data.processor import Processor
 
@@ -77,7 +77,7 @@ class SampleEncoder:
         if len(tokens) > self.max_length:
             raise SampleError("too_long", f"{len(tokens)} tokens > max_length {self.max_length}")
         images = [crop for ref in image_refs for crop in self.read_image(record, ref)]
-        return {"tokens": tokens, "targets": targets, "images": images,
+        return {"input_ids": tokens, "targets": targets, "images": images,
                 "id": str(record.get("id", "")), "source": self.source}
 
     # -- prompt building ---------------------------------------------------------------------
@@ -136,7 +136,3 @@ class SampleEncoder:
             targets &= ~np.isin(tokens, [tokenizer.token_id(IMAGE_TOKEN), tokenizer.token_id(FAKE_TOKEN)])
         return tokens, targets
 
-
-def make_processor_for(processor: Processor, image_processor: ImageProcessor) -> Processor:
-    """The same tokenizer with another image processor (a source's own resolution or splitting)."""
-    return Processor(processor.tokenizer, image_processor, processor.image_seq_len)

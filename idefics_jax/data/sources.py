@@ -22,8 +22,10 @@ import json
 import os
 from typing import Any, Iterable
 
+import grain
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
 from idefics_jax.paths import is_url
@@ -86,8 +88,6 @@ class ArrayRecordSource:
     """Records of `DIR/*.array_record`, images embedded."""
 
     def __init__(self, path: str | os.PathLike):
-        import grain
-
         path = epath.Path(path)
         files = sorted(path.glob("*.array_record")) if path.is_dir() else [path]
         if not files or not all(f.exists() for f in files):
@@ -109,8 +109,6 @@ class TfdsSource:
     """Records of a TFDS build made by `idefics_jax.data.tfds_builder`."""
 
     def __init__(self, path: str | os.PathLike, split: str = "train"):
-        from idefics_jax.data.tfds_builder import load_data_source
-
         self._source = load_data_source(path, split)
         self.base_dir = str(path)
 
@@ -119,6 +117,18 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return decode_entry(bytes(self._source[index]["entry"]))
+
+
+def load_data_source(data_dir: str | os.PathLike, split: str = "train"):
+    """Random access to a build made by `build` (the directory given to it, or the versioned one)."""
+    import tensorflow_datasets as tfds  # heavy, and needed only for TFDS builds
+
+    data_dir = epath.Path(data_dir)  # local, or gs:// (TFDS reads through epath, the files through array_record)
+    candidates = [data_dir] if (data_dir / "dataset_info.json").exists() else \
+        sorted(p.parent for p in data_dir.glob("*/*/dataset_info.json"))
+    if not candidates:
+        raise FileNotFoundError(f"No TFDS build under {data_dir} (expected */<version>/dataset_info.json)")
+    return tfds.builder_from_directory(str(candidates[-1])).as_data_source(split=split)
 
 
 def open_source(path: str | os.PathLike, fmt: str):
@@ -157,8 +167,6 @@ def write_array_record(out_dir: str | os.PathLike, records: Iterable[dict], base
                        num_shards: int = 1) -> list[str]:
     """Writes records (images embedded) into `num_shards` ArrayRecord files of consecutive records,
     so that the files read in name order give the records in their original order."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     records = list(records)
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, f"data-{i:05d}-of-{num_shards:05d}.array_record") for i in range(num_shards)]

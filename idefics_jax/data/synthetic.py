@@ -30,6 +30,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from idefics_jax.data import tfds_builder
+from idefics_jax.data.sources import write_array_record
+from idefics_jax.data.tokenizer import train_tokenizer
+
 WORDS = (
     "apple river stone cloud green orange music paper light window garden silver bridge morning "
     "ocean forest yellow purple winter summer coffee market planet rocket castle dragon pencil "
@@ -50,7 +54,7 @@ def font_files() -> list[str]:
     """TrueType faces that installed packages ship (matplotlib), else the system's DejaVu."""
     found = []
     try:
-        import matplotlib
+        import matplotlib  # optional here: only where its fonts are
 
         ttf = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
         for pattern in ("DejaVuSans*.ttf", "DejaVuSerif*.ttf", "STIXGeneral*.ttf", "cmr10.ttf", "cmtt10.ttf", "cmss10.ttf"):
@@ -64,7 +68,7 @@ def font_files() -> list[str]:
 def photo_files() -> list[str]:
     """Real photographs shipped by an installed package (matplotlib's sample data)."""
     try:
-        import matplotlib
+        import matplotlib  # optional here: only where its sample photograph is
 
         data = os.path.join(matplotlib.get_data_path(), "sample_data")
         return [p for p in (os.path.join(data, "grace_hopper.jpg"),) if os.path.exists(p)]
@@ -218,16 +222,10 @@ def generate(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0, num_eva
                 f.write(json.dumps(record) + "\n")
         counts[source] = len(records)
         if "array_record" in formats:
-            from idefics_jax.data.sources import write_array_record
-
             write_array_record(out / "array_record" / source, records, out / source, num_shards=2)
     if "tfds" in formats:
-        from idefics_jax.data.tfds_builder import build
-
         for source in sources:
-            build(out / source, out / "tfds" / source)
-    from idefics_jax.data.tokenizer import train_tokenizer
-
+            tfds_builder.build(out / source, out / "tfds" / source)
     (out / "tokenizer.model").write_bytes(train_tokenizer(texts_for_tokenizer + WORDS, vocab_size, seed))
     return counts
 

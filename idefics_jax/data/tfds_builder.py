@@ -6,7 +6,7 @@ feature would need TensorFlow to encode. Files are written as ArrayRecord, so
 `builder.as_data_source()` gives the random access Grain reads.
 
     build("synthetic/pairs", "tfds/pairs")          # jsonl + images -> TFDS build
-    source = load_data_source("tfds/pairs", "train")
+    source = TfdsSource("tfds/pairs")                 # idefics_jax.data.sources
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import functools
 import os
 
 import numpy as np
-from etils import epath
+
+from idefics_jax.data.sources import JsonlSource, encode_entry, records_with_images
 
 
 @functools.cache
 def _builder_class():
-    import tensorflow_datasets as tfds
-
-    from idefics_jax.data.sources import JsonlSource, encode_entry, records_with_images
+    import tensorflow_datasets as tfds  # heavy, and needed only for TFDS builds
 
     class IdeficsRecords(tfds.core.GeneratorBasedBuilder):
         """Idefics2 training records (pairs, documents, interleaved documents, conversations)."""
@@ -56,20 +55,8 @@ def _builder_class():
 
 def build(source_dir: str | os.PathLike, data_dir: str | os.PathLike) -> str:
     """Prepares the TFDS build of `source_dir` (jsonl + images) under `data_dir`."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy, and needed only for TFDS builds
 
     builder = _builder_class()(source_dir=str(source_dir), data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder.data_dir
-
-
-def load_data_source(data_dir: str | os.PathLike, split: str = "train"):
-    """Random access to a build made by `build` (the directory given to it, or the versioned one)."""
-    import tensorflow_datasets as tfds
-
-    data_dir = epath.Path(data_dir)  # local, or gs:// (TFDS reads through epath, the files through array_record)
-    candidates = [data_dir] if (data_dir / "dataset_info.json").exists() else \
-        sorted(p.parent for p in data_dir.glob("*/*/dataset_info.json"))
-    if not candidates:
-        raise FileNotFoundError(f"No TFDS build under {data_dir} (expected */<version>/dataset_info.json)")
-    return tfds.builder_from_directory(str(candidates[-1])).as_data_source(split=split)

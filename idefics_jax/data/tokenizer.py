@@ -11,6 +11,7 @@ dummy prefix turned off. A BOS id starts every sequence (`add_bos`).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from typing import Iterable, Sequence
@@ -139,8 +140,6 @@ def train_tokenizer(texts, vocab_size: int, seed: int = 0) -> bytes:
 
     For synthetic data and tests: Idefics2 itself uses Mistral's 32,000-piece model.
     """
-    import io
-
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size, model_type="bpe",
