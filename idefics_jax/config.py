@@ -305,6 +305,14 @@ class Idefics2Config(_Config):
         epath.Path(path).write_text(json.dumps(self.to_hf_dict(dtype), indent=2, sort_keys=True) + "\n")
 
 
+def model_config(section) -> Idefics2Config:
+    """The model a training config's `model` section (an `ml_collections.ConfigDict`) describes; its
+    other keys (dtypes, attention, init_from) are the trainer's."""
+    keys = ("vision", "perceiver", "text", "image_token_id", "tie_word_embeddings")
+    return Idefics2Config.from_dict({k: section[k].to_dict() if hasattr(section[k], "to_dict") else section[k]
+                                     for k in keys}, where="config.model")
+
+
 def _strip(section: Mapping[str, Any], where: str, cls) -> dict[str, Any]:
     """Drops Hugging Face bookkeeping keys, then errors on any key `cls` does not know."""
     _check_keys(cls, section, where, ignore=HF_GENERIC_KEYS)

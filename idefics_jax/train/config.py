@@ -25,12 +25,6 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
     })
 
 
-def model_config(section: ml_collections.ConfigDict) -> Idefics2Config:
-    keys = ("vision", "perceiver", "text", "image_token_id", "tie_word_embeddings")
-    return Idefics2Config.from_dict({k: section[k].to_dict() if hasattr(section[k], "to_dict") else section[k]
-                                     for k in keys}, where="config.model")
-
-
 def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = model_section(preset)

@@ -13,26 +13,7 @@ import jax
 import optax
 from flax import traverse_util
 
-TOWERS = ("vision", "connector", "text")
-
-
-def tower_of(path: tuple[str, ...]) -> str:
-    """The tower a parameter path belongs to (a LoRA adapter: its kernel's tower)."""
-    if path[0] == "lora":
-        return tower_of(tuple(path[1].split("/")))
-    if path[0] == "lm_head":
-        return "text"
-    part = path[1] if path[0] == "model" else path[0]
-    return {"vision_model": "vision", "connector": "connector", "text_model": "text"}.get(part, "text")
-
-
-def check_towers(names: Iterable[str], what: str) -> tuple[str, ...]:
-    names = tuple(names)
-    unknown = [n for n in names if n not in TOWERS]
-    if unknown:
-        raise ValueError(f"Unknown tower(s) {unknown} in {what}; towers are {TOWERS}")
-    return names
-
+from idefics_jax.models.lora import ADAPTERS, TOWERS, LoraConfig, check_towers, tower_of
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, end_ratio: float = 0.1):
     # the first step already learns: warm-up starts at peak / warmup_steps, not at 0
@@ -94,3 +75,15 @@ def count_trainable(params, frozen: Iterable[str] = (), trainable_mask=None) -> 
         if tower_of(path) not in frozen and (trainable_mask is None or trainable_mask(path)):
             total += leaf.size
     return total
+
+
+def lora_trainable(config: LoraConfig, frozen: Iterable[str] = ()):
+    """`path -> bool`: adapters train; adapted towers' own weights do not; other towers do unless frozen."""
+    frozen = set(frozen)
+
+    def mask(path: tuple[str, ...]) -> bool:
+        if path[0] == ADAPTERS:
+            return True
+        tower = tower_of(path)
+        return tower not in config.towers and tower not in frozen
+    return mask

@@ -7,8 +7,8 @@ kernel's path (`model/text_model/layers_0/self_attn/q_proj`):
     DoRA   W' = m * (W + (alpha / rank) * A @ B) / ||W + ...||_in    m [out] = ||W||_in at start
 
 `merge(params)` returns ordinary model parameters (the adapters folded in): the train step applies
-the model to `merge(params)`, and exporting (`python -m idefics_jax.train --export_hf`) saves it
-in Hugging Face format. Only the adapters (and any tower not adapted and not frozen) train.
+the model to `merge(params)`, and reading a workdir for inference or export (`idefics_jax.checkpoints`)
+merges them. Which parameters train is the optimizer's business (`train.optimizer.lora_trainable`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,28 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from idefics_jax.train.optimizer import check_towers, tower_of
-
 ADAPTERS = "lora"
 SEP = "/"
+
+TOWERS = ("vision", "connector", "text")
+
+
+def tower_of(path: tuple[str, ...]) -> str:
+    """The tower a parameter path belongs to (a LoRA adapter: its kernel's tower)."""
+    if path[0] == "lora":
+        return tower_of(tuple(path[1].split("/")))
+    if path[0] == "lm_head":
+        return "text"
+    part = path[1] if path[0] == "model" else path[0]
+    return {"vision_model": "vision", "connector": "connector", "text_model": "text"}.get(part, "text")
+
+
+def check_towers(names: Iterable[str], what: str) -> tuple[str, ...]:
+    names = tuple(names)
+    unknown = [n for n in names if n not in TOWERS]
+    if unknown:
+        raise ValueError(f"Unknown tower(s) {unknown} in {what}; towers are {TOWERS}")
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,15 +148,3 @@ def merge(params, config: LoraConfig) -> dict:
             raise KeyError(f"LoRA adapter for '{key}' has no kernel in the model")
         flat[path] = adapted_kernel(flat[path], entry, config)
     return traverse_util.unflatten_dict(flat)
-
-
-def trainable(config: LoraConfig, frozen: Iterable[str] = ()):
-    """`path -> bool`: adapters train; adapted towers' own weights do not; other towers do unless frozen."""
-    frozen = set(frozen)
-
-    def mask(path: tuple[str, ...]) -> bool:
-        if path[0] == ADAPTERS:
-            return True
-        tower = tower_of(path)
-        return tower not in config.towers and tower not in frozen
-    return mask

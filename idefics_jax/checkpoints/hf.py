@@ -6,70 +6,33 @@
 Both stream: one tensor is read, transformed and placed at a time, so peak host memory is about
 one copy of the model. Every name, shape and dtype is checked against the model the config
 describes; a missing, unexpected or mis-shaped tensor is an error naming the key and both shapes.
-Our own checkpoints (orbax, plus `config.json`) are written and read by `save_checkpoint` /
-`load_checkpoint`. Every directory may be a local path or a gs:// URL (see `idefics_jax.paths`).
+Every directory may be a local path or a gs:// URL (see `idefics_jax.paths`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-from flax import traverse_util
 from etils import epath
+from flax import traverse_util
+from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from idefics_jax.config import Idefics2Config
-from idefics_jax.convert.names import hf_name, hf_shape, leaf_rule
-from idefics_jax.models.idefics2 import Idefics2
+from idefics_jax.checkpoints.names import hf_name, hf_shape, leaf_rule
+from idefics_jax.checkpoints.params import CheckpointError, abstract_params, dtype_name, np_dtype
 from idefics_jax.paths import as_path, local_copy, local_directory
 from idefics_jax.sharding import put_everywhere
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
-
-PROCESSOR_FILES = ("tokenizer.model", "preprocessor_config.json", "processor_config.json")  # beside the weights
-_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model its config describes."""
-
-
-def _np_dtype(dtype) -> np.dtype | None:
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"Unsupported dtype '{dtype}'; choose one of {sorted(_DTYPES)}")
-        return np.dtype(_DTYPES[dtype])
-    return np.dtype(dtype)
-
-
-def _dtype_name(dtype: np.dtype) -> str:
-    for name, value in _DTYPES.items():
-        if np.dtype(value) == dtype:
-            return name
-    return str(dtype)
-
-
-@functools.lru_cache(maxsize=16)  # every conversion asks, and tracing the model takes seconds
-def abstract_params(config: Idefics2Config, dtype=jnp.float32) -> dict:
-    """The parameter tree of `Idefics2(config)` as `ShapeDtypeStruct`s (nothing allocated; the
-    same tree for the same arguments: do not change it)."""
-    model = Idefics2(config, param_dtype=dtype)
-    ids = jnp.zeros((1, 1), jnp.int32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
-    return nn.meta.unbox(variables["params"])
 
 
 def _name_map(config: Idefics2Config) -> dict[str, tuple[tuple[str, ...], Any]]:
@@ -119,7 +82,7 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool
         raise FileNotFoundError(f"No config.json in {hf_dir}")
     config = Idefics2Config.from_json_file(hf_dir / "config.json")
     expected = _name_map(config)
-    target_dtype = _np_dtype(dtype)
+    target_dtype = np_dtype(dtype)
     flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else None
 
     files = _safetensors_files(hf_dir)
@@ -191,7 +154,7 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     writer = jax.process_index() == 0
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-    target_dtype = _np_dtype(dtype)
+    target_dtype = np_dtype(dtype)
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))
     expected = {path: (name, rule, shape) for name, (path, rule, shape) in _name_map(config).items()}
     unexpected = sorted(set(flat) - set(expected))
@@ -246,11 +209,9 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     if writer:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        dtype_name = _dtype_name(stored_dtypes.pop()) if len(stored_dtypes) == 1 else "float32"
-        config.to_json_file(out_dir / "config.json", dtype=dtype_name)
+        stored = dtype_name(stored_dtypes.pop()) if len(stored_dtypes) == 1 else "float32"
+        config.to_json_file(out_dir / "config.json", dtype=stored)
     if jax.process_count() > 1:  # every process returns once the checkpoint is complete
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(f"save_hf_checkpoint {out_dir}")
     return out_dir
 
@@ -263,75 +224,5 @@ def _whole(x) -> np.ndarray:
     """`x` whole on this host: an array split over other processes' devices is gathered from them
     (every process must ask for the same arrays in the same order)."""
     if _split_over_processes(x):
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
-
-
-def copy_processor_files(src: str | os.PathLike, dst: str | os.PathLike):
-    """The tokenizer and image-processing settings travel with the weights (when there are any)."""
-    src, dst = as_path(src, "Source directory"), as_path(dst, "Output directory")
-    for name in PROCESSOR_FILES:
-        if (src / name).exists():
-            (dst / name).write_bytes((src / name).read_bytes())
-
-
-# -- our checkpoints: orbax params + config.json ------------------------------------------------
-
-def save_checkpoint(ckpt_dir: str | os.PathLike, config: Idefics2Config, params):
-    """Writes `ckpt_dir/config.json` and the orbax checkpoint `ckpt_dir/params`."""
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = as_path(ckpt_dir, "Checkpoint directory")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if (ckpt_dir / "params").exists():
-        raise FileExistsError(f"{ckpt_dir / 'params'} exists already; choose an empty directory")
-    dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(ckpt_dir / "params", nn.meta.unbox(params))
-    config.to_json_file(ckpt_dir / "config.json", dtype=_dtype_name(dtypes.pop()) if len(dtypes) == 1 else "float32")
-    return ckpt_dir
-
-
-def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True, shardings: Mapping | None = None,
-                    dtype=None):
-    """Reads a checkpoint written by `save_checkpoint`; returns `(config, params)`.
-
-    shardings: optional tree of `jax.sharding.Sharding` (the params' structure): each array is read
-    straight into its shards (on several hosts, each reads its own). dtype: cast as read (None: as stored)."""
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = as_path(ckpt_dir, "Checkpoint directory")
-    for needed in ("config.json", "params"):
-        if not (ckpt_dir / needed).exists():
-            raise FileNotFoundError(f"{ckpt_dir} is not an idefics_jax checkpoint: {needed} is missing")
-    config = Idefics2Config.from_json_file(ckpt_dir / "config.json")
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(ckpt_dir / "params").item_metadata.tree
-    target_dtype = _np_dtype(dtype)
-    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    def restore_arg(path, _):
-        names = tuple(getattr(key, "key", key) for key in path)
-        if not on_device and shardings is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=target_dtype)
-        return ocp.ArrayRestoreArgs(sharding=flat_shardings.get(names, one_device), dtype=target_dtype)
-
-    restore_args = jax.tree_util.tree_map_with_path(restore_arg, tree, is_leaf=is_leaf)
-    params = checkpointer.restore(ckpt_dir / "params", restore_args=restore_args)
-    # check against the model the config describes
-    expected = traverse_util.flatten_dict(abstract_params(config))
-    got = traverse_util.flatten_dict(params)
-    for path, leaf in expected.items():
-        if path not in got:
-            raise CheckpointError(f"{ckpt_dir}: parameter '{'/'.join(path)}' is missing (shape {leaf.shape})")
-        if tuple(got[path].shape) != tuple(leaf.shape):
-            raise CheckpointError(f"{ckpt_dir}: parameter '{'/'.join(path)}' has shape {tuple(got[path].shape)}; "
-                                  f"config.json describes {tuple(leaf.shape)}")
-    extra = sorted(set(got) - set(expected))
-    if extra:
-        raise CheckpointError(f"{ckpt_dir}: unexpected parameter '{'/'.join(extra[0])}'")
-    return config, params

@@ -1,0 +1,111 @@
+"""Parameters as a tree checked against the model a config describes, and our own parameter
+checkpoints: an orbax tree in `DIR/params` beside `DIR/config.json`.
+
+    save_checkpoint(ckpt_dir, config, params)
+    config, params = load_checkpoint(ckpt_dir, shardings=...)   # each array read into its shards
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from idefics_jax.config import Idefics2Config
+from idefics_jax.models.idefics2 import Idefics2
+from idefics_jax.paths import as_path
+
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model its config describes."""
+
+
+def np_dtype(dtype) -> np.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"Unsupported dtype '{dtype}'; choose one of {sorted(_DTYPES)}")
+        return np.dtype(_DTYPES[dtype])
+    return np.dtype(dtype)
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    for name, value in _DTYPES.items():
+        if np.dtype(value) == dtype:
+            return name
+    return str(dtype)
+
+
+@functools.lru_cache(maxsize=16)  # every conversion asks, and tracing the model takes seconds
+def abstract_params(config: Idefics2Config, dtype=jnp.float32) -> dict:
+    """The parameter tree of `Idefics2(config)` as `ShapeDtypeStruct`s (nothing allocated; the
+    same tree for the same arguments: do not change it)."""
+    model = Idefics2(config, param_dtype=dtype)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))
+    return nn.meta.unbox(variables["params"])
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, config: Idefics2Config, params):
+    """Writes `ckpt_dir/config.json` and the orbax checkpoint `ckpt_dir/params`."""
+    ckpt_dir = as_path(ckpt_dir, "Checkpoint directory")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if (ckpt_dir / "params").exists():
+        raise FileExistsError(f"{ckpt_dir / 'params'} exists already; choose an empty directory")
+    dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(ckpt_dir / "params", nn.meta.unbox(params))
+    config.to_json_file(ckpt_dir / "config.json", dtype=dtype_name(dtypes.pop()) if len(dtypes) == 1 else "float32")
+    return ckpt_dir
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True, shardings: Mapping | None = None,
+                    dtype=None):
+    """Reads a checkpoint written by `save_checkpoint`; returns `(config, params)`.
+
+    shardings: optional tree of `jax.sharding.Sharding` (the params' structure): each array is read
+    straight into its shards (on several hosts, each reads its own). dtype: cast as read (None: as stored)."""
+    ckpt_dir = as_path(ckpt_dir, "Checkpoint directory")
+    for needed in ("config.json", "params"):
+        if not (ckpt_dir / needed).exists():
+            raise FileNotFoundError(f"{ckpt_dir} is not an idefics_jax checkpoint: {needed} is missing")
+    config = Idefics2Config.from_json_file(ckpt_dir / "config.json")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(ckpt_dir / "params").item_metadata.tree
+    target_dtype = np_dtype(dtype)
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def restore_arg(path, _):
+        names = tuple(getattr(key, "key", key) for key in path)
+        if not on_device and shardings is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=target_dtype)
+        return ocp.ArrayRestoreArgs(sharding=flat_shardings.get(names, one_device), dtype=target_dtype)
+
+    restore_args = jax.tree_util.tree_map_with_path(restore_arg, tree, is_leaf=is_leaf)
+    params = checkpointer.restore(ckpt_dir / "params", restore_args=restore_args)
+    # check against the model the config describes
+    expected = traverse_util.flatten_dict(abstract_params(config))
+    got = traverse_util.flatten_dict(params)
+    for path, leaf in expected.items():
+        if path not in got:
+            raise CheckpointError(f"{ckpt_dir}: parameter '{'/'.join(path)}' is missing (shape {leaf.shape})")
+        if tuple(got[path].shape) != tuple(leaf.shape):
+            raise CheckpointError(f"{ckpt_dir}: parameter '{'/'.join(path)}' has shape {tuple(got[path].shape)}; "
+                                  f"config.json describes {tuple(leaf.shape)}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise CheckpointError(f"{ckpt_dir}: unexpected parameter '{'/'.join(extra[0])}'")
+    return config, params

@@ -1,0 +1,76 @@
+"""A training workdir read for its model: `WORKDIR/config.json` (the run's training config) and the
+parameters of its latest readable checkpoint, LoRA / DoRA adapters merged, layers unstacked. No
+optimizer is built and no optimizer state is read. Any host or pod reads any run's workdir, local
+or gs://, whatever mesh and slices the run trained on.
+
+    config, params, step = restore_workdir("runs/tiny")
+    export_hf("runs/tiny", "hf_out/")          # + the run's tokenizer and image sizes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from etils import epath
+
+from idefics_jax.checkpoints.hf import save_hf_checkpoint
+from idefics_jax.checkpoints.processor import copy_processor_files, save_image_processor, training_image_processor
+from idefics_jax.checkpoints.train_state import restore_params
+from idefics_jax.config import Idefics2Config, model_config
+from idefics_jax.models.lora import LoraConfig, merge
+from idefics_jax.models.scan import unstack_layers
+from idefics_jax.paths import as_path
+
+
+def training_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The training config a run saved in `WORKDIR/config.json`."""
+    path = as_path(workdir, "Workdir") / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path.parent} is not a training workdir: config.json is missing")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def lora_of(config: ml_collections.ConfigDict) -> LoraConfig | None:
+    """The adapters a training config trains (None when it trains none)."""
+    section = config.train.lora
+    lora = LoraConfig(rank=section.rank, alpha=section.alpha, dora=section.dora, targets=section.targets,
+                      towers=tuple(section.towers))
+    return lora if lora.enabled else None
+
+
+def restore_workdir(workdir: str | os.PathLike, step: int | None = None) -> tuple[Idefics2Config, dict, int]:
+    """(model config, model parameters with the adapters merged and layers unstacked, step) of
+    WORKDIR's checkpoint `step` (default: the latest readable one)."""
+    workdir = as_path(workdir, "Workdir")
+    config = training_config(workdir)
+    step, params = restore_params(workdir / "checkpoints", step)
+    lora = lora_of(config)
+    return model_config(config.model), unstack_layers(merge(params, lora) if lora else params), step
+
+
+def tokenizer_of(workdir: epath.Path, config: ml_collections.ConfigDict) -> epath.Path:
+    """The tokenizer a run saved beside its checkpoints (workdirs of older runs: where the run read it)."""
+    tokenizer = workdir / "tokenizer.model"
+    if not tokenizer.exists():
+        data_dir = epath.Path(config.data.dir) if config.data.dir else workdir / "data"
+        tokenizer = epath.Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
+    return tokenizer
+
+
+def export_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> int:
+    """Writes WORKDIR's latest checkpoint (adapters merged) as a Hugging Face directory (local or
+    gs://), with the run's tokenizer and its image sizes (`preprocessor_config.json`), which
+    `generate`, `evaluate` and `config.model.init_from` read. Every process of a multi-host run
+    calls it (each tensor is gathered from the hosts holding it; process 0 writes). Returns the step."""
+    workdir = as_path(workdir, "Workdir")
+    mcfg, params, step = restore_workdir(workdir)
+    out = as_path(out_dir, "--export_hf")
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        copy_processor_files(workdir, out)  # the tokenizer the run saved
+        save_image_processor(out, training_image_processor(training_config(workdir)))
+    save_hf_checkpoint(out, mcfg, params, progress=True)  # returns on every process once complete
+    return step
