@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 
 import jax
+import numpy as np
 from etils import epath
+from jax._src import distributed as jax_distributed  # the coordination service's client (no public accessor)
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +102,6 @@ def check_shared_directory(path: epath.Path) -> None:
     see it."""
     if jax.process_count() == 1:
         return
-    import secrets
-
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     marker = path / ".idefics_shared_check"
     token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
     if jax.process_index() == 0:
@@ -142,9 +141,7 @@ class FromLeader:
         """Process 0 passes its message (the others pass None); every process returns it."""
         if jax.process_count() == 1:
             return message
-        from jax._src import distributed  # the coordination service's client (no public accessor)
-
-        client = distributed.global_state.client
+        client = jax_distributed.global_state.client
         key = f"idefics_jax/{self.name}/{self.sent}"
         self.sent += 1
         if jax.process_index() == 0:

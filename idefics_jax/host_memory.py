@@ -2,20 +2,16 @@
 
 XLA:CPU takes each step's buffers from malloc. glibc gives its worker threads arenas of their
 own, serves large chunks with mmap and hands freed memory back to the kernel, so every step
-maps its temporaries again and faults them in page by page. In the tiny main job on a 2-core
-machine that was ~118,000 page faults (~460 MB) a step and 4 min 40 s of an 11 min 43 s run
-spent in the kernel. `reuse_freed_memory()` sets glibc to one arena, no mmap'd chunks and no
-trimming below 2 GB: the process keeps what it has freed and the next step's buffers come back
-already mapped (the tiny train step: median 0.83-0.96 s -> 0.55-0.69 s, the main job 11:43 ->
-9:07, peak memory 2.4 -> 2.8 GB).
+maps its temporaries again and faults them in page by page. `reuse_freed_memory()` sets glibc to
+one arena, no mmap'd chunks and no trimming below 2 GB: the process keeps what it has freed and the
+next step's buffers come back already mapped (what that saves: docs/training.md).
 
 It must run before XLA starts its threads (before the first computation or `jax.devices()`): a
 thread that already has an arena keeps it. The training command line calls
 `reuse_freed_memory_on_cpu()` first thing; it leaves hosts with a GPU or TPU runtime alone, whose
 many input-pipeline threads want their own arenas and whose large host buffers (checkpoint
 restores) should go back to the kernel. Elsewhere than glibc it does nothing. Generation does not
-set it: its buffers are small, and decode steps ran 5-10% slower with it (the 80M benchmark
-model: 71-81 against 78-90 tokens/s, first tokens alike).
+set it: its buffers are small, and its decode steps ran slower with it.
 """
 
 from __future__ import annotations
@@ -27,6 +23,8 @@ import importlib.util
 import logging
 import os
 import pkgutil
+
+import jax
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +38,6 @@ ENVIRONMENT = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_TH
 def accelerator_runtime_installed() -> bool:
     """Whether jax may pick a GPU or TPU on this host: `JAX_PLATFORMS` names one, or a PJRT plugin
     (the `jax_plugins` namespace or entry points, as jax discovers them) or libtpu is installed."""
-    import jax
-
     platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
     if platforms:
         return any(p.strip() not in ("", "cpu") for p in platforms.split(","))

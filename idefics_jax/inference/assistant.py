@@ -1,6 +1,6 @@
 """Conversations in, answers out: the processor, the model and cached generation together.
 
-    assistant = Assistant(load_for_inference("ckpt_dir"))
+    assistant = Assistant(load("ckpt_dir"))            # idefics_jax.checkpoints.load
     print(assistant.reply([{"role": "user", "content": "<image>What is written here?"}], ["photo.png"]))
     for piece in assistant.stream_reply(messages, images, split=True):   # 320 visual tokens per image
         print(piece, end="", flush=True)
@@ -21,10 +21,10 @@ import numpy as np
 
 from idefics_jax.data.image_processing import ImageLike
 from idefics_jax.data.image_tokens import END_OF_UTTERANCE, IMAGE_TOKEN, count_placeholders
+from idefics_jax.checkpoints import LoadedModel
 from idefics_jax.data.processor import Processor, apply_chat_template, render_turn
 from idefics_jax.inference.conversation import Conversation, round_up
 from idefics_jax.inference.generate import Generator
-from idefics_jax.inference.loading import LoadedModel
 from idefics_jax.inference.sampling import GREEDY, Sampling
 from idefics_jax.models.idefics2 import Idefics2
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idefics_jax.inference.generate import DecodeState, _hashable, _state_laid_out, decode, prefill
+from idefics_jax.inference.engine import DecodeState, decode, prefill, state_laid_out
 from idefics_jax.inference.sampling import GREEDY, RowSampling, Sampling, next_token_rows, row_keys, seen_tokens, token_keys
 from idefics_jax.models.kv_cache import KVCache, cache_length
 
@@ -48,7 +48,7 @@ class Rows:
 
 
 def _laid(rows: Rows) -> Rows:
-    return rows.replace(state=_state_laid_out(rows.state))
+    return rows.replace(state=state_laid_out(rows.state))
 
 
 def _empty(model, *, rows: int, length: int) -> Rows:
@@ -107,7 +107,7 @@ def _advanced(model, params, rows: Rows, *, n: int):
 
 @functools.lru_cache(maxsize=8)
 def _programs(model, rules):
-    """The jitted programs of one model (as `generate._programs`: keyed by the rule table too)."""
+    """The jitted programs of one model (as `engine._programs`: keyed by the rule table too)."""
     del rules
     return (jax.jit(functools.partial(_empty, model), static_argnames=("rows", "length")),
             jax.jit(functools.partial(_admitted, model), donate_argnums=(1,)),
@@ -128,12 +128,12 @@ class Batcher:
         self.max_columns = max_columns or config.max_position_embeddings
         self.length = cache_length(config, self.max_columns)
         self.wraps = config.sliding_window is not None and self.length == config.sliding_window
-        self._empty, self._admit, self._advance = _programs(generator.model, _hashable(generator.rules))
+        self._empty, self._admit, self._advance = _programs(generator.model, generator.rules_key)
         self.reset()
 
     def reset(self):
         """Every row free, in a fresh cache (after a failed program, which may have consumed the state)."""
-        with self.generator._on_mesh():
+        with self.generator.on_mesh():
             self.state = self._empty(rows=self.rows, length=self.length)
         self.busy = [False] * self.rows
         self.steps = 0  # steps run since (the cache's column index is this modulo its length)
@@ -156,14 +156,14 @@ class Batcher:
         cannot be served (the batch goes on), RuntimeError when every row is busy."""
         if np.shape(input_ids)[0] != 1:
             raise ValueError(f"admit() takes one request, [1, prompt]; got {np.shape(input_ids)}")
-        self.generator._check(input_ids, attention_mask, pixel_values, max_new_tokens)
+        self.generator.check(input_ids, attention_mask, pixel_values, max_new_tokens)
         self.check(int(np.sum(attention_mask)), max_new_tokens)
         if not self.free:
             raise RuntimeError(f"All {self.rows} rows are busy: release one first")
         row = self.busy.index(False)
-        inputs = self.generator._place((input_ids, attention_mask, pixel_values, pixel_attention_mask))
+        inputs = self.generator.place((input_ids, attention_mask, pixel_values, pixel_attention_mask))
         settings = jax.tree.map(jnp.asarray, RowSampling.of([sampling]))
-        with self.generator._on_mesh():
+        with self.generator.on_mesh():
             self.state = self._admit(self.generator.params, self.state, inputs, jnp.int32(row), settings,
                                      row_keys(seed, 1))
         self.busy[row] = True
@@ -180,7 +180,7 @@ class Batcher:
         the whole row, and a row never reads another's)."""
         if n < 1:
             raise ValueError(f"advance() takes n >= 1 tokens, got {n}")
-        with self.generator._on_mesh():
+        with self.generator.on_mesh():
             self.state, tokens = self._advance(self.generator.params, self.state, n=n)
         self.steps += n
         return np.asarray(tokens)

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from idefics_jax.data.image_processing import pad_images
-from idefics_jax.inference.generate import DecodeState, Generator, check_context
+from idefics_jax.inference.engine import DecodeState, check_context
+from idefics_jax.inference.generate import Generator
 from idefics_jax.inference.sampling import GREEDY, Sampling, row_keys, seen_tokens
 
 
@@ -109,29 +110,27 @@ class Conversation:
                     for axis in (0, 1)]
             padded_images = pad_images([images[first_image:]], size=tuple(size))
             pixels = (padded_images["pixel_values"], padded_images["pixel_attention_mask"])
-        inputs = self.generator._place((ids, mask) + pixels)
+        inputs = self.generator.place((ids, mask) + pixels)
 
         start = self.columns[shared - 1] + 1 if shared else 0  # the new tokens' first column
         length = round_up(start + padded + max_new_tokens, self.length_multiple)
-        settings = dict(sampling=sampling, stop_ids=self.generator.stop_ids, pad_id=self.generator.pad_id)
         keys = row_keys(seed, 1)
         state, kept = self.state, (self.tokens[:shared], self.as_image[:shared], self.columns[:shared])
         self.reset()  # the call below consumes (donates) the state; the turn is recorded at the end
         self.reused = shared
-        with self.generator._on_mesh():
-            if shared:
-                if state.cache.length < length:
+        if shared:
+            if state.cache.length < length:
+                with self.generator.on_mesh():
                     state = _grown(state, length)
-                seen = None
-                if sampling.penalised:  # the whole conversation's tokens
-                    seen = seen_tokens(np.asarray([input_ids]), np.ones((1, len(input_ids)), bool),
-                                       state.logits.shape[-1])
-                first = self.generator._continued(self.generator.params, state, jnp.int32(start),
-                                                  jnp.full((1,), shared, jnp.int32), seen, inputs, keys,
-                                                  **settings)
-            else:
-                first = self.generator._first(self.generator.params, inputs, keys,
-                                              max_columns=padded + max_new_tokens, cache_length=length, **settings)
+            seen = None
+            if sampling.penalised:  # the whole conversation's tokens
+                seen = seen_tokens(np.asarray([input_ids]), np.ones((1, len(input_ids)), bool),
+                                   state.logits.shape[-1])
+            first = self.generator.continued(state, start, jnp.full((1,), shared, jnp.int32), seen, inputs, keys,
+                                             sampling=sampling)
+        else:
+            first = self.generator.first(inputs, keys, max_columns=padded + max_new_tokens, cache_length=length,
+                                         sampling=sampling)
         yielded, latest = [], None
         try:
             for token, latest in self.generator.steps(first, keys, max_new_tokens=max_new_tokens, sampling=sampling):

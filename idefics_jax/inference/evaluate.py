@@ -25,14 +25,19 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
+from idefics_jax.checkpoints import LoadedModel
+from idefics_jax.checkpoints.processor import training_image_processor
 from idefics_jax.data.image_processing import load_image
 from idefics_jax.data.image_tokens import IMAGE_TOKEN, count_placeholders
 from idefics_jax.data.processor import apply_chat_template
 from idefics_jax.data.sources import open_source
-from idefics_jax.inference.generate import check_context
+from idefics_jax.inference.assistant import Assistant
+from idefics_jax.inference.engine import check_context
 from idefics_jax.paths import as_path, is_url
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
@@ -204,8 +209,6 @@ def evaluate_records(assistant, records: Sequence[dict], base_dir: str | os.Path
     that runs out of device memory is answered in halves (down to single questions; one that does
     not fit alone is not scored); other errors of the model or device are raised.
     `on_batch(results)` is called with each batch's results as they come (to save progress)."""
-    from tqdm import tqdm
-
     base_dir, processor, config = epath.Path(base_dir), assistant.processor(split), assistant.loaded.config
     results = []
     bar = tqdm(total=len(records), desc="evaluate", unit="question", disable=not progress, dynamic_ncols=True)
@@ -310,3 +313,22 @@ class ProgressFile:
 
     def remove(self):
         self.path.unlink(missing_ok=True)
+
+
+def training_evaluation(config, model_config, tokenizer, data_dir, mesh):
+    """Held-out evaluation for a training run (`train.loop.train`'s `evaluation`): a function
+    `(model parameters) -> report` scoring cached greedy answers on `config.data.eval_source` (exact
+    match, VQA accuracy, ANLS), generated on the training mesh (every process takes part; each gets
+    the whole report). Its compiled programs are kept from one call to the next."""
+    records, base_dir = load_records(epath.Path(data_dir) / config.data.eval_source, config.train.eval_samples)
+    assistant = None
+
+    def evaluate(params) -> dict:
+        nonlocal assistant
+        if assistant is None:
+            loaded = LoadedModel(model_config, params, tokenizer, training_image_processor(config), "training")
+            assistant = Assistant(loaded, dtype=jnp.dtype(config.model.dtype), mesh=mesh)
+        else:
+            assistant.generator.use_params(params)
+        return evaluate_records(assistant, records, base_dir, max_new_tokens=config.train.max_new_tokens)
+    return evaluate

@@ -1,6 +1,6 @@
 """An HTTP server with OpenAI's chat-completions interface that batches concurrent requests.
 
-    server = Server(Assistant(load_for_inference("DIR")), port=8000)
+    server = Server(Assistant(load("DIR")), port=8000)
     server.serve_forever()            # python -m idefics_jax.serve --checkpoint DIR --port 8000
 
 Endpoints: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`. A request is OpenAI's:

@@ -28,6 +28,9 @@ import threading
 import urllib.error
 import urllib.request
 
+from jax._src import distributed  # the coordination service's client (no public accessor)
+from jax.experimental import multihost_utils
+
 log = logging.getLogger(__name__)
 
 EXIT_CODE = 128 + signal.SIGTERM  # what a process ended by SIGTERM reports: the run is not finished
@@ -36,8 +39,6 @@ EXIT_CODE = 128 + signal.SIGTERM  # what a process ended by SIGTERM reports: the
 class PreemptionWatch:
     def __init__(self, metadata: bool = True):
         """metadata: also watch a Google Cloud VM's metadata server (`MetadataWatch`)."""
-        from jax._src import distributed
-
         self.signalled = False
         self.stopped_at: int | None = None
         self._shared = distributed.global_state.client is not None  # JAX's service holds SIGTERM
@@ -57,8 +58,6 @@ class PreemptionWatch:
     def requested(self, step: int) -> bool:
         """Whether to save `step` and stop (the same answer on every host)."""
         if self._shared:
-            from jax.experimental import multihost_utils
-
             stop = multihost_utils.reached_preemption_sync_point(step)
         else:
             stop = self.signalled

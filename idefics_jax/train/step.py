@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from idefics_jax.train.lora import add_adapters, merge
+from idefics_jax.models.lora import add_adapters, merge
 from idefics_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, constrain, fit_shardings
 
-MODEL_KEYS = ("tokens", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "pixel_attention_mask")
+MODEL_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask", "pixel_values", "pixel_attention_mask")
 
 
 @flax.struct.dataclass
@@ -48,7 +48,7 @@ def _forward_loss(model, params, batch, rng, lora=None):
     if lora is not None:
         params = merge(params, lora)
     logits = model.apply(
-        {"params": params}, batch["tokens"], pixel_values=batch.get("pixel_values"),
+        {"params": params}, batch["input_ids"], pixel_values=batch.get("pixel_values"),
         pixel_attention_mask=batch.get("pixel_attention_mask"), positions=batch["positions"],
         segment_ids=batch["segment_ids"], rngs={"neftune": rng}, train=True)
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
@@ -145,8 +145,12 @@ def train_step_fn(model, tx, *, accum_steps: int = 1, lora=None):
     return step
 
 
-def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICAL_AXIS_RULES, lora=None):
-    _, shardings = state_shardings(model, tx, mesh, rules, lora)
+def make_train_step(model, tx, mesh: Mesh, *, accum_steps: int = 1, rules=LOGICAL_AXIS_RULES, lora=None,
+                    shardings=None):
+    """The step jitted for `mesh`: the new state keeps `shardings` (the state's; worked out from the
+    model when not given), donating the old one."""
+    if shardings is None:
+        _, shardings = state_shardings(model, tx, mesh, rules, lora)
     step = train_step_fn(model, tx, accum_steps=accum_steps, lora=lora)
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(step, out_shardings=(shardings, replicated), donate_argnums=(0,))

@@ -1,0 +1,87 @@
+"""A training run's data: the data directory (synthetic data generated on first use), the
+tokenizer, the Grain pipeline a config describes, and host batches placed as global arrays."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+from etils import epath
+
+from idefics_jax.data.packing import PackConfig
+from idefics_jax.data.pipeline import Pipeline, SourceConfig
+from idefics_jax.data.synthetic import generate
+from idefics_jax.data.tokenizer import Tokenizer
+from idefics_jax.paths import as_path, is_url
+from idefics_jax.sharding import batch_sharding
+from idefics_jax.train.step import MODEL_KEYS
+
+log = logging.getLogger(__name__)
+
+
+def synthetic_data_dir(config, workdir: epath.Path) -> Path:
+    """Where generated synthetic data lives: WORKDIR/data, or for a gs:// workdir a local directory
+    named by what was generated (the pipeline reads a disk; every host makes the same copy)."""
+    if not is_url(workdir):
+        return Path(workdir) / "data"
+    d = config.data
+    return Path(tempfile.gettempdir()) / "idefics_jax_data" / f"synthetic-{d.synthetic_num}-{d.seed}-{int(d.synthetic_easy)}"
+
+
+def prepare_data(config, workdir: epath.Path) -> tuple[epath.Path, Tokenizer]:
+    """(the data directory, the tokenizer): `config.data.dir` (a local path or gs://bucket/...), or
+    synthetic data, generated on first use."""
+    data_dir = as_path(config.data.dir, "config.data.dir") if config.data.dir else \
+        epath.Path(synthetic_data_dir(config, workdir))
+    if config.data.synthetic and not (data_dir / "tokenizer.model").exists():
+        if is_url(data_dir):
+            raise ValueError(f"config.data.dir={config.data.dir} holds no tokenizer.model, and synthetic data is "
+                             f"generated on local disk: name a local config.data.dir, or leave it empty")
+        # every host writes its own copy (the same for a seed), then renames it into place
+        log.info("Generating synthetic data in %s", data_dir)
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = data_dir.with_name(f"{data_dir.name}.tmp-{jax.process_index()}-{os.getpid()}")
+        generate(tmp, num=config.data.synthetic_num, seed=config.data.seed, formats=("jsonl",),
+                 easy=config.data.synthetic_easy)
+        try:
+            os.replace(tmp, data_dir)
+        except OSError:  # another host (shared disk) was first
+            shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer_path = as_path(config.data.tokenizer, "config.data.tokenizer") if config.data.tokenizer else \
+        data_dir / "tokenizer.model"
+    if not tokenizer_path.exists():
+        raise FileNotFoundError(f"Tokenizer {tokenizer_path} not found (config.data.tokenizer)")
+    return data_dir, Tokenizer(tokenizer_path)
+
+
+def make_pipeline(config, data_dir: epath.Path, tokenizer: Tokenizer, image_seq_len: int) -> Pipeline:
+    if not config.data.sources:
+        raise ValueError("config.data.sources is empty: name at least one source")
+    known = {f.name for f in dataclasses.fields(SourceConfig)}
+    sources = []
+    for i, source in enumerate(config.data.sources):
+        source = dict(source)
+        unknown = sorted(set(source) - known)
+        if unknown:
+            raise ValueError(f"config.data.sources[{i}] has unknown key(s) {unknown}; known: {sorted(known)}")
+        source["path"] = str(data_dir / source["path"])
+        sources.append(SourceConfig(**source))
+    if config.data.batch_size % jax.process_count():
+        raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
+                         f"{jax.process_count()} hosts")
+    pack = PackConfig(seq_len=config.data.seq_len, image_slots=config.data.image_slots,
+                      buckets=tuple(tuple(b) for b in config.data.buckets), pad_id=tokenizer.pad_id)
+    return Pipeline(sources, tokenizer, pack, config.data.batch_size // jax.process_count(),
+                    image_seq_len=image_seq_len, seed=config.data.seed, num_workers=config.data.num_workers,
+                    read_threads=config.data.read_threads, read_buffer=config.data.read_buffer)
+
+
+def global_batch(batch: dict, mesh) -> dict:
+    """This host's rows -> global arrays sharded over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, batch[k].ndim), batch[k])
+            for k in MODEL_KEYS}

@@ -1,0 +1,177 @@
+"""A training run built once from its config: model, optimizer, mesh, adapters, and the train
+state's initialiser, shapes and shardings, which init, restore and the step all take from here.
+
+    run = build_run(config)                      # config.mesh's mesh, unless one is given
+    state = run.init_state(rng)                  # or: run.restore(checkpointer)
+    step = run.train_step()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import Mesh
+
+from idefics_jax.checkpoints import load_checkpoint, load_hf_checkpoint
+from idefics_jax.checkpoints.train_state import Checkpointer, abstract_with_shardings
+from idefics_jax.checkpoints.workdir import lora_of
+from idefics_jax.config import Idefics2Config, model_config
+from idefics_jax.models.idefics2 import Idefics2
+from idefics_jax.models.lora import ADAPTERS, LoraConfig, start_magnitudes
+from idefics_jax.models.remat import remat_policy
+from idefics_jax.models.scan import is_stacked, stack_layers
+from idefics_jax.ops.attention import IMPLEMENTATIONS
+from idefics_jax.paths import as_path
+from idefics_jax.sharding import LOGICAL_AXIS_RULES, make_mesh, put_everywhere
+from idefics_jax.train.optimizer import count_trainable, lora_trainable, make_optimizer
+from idefics_jax.train.step import TrainState, check_batch_size, make_train_step, state_shardings
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_of(name: str, key: str):
+    """`config.model.<key>`'s dtype; an error naming the key for any other name."""
+    if name not in _DTYPES:
+        raise ValueError(f"config.model.{key}={name!r}: choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training config builds, each part computed once (the state's layout on first use:
+    tracing an 8B model's initialiser takes seconds)."""
+
+    config: ml_collections.ConfigDict
+    model_config: Idefics2Config
+    model: Idefics2
+    tx: optax.GradientTransformation
+    schedule: Callable[[int], Any]
+    mesh: Mesh
+    lora: LoraConfig | None
+
+    @functools.cached_property
+    def _layout(self):
+        init, shardings = state_shardings(self.model, self.tx, self.mesh, lora=self.lora)
+        abstract = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.PRNGKey(0))
+        return init, shardings, abstract_with_shardings(abstract, shardings)
+
+    @property
+    def init(self) -> Callable[[jax.Array], TrainState]:
+        """rng -> a fresh state, logically annotated (boxed)."""
+        return self._layout[0]
+
+    @property
+    def shardings(self) -> TrainState:
+        """Where each array of the state lives on `mesh`."""
+        return self._layout[1]
+
+    @property
+    def abstract(self) -> TrainState:
+        """The state's shapes and dtypes with those shardings: what a restore reads into."""
+        return self._layout[2]
+
+    def init_state(self, rng) -> TrainState:
+        """A fresh state, each array created directly in its shards."""
+        init, shardings = self.init, self.shardings  # worked out outside the mesh context below
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+
+    def restore(self, checkpointer: Checkpointer, step: int | None = None) -> tuple[int, TrainState, dict]:
+        """(step, state, data-iterator state) of the checkpoint, read straight into this run's shards."""
+        return checkpointer.restore(self.abstract, step)
+
+    def train_step(self):
+        """The jitted step `(state, placed batch) -> (state, metrics)` (`train.step.make_train_step`)."""
+        return make_train_step(self.model, self.tx, self.mesh, accum_steps=self.config.optimizer.accum_steps,
+                               lora=self.lora, shardings=self.shardings)
+
+    @property
+    def frozen(self) -> tuple[str, ...]:
+        return tuple(self.config.train.freeze)
+
+    def count_trainable(self, params) -> int:
+        if self.lora:
+            return count_trainable(params, (), lora_trainable(self.lora, self.frozen))
+        return count_trainable(params, self.frozen)
+
+
+def _mesh_of(config) -> Mesh:
+    m = config.mesh
+    # .get: configs saved in workdirs before these keys existed still load
+    dcn = tuple(m.get(f"dcn_{axis}", 1) for axis in ("data", "fsdp", "tensor"))
+    return make_mesh(m.data, m.fsdp, m.tensor, dcn=dcn)
+
+
+def build_run(config, mesh: Mesh | None = None) -> Run:
+    """The run a training config describes (on `config.mesh`'s mesh, unless one is given); a bad
+    key or value is an error naming it."""
+    mcfg = model_config(config.model)
+    if config.data.tokenizer == "" and not config.data.synthetic and not config.data.dir:
+        raise ValueError("config.data: set tokenizer/dir, or synthetic=True")
+    if config.model.attention_impl not in IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention_impl '{config.model.attention_impl}' is not one of {IMPLEMENTATIONS}")
+    try:
+        remat = remat_policy(config.train.remat)
+    except ValueError as e:
+        raise ValueError(f"config.train.{e}") from None
+    model = Idefics2(mcfg, attention_impl=config.model.attention_impl,
+                     dtype=dtype_of(config.model.dtype, "dtype"),
+                     param_dtype=dtype_of(config.model.param_dtype, "param_dtype"),
+                     remat=remat, neftune_alpha=config.train.neftune_alpha,
+                     scan_layers=config.train.get("scan_layers", False))
+    o = config.optimizer
+    lora = lora_of(config)
+    frozen = tuple(config.train.freeze)
+    tx, schedule = make_optimizer(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+                                  total_steps=config.train.steps, end_lr_ratio=o.end_lr_ratio,
+                                  weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip,
+                                  frozen=() if lora else frozen, lr_multipliers=dict(o.get("lr_multipliers", {})),
+                                  trainable_mask=lora_trainable(lora, frozen) if lora else None)
+    mesh = _mesh_of(config) if mesh is None else mesh
+    check_batch_size(config.data.batch_size, config.optimizer.accum_steps, mesh)
+    return Run(config, mcfg, model, tx, schedule, mesh, lora)
+
+
+def load_initial_params(run: Run, state: TrainState, path: str) -> TrainState:
+    """Starts from a Hugging Face directory or an idefics_jax checkpoint (`config.model.init_from`,
+    a local path or gs://bucket/...). The checkpoint is read on the host and each parameter placed
+    in its shards; LoRA/DoRA adapters stay fresh, DoRA's magnitudes taken from the loaded weights
+    (so that the adapted model starts as the checkpoint's)."""
+    mcfg, shardings, lora = run.model_config, run.shardings, run.lora
+    path = as_path(path, "config.model.init_from")
+    ours = (path / "params").exists()
+    config, params = (load_checkpoint if ours else load_hf_checkpoint)(path, on_device=False)
+    if config != mcfg:
+        raise ValueError(f"config.model.init_from={path} holds a different model than config.model describes: "
+                         + "; ".join(config_differences(config, mcfg)))
+    if is_stacked(state.params):  # scan_layers: the model keeps each tower's layers stacked
+        params = stack_layers(params)
+    model_keys = [k for k in state.params if k != ADAPTERS]
+    flat = traverse_util.flatten_dict(params)
+    del params  # each host array goes as soon as it is placed
+    old = traverse_util.flatten_dict({k: state.params[k] for k in model_keys})
+    where = traverse_util.flatten_dict({k: shardings.params[k] for k in model_keys})
+    loaded = traverse_util.unflatten_dict(
+        {key: put_everywhere(np.asarray(flat.pop(key)).astype(old[key].dtype), where[key]) for key in list(flat)})
+    params = {**state.params, **loaded}
+    if lora and lora.dora:  # from the placed kernels: sharded, in the dtype they train in
+        magnitudes = start_magnitudes(loaded, lora)
+        params[ADAPTERS] = {key: {**entry, "m": put_everywhere(magnitudes[key], shardings.params[ADAPTERS][key]["m"])}
+                            for key, entry in state.params[ADAPTERS].items()}
+    return state.replace(params=params)
+
+
+def config_differences(ours: Idefics2Config, wanted: Idefics2Config) -> list[str]:
+    """`section.field=a (config.model: b)` for each field that differs."""
+    a, b = (traverse_util.flatten_dict(c.to_dict(), sep=".") for c in (ours, wanted))
+    return [f"{key}={a.get(key)!r} (config.model: {b.get(key)!r})" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key)]
