@@ -81,18 +81,18 @@ def time_ours(hf_dir, inputs, new, repeats):
 
 def product_shapes(generator, inputs, new):
     """{(batch, m, k, n): count} of the matrix products of our first-token program and of one
-    decode step (`train.metrics.dot_shapes`), traced as `generate` runs them."""
+    decode step (`train.flops.dot_shapes`), traced as `generate` runs them."""
     import jax.numpy as jnp
 
     from idefics_jax.inference.sampling import GREEDY, row_keys
-    from idefics_jax.train.metrics import dot_shapes
+    from idefics_jax.train.flops import dot_shapes
 
     settings = dict(sampling=GREEDY, stop_ids=generator.stop_ids, pad_id=generator.pad_id)
     max_columns = inputs[0].shape[1] + new
     keys = row_keys(0, inputs[0].shape[0])
-    first = generator._first.trace(generator.params, inputs, keys, max_columns=max_columns, **settings)
-    state, token, done = generator._first(generator.params, inputs, keys, max_columns=max_columns, **settings)
-    step = generator._step.trace(generator.params, state, token, done, keys, jnp.int32(1), **settings)
+    first = generator.first_program.trace(generator.params, inputs, keys, max_columns=max_columns, **settings)
+    state, token, done = generator.first_program(generator.params, inputs, keys, max_columns=max_columns, **settings)
+    step = generator.step_program.trace(generator.params, state, token, done, keys, jnp.int32(1), **settings)
     return dot_shapes(first.jaxpr.jaxpr), dot_shapes(step.jaxpr.jaxpr)
 
 

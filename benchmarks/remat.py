@@ -50,7 +50,7 @@ def eight_b_batch(config, seq=2048, images=24, side=384) -> dict:
     import jax
 
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
-    return {"tokens": spec((1, seq), np.int32), "segment_ids": spec((1, seq), np.int32),
+    return {"input_ids": spec((1, seq), np.int32), "segment_ids": spec((1, seq), np.int32),
             "positions": spec((1, seq), np.int32), "targets": spec((1, seq), np.int32),
             "loss_mask": spec((1, seq), bool), "pixel_values": spec((1, images, side, side, 3), np.float32),
             "pixel_attention_mask": spec((1, images, side, side), bool)}
@@ -64,7 +64,7 @@ def measure(config, policy: str, batch, params=None, steps: int = 0, scan: bool 
 
     from idefics_jax import Idefics2
     from idefics_jax.sharding import make_mesh
-    from idefics_jax.train.loop import global_batch
+    from idefics_jax.train.data import global_batch
     from idefics_jax.train.optimizer import make_optimizer
     from idefics_jax.train.step import abstract_state, init_state, make_train_step
 

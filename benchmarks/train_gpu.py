@@ -45,7 +45,7 @@ from train_step import median_step_time  # noqa: E402
 
 from idefics_jax import Idefics2, Idefics2Config  # noqa: E402
 from idefics_jax.sharding import make_mesh  # noqa: E402
-from idefics_jax.train.metrics import step_flops  # noqa: E402
+from idefics_jax.train.flops import step_flops  # noqa: E402
 from idefics_jax.train.optimizer import make_optimizer  # noqa: E402
 from idefics_jax.train.step import init_state, make_train_step, place_batch  # noqa: E402
 
@@ -66,7 +66,7 @@ def packed_batch(config: Idefics2Config, rows: int, seq: int, images: int, size:
     targets = np.concatenate([tokens[:, 1:], np.zeros((rows, 1), np.int32)], axis=1)
     targets[:, split - 1] = 0  # a sample's last token predicts nothing
     loss_mask = (tokens != config.image_token_id) & (targets != 0)
-    return dict(tokens=tokens, segment_ids=segment_ids, positions=positions, targets=targets, loss_mask=loss_mask,
+    return dict(input_ids=tokens, segment_ids=segment_ids, positions=positions, targets=targets, loss_mask=loss_mask,
                 pixel_values=rng.normal(size=(rows, images, size, size, 3)).astype(np.float32),
                 pixel_attention_mask=np.ones((rows, images, size, size), bool))
 

@@ -82,7 +82,7 @@ def train_batch(ids, pixels, mask, labels) -> dict:
     targets[:, :-1] = ids[:, 1:]
     loss_mask = np.zeros(ids.shape, bool)
     loss_mask[:, :-1] = labels[:, 1:] != -100
-    return {"tokens": ids.astype(np.int32), "segment_ids": np.ones(ids.shape, np.int32),
+    return {"input_ids": ids.astype(np.int32), "segment_ids": np.ones(ids.shape, np.int32),
             "positions": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy(),
             "targets": targets.astype(np.int32), "loss_mask": loss_mask, "pixel_values": pixels,
             "pixel_attention_mask": mask}
@@ -160,8 +160,8 @@ def time_ours(hf_dir, ids, pixels, mask, labels, steps):
 
     from idefics_jax import Idefics2, load_hf_checkpoint
     from idefics_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
-    from idefics_jax.train.loop import global_batch
-    from idefics_jax.train.metrics import dot_shapes
+    from idefics_jax.train.data import global_batch
+    from idefics_jax.train.flops import dot_shapes
     from idefics_jax.train.optimizer import make_optimizer
     from idefics_jax.train.step import init_state, make_train_step, train_step_fn
 

@@ -31,11 +31,8 @@ def get_config():
     c.data.batch_size = 8
     c.data.read_threads = 1  # 2 cores: one reader thread per source beats grain's 16 (GIL-bound decoding)
     c.data.read_buffer = 8
-    # peak 3e-4 (exact match 53-59% over two data seeds, 5e-4: 45-46%). At 2e-3 the Perceiver's output
-    # collapses to one vector for every image while the decoder learns the answers' prior (in a
-    # digits-only run of the whole model, within ~80 steps: the image features' std over images
-    # 0.36 -> 0.004, the vision tower's gradient norm 1.7 -> 3e-4) and the run never reads a digit;
-    # tests/test_learning.py trains the whole model on digits with this optimizer
+    # peak 3e-4: a higher rate collapses the Perceiver's output to one vector for every image while
+    # the decoder learns the answers' prior, and the run never reads (docs/experiments/tiny_run.md)
     c.optimizer.learning_rate = 3e-4
     c.optimizer.warmup_steps = 30
     c.optimizer.weight_decay = 0.01

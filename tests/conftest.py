@@ -32,11 +32,10 @@ if host_memory.reuse_freed_memory_on_cpu():
     os.environ.update(host_memory.ENVIRONMENT)
 
 # XLA:CPU compiles the tests' programs without LLVM's optimisations: the tiny models spend most of
-# their time compiling, which -O0 makes about a third shorter (2 tests: 72 -> 49 s; the suite 28 ->
-# 20 min). Results differ from -O2's in rounding only (one training step: the same loss, parameters
-# within float32 round-off amplified by Adam); the tests compare programs compiled alike, or against
-# torch within tolerances. Here, in the xdist workers and in the commands the tests start;
-# `xla_flags(devices)` is the variable for a command on simulated devices.
+# their time compiling, which -O0 shortens (docs/correctness.md). Results differ from -O2's in
+# rounding only; the tests compare programs compiled alike, or against torch within tolerances.
+# Here, in the xdist workers and in the commands the tests start; `xla_flags(devices)` is the
+# variable for a command on simulated devices.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 

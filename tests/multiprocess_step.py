@@ -14,7 +14,7 @@ initialize()  # IDEFICS_COORDINATOR / IDEFICS_NUM_PROCESSES / IDEFICS_PROCESS_ID
 import jax  # noqa: E402
 
 from idefics_jax.sharding import make_mesh  # noqa: E402
-from idefics_jax.train.loop import global_batch  # noqa: E402
+from idefics_jax.train.data import global_batch  # noqa: E402
 from idefics_jax.train.step import MODEL_KEYS, init_state, make_train_step  # noqa: E402
 from train_helpers import tiny_batch, tiny_setup  # noqa: E402
 

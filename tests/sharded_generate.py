@@ -58,10 +58,8 @@ def main(hf_dir, seed):
         print(f"mesh (2, 1, 2), {name}: equal: {np.array_equal(a, b)}")
         if not np.array_equal(a, b):
             sys.exit(f"mesh (2, 1, 2), {name}: tokens differ\n{a}\n{b}")
-    settings = dict(max_columns=ids.shape[1] + NEW, sampling=GREEDY, stop_ids=(), pad_id=0)
-    with generator._on_mesh():
-        state, token, _ = generator._first(generator.params, generator._place(inputs), row_keys(0, len(ids)),
-                                          **settings)
+    state, token, _ = generator.first(generator.place(inputs), row_keys(0, len(ids)), max_columns=ids.shape[1] + NEW,
+                                      sampling=GREEDY)
     specs = (tuple(state.cache.keys[0].sharding.spec), tuple(token.sharding.spec))
     print(f"cache keys {state.cache.keys[0].shape} laid out {specs[0]}, tokens {specs[1]}")
     if specs[0][:2] != ("data", "tensor") or any(specs[1]):
@@ -76,7 +74,7 @@ def check_sharded_loading(hf_dir, model, params, inputs, expected):
     parameters in the layout Generator uses, and generate the same tokens."""
     import tempfile
 
-    from idefics_jax.convert import load_checkpoint, save_checkpoint
+    from idefics_jax.checkpoints import load_checkpoint, save_checkpoint
 
     on = mesh(1, 2, 4)
     shardings = param_shardings(model, on)

@@ -18,8 +18,8 @@ from train_helpers import tiny_setup  # noqa: E402
 from idefics_jax import Idefics2  # noqa: E402
 from idefics_jax.models.scan import stack_layers, unstack_layers  # noqa: E402
 from idefics_jax.sharding import make_mesh  # noqa: E402
-from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings  # noqa: E402
-from idefics_jax.train.loop import global_batch  # noqa: E402
+from idefics_jax.checkpoints.train_state import Checkpointer, abstract_with_shardings  # noqa: E402
+from idefics_jax.train.data import global_batch  # noqa: E402
 from idefics_jax.train.step import init_state, make_train_step, state_shardings  # noqa: E402
 
 

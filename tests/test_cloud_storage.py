@@ -26,7 +26,7 @@ def test_training_in_a_bucket_resumes_exactly_and_serves(gcs_bucket, tmp_path, s
     import os
     import signal
 
-    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.checkpoints import load as load_for_inference
     from idefics_jax.train.loop import train
     from idefics_jax.train.metrics import plot_loss, read_metrics
     from idefics_jax.train.preemption import PreemptionWatch
@@ -70,12 +70,13 @@ def test_training_in_a_bucket_resumes_exactly_and_serves(gcs_bucket, tmp_path, s
         np.testing.assert_array_equal(ours, trained)
     # --export_hf into the bucket: the weights, the run's tokenizer and image sizes, as the workdir serves
     # them; from a run on several slices too (its config's mesh cannot be made here: the weights are
-    # read onto this host's devices)
-    from idefics_jax.train.loop import export_hf
+    # read onto this host's devices, no mesh of the run's built)
+    from idefics_jax.checkpoints import export_hf
 
     several_slices = tiny(3, bucket_data, seed)
     several_slices.mesh.dcn_data = 2
-    assert export_hf(several_slices, run, f"{run}/hf") == 3
+    (bucket / "config.json").write_text(several_slices.to_json_best_effort(indent=2))
+    assert export_hf(run, f"{run}/hf") == 3
     exported = load_for_inference(f"{run}/hf")
     assert exported.config == loaded.config and exported.image_processor == loaded.image_processor
     assert exported.tokenizer.model_proto == loaded.tokenizer.model_proto
@@ -83,7 +84,7 @@ def test_training_in_a_bucket_resumes_exactly_and_serves(gcs_bucket, tmp_path, s
         np.testing.assert_array_equal(ours, trained)
 
     # evaluate: the workdir, the questions (their images files) and the report all in the bucket
-    from idefics_jax import evaluate
+    from idefics_jax.cli import evaluate
 
     report = f"{run}/eval/report.json"
     assert evaluate.main(["--checkpoint", run, "--data", f"{bucket_data}/conversations_eval", "--limit", "3",
@@ -189,7 +190,7 @@ def test_two_processes_train_into_one_bucket(gcs_bucket, seed):
 
     import portpicker
 
-    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.checkpoints import load as load_for_inference
     from idefics_jax.train.metrics import read_metrics
 
     root = Path(__file__).parents[1]
@@ -231,10 +232,10 @@ def test_checkpoints_in_a_bucket_convert_and_load(gcs_bucket, sp_model, seed, tm
     as the local original does, and the safetensors written to the bucket are those written to
     disk. A corrupt shard in the bucket is named."""
     from conftest import HF_TINY, build_hf_model
-    from idefics_jax.convert import CheckpointError
-    from idefics_jax.convert.__main__ import main as convert
+    from idefics_jax.checkpoints import CheckpointError
+    from idefics_jax.cli.convert import main as convert
     from idefics_jax.data.tokenizer import Tokenizer
-    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.checkpoints import load as load_for_inference
 
     tokenizer = Tokenizer(sp_model[1])
     text = {**HF_TINY["text_config"], "vocab_size": tokenizer.vocab_size}
@@ -267,8 +268,8 @@ def test_checkpoints_in_a_bucket_convert_and_load(gcs_bucket, sp_model, seed, tm
 
 
 def test_urls_that_cannot_serve_are_named(gcs_bucket, tmp_path):
-    from idefics_jax.inference.loading import load_for_inference
-    from idefics_jax.train.loop import prepare_data
+    from idefics_jax.checkpoints import load as load_for_inference
+    from idefics_jax.train.data import prepare_data
 
     with pytest.raises(FileNotFoundError, match="bucket gs://no-such-bucket does not exist"):
         as_path("gs://no-such-bucket/run")
@@ -309,7 +310,7 @@ def test_data_in_a_bucket_gives_the_local_batches(synthetic_in_bucket, fmt, work
     ours, _ = make_pipeline(remote, fmt=fmt, num_workers=workers)  # its tokenizer is read from the bucket too
     for _ in range(3):
         a, b = next(reference), next(ours)
-        for key in ("tokens", "loss_mask", "pixel_values", "image_segment_ids"):
+        for key in ("input_ids", "loss_mask", "pixel_values", "image_segment_ids"):
             np.testing.assert_array_equal(a[key], b[key])
 
 

@@ -63,7 +63,7 @@ def test_idefics2_8b_preset_matches_the_hub_config():
 
 def test_8b_parameter_count():
     """Idefics2-8B has about 8.4B parameters; count them without allocating any."""
-    from idefics_jax.convert import abstract_params
+    from idefics_jax.checkpoints import abstract_params
 
     params = abstract_params(Idefics2Config.preset("idefics2-8b"))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

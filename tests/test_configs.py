@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from idefics_jax.data.pipeline import SourceConfig
-from idefics_jax.train.loop import build
+from idefics_jax.train.run import build_run
 from train_helpers import load_config as load
 
 
@@ -15,8 +15,9 @@ def test_config_builds(name):
     config = load(name)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1  # this machine's devices
     if not config.data.synthetic:
-        config.data.dir = "/data"  # a user sets it; build() requires it
-    mcfg, model, tx, schedule, mesh, lora = build(config)
+        config.data.dir = "/data"  # a user sets it; build_run() requires it
+    run = build_run(config)
+    mcfg, schedule = run.model_config, run.schedule
     sources = [SourceConfig(**{**s, "path": s["path"]}) for s in config.data.sources]
     assert abs(sum(s.weight for s in sources) - 1.0) < 1e-9
     assert float(schedule(0)) > 0

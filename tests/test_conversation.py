@@ -9,7 +9,8 @@ from conftest import IMAGE_TOKEN_ID, rel_err
 from idefics_jax import Idefics2
 from idefics_jax.data.image_processing import ImageProcessor, pad_images
 from idefics_jax.inference.conversation import Conversation
-from idefics_jax.inference.generate import Generator, prefill
+from idefics_jax.inference.engine import prefill
+from idefics_jax.inference.generate import Generator
 from idefics_jax.inference.sampling import Sampling
 
 NEW = 6

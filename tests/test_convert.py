@@ -17,8 +17,8 @@ from safetensors.numpy import load_file, save_file
 from conftest import build_hf_model, rel_err
 from idefics_jax import Idefics2, load_checkpoint, load_hf_checkpoint, save_hf_checkpoint
 from idefics_jax.config import ConfigError
-from idefics_jax.convert import CheckpointError
-from idefics_jax.convert.__main__ import main as convert_main
+from idefics_jax.checkpoints import CheckpointError
+from idefics_jax.cli.convert import main as convert_main
 
 
 def read_all(directory):

@@ -17,7 +17,8 @@ from conftest import IMAGE_TOKEN_ID, rel_err, xla_flags
 from idefics_jax import Idefics2
 from idefics_jax.inference import sampling as sampling_module
 from idefics_jax.data.image_processing import ImageProcessor, pad_images
-from idefics_jax.inference.generate import Generator, decode, prefill
+from idefics_jax.inference.engine import decode, prefill
+from idefics_jax.inference.generate import Generator
 from idefics_jax.inference.sampling import (RowSampling, Sampling, next_token, next_token_rows, process_logits,
                                           process_logits_rows, row_keys, seen_tokens, token_keys)
 from test_parity import make_batch

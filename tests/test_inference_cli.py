@@ -53,7 +53,7 @@ def run_cli(module, argv, capsys, stdin: str | None = None, monkeypatch=None):
 def reference_answer(chat_dir, messages, images, max_new_tokens):
     """transformers' greedy generate on the inputs our processor makes (proven equal to theirs)."""
     from idefics_jax.inference.assistant import Assistant
-    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.checkpoints import load as load_for_inference
 
     assistant = Assistant(load_for_inference(chat_dir[0]))
     batch = assistant.prepare([messages], [[Image.open(chat_dir[0] / i) for i in images]])
@@ -75,8 +75,8 @@ def printed_answers(out: str) -> list[str]:
 
 
 def test_generate_cli_streams_the_reference_answer(chat_dir, capsys, tmp_path):
-    from idefics_jax import generate
-    from idefics_jax.convert import __main__ as convert
+    from idefics_jax.cli import generate
+    from idefics_jax.cli import convert
 
     path = chat_dir[0]
     argv = ["--image", str(path / "a.png"), "--image", str(path / "b.png"), "--prompt", "what is written",
@@ -98,7 +98,7 @@ def test_generate_cli_streams_the_reference_answer(chat_dir, capsys, tmp_path):
     question = [{"role": "user", "content": "<image><image>what is written"}]
     assert out.strip() == reference_answer(chat_dir, system + question, ["a.png", "b.png"], 12)
     # --dtype bfloat16: the parameters are read as bfloat16 (half the memory), from either kind
-    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.checkpoints import load as load_for_inference
 
     for directory in (path, tmp_path / "ours"):
         params = load_for_inference(directory, dtype=jnp.bfloat16).params
@@ -108,7 +108,7 @@ def test_generate_cli_streams_the_reference_answer(chat_dir, capsys, tmp_path):
 
 
 def test_chat_keeps_the_conversation(chat_dir, capsys, monkeypatch):
-    from idefics_jax import generate
+    from idefics_jax.cli import generate
 
     path = chat_dir[0]
     code, out, err = run_cli(generate, ["--checkpoint", str(path), "--image", str(path / "a.png"), "--chat",
@@ -128,7 +128,7 @@ def test_chat_keeps_the_conversation(chat_dir, capsys, monkeypatch):
 def test_chat_prefills_only_new_turns_and_answers_as_whole_prefills(chat_dir):
     from idefics_jax.data.processor import apply_chat_template
     from idefics_jax.inference.assistant import Assistant
-    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.checkpoints import load as load_for_inference
     from idefics_jax.inference.sampling import Sampling
 
     assistant = Assistant(load_for_inference(chat_dir[0]))
@@ -170,7 +170,7 @@ def test_chat_drops_its_oldest_turns_to_fit_the_context(chat_dir):
     """... and keeps its system message, whose tokens the turn after a drop reuses from the cache."""
     from idefics_jax.data.processor import apply_chat_template
     from idefics_jax.inference.assistant import Assistant
-    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.checkpoints import load as load_for_inference
 
     assistant = Assistant(load_for_inference(chat_dir[0]))
     context = assistant.loaded.config.text.max_position_embeddings
@@ -209,7 +209,7 @@ def test_chat_keeps_an_answer_that_spells_special_tokens_as_text(chat_dir, monke
     image nor ends the text there, and answers as a whole prefill of the kept conversation does."""
     from idefics_jax.data.tokenizer import WORD_JOINER
     from idefics_jax.inference.assistant import Assistant
-    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.checkpoints import load as load_for_inference
 
     assistant = Assistant(load_for_inference(chat_dir[0]))
     chat = assistant.chat(max_new_tokens=4)
@@ -233,7 +233,7 @@ def test_chat_keeps_an_answer_that_spells_special_tokens_as_text(chat_dir, monke
 
 
 def test_generate_cli_names_bad_input(chat_dir, capsys, tmp_path):
-    from idefics_jax import generate
+    from idefics_jax.cli import generate
 
     path = chat_dir[0]
     (tmp_path / "broken.png").write_bytes((path / "a.png").read_bytes()[:60])
@@ -257,7 +257,7 @@ def test_generate_cli_names_bad_input(chat_dir, capsys, tmp_path):
 
 
 def test_evaluate_cli_scores_answers(chat_dir, capsys, tmp_path):
-    from idefics_jax import evaluate
+    from idefics_jax.cli import evaluate
 
     path = chat_dir[0]
     questions = ["what is written", "what number is shown", "read the text"]
@@ -332,8 +332,8 @@ def test_two_processes_evaluate_generate_and_chat_as_one(chat_dir, capsys, tmp_p
     writes and prints. Each process reads only its shards: of the safetensors for evaluate, of an
     orbax checkpoint for generate. A chat reads its lines and `/image` files on process 0 only and
     answers as one process does."""
-    from idefics_jax import evaluate, generate
-    from idefics_jax.convert import __main__ as convert
+    from idefics_jax.cli import evaluate, generate
+    from idefics_jax.cli import convert
 
     path = chat_dir[0]
     records = [{"id": str(i), "images": [str(path / image)],
@@ -383,7 +383,7 @@ def test_evaluate_names_bad_records_and_goes_on_after_a_stop(chat_dir, capsys, t
     context or a malformed structure is named and left out of the scores; a run stopped after its
     first batches goes on from its saved results, generating only the rest, and reports what an
     uninterrupted run does."""
-    from idefics_jax import evaluate
+    from idefics_jax.cli import evaluate
     from idefics_jax.inference.assistant import Assistant
 
     path = chat_dir[0]
@@ -452,7 +452,7 @@ def test_evaluate_halves_a_batch_that_runs_out_of_memory(chat_dir, monkeypatch, 
     end the run."""
     from idefics_jax.inference.assistant import Assistant
     from idefics_jax.inference.evaluate import evaluate_records
-    from idefics_jax.inference.loading import load_for_inference
+    from idefics_jax.checkpoints import load as load_for_inference
 
     path = chat_dir[0]
     asks = [("q0", "what is written", "a.png"), ("q1", "what number", "b.png"), ("huge", "read it", "a.png"),

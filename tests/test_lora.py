@@ -12,8 +12,9 @@ from flax import traverse_util
 from conftest import rel_err
 from idefics_jax import Idefics2, save_hf_checkpoint
 from idefics_jax.sharding import make_mesh
-from idefics_jax.train.lora import LoraConfig, adapted_kernel, merge, trainable
-from idefics_jax.train.loop import global_batch
+from idefics_jax.models.lora import LoraConfig, adapted_kernel, merge
+from idefics_jax.train.optimizer import lora_trainable as trainable
+from idefics_jax.train.data import global_batch
 from idefics_jax.train.optimizer import make_optimizer
 from idefics_jax.train.step import init_state, make_train_step
 from train_helpers import tiny_batch, tiny_config

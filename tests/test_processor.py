@@ -86,7 +86,7 @@ def test_saved_settings_are_read_back_and_by_the_reference(tmp_path, seed):
     and transformers' Idefics2 image processor read: the same pixels from both."""
     from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
-    from idefics_jax.inference.loading import image_processor_from, save_image_processor
+    from idefics_jax.checkpoints import image_processor_from, save_image_processor
 
     ours = ImageProcessor(longest_edge=384, shortest_edge=200, do_image_splitting=True)
     save_image_processor(tmp_path, ours)

@@ -11,7 +11,7 @@ from flax import traverse_util
 from conftest import rel_err
 from idefics_jax import Idefics2
 from idefics_jax.models.scan import stack_layers, unstack_layers
-from idefics_jax.train.lora import LoraConfig, add_adapters, merge
+from idefics_jax.models.lora import LoraConfig, add_adapters, merge
 from test_parity import make_batch
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,8 +21,8 @@ from flax import traverse_util
 
 from conftest import xla_flags
 from idefics_jax.sharding import make_mesh
-from idefics_jax.train.loop import global_batch
-from idefics_jax.train.optimizer import tower_of
+from idefics_jax.train.data import global_batch
+from idefics_jax.models.lora import tower_of
 from idefics_jax.train.step import init_state, make_train_step
 from train_helpers import tiny_setup
 
@@ -99,7 +100,7 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     assert f"Compiled programs are cached in {os.environ['JAX_COMPILATION_CACHE_DIR']}" in err
     assert any(name.startswith("jit_step-") for name in os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"]))
     # the evaluate command reads the workdir (latest step) and answers as the training run's own eval did
-    from idefics_jax import evaluate
+    from idefics_jax.cli import evaluate
 
     report_path = tmp_path / "report.json"
     assert evaluate.main(["--checkpoint", str(tmp_path / "full"), "--data", str(data / "conversations_eval"),
@@ -133,7 +134,7 @@ def test_step_flops_count_every_weight_matrix(seed):
 
     from idefics_jax import Idefics2
     from idefics_jax.sharding import LOGICAL_AXIS_RULES
-    from idefics_jax.train.metrics import dot_shapes, matmul_flops, step_flops
+    from idefics_jax.train.flops import dot_shapes, matmul_flops, step_flops
     from idefics_jax.train.optimizer import make_optimizer
     from idefics_jax.train.step import TrainState, train_step_fn
     from train_helpers import tiny_config
@@ -143,7 +144,7 @@ def test_step_flops_count_every_weight_matrix(seed):
     rows, seq, size = 2, 48, config.vision.image_size
     tokens = rng.integers(3, 1000, (rows, seq)).astype(np.int32)
     tokens[:, 1:1 + config.image_seq_len] = config.image_token_id  # one image a row, no padding anywhere
-    batch = dict(tokens=tokens, segment_ids=np.ones_like(tokens), positions=np.arange(seq)[None].repeat(rows, 0),
+    batch = dict(input_ids=tokens, segment_ids=np.ones_like(tokens), positions=np.arange(seq)[None].repeat(rows, 0),
                  targets=np.roll(tokens, -1, axis=1), loss_mask=tokens != config.image_token_id,
                  pixel_values=rng.normal(size=(rows, 1, size, size, 3)).astype(np.float32),
                  pixel_attention_mask=np.ones((rows, 1, size, size), bool))
@@ -189,20 +190,20 @@ def test_config_typo_is_an_error_naming_the_key(tmp_path):
 
 def test_unknown_attention_implementation_or_remat_policy_is_named():
     from idefics_jax.train.config import base_config
-    from idefics_jax.train.loop import build
+    from idefics_jax.train.run import build_run
 
     config = base_config("tiny")
     config.data.synthetic = True
     config.model.attention_impl = "flsh"
     with pytest.raises(ValueError, match="attention_impl 'flsh' is not one of"):
-        build(config)
+        build_run(config)
     config.model.attention_impl = "xla"
     config.train.remat = "minmal"
     with pytest.raises(ValueError, match=r"config.train.remat='minmal' is not a rematerialisation policy "
                                          r"\(did you mean 'minimal'\?\)"):
-        build(config)
+        build_run(config)
     config.train.remat = "minimal"
-    assert build(config)[1].remat == "minimal"
+    assert build_run(config).model.remat == "minimal"
 
 
 def test_batch_that_does_not_split_into_micro_batches_is_named(tmp_path):
@@ -218,7 +219,7 @@ def test_batch_that_does_not_split_into_micro_batches_is_named(tmp_path):
 
 
 def test_profile_settings_are_checked():
-    from idefics_jax.train.metrics import StepProfiler
+    from idefics_jax.train.profiler import StepProfiler
 
     for first, count in [(-1, 3), (2, 0)]:
         with pytest.raises(ValueError, match=f"profile_first_step={first} / profile_steps={count}"):
@@ -312,7 +313,7 @@ def test_distributed_initialize_needs_all_three_settings():
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, seed, caplog):
     import flax.linen as nn
 
-    from idefics_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+    from idefics_jax.checkpoints.train_state import Checkpointer, abstract_with_shardings
     from idefics_jax.train.step import state_shardings
 
     model, tx, batch = tiny_setup(seed, batch_size=2)
@@ -375,16 +376,15 @@ def test_training_starts_from_a_checkpoint(seed, tmp_path):
     checkpoint of another model is refused with the fields that differ."""
     from idefics_jax import save_checkpoint, save_hf_checkpoint
     from idefics_jax.models.scan import unstack_layers
-    from idefics_jax.train.lora import merge
-    from idefics_jax.train.loop import build, load_initial_params
-    from idefics_jax.train.step import state_shardings
+    from idefics_jax.models.lora import merge
+    from idefics_jax.train.run import build_run, load_initial_params
     from train_helpers import load_config
 
     config = load_config("tiny")
     config.train.scan_layers, config.train.lora.rank, config.train.lora.dora = True, 4, True
-    mcfg, model, tx, _, mesh, lora = build(config)
-    _, shardings = state_shardings(model, tx, mesh, lora=lora)
-    state = init_state(model, tx, mesh, jax.random.PRNGKey(seed), lora=lora)
+    run = build_run(config)
+    mcfg, lora, shardings = run.model_config, run.lora, run.shardings
+    state = run.init_state(jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed)  # the checkpoint: other weights of the same model
     other = {k: v for k, v in state.params.items() if k != "lora"}
     checkpoint = unstack_layers(jax.tree.map(lambda x: np.asarray(x) * rng.uniform(0.5, 2) + rng.normal(), other))
@@ -393,7 +393,7 @@ def test_training_starts_from_a_checkpoint(seed, tmp_path):
     as_stored = {"hf": jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(np.float32), checkpoint), "ours": checkpoint}
 
     for fmt in ("hf", "ours"):
-        started = load_initial_params(state, str(tmp_path / fmt), mcfg, shardings, lora)
+        started = load_initial_params(run, state, str(tmp_path / fmt))
         for got, want in zip(jax.tree.leaves(unstack_layers(merge(started.params, lora))),
                              jax.tree.leaves(as_stored[fmt])):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
@@ -404,7 +404,7 @@ def test_training_starts_from_a_checkpoint(seed, tmp_path):
 
     other = mcfg.replace(text=mcfg.text.replace(rope_theta=mcfg.text.rope_theta * 2))
     with pytest.raises(ValueError, match=r"different model than config.model describes: text.rope_theta="):
-        load_initial_params(state, str(tmp_path / "ours"), other, shardings, lora)
+        load_initial_params(dataclasses.replace(run, model_config=other), state, str(tmp_path / "ours"))
 
 
 @pytest.mark.slow
