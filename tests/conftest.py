@@ -6,6 +6,7 @@ reproduced with IDEFICS_TEST_SEED=<seed>.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,8 +15,10 @@ import tempfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from idefics_jax import host_memory
+from idefics_jax.data.tokenizer import Tokenizer
 
 # One persistent compilation cache for the session, its xdist workers and the commands it starts
 # included (they inherit the variable): a command run twice, such as a killed training run and its
@@ -241,3 +244,24 @@ def gcs_bucket():
     assert "gcsfs" not in sys.modules, "gcsfs was imported before its emulator variables were set"
     yield "gs://idefics-test"
     server.shutdown()
+
+
+PREPROCESSOR = {"do_image_splitting": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                "rescale_factor": 1 / 255, "size": {"longest_edge": 56, "shortest_edge": 28}}
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, sp_model, seed):
+    """A Hugging Face directory: tiny random Idefics2 sized to the test tokenizer, tokenizer.model,
+    preprocessor_config.json, and two images."""
+    tokenizer = Tokenizer(sp_model[1])
+    text = {**HF_TINY["text_config"], "vocab_size": tokenizer.vocab_size + 1, "max_position_embeddings": 400}
+    model = build_hf_model(seed, text_config=text, image_token_id=tokenizer.token_id("<image>"))
+    path = tmp_path_factory.mktemp("hf_chat")
+    model.save_pretrained(path)
+    (path / "tokenizer.model").write_bytes(sp_model[1])
+    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    rng = np.random.default_rng(seed)
+    for name, size in [("a.png", (40, 70)), ("b.png", (60, 30))]:
+        Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(path / name)
+    return path, model, tokenizer

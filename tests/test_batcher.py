@@ -10,7 +10,7 @@ from idefics_jax import Idefics2
 from idefics_jax.inference.batcher import Batcher, Request
 from idefics_jax.inference.generate import Generator
 from idefics_jax.inference.sampling import GREEDY, Sampling
-from test_parity import make_batch
+from helpers.inputs import make_batch
 
 
 def request(rng, rows, n_latents, width: int, image_side: int = 56):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import xla_flags
 from idefics_jax.paths import as_path, upload_tree
-from train_helpers import load_config
+from helpers.training import load_config
 
 
 def tiny(steps: int, data_dir, seed: int):
@@ -303,7 +303,7 @@ def synthetic_in_bucket(gcs_bucket, tmp_path_factory, seed):
 def test_data_in_a_bucket_gives_the_local_batches(synthetic_in_bucket, fmt, workers):
     """workers=1: the records are read in a grain worker process, with its own readers (one worker
     gives the batches of none)."""
-    from test_pipeline import make_pipeline
+    from helpers.pipelines import make_pipeline
 
     local, remote = synthetic_in_bucket
     reference, _ = make_pipeline(local, fmt=fmt)

@@ -21,7 +21,7 @@ from idefics_jax.inference.engine import decode, prefill
 from idefics_jax.inference.generate import Generator
 from idefics_jax.inference.sampling import (RowSampling, Sampling, next_token, next_token_rows, process_logits,
                                           process_logits_rows, row_keys, seen_tokens, token_keys)
-from test_parity import make_batch
+from helpers.inputs import make_batch
 
 NEW = 32
 
@@ -204,11 +204,11 @@ def test_stream_equals_generate(converted, seed):
                                               sampling=sampling, seed=3)), axis=1)
     np.testing.assert_array_equal(streamed, whole)
     # a Generator made again for the same model (new parameters) runs the programs already compiled
-    compiled = generator._generate._cache_size()
+    compiled = generator.generate_program._cache_size()
     other = Generator(Idefics2(config), jax.tree.map(jnp.copy, params))
     again = other.generate(input_ids, mask, pixels, pixel_mask, max_new_tokens=12, sampling=sampling, seed=3)
     np.testing.assert_array_equal(again, whole)
-    assert other._generate is generator._generate and other._generate._cache_size() == compiled
+    assert other.generate_program is generator.generate_program and other.generate_program._cache_size() == compiled
 
 
 FILTER_CASES = [(1.0, 5, 1.0, 1.0, 0.0), (0.7, 0, 0.8, 1.0, 0.0), (1.3, 10, 0.5, 1.0, 0.0), (1.0, 0, 0.05, 1.0, 0.0),
@@ -321,7 +321,7 @@ def test_generation_on_eight_simulated_devices(hf_dir, seed):
     (tests/sharded_generate.py, in a fresh process)."""
     env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR="")  # compiled afresh: the partitioner's warnings below
-    script = Path(__file__).with_name("sharded_generate.py")
+    script = Path(__file__).parent / "helpers" / "sharded_generate.py"
     result = subprocess.run([sys.executable, str(script), str(hf_dir[0]), str(seed)], env=env, capture_output=True,
                             text=True, timeout=900, cwd=script.parent)
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]

@@ -17,29 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import HF_TINY, build_hf_model, xla_flags
-from idefics_jax.data.tokenizer import Tokenizer
+from conftest import xla_flags
 from idefics_jax.inference.evaluate import anls, levenshtein, normalize_answer, vqa_accuracy
 
-PREPROCESSOR = {"do_image_splitting": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                "rescale_factor": 1 / 255, "size": {"longest_edge": 56, "shortest_edge": 28}}
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory, sp_model, seed):
-    """A Hugging Face directory: tiny random Idefics2 sized to the test tokenizer, tokenizer.model,
-    preprocessor_config.json, and two images."""
-    tokenizer = Tokenizer(sp_model[1])
-    text = {**HF_TINY["text_config"], "vocab_size": tokenizer.vocab_size + 1, "max_position_embeddings": 400}
-    model = build_hf_model(seed, text_config=text, image_token_id=tokenizer.token_id("<image>"))
-    path = tmp_path_factory.mktemp("hf_chat")
-    model.save_pretrained(path)
-    (path / "tokenizer.model").write_bytes(sp_model[1])
-    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
-    rng = np.random.default_rng(seed)
-    for name, size in [("a.png", (40, 70)), ("b.png", (60, 30))]:
-        Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(path / name)
-    return path, model, tokenizer
 
 
 def run_cli(module, argv, capsys, stdin: str | None = None, monkeypatch=None):

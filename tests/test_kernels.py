@@ -26,7 +26,7 @@ from idefics_jax.kernels.masking import INVALID, BlockRanges, Mask, block_ranges
 from idefics_jax.kernels.tiles import head_parts
 from idefics_jax.ops import attention as attention_ops
 from idefics_jax.ops.attention import attention_mask, dot_product_attention
-from test_parity import make_batch
+from helpers.inputs import make_batch
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 

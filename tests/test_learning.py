@@ -19,7 +19,7 @@ from idefics_jax.data.synthetic import Renderer
 from idefics_jax.sharding import make_mesh
 from idefics_jax.train.run import build_run
 from idefics_jax.train.step import MODEL_KEYS, init_state, make_train_step
-from train_helpers import load_config
+from helpers.training import load_config
 QUESTION, DIGIT_0, FAKE = [300, 301], 500, 1024  # token ids: any fixed question; answers 500..509
 PROCESSOR = ImageProcessor(longest_edge=112, shortest_edge=28)  # the tiny config's sources
 

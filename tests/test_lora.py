@@ -17,7 +17,7 @@ from idefics_jax.train.optimizer import lora_trainable as trainable
 from idefics_jax.train.data import global_batch
 from idefics_jax.train.optimizer import make_optimizer
 from idefics_jax.train.step import init_state, make_train_step
-from train_helpers import tiny_batch, tiny_config
+from helpers.training import tiny_batch, tiny_config
 
 
 def train_steps(lora: LoraConfig, seed: int, steps: int = 3):

@@ -23,9 +23,8 @@ from idefics_jax.data.processor import Processor, apply_chat_template
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.samples import SampleError
 from idefics_jax.data.tokenizer import Tokenizer
+from helpers.pipelines import EDGE, SEQ_LATENTS, make_pipeline
 
-SEQ_LATENTS = 8  # image_seq_len of the test pipelines
-EDGE = dict(longest_edge=56, shortest_edge=28)
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +34,6 @@ def synthetic(tmp_path_factory, seed):
     out = tmp_path_factory.mktemp("synthetic")
     generate(out, num=40, seed=seed % 1000, num_eval=10, vocab_size=600)
     return out
-
-
-def make_pipeline(synthetic, names=("pairs", "documents", "interleaved", "conversations"), fmt="jsonl", **kwargs):
-    tokenizer = Tokenizer(synthetic / "tokenizer.model")
-    base = synthetic if fmt == "jsonl" else synthetic / fmt
-    sources = [SourceConfig(n, str(base / n), format=fmt, max_length=kwargs.pop(f"max_length_{n}", 2048),
-                            split_probability=0.5 if n == "conversations" else 0.0, **EDGE) for n in names]
-    pack = kwargs.pop("pack", PackConfig(seq_len=400, image_slots=8, buckets=((28, 56), (56, 56))))
-    defaults = dict(image_seq_len=SEQ_LATENTS, seed=1, shard_index=0, shard_count=1)
-    return Pipeline(sources, tokenizer, pack, kwargs.pop("batch_size", 3), **{**defaults, **kwargs}), tokenizer
 
 
 def test_packing_invariants(synthetic):
@@ -177,7 +166,7 @@ RESUME_SCRIPT = """
 import json, sys
 import numpy as np
 sys.path.insert(0, {tests!r})
-from test_pipeline import make_pipeline
+from helpers.pipelines import make_pipeline
 from pathlib import Path
 pipeline, _ = make_pipeline(Path({data!r}), num_workers={workers})
 pipeline.load_state({state!r})

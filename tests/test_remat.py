@@ -15,7 +15,7 @@ import pytest
 from idefics_jax import Idefics2
 from idefics_jax.models.remat import POLICIES, remat_policy
 from idefics_jax.models.scan import stack_layers, unstack_layers
-from test_parity import make_batch
+from helpers.inputs import make_batch
 
 
 @pytest.fixture(scope="module")

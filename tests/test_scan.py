@@ -12,7 +12,7 @@ from conftest import rel_err
 from idefics_jax import Idefics2
 from idefics_jax.models.scan import stack_layers, unstack_layers
 from idefics_jax.models.lora import LoraConfig, add_adapters, merge
-from test_parity import make_batch
+from helpers.inputs import make_batch
 
 
 def flat(tree):

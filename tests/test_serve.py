@@ -20,7 +20,6 @@ from PIL import Image
 
 from idefics_jax.inference.sampling import Sampling
 from idefics_jax.cli.serve import main, make_server, parser
-from test_inference_cli import chat_dir  # noqa: F401 - the fixture: a tiny model, its tokenizer, two images
 
 
 def request(url: str, body=None, raw: bytes | None = None):

@@ -57,7 +57,7 @@ def test_make_mesh_checks_device_count():
 def test_sharded_forward_on_eight_simulated_devices(hf_dir, seed):
     env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR="")  # compiled afresh: the partitioner's warnings below
-    script = Path(__file__).with_name("sharded_forward.py")
+    script = Path(__file__).parent / "helpers" / "sharded_forward.py"
     result = subprocess.run([sys.executable, str(script), str(hf_dir[0]), str(seed)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

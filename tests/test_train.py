@@ -24,7 +24,7 @@ from idefics_jax.sharding import make_mesh
 from idefics_jax.train.data import global_batch
 from idefics_jax.models.lora import tower_of
 from idefics_jax.train.step import init_state, make_train_step
-from train_helpers import tiny_setup
+from helpers.training import tiny_setup
 
 ROOT = Path(__file__).parents[1]
 
@@ -44,7 +44,7 @@ def test_sharded_step_on_eight_simulated_devices_equals_one_device(seed, tmp_pat
     gather of `embed`-split image features, and with accumulation for contiguous micro-batches.
     Compiled afresh (no cache), so that the partitioner runs."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR="")
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("sharded_train_step.py")), str(seed),
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "helpers" / "sharded_train_step.py"), str(seed),
                              str(tmp_path / "ckpt")], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert result.stdout.count("worst relative update diff") == 5, result.stdout
@@ -137,7 +137,7 @@ def test_step_flops_count_every_weight_matrix(seed):
     from idefics_jax.train.flops import dot_shapes, matmul_flops, step_flops
     from idefics_jax.train.optimizer import make_optimizer
     from idefics_jax.train.step import TrainState, train_step_fn
-    from train_helpers import tiny_config
+    from helpers.training import tiny_config
 
     config = tiny_config()
     rng = np.random.default_rng([seed, 12])
@@ -251,7 +251,7 @@ def test_loss_plot(tmp_path):
 def test_two_processes_give_the_losses_of_one(seed):
     import portpicker
 
-    script = str(Path(__file__).with_name("multiprocess_step.py"))
+    script = str(Path(__file__).parent / "helpers" / "multiprocess_step.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     single = subprocess.run([sys.executable, script, str(seed)], env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -378,7 +378,7 @@ def test_training_starts_from_a_checkpoint(seed, tmp_path):
     from idefics_jax.models.scan import unstack_layers
     from idefics_jax.models.lora import merge
     from idefics_jax.train.run import build_run, load_initial_params
-    from train_helpers import load_config
+    from helpers.training import load_config
 
     config = load_config("tiny")
     config.train.scan_layers, config.train.lora.rank, config.train.lora.dora = True, 4, True

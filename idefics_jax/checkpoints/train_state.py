@@ -101,7 +101,8 @@ def restore_params(directory: str | os.PathLike, step: int | None = None) -> tup
     directory = as_path(directory, "Checkpoint directory")
     if not directory.is_dir():
         raise FileNotFoundError(f"No checkpoint directory {directory}")
-    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                              "data": ocp.JsonCheckpointHandler()})
     mesh = Mesh(np.array(jax.devices()), ("devices",))
     try:
         def args_of(candidate):
@@ -109,7 +110,9 @@ def restore_params(directory: str | os.PathLike, step: int | None = None) -> tup
             saved = getattr(saved, "tree", saved)["params"]
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
                 tuple(x.shape), x.dtype, sharding=split_over_devices(tuple(x.shape), mesh)), saved)
-            return ocp.args.Composite(state=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True))
+            item = {"params": abstract}
+            return ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
 
         step, restored = first_readable(manager, step, args_of)
     finally:

@@ -105,22 +105,24 @@ def state_laid_out(state: DecodeState) -> DecodeState:
     return state.replace(cache=cache, logits=rows(state.logits), seen=seen)
 
 
-def laid_out(state: DecodeState, token, done):
+def _laid_out(state: DecodeState, token, done):
     """The state laid out as `state_laid_out`, the tokens and done flags replicated."""
     return state_laid_out(state), constrain(token, None), constrain(done, None)
 
 
-def chosen(state, keys, t, sampling, stop_ids):
+def _chosen(state, keys, t, sampling, stop_ids):
     """The `t`-th new token of each row (`keys`: the rows' keys, `row_keys`) from the state's logits."""
     token = next_token(state.logits, sampling, token_keys(keys, t), state.seen)
-    return laid_out(state, token, jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
+    return _laid_out(state, token, jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
 
 
 def first_token(model, params, inputs, keys, *, max_columns, sampling, stop_ids, pad_id, cache_length=None):
+    """Prefill of `inputs` (left-padded ids, mask, pixels, pixel mask) into a fresh cache, and each
+    row's first new token: `(state, token [batch], done [batch])`."""
     state = prefill(model, params, *inputs, max_columns=max_columns, cache_length=cache_length)
     if sampling.penalised:
         state = state.replace(seen=seen_tokens(inputs[0], inputs[1], state.logits.shape[-1]))
-    return chosen(state, keys, 0, sampling, stop_ids)
+    return _chosen(state, keys, 0, sampling, stop_ids)
 
 
 def continued(model, params, state, column, positions, seen, inputs, keys, *, sampling, stop_ids, pad_id):
@@ -128,7 +130,7 @@ def continued(model, params, state, column, positions, seen, inputs, keys, *, sa
     then the new tokens `inputs` run into it; `seen`: the whole conversation's tokens, or None
     without a repetition penalty."""
     state = state.replace(cache=state.cache.rewound(column), positions=positions, seen=seen)
-    return chosen(extend(model, params, state, *inputs), keys, 0, sampling, stop_ids)
+    return _chosen(extend(model, params, state, *inputs), keys, 0, sampling, stop_ids)
 
 
 def decode_step(model, params, state, token, done, keys, t, *, sampling, stop_ids, pad_id):
@@ -137,10 +139,12 @@ def decode_step(model, params, state, token, done, keys, t, *, sampling, stop_id
     if sampling.penalised:
         state = state.replace(seen=state.seen.at[jnp.arange(token.shape[0]), token].set(True))
     token = jnp.where(done, pad_id, next_token(state.logits, sampling, token_keys(keys, t), state.seen))
-    return laid_out(state, token, done | jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
+    return _laid_out(state, token, done | jnp.isin(token, jnp.asarray(stop_ids, jnp.int32)))
 
 
 def generate_loop(model, params, inputs, keys, *, max_new_tokens, max_columns, sampling, stop_ids, pad_id):
+    """Prefill and the whole decode loop on the device (a `while_loop` that ends when every row is
+    done): new tokens int32 `[batch, max_new_tokens]`, `pad_id` after a row's stop token."""
     settings = dict(sampling=sampling, stop_ids=stop_ids, pad_id=pad_id)
     state, token, done = first_token(model, params, inputs, keys, max_columns=max_columns, **settings)
     batch = token.shape[0]
@@ -161,8 +165,8 @@ def generate_loop(model, params, inputs, keys, *, max_new_tokens, max_columns, s
 
 @functools.lru_cache(maxsize=8)
 def _programs(model, rules):
-    """The jitted programs of one model, shared by its Generators (equal models are equal modules),
-    so that a Generator made again, for new parameters or another mesh, reuses what was compiled
+    """The jitted programs of one model, shared by its engines (equal models are equal modules),
+    so that an engine made again, for new parameters or another mesh, reuses what was compiled
     for the same shapes, shardings and mesh. Keyed by the rule table too: tracing reads it, and
     jit's own cache does not see it."""
     del rules
@@ -174,6 +178,7 @@ def _programs(model, rules):
 
 
 def hashable_rules(rules):
+    """A logical-axis rule table as a hashable key (what program caches are keyed by)."""
     return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
 
 
@@ -196,7 +201,7 @@ class Engine:
             _programs(model, self.rules_key)
 
     def use_params(self, params):
-        """Generates with `params` from now on (placed on the mesh by the rule table, unless every
+        """Decodes with `params` from now on (placed on the mesh by the rule table, unless every
         leaf is on this mesh already, as a checkpoint read into its shards is; the compiled programs
         are kept)."""
         if self.mesh is None or placed_on(params, self.mesh):
@@ -245,7 +250,7 @@ class Engine:
         first token: `(state, token [batch], done [batch])`."""
         with self.on_mesh():
             return self.first_program(self.params, inputs, keys, max_columns=max_columns, sampling=sampling,
-                               stop_ids=self.stop_ids, pad_id=self.pad_id, cache_length=cache_length)
+                                      stop_ids=self.stop_ids, pad_id=self.pad_id, cache_length=cache_length)
 
     def continued(self, state: DecodeState, column: int, positions, seen, inputs, keys, *, sampling: Sampling):
         """A cache that has not wrapped, cut back to its first `column` columns (next positions
@@ -253,12 +258,12 @@ class Engine:
         without a repetition penalty): `(state, token, done)`. Consumes `state`."""
         with self.on_mesh():
             return self.continued_program(self.params, state, jnp.int32(column), positions, seen, inputs, keys,
-                                   sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
+                                          sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
 
     def decode_step(self, state: DecodeState, token, done, keys, t: int, *, sampling: Sampling):
         """Feeds `token` `[batch]`: `(state, the t-th new token, done)`; finished rows emit `pad_id`.
         Consumes `state`."""
         with self.on_mesh():
             return self.step_program(self.params, state, token, done, keys, jnp.int32(t), sampling=sampling,
-                              stop_ids=self.stop_ids, pad_id=self.pad_id)
+                                     stop_ids=self.stop_ids, pad_id=self.pad_id)
 

@@ -2,7 +2,9 @@
 
 from absl import app
 
-from idefics_jax.cli.train import main
+from idefics_jax.cli import train as command
+
+__doc__ = command.__doc__  # absl's --help prints the __main__ module's docstring: the command's usage
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(command.main)

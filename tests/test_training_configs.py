@@ -7,7 +7,7 @@ import pytest
 
 from idefics_jax.data.pipeline import SourceConfig
 from idefics_jax.train.run import build_run
-from train_helpers import load_config as load
+from helpers.training import load_config as load
 
 
 @pytest.mark.parametrize("name", ["tiny", "pretrain_stage1", "pretrain_stage2", "sft", "chat"])

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 from idefics_jax.distributed import initialize  # noqa: E402
 
@@ -16,7 +16,7 @@ import jax  # noqa: E402
 from idefics_jax.sharding import make_mesh  # noqa: E402
 from idefics_jax.train.data import global_batch  # noqa: E402
 from idefics_jax.train.step import MODEL_KEYS, init_state, make_train_step  # noqa: E402
-from train_helpers import tiny_batch, tiny_setup  # noqa: E402
+from helpers.training import tiny_batch, tiny_setup  # noqa: E402
 
 
 def main(seed):

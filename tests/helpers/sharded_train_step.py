@@ -12,8 +12,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from train_helpers import tiny_setup  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from helpers.training import tiny_setup  # noqa: E402
 
 from idefics_jax import Idefics2  # noqa: E402
 from idefics_jax.models.scan import stack_layers, unstack_layers  # noqa: E402

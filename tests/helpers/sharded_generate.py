@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -18,7 +19,7 @@ from idefics_jax.inference.conversation import Conversation  # noqa: E402
 from idefics_jax.inference.generate import Generator  # noqa: E402
 from idefics_jax.inference.sampling import GREEDY, Sampling, row_keys  # noqa: E402
 from idefics_jax.sharding import make_mesh, param_shardings  # noqa: E402
-from test_parity import make_batch  # noqa: E402
+from helpers.inputs import make_batch  # noqa: E402
 
 NEW = 12
 

@@ -9,7 +9,7 @@ from idefics_jax import Idefics2, Idefics2Config
 from idefics_jax.data.packing import PackConfig, collate, finalize, pack_row
 from idefics_jax.train.optimizer import make_optimizer
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 def load_config(name: str):

@@ -1,0 +1,39 @@
+"""Random model inputs for the parity, generation and kernel tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import IMAGE_TOKEN_ID
+
+
+def make_batch(rng, rows, n_latents, vocab=IMAGE_TOKEN_ID):
+    """rows: list of (text_lengths, image_sizes). Text segments and images alternate:
+    text[0] img[0] text[1] img[1] ... text[-1]. Rows are left-padded to one length; images are
+    zero-padded into [batch, max_images, max_h, max_w, 3] with a pixel mask."""
+    ids, images = [], []
+    for text_lengths, sizes in rows:
+        assert len(text_lengths) == len(sizes) + 1
+        row = []
+        for i, n in enumerate(text_lengths):
+            row.extend(rng.integers(3, vocab, size=n).tolist())
+            if i < len(sizes):
+                row.extend([IMAGE_TOKEN_ID] * n_latents)
+        ids.append(row)
+        images.append(sizes)
+    seq = max(len(r) for r in ids)
+    input_ids = np.zeros((len(rows), seq), np.int64)
+    attention_mask = np.zeros((len(rows), seq), np.int64)
+    for b, row in enumerate(ids):
+        input_ids[b, seq - len(row):] = row
+        attention_mask[b, seq - len(row):] = 1
+    max_images = max(1, max(len(s) for s in images))
+    all_sizes = [hw for s in images for hw in s] or [(8, 8)]
+    max_h, max_w = max(h for h, _ in all_sizes), max(w for _, w in all_sizes)
+    pixel_values = np.zeros((len(rows), max_images, max_h, max_w, 3), np.float32)
+    pixel_mask = np.zeros((len(rows), max_images, max_h, max_w), bool)
+    for b, sizes in enumerate(images):
+        for i, (h, w) in enumerate(sizes):
+            pixel_values[b, i, :h, :w] = rng.uniform(-1, 1, size=(h, w, 3))
+            pixel_mask[b, i, :h, :w] = True
+    return input_ids, attention_mask, pixel_values, pixel_mask
