@@ -15,7 +15,7 @@ and one packed batch: `--rows` rows of `--seq` tokens, each with `--images` imag
 (4,900 patches, 64 `<image>` tokens each) and two samples (segments).
 
 Reported per implementation: median step time after warm-up, tokens/s, and TFLOP/s over the step's
-model FLOPs as training logs them (`train.metrics.step_flops`: every weight matrix times the tokens
+model FLOPs as training logs them (`train.flops.step_flops`: every weight matrix times the tokens
 it multiplies, attention over visible pairs, no recomputation; the same number for every
 implementation) against the measured bfloat16 matmul peak. Also the
 loss of the last timed step: every implementation starts from the same weights and batch and runs

@@ -21,7 +21,6 @@ from conftest import xla_flags
 from idefics_jax.inference.evaluate import anls, levenshtein, normalize_answer, vqa_accuracy
 
 
-
 def run_cli(module, argv, capsys, stdin: str | None = None, monkeypatch=None):
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))

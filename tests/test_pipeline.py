@@ -26,7 +26,6 @@ from idefics_jax.data.tokenizer import Tokenizer
 from helpers.pipelines import EDGE, SEQ_LATENTS, make_pipeline
 
 
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory, seed):
     from idefics_jax.data.synthetic import generate

@@ -73,8 +73,8 @@ def load(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None, dt
     else:
         config = Idefics2Config.from_json_file(path / "config.json")
         shardings = None if mesh is None else param_shardings(Idefics2(config), mesh)
-        config, params = (load_hf_checkpoint if kind == "hf" else load_checkpoint)(path, shardings=shardings,
-                                                                                    dtype=dtype)
+        read = load_hf_checkpoint if kind == "hf" else load_checkpoint
+        config, params = read(path, shardings=shardings, dtype=dtype)
         default_tokenizer, images = path / "tokenizer.model", image_processor_from(path)
         description = f"{'Hugging Face' if kind == 'hf' else 'idefics_jax'} checkpoint {path}"
     tokenizer_path = as_path(tokenizer, "--tokenizer") if tokenizer else default_tokenizer

@@ -35,6 +35,7 @@ from idefics_jax.distributed import FromLeader
 from idefics_jax.inference.assistant import system_message
 from idefics_jax.inference.sampling import Sampling
 
+
 def user_turn(text: str, images: int) -> dict:
     """A user message; without placeholders, the images go first (as Idefics2's examples put them)."""
     placed = text.count(IMAGE_TOKEN)

@@ -135,4 +135,3 @@ class SampleEncoder:
         if pretraining:  # never predict image or fake tokens
             targets &= ~np.isin(tokens, [tokenizer.token_id(IMAGE_TOKEN), tokenizer.token_id(FAKE_TOKEN)])
         return tokens, targets
-

@@ -266,4 +266,3 @@ class Engine:
         with self.on_mesh():
             return self.step_program(self.params, state, token, done, keys, jnp.int32(t), sampling=sampling,
                                      stop_ids=self.stop_ids, pad_id=self.pad_id)
-

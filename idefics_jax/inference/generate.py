@@ -31,9 +31,9 @@ class Generator(Engine):
         max_columns = self.check(input_ids, attention_mask, pixel_values, max_new_tokens)
         inputs = self.place((input_ids, attention_mask, pixel_values, pixel_attention_mask))
         with self.on_mesh():
-            out = self.generate_program(self.params, inputs, row_keys(seed, len(input_ids)), max_new_tokens=max_new_tokens,
-                                 max_columns=max_columns, sampling=sampling, stop_ids=self.stop_ids,
-                                 pad_id=self.pad_id)
+            out = self.generate_program(self.params, inputs, row_keys(seed, len(input_ids)),
+                                        max_new_tokens=max_new_tokens, max_columns=max_columns, sampling=sampling,
+                                        stop_ids=self.stop_ids, pad_id=self.pad_id)
         return np.asarray(out)
 
     def stream(self, input_ids, attention_mask, pixel_values=None, pixel_attention_mask=None, *,

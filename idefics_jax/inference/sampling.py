@@ -62,8 +62,8 @@ class Sampling:
 GREEDY = Sampling()
 NEG_INF = -jnp.inf
 CANDIDATES = 256  # top-k and top-p look at each row's 256 most likely tokens (`lax.top_k`), then at 16 times
-# as many, and only for a larger k or nucleus sort the whole vocabulary (32k tokens, 8 rows on a 2-core CPU:
-# ~1, ~10 and ~40 ms)
+# as many, and only for a larger k or nucleus sort the whole vocabulary: each tier costs several times the
+# one before (benchmarks/sampling.py, RESULTS.md)
 
 
 def _tiers(vocab: int) -> tuple[int, ...]:
@@ -86,7 +86,7 @@ def top_k_filter(logits, k: int):
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     # the k-th largest as the smallest of the k, not `top_k(...)[..., -1]`: XLA:CPU turns a slice of
-    # top_k's values into a sort of the whole row (36 ms instead of 0.4 for 8 x 32k)
+    # top_k's values into a sort of the whole row
     kth = jnp.min(jax.lax.top_k(logits, k)[0], axis=-1, keepdims=True)
     return jnp.where(logits < kth, NEG_INF, logits)
 

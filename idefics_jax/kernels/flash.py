@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 from idefics_jax.kernels import flash_mgpu
 from idefics_jax.kernels.masking import INVALID, MASKED, BlockRanges, Mask, block_ranges, pair_mask, token_arrays
 from idefics_jax.kernels.tiles import (LOG2E, Prepared, dot, dot_t, head_parts, join, pad_axis, part_specs, pow2,
-                                      take)
+                                       take)
 
 
 class Blocks(NamedTuple):

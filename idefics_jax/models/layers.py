@@ -22,7 +22,7 @@ def flat_dot_general(inputs, kernel, dimension_numbers, precision=None, preferre
     """A Dense layer's product with the input's leading axes merged into one (a free reshape):
     `[batch, seq, in] x [in, out]` as `[batch * seq, in] x [in, out]`. The weight gradient is then a
     plain matrix product contracting one axis; with two contracted axes XLA:CPU first copies the
-    output gradient into a transposed layout (the 80M model's MLP forward + backward: 1.5x slower).
+    output gradient into a transposed layout, which makes the MLP's backward pass markedly slower.
     The batch axis is the major one, so its sharding carries over to the merged axis."""
     (contract_in, contract_kernel), batch_dims = dimension_numbers
     if inputs.ndim <= 2 or contract_in != (inputs.ndim - 1,) or contract_kernel != (0,) or batch_dims != ((), ()):

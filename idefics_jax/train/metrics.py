@@ -16,6 +16,7 @@ from idefics_jax.paths import TreeUploader, as_path, is_url
 
 log = logging.getLogger(__name__)
 
+
 class MetricWriter:
     """TensorBoard event files (tensorboardX) and a jsonl copy for tools and plots, in a local
     directory or a gs:// one. A Cloud Storage object cannot be appended to, so there both are

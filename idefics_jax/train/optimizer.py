@@ -15,6 +15,7 @@ from flax import traverse_util
 
 from idefics_jax.models.lora import ADAPTERS, TOWERS, LoraConfig, check_towers, tower_of
 
+
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, end_ratio: float = 0.1):
     # the first step already learns: warm-up starts at peak / warmup_steps, not at 0
     return optax.warmup_cosine_decay_schedule(

@@ -14,6 +14,7 @@ from idefics_jax.paths import TreeUploader, as_path, is_url
 
 log = logging.getLogger(__name__)
 
+
 class StepProfiler:
     """A `jax.profiler` trace of steps `first` .. `first + count - 1` (1-based, as logged) into
     `directory` (`plugins/profile/<time>/<host>.xplane.pb`, read by XProf / TensorBoard's profile
