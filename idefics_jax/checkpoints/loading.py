@@ -22,7 +22,7 @@ import jax
 from idefics_jax.checkpoints.hf import load_hf_checkpoint
 from idefics_jax.checkpoints.params import load_checkpoint
 from idefics_jax.checkpoints.processor import image_processor_from, training_image_processor
-from idefics_jax.checkpoints.workdir import restore_workdir, tokenizer_of, training_config
+from idefics_jax.checkpoints.workdir import CHECKPOINTS, restore_workdir, tokenizer_of, training_config
 from idefics_jax.config import Idefics2Config
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
@@ -45,7 +45,7 @@ def checkpoint_kind(path: Path) -> str:
     """'hf', 'idefics_jax' or 'workdir'; a clear error for anything else."""
     if not path.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {path} does not exist")
-    if (path / "checkpoints").is_dir() and (path / "config.json").exists():
+    if (path / CHECKPOINTS).is_dir() and (path / "config.json").exists():
         return "workdir"
     if (path / "params").is_dir() and (path / "config.json").exists():
         return "idefics_jax"

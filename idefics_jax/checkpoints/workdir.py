@@ -25,6 +25,20 @@ from idefics_jax.models.scan import unstack_layers
 from idefics_jax.paths import as_path
 
 
+CHECKPOINTS = "checkpoints"  # WORKDIR/checkpoints: the run's orbax steps (`train_state.Checkpointer`)
+
+
+def checkpoint_directory(workdir: epath.Path) -> epath.Path:
+    return workdir / CHECKPOINTS
+
+
+def write_run_files(workdir: epath.Path, config: ml_collections.ConfigDict, tokenizer_model: bytes):
+    """What reading the workdir needs beside its checkpoints, on any machine: the training config
+    (`config.json`) and the run's tokenizer (`tokenizer.model`)."""
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / "tokenizer.model").write_bytes(tokenizer_model)
+
+
 def training_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     """The training config a run saved in `WORKDIR/config.json`."""
     path = as_path(workdir, "Workdir") / "config.json"
@@ -46,7 +60,7 @@ def restore_workdir(workdir: str | os.PathLike, step: int | None = None) -> tupl
     WORKDIR's checkpoint `step` (default: the latest readable one)."""
     workdir = as_path(workdir, "Workdir")
     config = training_config(workdir)
-    step, params = restore_params(workdir / "checkpoints", step)
+    step, params = restore_params(checkpoint_directory(workdir), step)
     lora = lora_of(config)
     return model_config(config.model), unstack_layers(merge(params, lora) if lora else params), step
 

@@ -19,6 +19,7 @@ import jax
 from tqdm.auto import tqdm
 
 from idefics_jax.checkpoints.train_state import Checkpointer
+from idefics_jax.checkpoints.workdir import checkpoint_directory, write_run_files
 from idefics_jax.distributed import check_shared_directory, use_compilation_cache
 from idefics_jax.models.lora import merge
 from idefics_jax.models.scan import unstack_layers
@@ -99,10 +100,9 @@ def train(config, workdir: str | os.PathLike, evaluation=None) -> dict:
                          f"{mcfg.text.vocab_size} (config.model.text.vocab_size)")
     pipeline = make_pipeline(config, data_dir, tokenizer, mcfg.image_seq_len)
     if jax.process_index() == 0:  # what generate / evaluate need to load the workdir, on any machine
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        (workdir / "tokenizer.model").write_bytes(tokenizer.model_proto)
+        write_run_files(workdir, config, tokenizer.model_proto)
 
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+    checkpointer = Checkpointer(checkpoint_directory(workdir), keep=config.train.keep_checkpoints,
                                 keep_period=config.train.keep_period or None,
                                 async_save=config.train.async_checkpoints)
     start, state = start_state(run, checkpointer, pipeline)
