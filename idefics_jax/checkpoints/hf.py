@@ -22,7 +22,6 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from idefics_jax.config import Idefics2Config
@@ -67,13 +66,13 @@ def _safe_open(local: str, file: epath.Path):
         raise CheckpointError(f"{file} is not a readable safetensors file ({error})") from error
 
 
-def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool = True,
+def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool = True, device=None,
                        shardings: Mapping | None = None, progress: bool = False):
     """Reads a Hugging Face Idefics2 checkpoint directory; returns `(config, params)`.
 
     dtype: the parameters' dtype (`"float32"`, `"bfloat16"`, a numpy dtype); None keeps each
-    tensor's stored dtype. on_device: place each tensor on the default device as it is read
-    (False keeps numpy arrays on the host). shardings: optional tree of `jax.sharding.Sharding`
+    tensor's stored dtype. on_device: place each tensor on `device` (default: the default device)
+    as it is read (False keeps numpy arrays on the host). shardings: optional tree of `jax.sharding.Sharding`
     (same structure as the params) to place each tensor sharded as it is read. From a gs:// URL
     each shard is fetched to a temporary file while it is read (safetensors maps local files).
     """
@@ -116,7 +115,7 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool
                     if flat_shardings is not None:
                         array = put_everywhere(array, flat_shardings[path])
                     elif on_device:
-                        array = jax.device_put(array)
+                        array = jax.device_put(array, device)
                     flat[path] = array
                     bar.update()
     missing = [name for name in expected if name not in seen]
@@ -140,13 +139,59 @@ def _parse_size(size: int | str) -> int:
     raise ValueError(f"Cannot read the size '{size}' (examples: 5GB, 500MB, 1000000)")
 
 
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+class SafetensorsWriter:
+    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) first,
+    from `entries` `[(name, dtype, shape)]`, then each tensor's bytes as `write(name, array)` is called
+    in that order, so that only the tensor being written is held. A file left incomplete is removed."""
+
+    def __init__(self, path: str, entries, metadata: Mapping[str, str] | None = None):
+        header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
+        self.expected = []
+        for name, dtype, shape in entries:
+            dtype = np.dtype(dtype)
+            if dtype.name not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"Tensor '{name}': safetensors has no {dtype.name}")
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": [int(d) for d in shape],
+                            "data_offsets": [offset, offset + size]}
+            self.expected.append((name, dtype, tuple(shape)))
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self.path, self.written = path, 0
+        self.file = open(path, "wb")
+        self.file.write(len(text).to_bytes(8, "little") + text)
+
+    def write(self, name: str, array: np.ndarray):
+        want = self.expected[self.written]
+        got = (name, np.dtype(array.dtype), tuple(array.shape))
+        if got != want:
+            raise CheckpointError(f"{self.path}: expected tensor {want} next, got {got}")
+        self.file.write(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+        self.written += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.file.close()
+        if error is not None or self.written != len(self.expected):
+            os.remove(self.path)
+            if error is None:
+                raise CheckpointError(f"{self.path}: {len(self.expected) - self.written} tensor(s) never written")
+
+
 def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, params, *, dtype=None,
                        max_shard_size: int | str = "5GB", progress: bool = False):
     """Writes `config.json`, `model.safetensors.index.json` and `model-0000i-of-0000n.safetensors`.
 
     dtype: the stored dtype (None keeps each parameter's dtype). Tensors are fetched from the
-    devices and transformed one at a time; a shard is written as soon as it is full (to a gs://
-    URL: written locally, then uploaded). On several processes (hosts) every one calls this: each
+    devices, transformed and written one at a time (`SafetensorsWriter`): beyond `params`, the host
+    holds one tensor. To a gs:// URL each shard is written locally, then uploaded. On several processes (hosts) every one calls this: each
     tensor is gathered from the hosts holding its shards, and process 0 converts it and writes the
     files (the others only take part in the gathers).
     """
@@ -188,24 +233,23 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     with tqdm(desc=f"Writing {out_dir.name}", unit="tensor", total=len(order), disable=not (progress and writer)) as bar:
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for path in shard:
-                if not writer:  # it only takes part in gathering the arrays split over processes
+            if not writer:  # it only takes part in gathering the arrays split over processes
+                for path in shard:
                     if _split_over_processes(flat[path]):
                         _whole(flat[path])
-                    continue
-                name, rule, _ = expected[path]
-                array = _whole(flat[path])
-                if target_dtype is not None and array.dtype != target_dtype:
-                    array = array.astype(target_dtype)
-                tensors[name] = np.ascontiguousarray(rule.to_hf(array))
-                stored_dtypes.add(tensors[name].dtype)
-                weight_map[name] = file
-                bar.update()
-            if writer:
-                with local_directory(out_dir) as local:  # out_dir itself, or a directory uploaded to it
-                    save_file(tensors, os.path.join(local, file), metadata={"format": "pt"})
-            del tensors
+                continue
+            entries = [(expected[path][0], target_dtype or np.dtype(flat[path].dtype),
+                        hf_shape(expected[path][2], expected[path][1])) for path in shard]
+            with local_directory(out_dir) as local, SafetensorsWriter(os.path.join(local, file), entries) as out:
+                for path in shard:  # one tensor held at a time: fetched, transformed, written, dropped
+                    name, rule, _ = expected[path]
+                    array = _whole(flat[path])
+                    if target_dtype is not None and array.dtype != target_dtype:
+                        array = array.astype(target_dtype)
+                    out.write(name, rule.to_hf(array))
+                    stored_dtypes.add(array.dtype)
+                    weight_map[name] = file
+                    bar.update()
     if writer:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
-
 import numpy as np
+
+
+def transposed(matrix: np.ndarray, rows: int = 256) -> np.ndarray:
+    """`matrix.T`, contiguous, copied a band of `rows` rows at a time: a transposing copy in one go
+    walks memory with a stride as long as a row, several times slower on large kernels."""
+    out = np.empty(matrix.shape[::-1], matrix.dtype)
+    for start in range(0, matrix.shape[0], rows):
+        out[:, start:start + rows] = matrix[start:start + rows].T
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,20 +29,33 @@ class LeafRule:
     flax_leaf: str
     hf_leaf: str
     ndim: int | None  # rank of the Flax array the rule applies to (None: any)
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_hf_axes: tuple[int, ...] | None = None  # the Flax axes in Hugging Face's order (None: the same)
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        """The Flax array in Hugging Face's layout (a contiguous copy when the axes move)."""
+        return _moved(array, self.to_hf_axes)
+
+    def to_flax(self, array: np.ndarray) -> np.ndarray:
+        """The Hugging Face tensor in the Flax layout (a contiguous copy when the axes move)."""
+        return _moved(array, None if self.to_hf_axes is None else tuple(np.argsort(self.to_hf_axes)))
 
 
-_same = lambda x: x
+def _moved(array: np.ndarray, axes: tuple[int, ...] | None) -> np.ndarray:
+    if axes is None:
+        return array
+    if axes == (1, 0):
+        return transposed(array)
+    return np.ascontiguousarray(np.transpose(array, axes))
+
+
 LEAF_RULES = (
-    # nn.Dense kernel [in, out] <-> nn.Linear weight [out, in]
-    LeafRule("kernel", "weight", 2, lambda k: k.T, lambda w: w.T),
+    LeafRule("kernel", "weight", 2, (1, 0)),  # nn.Dense kernel [in, out] <-> nn.Linear weight [out, in]
     # nn.Conv kernel [kh, kw, in, out] <-> nn.Conv2d weight [out, in, kh, kw]
-    LeafRule("kernel", "weight", 4, lambda k: k.transpose(3, 2, 0, 1), lambda w: w.transpose(2, 3, 1, 0)),
-    LeafRule("embedding", "weight", 2, _same, _same),  # nn.Embed
-    LeafRule("scale", "weight", 1, _same, _same),  # LayerNorm / RMSNorm
-    LeafRule("bias", "bias", 1, _same, _same),
-    LeafRule("latents", "latents", 2, _same, _same),  # Perceiver latents
+    LeafRule("kernel", "weight", 4, (3, 2, 0, 1)),
+    LeafRule("embedding", "weight", 2),  # nn.Embed
+    LeafRule("scale", "weight", 1),  # LayerNorm / RMSNorm
+    LeafRule("bias", "bias", 1),
+    LeafRule("latents", "latents", 2),  # Perceiver latents
 )
 
 _LAYER = re.compile(r"^(\w+)_(\d+)$")
@@ -60,4 +80,4 @@ def hf_name(path: tuple[str, ...], ndim: int) -> str:
 
 def hf_shape(flax_shape: tuple[int, ...], rule: LeafRule) -> tuple[int, ...]:
     """The Hugging Face shape of a Flax array of `flax_shape` under `rule`."""
-    return tuple(rule.to_hf(np.broadcast_to(np.int8(0), flax_shape)).shape)  # a view: no memory
+    return tuple(flax_shape) if rule.to_hf_axes is None else tuple(flax_shape[i] for i in rule.to_hf_axes)

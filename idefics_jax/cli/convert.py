@@ -43,7 +43,9 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         if args.command == "from-hf":
-            config, params = load_hf_checkpoint(args.hf_dir, dtype=args.dtype, on_device=False, progress=True)
+            # onto the host's CPU device: saving then copies it out a bounded amount at a time
+            config, params = load_hf_checkpoint(args.hf_dir, dtype=args.dtype, device=jax.devices("cpu")[0],
+                                                progress=True)
             save_checkpoint(args.ckpt_dir, config, params)
             copy_processor_files(args.hf_dir, args.ckpt_dir)
             print(f"Wrote {args.ckpt_dir} ({_count(params):,} parameters) in {time.time() - start:.1f}s")
