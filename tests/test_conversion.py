@@ -166,3 +166,82 @@ def test_loading_peak_host_memory_is_about_one_model(tmp_path, seed):
     assert sum(x.nbytes for x in jax.tree.leaves(params)) == size
     print(f"peak {peak / size:.3f} x model")
     assert peak < 1.35 * size, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB model"
+
+
+RUNTIME = 128 * 2**20  # what a conversion may hold beyond 1.3 copies, whatever the model's size
+
+
+def random_checkpoint(config, directory, seed: int) -> int:
+    """A Hugging Face directory of random float32 weights for `config`; its bytes."""
+    from idefics_jax.checkpoints import abstract_params
+
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32), abstract_params(config))
+    save_hf_checkpoint(directory, config, params)
+    return sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+def test_conversion_holds_about_one_copy_of_the_model(tmp_path, seed):
+    """Each direction of the command line, in a process of its own on a ~480 MB model, adds at its
+    peak at most 1.3x the model's bytes and a constant (orbax's and tensorstore's buffers) to what
+    the process held, the runtime warmed up first: one copy of the model, and a bounded window of
+    tensors on their way. Holding the whole tree twice, as conversion did, would take 2x."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import xla_flags
+    from idefics_jax import host_memory
+    from idefics_jax.config import Idefics2Config
+
+    tiny = Idefics2Config.preset("tiny")
+    wide = tiny.replace(text=tiny.text.replace(vocab_size=8192, hidden_size=1024, intermediate_size=2816,
+                                               num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2))
+    size = random_checkpoint(wide, tmp_path / "hf", seed)
+    random_checkpoint(tiny, tmp_path / "warmup", seed)
+    script = str(Path(__file__).parent / "helpers" / "convert_memory.py")
+    # glibc's defaults, as the command has them (the suite's processes keep freed memory: conftest)
+    env = {k: v for k, v in os.environ.items() if k not in host_memory.ENVIRONMENT}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
+    for command, source, destination in [("from-hf", "hf", "ours"), ("to-hf", "ours", "back")]:
+        done = subprocess.run([sys.executable, script, str(tmp_path / "warmup"), command, str(tmp_path / source),
+                               str(tmp_path / destination)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        added = json.loads(done.stdout.strip().splitlines()[-1])["added"]
+        assert added <= 1.3 * size + RUNTIME, f"{command} added {added / 1e6:.0f} MB at its peak for a {size / 1e6:.0f} MB model"
+    assert_bit_identical(read_all(tmp_path / "hf"), read_all(tmp_path / "back"))
+
+
+def test_checkpoints_written_with_ocdbt_still_load(converted, tmp_path):
+    """Our params used to be saved as one OCDBT store (orbax's default): such checkpoints load as before."""
+    import orbax.checkpoint as ocp
+
+    config, params = converted
+    (tmp_path / "old").mkdir()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "old" / "params", params)
+    config.to_json_file(tmp_path / "old" / "config.json")
+    loaded_config, loaded = load_checkpoint(tmp_path / "old", on_device=False)
+    assert loaded_config == config
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_safetensors_writer_names_a_tensor_out_of_order_and_removes_an_incomplete_file(tmp_path):
+    from idefics_jax.checkpoints.hf import SafetensorsWriter
+
+    entries = [("a", np.float32, (2, 3)), ("b", ml_dtypes.bfloat16, (4,))]
+    with SafetensorsWriter(str(tmp_path / "ok.safetensors"), entries) as out:
+        out.write("a", np.arange(6, dtype=np.float32).reshape(2, 3))
+        out.write("b", np.ones(4, ml_dtypes.bfloat16))
+    read = load_file(tmp_path / "ok.safetensors")
+    np.testing.assert_array_equal(read["a"], np.arange(6).reshape(2, 3))
+    assert read["b"].dtype == ml_dtypes.bfloat16
+    with pytest.raises(CheckpointError, match=r"expected tensor \('a'"):
+        with SafetensorsWriter(str(tmp_path / "bad.safetensors"), entries) as out:
+            out.write("b", np.ones(4, ml_dtypes.bfloat16))
+    with pytest.raises(CheckpointError, match="1 tensor\\(s\\) never written"):
+        with SafetensorsWriter(str(tmp_path / "short.safetensors"), entries) as out:
+            out.write("a", np.zeros((2, 3), np.float32))
+    assert not (tmp_path / "bad.safetensors").exists() and not (tmp_path / "short.safetensors").exists()

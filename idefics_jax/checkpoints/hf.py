@@ -17,11 +17,11 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import ml_dtypes
 import numpy as np
 from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from idefics_jax.config import Idefics2Config
@@ -59,11 +59,58 @@ def _safetensors_files(hf_dir: epath.Path) -> list[epath.Path]:
     )
 
 
-def _safe_open(local: str, file: epath.Path):
-    try:
-        return safe_open(local, framework="numpy")
-    except SafetensorError as error:  # a truncated or corrupt file
-        raise CheckpointError(f"{file} is not a readable safetensors file ({error})") from error
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_NUMPY_DTYPES = {code: np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
+                 for name, code in _SAFETENSORS_DTYPES.items()}
+
+
+class SafetensorsReader:
+    """A safetensors file read tensor by tensor with plain reads into fresh arrays, not memory-mapped
+    (mapped pages read once would stay resident for as long as the file is open); every entry of
+    the header is checked against the file's size. A truncated or corrupt file is a CheckpointError
+    naming `shown` (the file as the user named it)."""
+
+    def __init__(self, path: str, shown):
+        self.file, self.shown = open(path, "rb"), shown
+        try:
+            size = os.fstat(self.file.fileno()).st_size
+            length = int.from_bytes(self.file.read(8), "little")
+            if size < 8 or length > size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(self.file.read(length))
+            header.pop("__metadata__", None)
+            self.start, self.entries = 8 + length, {}
+            for name, entry in header.items():
+                dtype, shape = _NUMPY_DTYPES[entry["dtype"]], tuple(int(d) for d in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+                if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or self.start + end > size:
+                    raise ValueError(f"tensor '{name}' does not fit the file")
+                self.entries[name] = (dtype, shape, begin)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            self.file.close()
+            raise CheckpointError(f"{shown} is not a readable safetensors file ({error})") from error
+
+    def keys(self) -> list[str]:
+        """The tensors' names in the order they are stored (reading them so is sequential)."""
+        return sorted(self.entries, key=lambda name: self.entries[name][2])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, begin = self.entries[name]
+        array = np.empty(shape, dtype)
+        self.file.seek(self.start + begin)
+        if self.file.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+            raise CheckpointError(f"{self.shown}: tensor '{name}' is cut short")
+        return array
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
 
 
 def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool = True, device=None,
@@ -74,7 +121,7 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool
     tensor's stored dtype. on_device: place each tensor on `device` (default: the default device)
     as it is read (False keeps numpy arrays on the host). shardings: optional tree of `jax.sharding.Sharding`
     (same structure as the params) to place each tensor sharded as it is read. From a gs:// URL
-    each shard is fetched to a temporary file while it is read (safetensors maps local files).
+    each shard is fetched to a temporary file while it is read.
     """
     hf_dir = as_path(hf_dir, "Hugging Face directory")
     if not (hf_dir / "config.json").exists():
@@ -89,7 +136,7 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool
     seen: dict[str, epath.Path] = {}
     with tqdm(desc=f"Reading {hf_dir.name}", unit="tensor", total=len(expected), disable=not progress) as bar:
         for file in files:
-            with local_copy(file) as local, _safe_open(local, file) as f:
+            with local_copy(file) as local, SafetensorsReader(local, file) as f:
                 for name in f.keys():
                     if name in seen:
                         raise CheckpointError(f"Tensor '{name}' appears in both {seen[name].name} and {file.name}")
@@ -98,18 +145,18 @@ def load_hf_checkpoint(hf_dir: str | os.PathLike, *, dtype=None, on_device: bool
                         if name == "lm_head.weight" and config.tie_word_embeddings:
                             continue  # tied to embed_tokens; our model has no separate lm_head
                         raise CheckpointError(
-                            f"Unexpected tensor '{name}' (shape {tuple(f.get_slice(name).get_shape())}) in "
+                            f"Unexpected tensor '{name}' (shape {f.shape(name)}) in "
                             f"{file.name}: the model described by config.json has no such parameter"
                         )
                     path, rule, flax_shape = expected[name]
-                    stored_shape = tuple(f.get_slice(name).get_shape())
+                    stored_shape = f.shape(name)
                     want_hf_shape = hf_shape(flax_shape, rule)
                     if stored_shape != want_hf_shape:
                         raise CheckpointError(
                             f"Tensor '{name}' in {file.name} has shape {stored_shape}, but config.json "
                             f"describes shape {want_hf_shape}"
                         )
-                    array = np.ascontiguousarray(rule.to_flax(f.get_tensor(name)))
+                    array = np.ascontiguousarray(rule.to_flax(f.read(name)))
                     if target_dtype is not None and array.dtype != target_dtype:
                         array = array.astype(target_dtype)
                     if flat_shardings is not None:
@@ -137,10 +184,6 @@ def _parse_size(size: int | str) -> int:
         if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
             return int(float(text[: -len(unit)]) * factor)
     raise ValueError(f"Cannot read the size '{size}' (examples: 5GB, 500MB, 1000000)")
-
-
-_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
-                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
 class SafetensorsWriter:

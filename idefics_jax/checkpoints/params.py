@@ -24,7 +24,7 @@ from idefics_jax.models.idefics2 import Idefics2
 from idefics_jax.paths import as_path
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-SAVE_GB = 1  # `save_checkpoint`: most gigabytes copied from devices to the host at once
+SAVE_WINDOW = 10**9  # `save_checkpoint`: bytes copied from devices to the host at once (at most)
 
 
 class CheckpointError(ValueError):
@@ -61,15 +61,19 @@ def abstract_params(config: Idefics2Config, dtype=jnp.float32) -> dict:
 def save_checkpoint(ckpt_dir: str | os.PathLike, config: Idefics2Config, params):
     """Writes `ckpt_dir/config.json` and the orbax checkpoint `ckpt_dir/params`.
 
-    Arrays on a device are copied to the host at most `SAVE_GB` at a time, each written to its own
-    file as soon as it is copied (no OCDBT, whose writes wait in memory for the end): saving holds
-    little beyond `params` itself."""
+    Arrays on a device are copied to the host a bounded amount at a time (`SAVE_WINDOW` bytes, or an
+    eighth of the parameters when less, but always room for the largest array), each written to its
+    own files as soon as it is copied (no OCDBT, whose writes wait in memory for the end): saving
+    holds little beyond `params` itself."""
     ckpt_dir = as_path(ckpt_dir, "Checkpoint directory")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if (ckpt_dir / "params").exists():
         raise FileExistsError(f"{ckpt_dir / 'params'} exists already; choose an empty directory")
-    dtypes = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
-    handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=SAVE_GB, use_ocdbt=False)
+    leaves = jax.tree.leaves(nn.meta.unbox(params))
+    dtypes = {np.dtype(x.dtype) for x in leaves}
+    sizes = [int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves]
+    window = max(max(sizes) + 1, min(SAVE_WINDOW, sum(sizes) // 8))  # orbax refuses an array as large as it
+    handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=window / 1e9, use_ocdbt=False)
     with ocp.Checkpointer(handler) as checkpointer:
         checkpointer.save(ckpt_dir / "params", args=ocp.args.PyTreeSave(nn.meta.unbox(params)))
     config.to_json_file(ckpt_dir / "config.json", dtype=dtype_name(dtypes.pop()) if len(dtypes) == 1 else "float32")
