@@ -73,7 +73,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, config: Idefics2Config, params)
     dtypes = {np.dtype(x.dtype) for x in leaves}
     sizes = [int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves]
     window = max(max(sizes) + 1, min(SAVE_WINDOW, sum(sizes) // 8))  # orbax refuses an array as large as it
-    handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=window / 1e9, use_ocdbt=False)
+    handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=window / 1e9, use_ocdbt=False,
+                                          use_compression=False)  # weights hardly compress; zstd costs time
     with ocp.Checkpointer(handler) as checkpointer:
         checkpointer.save(ckpt_dir / "params", args=ocp.args.PyTreeSave(nn.meta.unbox(params)))
     config.to_json_file(ckpt_dir / "config.json", dtype=dtype_name(dtypes.pop()) if len(dtypes) == 1 else "float32")
