@@ -7,8 +7,10 @@ Perceiver, `--layers` of Mistral-7B's 32 decoder layers, vocabulary 32,003) with
 weights, saved once by transformers in 1 GB safetensors shards under `DIR/hf` and reused. Each
 conversion runs in a child process of its own, which reports its wall time and peak resident memory
 (`VmHWM`): transformers' `from_pretrained` + `save_pretrained` of those files, our `convert from-hf`
-(to an orbax checkpoint) and `convert to-hf` (back to safetensors), both `--dtype bfloat16`. The
-round trip is checked tensor by tensor against the original files. Appends the table to RESULTS.md.
+(to an orbax checkpoint) and `convert to-hf` (back to safetensors), both `--dtype bfloat16`, and
+reading the Hugging Face files onto the device or into host arrays (what `load` and `init_from`
+do). The round trip is checked tensor by tensor against the original files. Appends the table to
+RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ if argv[0] == "transformers":
     from transformers import Idefics2ForConditionalGeneration
     model = Idefics2ForConditionalGeneration.from_pretrained(argv[1], torch_dtype=torch.bfloat16)
     model.save_pretrained(argv[2], max_shard_size="1GB")
+elif argv[0] in ("load-device", "load-host"):  # what `load` (one device) and `init_from` (the host) read
+    from idefics_jax.checkpoints import load_hf_checkpoint
+    config, params = load_hf_checkpoint(argv[1], on_device=argv[0] == "load-device")
 else:
     sys.argv = ["idefics_jax.convert", *argv]
     try:
@@ -126,6 +131,8 @@ def main():
                                                                   "--dtype", "bfloat16")
     runs["`convert to-hf` (orbax -> safetensors)"] = run_child("to-hf", root / "ours", root / "back",
                                                                 "--dtype", "bfloat16", "--max-shard-size", "1GB")
+    runs["`load_hf_checkpoint` onto the device (`load`, `generate`, `serve`)"] = run_child("load-device", root / "hf")
+    runs["`load_hf_checkpoint` to host arrays (`--config.model.init_from`)"] = run_child("load-host", root / "hf")
     tensors = same_tensors(root / "hf", root / "back")
     reference = runs["transformers `from_pretrained` + `save_pretrained`"]
     ours = [r for name, r in runs.items() if name.startswith("`convert")]
@@ -138,7 +145,7 @@ def main():
     for name, r in runs.items():
         lines.append(f"| {name} | {r['peak_bytes'] / 1e9:.1f} GB | {r['peak_bytes'] / size:.2f} | "
                      f"{r['seconds']:.0f} s |")
-    lines.append(f"\nBoth directions together: {sum(r['seconds'] for r in ours):.0f} s against transformers' "
+    lines.append(f"\nConversion both ways: {sum(r['seconds'] for r in ours):.0f} s against transformers' "
                  f"{reference['seconds']:.0f} s for its load + save; peak {max(r['peak_bytes'] for r in ours) / 1e9:.1f} "
                  f"GB against {reference['peak_bytes'] / 1e9:.1f} GB.")
     print("\n".join(lines))
