@@ -15,8 +15,8 @@ import dataclasses
 import functools
 import os
 import re
-import numpy as np
 
+import numpy as np
 
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # the same bytes, copied by numpy's own loops
 
@@ -32,7 +32,7 @@ def transposed(matrix: np.ndarray, rows: int = 32) -> np.ndarray:
     host's cores (numpy copies without the GIL), as plain unsigned integers of the same width."""
     out = np.empty(matrix.shape[::-1], matrix.dtype)
     source, target = matrix, out
-    if matrix.dtype.itemsize in _UNSIGNED and matrix.flags.c_contiguous:
+    if matrix.dtype.itemsize in _UNSIGNED:  # a view: the same width, any layout
         source, target = matrix.view(_UNSIGNED[matrix.dtype.itemsize]), out.view(_UNSIGNED[matrix.dtype.itemsize])
 
     def copy(start: int):
