@@ -8,6 +8,7 @@ checkpoints: an orbax tree in `DIR/params` beside `DIR/config.json`.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Mapping
 
@@ -58,6 +59,17 @@ def abstract_params(config: Idefics2Config, dtype=jnp.float32) -> dict:
     return nn.meta.unbox(variables["params"])
 
 
+class _WithoutNotice(logging.Filter):
+    """Drops log records that contain `text`."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def save_checkpoint(ckpt_dir: str | os.PathLike, config: Idefics2Config, params):
     """Writes `ckpt_dir/config.json` and the orbax checkpoint `ckpt_dir/params`.
 
@@ -75,8 +87,13 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, config: Idefics2Config, params)
     window = max(max(sizes) + 1, min(SAVE_WINDOW, sum(sizes) // 8))  # orbax refuses an array as large as it
     handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=window / 1e9, use_ocdbt=False,
                                           use_compression=False)  # weights hardly compress; zstd costs time
-    with ocp.Checkpointer(handler) as checkpointer:
-        checkpointer.save(ckpt_dir / "params", args=ocp.args.PyTreeSave(nn.meta.unbox(params)))
+    quiet = _WithoutNotice("Skipping merge of OCDBT checkpoints")  # orbax's, for every checkpoint without OCDBT
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        with ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save(ckpt_dir / "params", args=ocp.args.PyTreeSave(nn.meta.unbox(params)))
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
     config.to_json_file(ckpt_dir / "config.json", dtype=dtype_name(dtypes.pop()) if len(dtypes) == 1 else "float32")
     return ckpt_dir
 
