@@ -65,7 +65,7 @@ def load(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None, dt
     kind = checkpoint_kind(path)
     if kind == "workdir":
         run = training_config(path)
-        config, params, step = restore_workdir(path)
+        config, params, step = restore_workdir(path, config=run)
         if dtype is not None:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
         default_tokenizer, images = tokenizer_of(path, run), training_image_processor(run)

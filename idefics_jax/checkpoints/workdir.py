@@ -55,11 +55,13 @@ def lora_of(config: ml_collections.ConfigDict) -> LoraConfig | None:
     return lora if lora.enabled else None
 
 
-def restore_workdir(workdir: str | os.PathLike, step: int | None = None) -> tuple[Idefics2Config, dict, int]:
+def restore_workdir(workdir: str | os.PathLike, step: int | None = None,
+                    config: ml_collections.ConfigDict | None = None) -> tuple[Idefics2Config, dict, int]:
     """(model config, model parameters with the adapters merged and layers unstacked, step) of
-    WORKDIR's checkpoint `step` (default: the latest readable one)."""
+    WORKDIR's checkpoint `step` (default: the latest readable one). config: the run's training
+    config when the caller has read it already (default: read from the workdir)."""
     workdir = as_path(workdir, "Workdir")
-    config = training_config(workdir)
+    config = training_config(workdir) if config is None else config
     step, params = restore_params(checkpoint_directory(workdir), step)
     lora = lora_of(config)
     return model_config(config.model), unstack_layers(merge(params, lora) if lora else params), step
@@ -80,11 +82,12 @@ def export_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> int:
     `generate`, `evaluate` and `config.model.init_from` read. Every process of a multi-host run
     calls it (each tensor is gathered from the hosts holding it; process 0 writes). Returns the step."""
     workdir = as_path(workdir, "Workdir")
-    mcfg, params, step = restore_workdir(workdir)
+    run = training_config(workdir)
+    mcfg, params, step = restore_workdir(workdir, config=run)
     out = as_path(out_dir, "--export_hf")
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         copy_processor_files(workdir, out)  # the tokenizer the run saved
-        save_image_processor(out, training_image_processor(training_config(workdir)))
+        save_image_processor(out, training_image_processor(run))
     save_hf_checkpoint(out, mcfg, params, progress=True)  # returns on every process once complete
     return step

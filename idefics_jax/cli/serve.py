@@ -22,10 +22,7 @@ import threading
 
 import jax
 
-from idefics_jax.checkpoints import CheckpointError
-from idefics_jax.cli.common import add_device_arguments, open_assistant, start
-from idefics_jax.config import ConfigError
-from idefics_jax.distributed import DistributedError
+from idefics_jax.cli.common import USER_ERRORS, add_device_arguments, open_assistant, start
 from idefics_jax.inference.server import Server
 
 
@@ -68,7 +65,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         server = make_server(args)
-    except (ValueError, FileNotFoundError, CheckpointError, ConfigError, DistributedError, OSError) as error:
+    except USER_ERRORS + (OSError,) as error:  # OSError: the address cannot be bound
         print(f"error: {error}", file=sys.stderr)
         return 2
     # SIGTERM (a scheduler stopping the service) ends it as Ctrl-C does: no new requests, and the
