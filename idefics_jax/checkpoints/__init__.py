@@ -12,11 +12,12 @@
 
 from idefics_jax.checkpoints.hf import load_hf_checkpoint, save_hf_checkpoint
 from idefics_jax.checkpoints.loading import LoadedModel, checkpoint_kind, load
-from idefics_jax.checkpoints.params import CheckpointError, abstract_params, load_checkpoint, save_checkpoint
+from idefics_jax.checkpoints.params import (CheckpointError, ParamsReader, abstract_params, load_checkpoint,
+                                           save_checkpoint)
 from idefics_jax.checkpoints.processor import copy_processor_files, image_processor_from, save_image_processor
 from idefics_jax.checkpoints.train_state import Checkpointer
 from idefics_jax.checkpoints.workdir import export_hf, restore_workdir
 
-__all__ = ["CheckpointError", "Checkpointer", "LoadedModel", "abstract_params", "checkpoint_kind",
+__all__ = ["CheckpointError", "Checkpointer", "ParamsReader", "LoadedModel", "abstract_params", "checkpoint_kind",
            "copy_processor_files", "export_hf", "image_processor_from", "load", "load_checkpoint",
            "load_hf_checkpoint", "restore_workdir", "save_checkpoint", "save_hf_checkpoint", "save_image_processor"]

@@ -2,6 +2,7 @@
 
     config, params = load_hf_checkpoint(hf_dir)        # config.json + (sharded) safetensors
     save_hf_checkpoint(out_dir, config, params)         # transformers' from_pretrained loads it
+    save_hf_checkpoint(out_dir, reader.config, reader)  # from a ParamsReader: a group at a time
 
 Both stream: one tensor is read, transformed and placed at a time, so peak host memory is about
 one copy of the model. Every name, shape and dtype is checked against the model the config
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from idefics_jax.config import Idefics2Config
 from idefics_jax.checkpoints.names import hf_name, hf_shape, leaf_rule
-from idefics_jax.checkpoints.params import CheckpointError, abstract_params, dtype_name, np_dtype
+from idefics_jax.checkpoints.params import CheckpointError, ParamsReader, abstract_params, dtype_name, np_dtype
 from idefics_jax.paths import as_path, local_copy, local_directory
 from idefics_jax.sharding import put_everywhere
 
@@ -228,13 +229,14 @@ class SafetensorsWriter:
                 raise CheckpointError(f"{self.path}: {len(self.expected) - self.written} tensor(s) never written")
 
 
-def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, params, *, dtype=None,
-                       max_shard_size: int | str = "5GB", progress: bool = False):
+def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, params: Any | ParamsReader, *,
+                       dtype=None, max_shard_size: int | str = "5GB", progress: bool = False):
     """Writes `config.json`, `model.safetensors.index.json` and `model-0000i-of-0000n.safetensors`.
 
-    dtype: the stored dtype (None keeps each parameter's dtype). Tensors are fetched from the
-    devices, transformed and written one at a time (`SafetensorsWriter`): beyond `params`, the host
-    holds one tensor. To a gs:// URL each shard is written locally, then uploaded. On several
+    params: the tree of arrays, or a `ParamsReader` over a checkpoint on disk (then only two of its
+    groups are held, one read while the other is written). dtype: the stored dtype (None keeps each
+    parameter's dtype). Tensors are fetched from the devices, transformed and written one at a time
+    (`SafetensorsWriter`): beyond `params`, the host holds one tensor. To a gs:// URL each shard is written locally, then uploaded. On several
     processes (hosts) every one calls this: each tensor is gathered from the hosts holding its
     shards, and process 0 converts it and writes the files (the others only take part in the gathers).
     """
@@ -243,7 +245,8 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
     target_dtype = np_dtype(dtype)
-    flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+    reader = params if isinstance(params, ParamsReader) else None
+    flat = reader.shapes if reader is not None else traverse_util.flatten_dict(nn.meta.unbox(params))
     expected = {path: (name, rule, shape) for name, (path, rule, shape) in _name_map(config).items()}
     unexpected = sorted(set(flat) - set(expected))
     if unexpected:
@@ -271,6 +274,8 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
         shard_bytes += nbytes
         total += nbytes
 
+    # the writer's arrays, in the order written
+    arrays = (array for _, array in reader.arrays(order)) if reader else (_whole(flat[path]) for path in order)
     weight_map = {}
     stored_dtypes = set()
     with tqdm(desc=f"Writing {out_dir.name}", unit="tensor", total=len(order), disable=not (progress and writer)) as bar:
@@ -286,7 +291,7 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
             with local_directory(out_dir) as local, SafetensorsWriter(os.path.join(local, file), entries) as out:
                 for path in shard:  # one tensor held at a time: fetched, transformed, written, dropped
                     name, rule, _ = expected[path]
-                    array = _whole(flat[path])
+                    array = next(arrays)
                     if target_dtype is not None and array.dtype != target_dtype:
                         array = array.astype(target_dtype)
                     out.write(name, rule.to_hf(array))

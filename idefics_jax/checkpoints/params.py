@@ -3,14 +3,16 @@ checkpoints: an orbax tree in `DIR/params` beside `DIR/config.json`.
 
     save_checkpoint(ckpt_dir, config, params)
     config, params = load_checkpoint(ckpt_dir, shardings=...)   # each array read into its shards
+    reader = ParamsReader(ckpt_dir)                             # or a group of arrays at a time
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import os
-from typing import Mapping
+from typing import Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 from idefics_jax.config import Idefics2Config
@@ -26,6 +29,7 @@ from idefics_jax.paths import as_path
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 SAVE_WINDOW = 10**9  # `save_checkpoint`: bytes copied from devices to the host at once (at most)
+READ_GROUP = 5 * 10**8  # `ParamsReader`: bytes read at once (a larger array is read alone)
 
 
 class CheckpointError(ValueError):
@@ -105,14 +109,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True, shar
     shardings: optional tree of `jax.sharding.Sharding` (the params' structure): each array is read
     straight into its shards (on several hosts, each reads its own). dtype: cast as read (None: as stored)."""
     ckpt_dir = as_path(ckpt_dir, "Checkpoint directory")
-    for needed in ("config.json", "params"):
-        if not (ckpt_dir / needed).exists():
-            raise FileNotFoundError(f"{ckpt_dir} is not an idefics_jax checkpoint: {needed} is missing")
-    config = Idefics2Config.from_json_file(ckpt_dir / "config.json")
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(ckpt_dir / "params").item_metadata.tree
+    config, checkpointer, tree = _open(ckpt_dir)
     target_dtype = np_dtype(dtype)
-    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
     flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -122,11 +120,71 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True, shar
             return ocp.RestoreArgs(restore_type=np.ndarray, dtype=target_dtype)
         return ocp.ArrayRestoreArgs(sharding=flat_shardings.get(names, one_device), dtype=target_dtype)
 
-    restore_args = jax.tree_util.tree_map_with_path(restore_arg, tree, is_leaf=is_leaf)
+    restore_args = jax.tree_util.tree_map_with_path(restore_arg, tree, is_leaf=_is_array)
     params = checkpointer.restore(ckpt_dir / "params", restore_args=restore_args)
-    # check against the model the config describes
+    _check(ckpt_dir, config, traverse_util.flatten_dict(params))
+    return config, params
+
+
+class ParamsReader:
+    """A checkpoint written by `save_checkpoint`, read a group of arrays at a time into host arrays,
+    for work that streams (`save_hf_checkpoint`): `config`; `shapes`, the flat tree (path ->
+    `ShapeDtypeStruct`, checked against the model the config describes), known without reading any
+    array; `arrays(order)` yields `(path, array)` in `order`, reading about `READ_GROUP` bytes at once
+    (orbax partial restores) and the next group in a background thread while the caller works on
+    this one: at most two groups are held."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike, group_bytes: int | None = None):
+        self.ckpt_dir = as_path(ckpt_dir, "Checkpoint directory")
+        self.config, self._checkpointer, tree = _open(self.ckpt_dir)
+        self.shapes = {path: jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
+                       for path, x in traverse_util.flatten_dict(tree).items()}
+        _check(self.ckpt_dir, self.config, self.shapes)
+        self.group_bytes = group_bytes or READ_GROUP
+
+    def arrays(self, order: Sequence[tuple[str, ...]]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+        groups, size = [[]], 0
+        for path in order:
+            nbytes = int(np.prod(self.shapes[path].shape)) * self.shapes[path].dtype.itemsize
+            if groups[-1] and size + nbytes > self.group_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(path)
+            size += nbytes
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read-params") as pool:
+            coming = pool.submit(self._read, groups[0])
+            for following in [*groups[1:], None]:
+                group = coming.result()
+                if following is not None:
+                    coming = pool.submit(self._read, following)
+                yield from group.items()
+                del group  # dropped before the next group is waited for
+
+    def _read(self, paths: list[tuple[str, ...]]) -> dict[tuple[str, ...], np.ndarray]:
+        item = traverse_util.unflatten_dict({path: self.shapes[path] for path in paths})
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        restored = self._checkpointer.restore(self.ckpt_dir / "params", args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+        return traverse_util.flatten_dict(restored)
+
+
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _open(ckpt_dir: epath.Path):
+    """(config, checkpointer, the params' metadata tree) of a `save_checkpoint` directory."""
+    for needed in ("config.json", "params"):
+        if not (ckpt_dir / needed).exists():
+            raise FileNotFoundError(f"{ckpt_dir} is not an idefics_jax checkpoint: {needed} is missing")
+    config = Idefics2Config.from_json_file(ckpt_dir / "config.json")
+    checkpointer = ocp.PyTreeCheckpointer()
+    return config, checkpointer, checkpointer.metadata(ckpt_dir / "params").item_metadata.tree
+
+
+def _check(ckpt_dir, config: Idefics2Config, got: Mapping[tuple[str, ...], object]):
+    """Every parameter of the model `config` describes is in `got` (flat), of its shape, and no other."""
     expected = traverse_util.flatten_dict(abstract_params(config))
-    got = traverse_util.flatten_dict(params)
     for path, leaf in expected.items():
         if path not in got:
             raise CheckpointError(f"{ckpt_dir}: parameter '{'/'.join(path)}' is missing (shape {leaf.shape})")
@@ -136,4 +194,3 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True, shar
     extra = sorted(set(got) - set(expected))
     if extra:
         raise CheckpointError(f"{ckpt_dir}: unexpected parameter '{'/'.join(extra[0])}'")
-    return config, params

@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from idefics_jax.checkpoints import (copy_processor_files, load_checkpoint, load_hf_checkpoint, save_checkpoint,
+from idefics_jax.checkpoints import (ParamsReader, copy_processor_files, load_hf_checkpoint, save_checkpoint,
                                      save_hf_checkpoint)
 
 
@@ -50,11 +50,11 @@ def main(argv=None) -> int:
             copy_processor_files(args.hf_dir, args.ckpt_dir)
             print(f"Wrote {args.ckpt_dir} ({_count(params):,} parameters) in {time.time() - start:.1f}s")
         else:
-            config, params = load_checkpoint(args.ckpt_dir, on_device=False)
-            save_hf_checkpoint(args.hf_dir, config, params, dtype=args.dtype,
+            reader = ParamsReader(args.ckpt_dir)  # read a group of arrays at a time while writing
+            save_hf_checkpoint(args.hf_dir, reader.config, reader, dtype=args.dtype,
                                max_shard_size=args.max_shard_size, progress=True)
             copy_processor_files(args.ckpt_dir, args.hf_dir)
-            print(f"Wrote {args.hf_dir} ({_count(params):,} parameters) in {time.time() - start:.1f}s")
+            print(f"Wrote {args.hf_dir} ({_count(reader.shapes):,} parameters) in {time.time() - start:.1f}s")
     except (ValueError, FileNotFoundError, FileExistsError) as error:  # CheckpointError, ConfigError, bad URLs
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 warm-up conversion of a tiny model (imports, thread pools, caches: the runtime's constant), and the
 resident memory the command added at its peak over what the process held before it.
 
-    python convert_memory.py WARMUP_HF_DIR from-hf|to-hf SOURCE DESTINATION
+    python convert_memory.py WARMUP_HF_DIR from-hf|to-hf SOURCE DESTINATION [READ_GROUP]
+
+READ_GROUP: the bytes `to-hf` reads at once (`idefics_jax.checkpoints.params.READ_GROUP`).
 """
 
 import json
@@ -10,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from idefics_jax.checkpoints import params
 from idefics_jax.cli.convert import main
 
 
@@ -18,7 +21,9 @@ def memory(field: str) -> int:
 
 
 if __name__ == "__main__":
-    warmup, command, source, destination = sys.argv[1:]
+    warmup, command, source, destination = sys.argv[1:5]
+    if len(sys.argv) > 5:
+        params.READ_GROUP = int(sys.argv[5])
     with tempfile.TemporaryDirectory() as scratch:  # the tiny model both ways, as the command runs
         assert main(["from-hf", warmup, str(Path(scratch) / "ours")]) == 0
         assert main(["to-hf", str(Path(scratch) / "ours"), str(Path(scratch) / "hf")]) == 0
