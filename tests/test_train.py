@@ -124,6 +124,18 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert losses(tmp_path / "killed") == expected
+    rows = [row["step"] for row in map(json.loads, metrics.read_text().splitlines()) if "train/loss" in row]
+    assert rows == list(range(1, 15)), "the steps the resumed run repeated are in metrics.jsonl once"
+
+    # bytes flipped in the last checkpoint (14): found, moved aside, and the run goes on from step 12
+    # to the same losses
+    flip_bytes(np.random.default_rng(seed), tmp_path / "killed" / "checkpoints" / "14")
+    again = run_train(tmp_path / "killed", *common)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert "Checkpoint step 14 is corrupt" in err and "Resumed from" in err and "at step 12" in err
+    assert (tmp_path / "killed" / "checkpoints_corrupt" / "14").is_dir()
+    assert losses(tmp_path / "killed") == expected
 
 
 def test_step_flops_count_every_weight_matrix(seed):
@@ -310,10 +322,68 @@ def test_distributed_initialize_needs_all_three_settings():
         initialize("127.0.0.1:1234", None, 0)
 
 
+def flip_bytes(rng, step_dir: Path) -> str:
+    """Flips 1 to 64 bytes at a random offset of a random file of `step_dir`; the file's name."""
+    files = sorted(f for f in step_dir.rglob("*") if f.is_file() and f.stat().st_size)
+    file = files[int(rng.integers(len(files)))]
+    data = bytearray(file.read_bytes())
+    start = int(rng.integers(len(data)))
+    for i in range(start, min(len(data), start + int(rng.integers(1, 65)))):
+        data[i] ^= int(rng.integers(1, 256))
+    file.write_bytes(bytes(data))
+    return str(file.relative_to(step_dir))
+
+
+def test_flipped_bytes_anywhere_in_a_checkpoint_are_found(tmp_path, seed, caplog):
+    """Twelve draws: bytes flipped at a random place of a random file of the latest step (data,
+    orbax's metadata, the data iterator's state, the checksums themselves). Each time the restore
+    names the step and the file, moves the step aside and restores the one before, exactly."""
+    import shutil
+
+    import flax.linen as nn
+
+    from idefics_jax.checkpoints.train_state import CHECKSUMS, Checkpointer, abstract_with_shardings
+    from idefics_jax.train.step import state_shardings
+
+    model, tx, batch = tiny_setup(seed, batch_size=2)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    state = init_state(model, tx, mesh, jax.random.PRNGKey(seed))
+    step = make_train_step(model, tx, mesh)
+    checkpointer = Checkpointer(tmp_path / "saved" / "ckpt", keep=5)
+    saved = {}
+    for i in (1, 2):
+        state, _ = step(state, global_batch(batch, mesh))
+        checkpointer.save(i, state, {"pipeline": {"position": i}})
+        saved[i] = jax.tree.map(np.asarray, state.params)
+    checkpointer.close()
+    assert (tmp_path / "saved" / "ckpt" / "2" / CHECKSUMS).exists()
+    init, shardings = state_shardings(model, tx, mesh)
+    abstract = abstract_with_shardings(jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.PRNGKey(0)),
+                                       shardings)
+    rng = np.random.default_rng(seed)
+    flipped = set()
+    for draw in range(12):
+        work = tmp_path / f"draw{draw}"
+        shutil.copytree(tmp_path / "saved", work)
+        flipped.add(name := flip_bytes(rng, work / "ckpt" / "2"))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            checkpointer = Checkpointer(work / "ckpt")
+            restored_step, restored, data = checkpointer.restore(abstract)
+        assert restored_step == 1 and data == {"pipeline": {"position": 1}}, name
+        assert "Checkpoint step 2 is corrupt" in caplog.text and name.split("/")[0] in caplog.text, caplog.text
+        assert checkpointer.all_steps() == [1], "the corrupt step no longer counts"
+        checkpointer.close()
+        assert (work / "ckpt_corrupt" / "2").is_dir() and not (work / "ckpt" / "2").exists()
+        for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved[1])):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    assert len(flipped) > 3, flipped
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, seed, caplog):
     import flax.linen as nn
 
-    from idefics_jax.checkpoints.train_state import Checkpointer, abstract_with_shardings
+    from idefics_jax.checkpoints.train_state import CHECKSUMS, Checkpointer, abstract_with_shardings
     from idefics_jax.train.step import state_shardings
 
     model, tx, batch = tiny_setup(seed, batch_size=2)
@@ -328,16 +398,19 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, seed, ca
         checkpointer.wait()
         saved[i] = jax.tree.map(np.asarray, state.params)
     checkpointer.close()
-    for file in (tmp_path / "ckpt" / "2" / "state").rglob("*"):  # garble every file of step 2's state
+    # garble every file of step 2's state, and take its checksums away (as a checkpoint saved
+    # before they were written): what orbax cannot read is skipped as well
+    for file in (tmp_path / "ckpt" / "2" / "state").rglob("*"):
         if file.is_file():
             file.write_bytes(b"\0garbage" * 4)
+    (tmp_path / "ckpt" / "2" / CHECKSUMS).unlink()
     init, shardings = state_shardings(model, tx, mesh)
     abstract = abstract_with_shardings(jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.PRNGKey(0)),
                                        shardings)
     with caplog.at_level("WARNING"):
         restored_step, restored, data = Checkpointer(tmp_path / "ckpt").restore(abstract)
     assert restored_step == 1 and data == {"pipeline": {"position": 1}}
-    assert "cannot be restored" in caplog.text
+    assert "has no checksums.json" in caplog.text and "cannot be restored" in caplog.text
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(saved[1])):
         np.testing.assert_array_equal(np.asarray(a), b)
     with pytest.raises(FileNotFoundError, match="No checkpoint"):

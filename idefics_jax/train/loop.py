@@ -113,7 +113,7 @@ def train(config, workdir: str | os.PathLike, evaluation=None) -> dict:
         log.info("Compiled programs are cached in %s", cache)
 
     step_fn = run.train_step()
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
     window = Throughput(run)
     history = []
     bar = tqdm(total=config.train.steps, initial=start, desc="train", unit="step",
@@ -139,6 +139,7 @@ def train(config, workdir: str | os.PathLike, evaluation=None) -> dict:
                 log.info("Profile of steps %d-%d written to %s%s", profiler.first, step, traced,
                          " (uploading in the background)" if is_url(traced) else "")
             loss = float(metrics["loss"])  # waits for the step: the time below is the step's
+            checkpointer.seal_committed()  # the last checkpoint's checksums, once orbax has committed it
             window.add(batch, time.perf_counter() - started)
             history.append((step, loss))
             bar.update(1)

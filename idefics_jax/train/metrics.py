@@ -21,9 +21,12 @@ class MetricWriter:
     """TensorBoard event files (tensorboardX) and a jsonl copy for tools and plots, in a local
     directory or a gs:// one. A Cloud Storage object cannot be appended to, so there both are
     written locally and uploaded whole after each write (as TensorFlow's writers do on gs://), by a
-    background thread (`paths.TreeUploader`): training does not wait on the network."""
+    background thread (`paths.TreeUploader`): training does not wait on the network.
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    resume_step: the step a resumed run restarts from: the rows an earlier run wrote past it (steps
+    that will run again) are dropped from the jsonl, and TensorBoard is told to purge them."""
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.workdir = as_path(workdir)
         self.path = self.workdir / "metrics.jsonl"
@@ -38,7 +41,10 @@ class MetricWriter:
                 self._uploader = TreeUploader(self._local, self.workdir)
             written = self._local or str(self.workdir)  # where the files are written (appended to)
             self._jsonl = os.path.join(written, "metrics.jsonl")
-            self._tb = SummaryWriter(os.path.join(written, "tensorboard"))
+            if resume_step is not None and os.path.exists(self._jsonl):
+                _drop_rows_after(self._jsonl, resume_step)
+            self._tb = SummaryWriter(os.path.join(written, "tensorboard"),
+                                     purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, scalars: dict[str, float]):
         if not self.enabled:
@@ -65,6 +71,22 @@ class MetricWriter:
                           self.workdir, type(error).__name__, error, self._local)
             else:
                 shutil.rmtree(self._local, ignore_errors=True)
+
+
+def _drop_rows_after(path: str, step: int):
+    """Rewrites the jsonl at `path` without its rows past `step` (and a last line cut short)."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".partial", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".partial", path)
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
