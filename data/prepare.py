@@ -31,11 +31,11 @@ def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: i
         record = source[i]
         try:
             if record.get("type") == "_invalid":
-                raise SampleError("bad_record", record["_error"])
+                raise SampleError("bad_record", record.get("_error", "invalid record"))
             lengths.append(len(encoder(record)["input_ids"]))
         except SampleError as error:
             problems[error.reason] += 1
-            print(f"record {i} ({record.get('id', '?')}): {error.reason}: {error}", file=sys.stderr)
+            print(f"record {i} ({record.get('id', '?')}, {record['_at']}): {error.reason}: {error}", file=sys.stderr)
     print(f"{len(source)} records: {len(lengths)} usable, "
           + (", ".join(f"{k} {v}" for k, v in sorted(problems.items())) or "no problems")
           + (f"; tokens per sample: median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}" if lengths else ""))

@@ -214,6 +214,19 @@ def test_reader_threads_do_not_change_the_batches(synthetic):
     assert a.get_state() == b.get_state()
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width x height` RGB pixels and holds none (a decompression bomb's header:
+    read without being decoded, it must be refused from its size)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
 @pytest.fixture
 def bad_data(synthetic, tmp_path):
     """A copy of the pairs source with broken records of every kind mixed in."""
@@ -227,7 +240,15 @@ def bad_data(synthetic, tmp_path):
     Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).convert("CMYK").save(images / "cmyk.jpg")
     Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).convert("P").save(images / "palette.png")
     Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16)).save(images / "sixteen.png")
+    (images / "huge.png").write_bytes(png_header(20000, 20000))  # beyond PIL's own limit
+    (images / "large.png").write_bytes(png_header(9000, 9000))  # beyond ours (64M pixels), within PIL's
     bad = [
+        {"id": "huge", "type": "pair", "image": "images/huge.png", "text": "x"},
+        {"id": "large", "type": "pair", "image": "images/large.png", "text": "x"},
+        {"id": "number", "type": "pair", "image": 5, "text": "x"},
+        {"id": "role", "type": "conversation", "images": [],
+         "messages": [{"role": 5, "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"id": "content", "type": "interleaved", "content": "not a list of parts"},
         {"id": "truncated", "type": "pair", "image": "images/truncated.png", "text": "x"},
         {"id": "garbage", "type": "pair", "image": "images/garbage.png", "text": "x"},
         {"id": "missing", "type": "pair", "image": "images/nope.png", "text": "x"},
@@ -241,6 +262,8 @@ def bad_data(synthetic, tmp_path):
     for i, record in enumerate(bad):
         lines.insert(3 * i + 1, json.dumps(record))
     lines.insert(5, "{not json")
+    lines.insert(9, "[1, 2, 3]")
+    lines.insert(11, '"a string"')
     (out / "data.jsonl").write_text("\n".join(lines) + "\n")
     return out
 
@@ -255,7 +278,8 @@ def test_bad_samples_are_skipped_counted_and_strict_mode_raises(bad_data, synthe
     assert batches, "one bad sample never stops the pipeline"
     stats = pipeline.stats
     assert stats["skipped/bad_image"] == 2 and stats["skipped/missing_file"] == 1
-    assert stats["skipped/image_count_mismatch"] == 1 and stats["skipped/bad_record"] == 1
+    assert stats["skipped/image_count_mismatch"] == 1 and stats["skipped/image_too_large"] == 2
+    assert stats["skipped/bad_record"] == 6  # bad JSON, two non-objects, an int path, an int role, a string content
     assert stats["packed"] == 40 + 3  # the good records plus the CMYK, palette and 16-bit ones
     assert "skipped/bad_image: 2" in pipeline.summary()
     strict = Pipeline([source], tokenizer, pack, 4, image_seq_len=SEQ_LATENTS, shard_index=0, shard_count=1,
@@ -300,3 +324,104 @@ def test_easy_synthetic_data_has_few_words_and_digits(tmp_path):
     assert all(a in EASY_WORDS or (a.isdigit() and int(a) < 10) for a in answers), answers
     sizes = [Image.open(p).size for p in sorted((tmp_path / "conversations" / "images").iterdir())]
     assert all(w >= 20 and h >= 20 for w, h in sizes)
+
+
+def mutated(record: dict, rng: np.random.Generator, images: Path, index: int) -> str:
+    """A copy of `record` broken at random (its image's bytes, a field's presence, type or length, the
+    `<image>` count), or a line that is not a record at all; the jsonl line."""
+    import copy
+
+    record, kind = copy.deepcopy(record), int(rng.integers(7))
+    record["id"] = f"mutant-{index}"
+    if kind == 0:  # the image's bytes: cut, flipped, emptied, or a header of too many pixels
+        refs = record.get("images") or [record.get("image")] if "content" not in record else \
+            [p["image"] for p in record["content"] if p["type"] == "image"]
+        if refs and refs[0]:
+            data = bytearray((images.parent / refs[0]).read_bytes())
+            how = int(rng.integers(4))
+            if how == 0:
+                data = data[:int(rng.integers(len(data)))]
+            elif how == 1:
+                start = int(rng.integers(len(data)))
+                data[start:start + 16] = rng.integers(0, 256, len(data[start:start + 16]), dtype=np.uint8).tobytes()
+            elif how == 2:
+                data = b""
+            else:
+                data = png_header(int(rng.integers(8001, 30000)), int(rng.integers(8001, 30000)))
+            name = f"images/mutant-{index}.png"
+            (images.parent / name).write_bytes(bytes(data))
+            text = json.dumps(record).replace(json.dumps(refs[0]), json.dumps(name), 1)
+            return text
+    if kind == 1:  # a field removed
+        record.pop(list(record)[int(rng.integers(len(record)))])
+    elif kind == 2:  # a field of another type, at the top or one level down
+        value = [5, None, [1, "x"], {"a": 1}, "text", 2.5, True][int(rng.integers(7))]
+        target = record
+        nested = [v for v in record.values() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        if nested and rng.random() < 0.5:
+            target = nested[0][int(rng.integers(len(nested[0])))]
+        target[list(target)[int(rng.integers(len(target)))]] = value
+    elif kind == 3:  # lengths: a text far past max_length, or empty everywhere
+        long = " ".join(["word"] * int(rng.integers(3000, 6000))) if rng.random() < 0.7 else ""
+        for part in record.get("messages", record.get("content", [])):
+            for key in ("text", "content"):
+                if key in part and isinstance(part[key], str) and "<image>" not in part[key]:
+                    part[key] = long
+        if "text" in record:
+            record["text"] = long
+    elif kind == 4:  # <image> placeholders and images that no longer agree
+        if "messages" in record:
+            record["messages"][0]["content"] += "<image>" * int(rng.integers(1, 3))
+        elif "content" in record:
+            record["content"].append({"type": "text", "text": "and <image> here"})
+        else:
+            record["text"] = "<image> " + str(record.get("text"))
+    elif kind == 5:  # not an object, or not JSON
+        return ["[1, 2, 3]", "null", "42", '"text"', json.dumps(record)[:-7], "{]"][int(rng.integers(6))]
+    else:  # a record type nobody knows, or a part of one
+        record["type"] = ["pairs", "", None, 3, "_invalid"][int(rng.integers(5))]
+    return json.dumps(record)
+
+
+def test_a_thousand_mutated_records_never_stop_the_pipeline(synthetic, tmp_path, seed, caplog):
+    """1,000 records broken at random among the four sources' good ones: the pipeline reads the
+    epoch without an error, accounts for every record (packed, skipped or dropped, by reason), and
+    packs every good one; `prepare.py check` reads the same file to the end."""
+    rng = np.random.default_rng(seed)
+    out = tmp_path / "fuzz"
+    (out / "images").mkdir(parents=True)
+    good = []
+    for name in ("pairs", "documents", "interleaved", "conversations"):
+        for line in (synthetic / name / "data.jsonl").read_text().splitlines():
+            good.append(json.loads(line))
+        for image in (synthetic / name / "images").iterdir():
+            shutil.copy(image, out / "images" / image.name)
+    lines = [json.dumps(r) for r in good]
+    for i in range(1000):
+        lines.insert(int(rng.integers(len(lines) + 1)), mutated(good[int(rng.integers(len(good)))], rng,
+                                                                  out / "images", i))
+    (out / "data.jsonl").write_text("\n".join(lines) + "\n")
+
+    tokenizer = Tokenizer(synthetic / "tokenizer.model")
+    source = SourceConfig("fuzz", str(out), max_length=300, **EDGE)
+    pack = PackConfig(seq_len=400, image_slots=8, buckets=((56, 56),))
+    pipeline = Pipeline([source], tokenizer, pack, 4, image_seq_len=SEQ_LATENTS, shard_index=0, shard_count=1,
+                        repeat=False, read_threads=1, read_buffer=8)
+    with caplog.at_level("WARNING", logger="idefics_jax.data.packing"):
+        batches = list(pipeline)
+    stats = pipeline.stats
+    skipped = sum(v for k, v in stats.items() if k.startswith(("skipped/", "dropped/")))
+    assert stats["packed"] + skipped == len(lines), stats
+    assert skipped >= 500, stats  # most mutations break their record (some leave it usable)
+    assert {k.split("/")[1] for k in stats if k.startswith("skipped/")} >= {
+        "bad_image", "bad_record", "image_too_large", "image_count_mismatch", "too_long"}, stats
+    refused = " ".join(r.getMessage() for r in caplog.records)
+    assert not [r["id"] for r in good if f"fuzz/{r['id']} " in refused], "a good record was skipped"
+    assert sum(int((b["segment_ids"] > 0).any(axis=1).sum()) for b in batches) > 0
+
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "data" / "prepare.py"), "check", str(out),
+                           "--tokenizer", str(synthetic / "tokenizer.model"), "--max-length", "300"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    usable = stats["packed"] + sum(v for k, v in stats.items() if k.startswith("dropped/"))  # check does not pack
+    assert f"{len(lines)} records: {usable} usable" in done.stdout, done.stdout

@@ -27,13 +27,23 @@ from idefics_jax.paths import is_url
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
 
+# The most pixels an image may have (8000 x 8000; images are resized to at most 980 px anyway): a
+# larger one is refused from its header, before it is decoded. PIL itself refuses more than twice
+# its own `Image.MAX_IMAGE_PIXELS` (about 179M), whatever the limit here.
+MAX_IMAGE_PIXELS = 64_000_000
+
 
 class ImageError(ValueError):
     """An image that cannot be read or used (corrupt, truncated, empty, unsupported)."""
 
 
-def load_image(source: ImageLike) -> Image.Image:
-    """A fully decoded PIL image from a path (local or gs://), encoded bytes, a PIL image or a uint8 array."""
+class ImageTooLarge(ImageError):
+    """An image with more pixels than the limit allows."""
+
+
+def load_image(source: ImageLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A fully decoded PIL image from a path (local or gs://), encoded bytes, a PIL image or a uint8
+    array. max_pixels: refuse a larger image (`ImageTooLarge`) before decoding it (None: no limit)."""
     name = "" if isinstance(source, (bytes, bytearray, np.ndarray, Image.Image)) else f" {str(source)[:200]}"
     if isinstance(source, Image.Image):
         image = source
@@ -48,14 +58,24 @@ def load_image(source: ImageLike) -> Image.Image:
             image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         except FileNotFoundError:
             raise
+        except Image.DecompressionBombError as error:
+            raise ImageTooLarge(f"Image{name} is too large to decode: {error}") from error
         except (UnidentifiedImageError, OSError, ValueError) as error:
             raise ImageError(f"Cannot read image{name or ' bytes'}: {error}") from error
     try:
-        image.load()  # decode now: a truncated file fails here, not later
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ImageError(f"Cannot decode image{name}: {error}") from error
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"Image{name} has zero size ({image.width}x{image.height})")
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ImageTooLarge(f"Image{name} is {image.width}x{image.height} = {image.width * image.height:,} "
+                                f"pixels, over the limit of {max_pixels:,} (max_image_pixels)")
+        try:
+            image.load()  # decode now: a truncated file fails here, not later
+        except (OSError, ValueError, SyntaxError) as error:
+            raise ImageError(f"Cannot decode image{name}: {error}") from error
+        if image.width == 0 or image.height == 0:
+            raise ImageError(f"Image{name} has zero size ({image.width}x{image.height})")
+    except ImageError:
+        if image is not source:
+            image.close()  # the file it was opened from
+        raise
     return image
 
 
@@ -120,6 +140,7 @@ class ImageProcessor:
     image_mean: float = 0.5
     image_std: float = 0.5
     rescale_factor: float = 1 / 255
+    max_pixels: int | None = MAX_IMAGE_PIXELS  # a larger image is refused before decoding (`load_image`)
 
     def resize(self, image: Image.Image) -> np.ndarray:
         """An RGB PIL image -> uint8 `[h', w', 3]`, resized with PIL bilinear by the reference's rule."""
@@ -136,7 +157,7 @@ class ImageProcessor:
         """One image -> 1 (or 5 with splitting) resized uint8 arrays `[height, width, 3]`.
 
         The data pipeline ships these (4x smaller than float32) and normalises whole batches."""
-        rgb = to_rgb(load_image(source))
+        rgb = to_rgb(load_image(source, self.max_pixels))
         crops = split_image(rgb) if self.do_image_splitting else [rgb]
         return [self.resize(crop) for crop in crops]
 

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from idefics_jax.data.image_processing import ImageProcessor
+from idefics_jax.data.image_processing import MAX_IMAGE_PIXELS, ImageProcessor
 from idefics_jax.data.packing import PackConfig, PackIterDataset, collate, finalize, skipped
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError
@@ -47,6 +47,7 @@ class SourceConfig:
     longest_edge: int = 980
     shortest_edge: int = 378
     split_probability: float = 0.0  # fraction of samples whose images are split into 4 crops + whole
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # a record with a larger image is skipped (counted), never decoded
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -55,6 +56,8 @@ class SourceConfig:
             raise ValueError(f"Source '{self.name}': weight must be positive, got {self.weight}")
         if not 0 <= self.split_probability <= 1:
             raise ValueError(f"Source '{self.name}': split_probability must be in [0, 1]")
+        if self.max_image_pixels <= 0:
+            raise ValueError(f"Source '{self.name}': max_image_pixels must be positive, got {self.max_image_pixels}")
 
 
 class EncodeRecord:
@@ -66,23 +69,23 @@ class EncodeRecord:
         self.encoders = {
             split: SampleEncoder(
                 Processor(tokenizer, ImageProcessor(longest_edge=source.longest_edge,
-                                                    shortest_edge=source.shortest_edge,
-                                                    do_image_splitting=split), image_seq_len),
+                                                    shortest_edge=source.shortest_edge, do_image_splitting=split,
+                                                    max_pixels=source.max_image_pixels), image_seq_len),
                 base_dir=base_dir, max_length=source.max_length, source=source.name)
             for split in (False, True)
         }
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict[str, Any]:
         split = bool(rng.random() < self.source.split_probability)
-        record_id = str(record.get("id", "?"))
+        where = f"{record.get('id', '?')} ({record.get('_at', '?')})" if isinstance(record, dict) else "?"
         try:
-            if record.get("type") == "_invalid":
+            if isinstance(record, dict) and record.get("type") == "_invalid":
                 raise SampleError("bad_record", record.get("_error", "invalid record"))
             return self.encoders[split](record)
         except SampleError as error:
             if self.strict:
-                raise SampleError(error.reason, f"source '{self.source.name}', sample {record_id}: {error}") from error
-            return skipped(error.reason, f"{self.source.name}/{record_id}", str(error))
+                raise SampleError(error.reason, f"source '{self.source.name}', sample {where}: {error}") from error
+            return skipped(error.reason, f"{self.source.name}/{where}", str(error))
 
 
 def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: PackConfig, batch_size: int, *,

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from idefics_jax.data.image_processing import ImageError
+from idefics_jax.data.image_processing import ImageError, ImageTooLarge
 from idefics_jax.data.image_tokens import END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, count_placeholders
 from idefics_jax.data.processor import Processor
 
@@ -52,17 +52,25 @@ class SampleEncoder:
     source: str = ""
 
     def read_image(self, record: Mapping[str, Any], ref: str) -> list[np.ndarray]:
+        if not isinstance(ref, str):
+            raise SampleError("bad_record", f"an image reference must be a string, got {type(ref).__name__}")
         embedded = record.get("_image_bytes") or {}
         source = embedded[ref] if ref in embedded else os.path.join(self.base_dir, ref)
+        if not isinstance(source, (bytes, str)):
+            raise SampleError("bad_record", f"image '{ref}': embedded as {type(source).__name__}, not bytes")
         try:
             crops = self.processor.image_processor.process_uint8(source)
-        except FileNotFoundError as error:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
             raise SampleError("missing_file", f"image '{ref}' not found: {error}") from error
+        except ImageTooLarge as error:
+            raise SampleError("image_too_large", f"image '{ref}': {error}") from error
         except ImageError as error:
             raise SampleError("bad_image", f"image '{ref}': {error}") from error
         return crops
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(record, Mapping):
+            raise SampleError("bad_record", f"a record must be a JSON object, got {type(record).__name__}")
         kind = record.get("type")
         if kind not in RECORD_TYPES:
             raise SampleError("bad_record", f"record type {kind!r} is not one of {RECORD_TYPES}")
@@ -71,9 +79,10 @@ class SampleEncoder:
                 pieces, image_refs = self._conversation(record)
             else:
                 pieces, image_refs = self._document(record, kind)
-        except (KeyError, TypeError) as error:
-            raise SampleError("bad_record", f"malformed {kind} record: missing or wrong field {error}") from error
-        tokens, targets = self._tokenize(pieces, pretraining=kind != "conversation")
+            tokens, targets = self._tokenize(pieces, pretraining=kind != "conversation")
+        except (KeyError, TypeError, AttributeError, IndexError) as error:  # a field missing or of the wrong type
+            raise SampleError("bad_record", f"malformed {kind} record: missing or wrong field "
+                                            f"({type(error).__name__}: {error})") from error
         if len(tokens) > self.max_length:
             raise SampleError("too_long", f"{len(tokens)} tokens > max_length {self.max_length}")
         images = [crop for ref in image_refs for crop in self.read_image(record, ref)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from typing import Any, Iterable
 
@@ -30,7 +31,14 @@ from etils import epath
 
 from idefics_jax.paths import is_url
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("jsonl", "array_record", "tfds")
+
+
+def invalid(where: str, error: str) -> dict[str, Any]:
+    """The record that stands for one that cannot be read (the encoder skips it, counted)."""
+    return {"type": "_invalid", "id": "?", "_at": where, "_error": error}
 
 
 class JsonlSource:
@@ -52,6 +60,7 @@ class JsonlSource:
         ends = np.asarray(offsets, np.int64)
         keep = [i for i in range(len(ends) - 1) if ends[i + 1] - ends[i] > 1]  # skip blank lines
         self._starts, self._ends = ends[:-1][keep], ends[1:][keep]
+        self._lines = np.asarray(keep, np.int64) + 1
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -64,23 +73,38 @@ class JsonlSource:
             with open(self.file, "rb") as f:
                 f.seek(start)
                 line = f.read(end - start)
+        where = f"{self.file.name}:{int(self._lines[index])}"  # the line number, for messages
         try:
-            return json.loads(line)
-        except json.JSONDecodeError as error:
-            return {"type": "_invalid", "id": f"{self.file.name}:{index}", "_error": f"invalid JSON: {error}"}
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return invalid(where, f"invalid JSON: {error}")
+        if not isinstance(record, dict):
+            return invalid(where, f"a JSON {type(record).__name__}, not an object")
+        record["_at"] = where
+        return record
 
     def __repr__(self):
         return f"JsonlSource({self.file}, {len(self)} records)"
 
 
-def decode_entry(data: bytes) -> dict[str, Any]:
-    entry = msgpack.unpackb(data, raw=False)
-    record = json.loads(entry["record"])
-    record["_image_bytes"] = entry.get("images") or {}
+def decode_entry(data: bytes, where: str = "") -> dict[str, Any]:
+    """An ArrayRecord / TFDS entry -> its record, images under `_image_bytes` (`invalid(...)` when
+    the entry cannot be decoded); `where` names it in messages."""
+    try:
+        entry = msgpack.unpackb(data, raw=False)
+        record = json.loads(entry["record"])
+        images = entry.get("images") or {}
+    except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as error:
+        return invalid(where, f"undecodable entry ({type(error).__name__}: {error})")
+    if not isinstance(record, dict) or not isinstance(images, dict):
+        return invalid(where, "an entry whose record or images are not a map")
+    record["_image_bytes"], record["_at"] = images, where
     return record
 
 
 def encode_entry(record: dict[str, Any], images: dict[str, bytes]) -> bytes:
+    """The entry of a record (its private `_` keys left out) and its images' bytes."""
+    record = {key: value for key, value in record.items() if not key.startswith("_")}
     return msgpack.packb({"record": json.dumps(record), "images": images}, use_bin_type=True)
 
 
@@ -99,7 +123,7 @@ class ArrayRecordSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return decode_entry(self._source[index])
+        return decode_entry(self._source[index], f"{self.base_dir}#{index}")
 
     def __repr__(self):
         return f"ArrayRecordSource({self.base_dir}, {len(self)} records)"
@@ -116,7 +140,7 @@ class TfdsSource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return decode_entry(bytes(self._source[index]["entry"]))
+        return decode_entry(bytes(self._source[index]["entry"]), f"{self.base_dir}#{index}")
 
 
 def load_data_source(data_dir: str | os.PathLike, split: str = "train"):
@@ -142,23 +166,33 @@ def open_source(path: str | os.PathLike, fmt: str):
 
 
 def image_refs(record: dict[str, Any]) -> list[str]:
+    """The image references a record names (of a malformed record, those that can be found: the
+    encoder reports what is wrong with it)."""
     kind = record.get("type")
     if kind in ("pair", "document"):
-        return [record["image"]]
-    if kind == "interleaved":
-        return [p["image"] for p in record["content"] if p.get("type") == "image"]
-    if kind == "conversation":
-        return list(record.get("images") or [])
-    return []
+        refs = [record.get("image")]
+    elif kind == "interleaved":
+        content = record.get("content")
+        refs = [p.get("image") for p in content if isinstance(p, dict) and p.get("type") == "image"] \
+            if isinstance(content, list) else []
+    elif kind == "conversation":
+        refs = record.get("images") if isinstance(record.get("images"), list) else []
+    else:
+        refs = []
+    return [ref for ref in refs if isinstance(ref, str)]
 
 
 def records_with_images(records: Iterable[dict], base_dir: str | os.PathLike):
-    """(record, {ref: bytes}) with every referenced image file read (missing files stay out)."""
+    """(record, {ref: bytes}) with every referenced image file read (missing files stay out); a
+    record that could not be read (`invalid`) is left out with a warning naming it."""
     for record in records:
+        if record.get("type") == "_invalid":
+            log.warning("Left out %s: %s", record["_at"], record["_error"])
+            continue
         images = {}
         for ref in image_refs(record):
-            path = epath.Path(base_dir) / ref
-            if path.exists():
+            path = epath.Path(base_dir) / ref if isinstance(ref, str) else None
+            if path is not None and path.exists():
                 images[ref] = path.read_bytes()
         yield record, images
 

@@ -42,6 +42,7 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "num_workers": 0,
         "read_threads": 16,  # per source: threads reading + encoding records (grain's ReadOptions)
         "read_buffer": 500,  # per source: records read ahead
+        "strict": False,  # raise on the first record that cannot be used (default: skip it, counted and logged)
         "seed": 0,
         "eval_source": "",  # held-out conversations for exact-match evaluation
     })

@@ -78,6 +78,7 @@ def make_pipeline(config, data_dir: epath.Path, tokenizer: Tokenizer, image_seq_
                       buckets=tuple(tuple(b) for b in config.data.buckets), pad_id=tokenizer.pad_id)
     return Pipeline(sources, tokenizer, pack, config.data.batch_size // jax.process_count(),
                     image_seq_len=image_seq_len, seed=config.data.seed, num_workers=config.data.num_workers,
+                    strict=config.data.strict,
                     read_threads=config.data.read_threads, read_buffer=config.data.read_buffer)
 
 
