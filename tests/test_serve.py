@@ -13,6 +13,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -179,3 +180,116 @@ def test_earlier_answers_are_disarmed_and_typed_placeholders_refused():
     assert job.max_tokens == 5 and job.images == [] and job.sampling.greedy
     with pytest.raises(RequestError, match=r"messages\[0\].content\[0\]: the text holds <image>"):
         parse_request({"messages": [{"role": "user", "content": "Say <image>"}]}, disarm=disarm)
+
+
+def test_oversized_images_and_short_bodies_are_refused_with_a_400(server, chat_dir):  # noqa: F811
+    import socket
+
+    from test_pipeline import png_header
+
+    url = server.url + "/v1/chat/completions"
+    for width, height in [(20000, 20000), (9000, 9000)]:  # beyond PIL's own limit; beyond the server's
+        url_part = "data:image/png;base64," + base64.b64encode(png_header(width, height)).decode()
+        status, reply = request(url, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url_part}}, {"type": "text", "text": "What is this?"}]}]})
+        assert status == 400 and "max_image_pixels" in reply["error"]["message"] or "too large" in \
+            reply["error"]["message"], reply
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as sock:  # 10 bytes of a promised 100
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        sock.shutdown(socket.SHUT_WR)
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.0 400") and "fewer than its Content-Length of 100" in answer, answer
+    assert request(server.url + "/health") == (200, {"status": "ok"})
+
+
+def test_a_burst_of_64_clients_is_answered_without_a_reset(chat_dir, tmp_path):  # noqa: F811
+    """64 clients at once for 30 s (streamed and not, sampled and greedy, a third with an image) on a
+    server with 4 rows and 8 queued places: every request gets a 200, or a 503 with Retry-After;
+    none is reset; `/health` answers throughout; the server's resident memory after the burst, and
+    after four requests at once with a 6000 x 6000 image each, is within 150 MB of what it held
+    after a warm-up of the same requests (without handing freed memory back: +570 MB)."""
+    import random
+    import time
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "idefics_jax.serve", "--checkpoint", str(chat_dir[0]), "--port",
+                             "0", "--max_batch", "4", "--max_queue", "8", "--queue_timeout", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    rss = lambda: next(int(line.split()[1]) * 1024 for line in open(f"/proc/{proc.pid}/status")
+                       if line.startswith("VmRSS:"))
+    try:
+        for line in proc.stderr:
+            if found := re.search(r"Serving .* at (http://\S+)/v1/chat/completions", line):
+                break
+        assert found, "the command did not start serving"
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep its log flowing
+        base = found.group(1)
+        image = image_part(chat_dir[0] / "a.png")
+
+        def body(rng):
+            content = [image, {"type": "text", "text": "What is this?"}] if rng.random() < 1 / 3 else "Hello there"
+            return {"messages": [{"role": "user", "content": content}], "max_tokens": rng.randint(1, 12),
+                    "stream": rng.random() < 0.5, "temperature": rng.choice([0.0, 0.8]), "seed": rng.randint(0, 99)}
+
+        def call(rng):
+            data = json.dumps(body(rng)).encode()
+            try:
+                with urllib.request.urlopen(urllib.request.Request(base + "/v1/chat/completions", data=data),
+                                            timeout=120) as response:
+                    response.read()
+                    return response.status, None
+            except urllib.error.HTTPError as e:
+                e.read()
+                return e.code, e.headers.get("Retry-After")
+            except (urllib.error.URLError, ConnectionError) as e:
+                return "failed", repr(e)
+
+        large = tmp_path / "large.png"  # 6000 x 6000: 108 MB decoded, a few hundred KB sent
+        Image.new("RGB", (6000, 6000), (200, 30, 90)).save(large)
+        large_body = json.dumps({"messages": [{"role": "user", "content": [
+            image_part(large), {"type": "text", "text": "What is this?"}]}], "max_tokens": 2}).encode()
+        large_call = lambda _: urllib.request.urlopen(urllib.request.Request(
+            base + "/v1/chat/completions", data=large_body), timeout=300).status
+        for seed in range(6):  # warm-up: every kind of request compiled and its buffers allocated
+            assert call(random.Random(seed))[0] == 200
+        assert large_call(0) == 200
+        before = rss()
+        deadline = time.monotonic() + 30
+        outcomes, health = [], []
+
+        def client(k):
+            rng = random.Random(k)
+            while time.monotonic() < deadline:
+                outcomes.append(call(rng))
+
+        def poll_health():
+            while time.monotonic() < deadline:
+                began = time.monotonic()
+                health.append((request(base + "/health")[0], time.monotonic() - began))
+                time.sleep(0.5)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(64)] + [threading.Thread(target=poll_health)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        after = rss()
+        failed = [o for o in outcomes if o[0] not in (200, 503)]
+        assert not failed, failed[:5]
+        assert all(retry for status, retry in outcomes if status == 503), "every 503 says when to retry"
+        assert sum(status == 200 for status, _ in outcomes) >= 64, Counter(s for s, _ in outcomes)
+        assert len(health) >= 30 and all(status == 200 and seconds < 5 for status, seconds in health), health
+        assert after - before < 150 * 2**20, f"resident memory {before / 2**20:.0f} -> {after / 2**20:.0f} MB"
+        # four requests at once with a 6000 x 6000 image each (108 MB decoded): answered, and their
+        # memory handed back
+        with ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(large_call, range(4)))
+        assert statuses == [200] * 4
+        time.sleep(1)
+        last = rss()
+        assert last - before < 150 * 2**20, f"resident memory {before / 2**20:.0f} -> {last / 2**20:.0f} MB"
+        print(f"{len(outcomes)} requests: {Counter(s for s, _ in outcomes)}; RSS {before / 2**20:.0f} -> "
+              f"{after / 2**20:.0f} MB, after large images {last / 2**20:.0f} MB")
+    finally:
+        proc.kill()

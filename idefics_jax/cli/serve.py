@@ -23,6 +23,7 @@ import threading
 import jax
 
 from idefics_jax.cli.common import USER_ERRORS, add_device_arguments, open_assistant, start
+from idefics_jax.data.image_processing import MAX_IMAGE_PIXELS
 from idefics_jax.inference.server import Server
 
 
@@ -41,6 +42,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode_chunk", type=int, default=1,
                    help="tokens each row decodes per device call (fewer host round trips; requests join, leave "
                         "and stream text between calls)")
+    p.add_argument("--max_queue", type=int, default=None,
+                   help="requests taken beyond the --max_batch decoding, waiting for a row (default 4 x max_batch)")
+    p.add_argument("--queue_timeout", type=float, default=10.0,
+                   help="seconds a request waits for a place when the queue is full, before a 503 with Retry-After")
+    p.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="the most pixels an image of a request may have (refused from its header, with a 400)")
     p.add_argument("--model_name", default="idefics2", help="the model id that /v1/models lists")
     p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
     add_device_arguments(p)
@@ -56,8 +63,12 @@ def make_server(args):
             or args.decode_chunk < 1):
         raise ValueError(f"--max_batch must be >= 1, --batch_window >= 0, --max_columns >= 2 and --decode_chunk >= 1, "
                          f"got {args.max_batch}, {args.batch_window}, {args.max_columns}, {args.decode_chunk}")
+    if (args.max_queue is not None and args.max_queue < 0) or args.queue_timeout < 0 or args.max_image_pixels < 1:
+        raise ValueError(f"--max_queue and --queue_timeout must be >= 0 and --max_image_pixels >= 1, got "
+                         f"{args.max_queue}, {args.queue_timeout}, {args.max_image_pixels}")
     return Server(open_assistant(args, mesh), args.host, args.port, model_name=args.model_name, max_batch=args.max_batch,
-                  batch_window=args.batch_window, max_columns=args.max_columns, decode_chunk=args.decode_chunk)
+                  batch_window=args.batch_window, max_columns=args.max_columns, decode_chunk=args.decode_chunk,
+                  max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_image_pixels=args.max_image_pixels)
 
 
 def main(argv=None) -> int:

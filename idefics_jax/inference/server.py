@@ -11,7 +11,15 @@ greedy, as our command line), `top_p`, `seed`, `stream`; and ours: `top_k`, `min
 `repetition_penalty`, `split` (320 visual tokens per image instead of 64). Images come inline as
 `data:` URLs (the server reads no files and fetches nothing). A request the server cannot answer
 as asked (malformed, an unreadable image, a prompt longer than the context, `n` > 1, `stop`,
-`logprobs`, tools) gets status 400 and an error naming the problem; the server goes on.
+`logprobs`, tools) gets status 400 and an error naming the problem; the server goes on. An image
+of more than `max_image_pixels` pixels is refused from its header (400 naming the limit), and
+memory freed after a request with images is handed back to the kernel.
+
+The server holds a burst of clients: connections wait in a listen backlog of `BACKLOG`, and at most
+`max_batch + max_queue` requests are taken at once (decoding, or queued for a free row); one more
+waits up to `queue_timeout` seconds for a place, then gets `503` with `Retry-After` (never a reset
+connection). A client that sends less than its Content-Length, or nothing for `READ_TIMEOUT`
+seconds, gets a `400` or is closed; connection errors are logged on one line.
 
 Requests are batched continuously (`Batcher`): up to `max_batch` of them decode together, each
 with its own settings (greedy or sampled, streamed or not, split or not), and a request joins the
@@ -32,13 +40,15 @@ import http.server
 import json
 import logging
 import queue
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from typing import Any
 
-from idefics_jax.data.image_processing import ImageError, load_image
+from idefics_jax import host_memory
+from idefics_jax.data.image_processing import MAX_IMAGE_PIXELS, ImageError, load_image
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.inference.assistant import TextPieces
 from idefics_jax.inference.batcher import Batcher
@@ -51,6 +61,8 @@ UNSUPPORTED = {"n": 1, "stop": None, "logprobs": False, "top_logprobs": None, "t
 
 
 MAX_BODY = 256 << 20  # bytes of one request (its images inline)
+BACKLOG = 1024  # connections the kernel holds before the server accepts them (Python's default: 5)
+READ_TIMEOUT = 60  # seconds a connection may stay silent while its request is read
 
 
 class RequestError(ValueError):
@@ -73,21 +85,21 @@ class Job:
     cancelled: bool = False  # the client went away
 
 
-def decode_image(url: str, where: str):
+def decode_image(url: str, where: str, max_pixels: int | None = MAX_IMAGE_PIXELS):
     if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
         raise RequestError(f"{where}: images are sent inline as data URLs (data:image/png;base64,...), got "
                            f"{str(url)[:60]!r}")
     try:
         data = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
-        return load_image(data)
+        return load_image(data, max_pixels)
     except (binascii.Error, ValueError) as e:
         raise RequestError(f"{where}: the image cannot be read ({e})") from None
 
 
-def parse_content(content, where: str, disarm=None) -> tuple[str, list]:
+def parse_content(content, where: str, disarm=None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[str, list]:
     """A message's content -> (text with `<image>` where each image part was, the images).
     `disarm`: for model-written text (earlier answers), breaks the special tokens it spells
-    (`Tokenizer.disarm`) instead of refusing a typed `<image>`."""
+    (`Tokenizer.disarm`) instead of refusing a typed `<image>`. `max_pixels`: the largest image taken."""
     if isinstance(content, str):
         parts = [{"type": "text", "text": content}]
     elif isinstance(content, list):
@@ -105,7 +117,7 @@ def parse_content(content, where: str, disarm=None) -> tuple[str, list]:
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
-            images.append(decode_image(url, f"{where}.content[{i}]"))
+            images.append(decode_image(url, f"{where}.content[{i}]", max_pixels))
             text.append(IMAGE_TOKEN)
         else:
             raise RequestError(f"{where}.content[{i}]: a part is {{'type': 'text', 'text': ...}} or "
@@ -113,9 +125,10 @@ def parse_content(content, where: str, disarm=None) -> tuple[str, list]:
     return "".join(text), images
 
 
-def parse_request(body: Any, disarm=None) -> Job:
+def parse_request(body: Any, disarm=None, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Job:
     """A chat-completions request (decoded JSON) -> a Job; `RequestError` naming what is wrong.
-    `disarm`: applied to the assistant's earlier answers (see `parse_content`)."""
+    `disarm`: applied to the assistant's earlier answers (see `parse_content`); `max_pixels`: the
+    largest image taken."""
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object")
     for key, default in UNSUPPORTED.items():
@@ -129,7 +142,7 @@ def parse_request(body: Any, disarm=None) -> Job:
         if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise RequestError(f"messages[{i}] must be an object with a role of system, user or assistant")
         text, found = parse_content(message.get("content"), f"messages[{i}]",
-                                    disarm if message["role"] == "assistant" else None)
+                                    disarm if message["role"] == "assistant" else None, max_pixels)
         if found and message["role"] != "user":
             raise RequestError(f"messages[{i}]: only user messages carry images")
         turns.append({"role": message["role"], "content": text})
@@ -288,18 +301,31 @@ class Worker(threading.Thread):
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """`Server(assistant, host, port)`; `serve_forever()` in any thread, `close()` to stop."""
+    """`Server(assistant, host, port)`; `serve_forever()` in any thread, `close()` to stop.
+
+    max_queue: requests taken beyond the `max_batch` decoding (default 4 x max_batch); queue_timeout:
+    seconds one more waits for a place before its 503; max_image_pixels: the largest image taken."""
 
     daemon_threads = True
+    request_queue_size = BACKLOG
 
     def __init__(self, assistant, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = "idefics2",
                  max_batch: int = 8, batch_window: float = 0.01, max_columns: int | None = None,
-                 decode_chunk: int = 1):
+                 decode_chunk: int = 1, max_queue: int | None = None, queue_timeout: float = 10.0,
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         self.model_name = model_name
+        self.max_image_pixels = max_image_pixels
+        self.queue_timeout = queue_timeout
+        self.places = threading.BoundedSemaphore(max_batch + (4 * max_batch if max_queue is None else max_queue))
         self.worker = Worker(assistant, max_batch=max_batch, batch_window=batch_window, max_columns=max_columns,
                              decode_chunk=decode_chunk)
         self.worker.start()
         super().__init__((host, port), Handler)
+
+    def handle_error(self, request, client_address):
+        """One line for a connection that failed (socketserver prints a traceback)."""
+        error = sys.exc_info()[1]
+        log.warning("%s: the connection failed (%s: %s)", client_address[0], type(error).__name__, error)
 
     @property
     def url(self) -> str:
@@ -314,20 +340,23 @@ class Server(http.server.ThreadingHTTPServer):
 
 class Handler(http.server.BaseHTTPRequestHandler):
     server: Server
+    timeout = READ_TIMEOUT  # on the connection's socket: a silent client does not hold a thread forever
 
     def log_message(self, fmt, *args):
         log.info("%s %s", self.address_string(), fmt % args)
 
-    def _json(self, status: int, body: dict):
+    def _json(self, status: int, body: dict, headers: dict | None = None):
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str, kind: str = "invalid_request_error"):
-        self._json(status, {"error": {"message": message, "type": kind}})
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+        self._json(status, {"error": {"message": message, "type": kind}}, headers)
 
     def do_GET(self):
         if self.path == "/health":
@@ -350,8 +379,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._error(413, f"The request is {length} bytes; this server takes up to {MAX_BODY}")
             return
         try:
-            job = parse_request(json.loads(self.rfile.read(length) or b"null"),
-                                disarm=self.server.worker.assistant.tokenizer.disarm)
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True  # nothing to answer: the client stopped sending
+            return
+        if len(body) < length:
+            self._error(400, f"The request body has {len(body)} bytes, fewer than its Content-Length of {length}")
+            return
+        if not self.server.places.acquire(timeout=self.server.queue_timeout):
+            retry = max(1, round(self.server.queue_timeout))
+            self._error(503, f"The server is busy (every place taken for {self.server.queue_timeout:g} s); "
+                             f"retry in {retry} s", "server_busy", {"Retry-After": str(retry)})
+            return
+        try:
+            self._answer(body)
+        finally:
+            self.server.places.release()
+            if b"image_url" in body:  # the request's decoded images are freed: give their memory back
+                host_memory.release_freed_memory()
+
+    def _answer(self, body: bytes):
+        try:
+            job = parse_request(json.loads(body or b"null"), disarm=self.server.worker.assistant.tokenizer.disarm,
+                                max_pixels=self.server.max_image_pixels)
         except json.JSONDecodeError as e:
             self._error(400, f"The request body is not JSON: {e}")
             return
