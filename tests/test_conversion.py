@@ -150,6 +150,23 @@ def test_from_hf_refuses_to_overwrite(hf_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").rglob("*")) == before  # nothing lost
 
 
+def test_to_hf_refuses_a_directory_that_is_not_empty_unless_told(hf_dir, tmp_path, capsys):
+    """Without --overwrite nothing is touched; with it, the shards of the earlier export that the new
+    index does not name are removed."""
+    assert convert_main(["from-hf", str(hf_dir[0]), str(tmp_path / "ckpt")]) == 0
+    out = tmp_path / "out"
+    assert convert_main(["to-hf", str(tmp_path / "ckpt"), str(out), "--max-shard-size", "40KB"]) == 0
+    many = sorted(p.name for p in out.iterdir())
+    assert len([n for n in many if n.endswith(".safetensors")]) > 2
+    config = (out / "config.json").read_text()
+    assert convert_main(["to-hf", str(tmp_path / "ckpt"), str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == many
+    assert (out / "config.json").read_text() == config
+    assert convert_main(["to-hf", str(tmp_path / "ckpt"), str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00001.safetensors"]
+    assert_bit_identical(read_all(hf_dir[0]), read_all(out))
+
+
 def test_loading_peak_host_memory_is_about_one_model(tmp_path, seed):
     """Tensors stream one by one: the peak is the model plus about one tensor, not two models."""
     import tracemalloc

@@ -194,10 +194,16 @@ jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(3)).block_until_ready()
         assert run("").stdout.split() == ["None"]
 
 
-def test_config_typo_is_an_error_naming_the_key(tmp_path):
+def test_config_typo_and_a_file_for_workdir_are_one_line_errors(tmp_path):
     proc = run_train(tmp_path, "--config.train.stepz=3")
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and "stepz" in err
+    assert proc.returncode == 1 and "error: no such config key 'stepz' Did you mean \"steps\"" in err, err
+    assert "Traceback" not in err
+    (tmp_path / "file").write_text("not a directory")
+    proc = run_train(tmp_path / "file")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and f"error: The workdir {tmp_path / 'file'} is a file" in err, err
+    assert "Traceback" not in err and (tmp_path / "file").read_text() == "not a directory"
 
 
 def test_unknown_attention_implementation_or_remat_policy_is_named():

@@ -236,7 +236,8 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     params: the tree of arrays, or a `ParamsReader` over a checkpoint on disk (then only two of its
     groups are held, one read while the other is written). dtype: the stored dtype (None keeps each
     parameter's dtype). Tensors are fetched from the devices, transformed and written one at a time
-    (`SafetensorsWriter`): beyond `params`, the host holds one tensor. To a gs:// URL each shard is written locally, then uploaded. On several
+    (`SafetensorsWriter`): beyond `params`, the host holds one tensor. Shards of an earlier
+    checkpoint in `out_dir` that the new index does not name are removed. To a gs:// URL each shard is written locally, then uploaded. On several
     processes (hosts) every one calls this: each tensor is gathered from the hosts holding its
     shards, and process 0 converts it and writes the files (the others only take part in the gathers).
     """
@@ -301,6 +302,9 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     if writer:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        for stale in [*out_dir.glob("model-*-of-*.safetensors"), out_dir / SAFE_SINGLE]:  # an earlier checkpoint's
+            if stale.name not in weight_map.values() and stale.exists():
+                stale.unlink()
         stored = dtype_name(stored_dtypes.pop()) if len(stored_dtypes) == 1 else "float32"
         config.to_json_file(out_dir / "config.json", dtype=stored)
     if jax.process_count() > 1:  # every process returns once the checkpoint is complete

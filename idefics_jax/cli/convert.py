@@ -1,7 +1,7 @@
 """Command line: convert between Hugging Face Idefics2 checkpoints and ours.
 
     python -m idefics_jax.convert from-hf HF_DIR CKPT_DIR [--dtype bfloat16]
-    python -m idefics_jax.convert to-hf CKPT_DIR HF_DIR [--dtype bfloat16] [--max-shard-size 5GB]
+    python -m idefics_jax.convert to-hf CKPT_DIR HF_DIR [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
 
 `from-hf` writes an orbax checkpoint (`CKPT_DIR/params`) and `CKPT_DIR/config.json`; `to-hf`
 writes sharded safetensors, `model.safetensors.index.json` and `config.json`, which
@@ -21,6 +21,7 @@ import numpy as np
 
 from idefics_jax.checkpoints import (ParamsReader, copy_processor_files, load_hf_checkpoint, save_checkpoint,
                                      save_hf_checkpoint)
+from idefics_jax.paths import as_path
 
 
 def main(argv=None) -> int:
@@ -38,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="write tensors in this dtype (default: the checkpoint's dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a directory that is not empty (an earlier export's shards are removed)")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -50,6 +53,10 @@ def main(argv=None) -> int:
             copy_processor_files(args.hf_dir, args.ckpt_dir)
             print(f"Wrote {args.ckpt_dir} ({_count(params):,} parameters) in {time.time() - start:.1f}s")
         else:
+            out = as_path(args.hf_dir, "Hugging Face directory")
+            if not args.overwrite and out.is_dir() and any(out.iterdir()):
+                raise FileExistsError(f"{args.hf_dir} is not empty; choose an empty directory, or pass --overwrite to "
+                                      "replace the checkpoint in it")
             reader = ParamsReader(args.ckpt_dir)  # read a group of arrays at a time while writing
             save_hf_checkpoint(args.hf_dir, reader.config, reader, dtype=args.dtype,
                                max_shard_size=args.max_shard_size, progress=True)

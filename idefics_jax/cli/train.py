@@ -16,6 +16,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from idefics_jax.checkpoints.workdir import export_hf
+from idefics_jax.cli.common import USER_ERRORS
 from idefics_jax.distributed import initialize
 from idefics_jax.host_memory import reuse_freed_memory_on_cpu
 from idefics_jax.inference.evaluate import training_evaluation
@@ -46,12 +47,15 @@ def main(argv):
     if FLAGS.config is None:
         sys.exit("error: --config is required (for example --config configs/tiny.py)")
     reuse_freed_memory_on_cpu()  # before XLA starts its threads
-    initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    if FLAGS.export_hf:
-        step = export_hf(FLAGS.workdir, FLAGS.export_hf)
-        print(f"Exported step {step} of {FLAGS.workdir} to {FLAGS.export_hf}")
-        return 0
-    result = train(FLAGS.config, FLAGS.workdir, evaluation=training_evaluation)
+    try:
+        initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+        if FLAGS.export_hf:
+            step = export_hf(FLAGS.workdir, FLAGS.export_hf)
+            print(f"Exported step {step} of {FLAGS.workdir} to {FLAGS.export_hf}")
+            return 0
+        result = train(FLAGS.config, FLAGS.workdir, evaluation=training_evaluation)
+    except USER_ERRORS as error:  # a mistake in the config, the data or a path: one line, nothing lost
+        sys.exit(f"error: {error}")
     if result["preempted_at"] is not None:
         print(f"Stopped at step {result['preempted_at']} on a preemption notice (SIGTERM); its checkpoint is saved: "
               f"run the same command to resume")
@@ -67,5 +71,17 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
-    app.run(main)
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a config override that names no key (a typo) reported on one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"error: {error}")
+    except (AttributeError, KeyError) as error:  # ml_collections: the key and its likely spelling
+        inner = error.args[0] if error.args else error
+        text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+        sys.exit(f"error: no such config key {' '.join(str(text).split())} (in the --config.* overrides)")
+
+
+if __name__ == "__main__":  # as `python -m idefics_jax.train` runs it
+    app.run(main, flags_parser=parse_flags)

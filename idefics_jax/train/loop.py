@@ -87,6 +87,8 @@ def train(config, workdir: str | os.PathLike, evaluation=None) -> dict:
         raise ValueError(f"config.data.eval_source={config.data.eval_source!r} needs an evaluation: pass "
                          f"evaluation=idefics_jax.inference.evaluate.training_evaluation, or set it to ''")
     workdir = as_path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"The workdir {workdir} is a file; give a directory (new or a run's)")
     cache = use_compilation_cache(config.train.compilation_cache)
     workdir.mkdir(parents=True, exist_ok=True)
     check_shared_directory(workdir)
