@@ -23,6 +23,7 @@ from idefics_jax.data.processor import Processor, apply_chat_template
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.samples import SampleError
 from idefics_jax.data.tokenizer import Tokenizer
+from helpers.inputs import png_header
 from helpers.pipelines import EDGE, SEQ_LATENTS, make_pipeline
 
 
@@ -212,19 +213,6 @@ def test_reader_threads_do_not_change_the_batches(synthetic):
         for key in ("input_ids", "targets", "segment_ids", "pixel_values"):
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
     assert a.get_state() == b.get_state()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares `width x height` RGB pixels and holds none (a decompression bomb's header:
-    read without being decoded, it must be refused from its size)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
-        chunk(b"IEND", b"")
 
 
 @pytest.fixture

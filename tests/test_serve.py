@@ -185,7 +185,7 @@ def test_earlier_answers_are_disarmed_and_typed_placeholders_refused():
 def test_oversized_images_and_short_bodies_are_refused_with_a_400(server, chat_dir):  # noqa: F811
     import socket
 
-    from test_pipeline import png_header
+    from helpers.inputs import png_header
 
     url = server.url + "/v1/chat/completions"
     for width, height in [(20000, 20000), (9000, 9000)]:  # beyond PIL's own limit; beyond the server's

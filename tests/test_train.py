@@ -24,7 +24,7 @@ from idefics_jax.sharding import make_mesh
 from idefics_jax.train.data import global_batch
 from idefics_jax.models.lora import tower_of
 from idefics_jax.train.step import init_state, make_train_step
-from helpers.training import tiny_setup
+from helpers.training import flip_bytes, tiny_setup
 
 ROOT = Path(__file__).parents[1]
 
@@ -326,18 +326,6 @@ def test_distributed_initialize_needs_all_three_settings():
 
     with pytest.raises(DistributedError, match="needs all of coordinator, num_processes and process_id"):
         initialize("127.0.0.1:1234", None, 0)
-
-
-def flip_bytes(rng, step_dir: Path) -> str:
-    """Flips 1 to 64 bytes at a random offset of a random file of `step_dir`; the file's name."""
-    files = sorted(f for f in step_dir.rglob("*") if f.is_file() and f.stat().st_size)
-    file = files[int(rng.integers(len(files)))]
-    data = bytearray(file.read_bytes())
-    start = int(rng.integers(len(data)))
-    for i in range(start, min(len(data), start + int(rng.integers(1, 65)))):
-        data[i] ^= int(rng.integers(1, 256))
-    file.write_bytes(bytes(data))
-    return str(file.relative_to(step_dir))
 
 
 def test_flipped_bytes_anywhere_in_a_checkpoint_are_found(tmp_path, seed, caplog):

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers.training import load_config
+from helpers.training import flip_bytes, load_config
 from idefics_jax.checkpoints import checkpoint_kind, load, restore_workdir
 from idefics_jax.checkpoints.train_state import Checkpointer
 from idefics_jax.models.lora import merge
@@ -16,7 +16,7 @@ from idefics_jax.models.scan import unstack_layers
 from idefics_jax.train.run import build_run
 
 
-def test_workdir_parameters_are_read_without_its_optimizer(tmp_path, seed):
+def test_workdir_parameters_are_read_without_its_optimizer(tmp_path, seed, caplog):
     """A run with scanned layers and DoRA adapters, saved with an optimizer state that its config
     would not build: the parameters come back merged and unstacked, the optimizer state unread."""
     config = load_config("tiny")
@@ -40,6 +40,13 @@ def test_workdir_parameters_are_read_without_its_optimizer(tmp_path, seed):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert restore_workdir(tmp_path, step=3)[2] == 3
     assert checkpoint_kind(tmp_path) == "workdir"
+
+    # a reader (generate, serve, --export_hf) checks the checksums too: it falls back to step 3
+    # and leaves the training run's directory as it is
+    flip_bytes(np.random.default_rng(seed), tmp_path / "checkpoints" / "5")
+    with caplog.at_level("WARNING"):
+        assert restore_workdir(tmp_path)[2] == 3
+    assert "Checkpoint step 5 is corrupt" in caplog.text and (tmp_path / "checkpoints" / "5").is_dir()
 
 
 def test_what_is_not_a_checkpoint_is_named(tmp_path):

@@ -1,4 +1,4 @@
-"""Random model inputs for the parity, generation and kernel tests."""
+"""Random model inputs for the parity, generation and kernel tests; image files for the data and server tests."""
 
 from __future__ import annotations
 
@@ -37,3 +37,16 @@ def make_batch(rng, rows, n_latents, vocab=IMAGE_TOKEN_ID):
             pixel_values[b, i, :h, :w] = rng.uniform(-1, 1, size=(h, w, 3))
             pixel_mask[b, i, :h, :w] = True
     return input_ids, attention_mask, pixel_values, pixel_mask
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares `width x height` RGB pixels and holds none (a decompression bomb's header:
+    read without being decoded, it must be refused from its size)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")

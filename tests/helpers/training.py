@@ -64,3 +64,15 @@ def tiny_setup(seed: int, batch_size: int = 8, frozen=(), sgd: bool = False):
     else:
         tx, _ = make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10, frozen=frozen)
     return model, tx, tiny_batch(config, seed, batch_size)
+
+
+def flip_bytes(rng, step_dir: Path) -> str:
+    """Flips 1 to 64 bytes at a random offset of a random file of `step_dir`; the file's name."""
+    files = sorted(f for f in step_dir.rglob("*") if f.is_file() and f.stat().st_size)
+    file = files[int(rng.integers(len(files)))]
+    data = bytearray(file.read_bytes())
+    start = int(rng.integers(len(data)))
+    for i in range(start, min(len(data), start + int(rng.integers(1, 65)))):
+        data[i] ^= int(rng.integers(1, 256))
+    file.write_bytes(bytes(data))
+    return str(file.relative_to(step_dir))
