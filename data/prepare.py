@@ -15,7 +15,7 @@ from collections import Counter
 
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.processor import Processor
-from idefics_jax.data.samples import SampleEncoder, SampleError
+from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
 from idefics_jax.data.sources import JsonlSource, write_array_record
 from idefics_jax.paths import local_directory
 
@@ -35,7 +35,7 @@ def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: i
             lengths.append(len(encoder(record)["input_ids"]))
         except SampleError as error:
             problems[error.reason] += 1
-            print(f"record {i} ({record.get('id', '?')}, {record['_at']}): {error.reason}: {error}", file=sys.stderr)
+            print(f"record {i} ({record_place(record)}): {error.reason}: {error}", file=sys.stderr)
     print(f"{len(source)} records: {len(lengths)} usable, "
           + (", ".join(f"{k} {v}" for k, v in sorted(problems.items())) or "no problems")
           + (f"; tokens per sample: median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}" if lengths else ""))

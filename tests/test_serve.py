@@ -198,7 +198,10 @@ def test_oversized_images_and_short_bodies_are_refused_with_a_400(server, chat_d
     with socket.create_connection((host, port), timeout=30) as sock:  # 10 bytes of a promised 100
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
         sock.shutdown(socket.SHUT_WR)
-        answer = sock.recv(65536).decode()
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            answer += chunk
+        answer = answer.decode()
     assert answer.startswith("HTTP/1.0 400") and "fewer than its Content-Length of 100" in answer, answer
     assert request(server.url + "/health") == (200, {"status": "ok"})
 

@@ -32,7 +32,7 @@ from absl import flags
 from idefics_jax.data.image_processing import MAX_IMAGE_PIXELS, ImageProcessor
 from idefics_jax.data.packing import PackConfig, PackIterDataset, collate, finalize, skipped
 from idefics_jax.data.processor import Processor
-from idefics_jax.data.samples import SampleEncoder, SampleError
+from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
 from idefics_jax.data.sources import FORMATS, open_source
 from idefics_jax.data.tokenizer import Tokenizer
 
@@ -77,7 +77,7 @@ class EncodeRecord:
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict[str, Any]:
         split = bool(rng.random() < self.source.split_probability)
-        where = f"{record.get('id', '?')} ({record.get('_at', '?')})" if isinstance(record, dict) else "?"
+        where = record_place(record)
         try:
             if isinstance(record, dict) and record.get("type") == "_invalid":
                 raise SampleError("bad_record", record.get("_error", "invalid record"))

@@ -42,6 +42,14 @@ class SampleError(ValueError):
         self.reason = reason
 
 
+def record_place(record) -> str:
+    """A record's id and place (the file and line, or the shard's entry its source noted), for messages."""
+    if not isinstance(record, Mapping):
+        return "?"
+    name, at = str(record.get("id", "?")), record.get("_at")
+    return name if at in (None, name) else f"{name} ({at})"
+
+
 @dataclasses.dataclass
 class SampleEncoder:
     """Turns records of one source into encoded samples."""

@@ -38,7 +38,7 @@ FORMATS = ("jsonl", "array_record", "tfds")
 
 def invalid(where: str, error: str) -> dict[str, Any]:
     """The record that stands for one that cannot be read (the encoder skips it, counted)."""
-    return {"type": "_invalid", "id": "?", "_at": where, "_error": error}
+    return {"type": "_invalid", "id": where, "_at": where, "_error": error}
 
 
 class JsonlSource:

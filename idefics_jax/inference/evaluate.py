@@ -166,8 +166,8 @@ def _inputs(record: dict, base_dir: epath.Path, processor, config, max_new_token
     """A record's question turns and its images, checked: an unreadable image, a placeholder count
     that differs from the images, or a prompt too long for the context raises (ImageError,
     FileNotFoundError or ValueError)."""
-    if record.get("type") == "_invalid":  # a jsonl line that is not JSON
-        raise ValueError(record["_error"])
+    if record.get("type") == "_invalid":  # a jsonl line that is not a JSON object
+        raise ValueError(record.get("_error", "invalid record"))
     messages = record.get("messages")
     if not messages or messages[-1].get("role") != "assistant" or not isinstance(messages[-1].get("content"), str):
         raise ValueError("a record needs `messages` ending with the assistant's answer (a string)")
