@@ -39,8 +39,10 @@ if host_memory.reuse_freed_memory_on_cpu():
 # rounding only; the tests compare programs compiled alike, or against torch within tolerances.
 # Here, in the xdist workers and in the commands the tests start; `xla_flags(devices)` is the
 # variable for a command on simulated devices.
+# IDEFICS_TEST_OPTIMIZED=1 keeps XLA's default level (test_parity runs its tests so once).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+if os.environ.get("IDEFICS_TEST_OPTIMIZED") != "1":
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
 def xla_flags(devices: int | None = None) -> str:

@@ -178,7 +178,6 @@ def test_metrics_upload_in_the_background_and_survive_failures(gcs_bucket, seed,
     assert [r["step"] for r in read_metrics(local)] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.slow
 def test_two_processes_train_into_one_bucket(gcs_bucket, seed):
     """Two jax.distributed processes (hosts) train into one gs:// workdir, the parameters split over
     both (fsdp): both pass the shared-workdir check, write their parts of each checkpoint, which

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +125,75 @@ def test_image_token_count_mismatch_names_both_counts(converted, seed):
     with pytest.raises(ValueError, match=r"Row 0 of the batch has 32 image tokens but 1 images"):
         Idefics2(config).apply({"params": params}, jnp.asarray(two), pixel_values=jnp.asarray(pv),
                                pixel_attention_mask=jnp.asarray(pm))
+
+
+def test_bfloat16_matches_transformers_in_bfloat16(hf_dir, converted, seed):
+    """bfloat16 weights and compute on both sides (transformers' eager attention, ours as users run
+    it): ours within 2% of the largest logit of transformers' bfloat16 logits, and no further from
+    the float32 reference than transformers' own bfloat16 run is, give or take a third."""
+    import copy
+
+    config, params = converted
+    rng = np.random.default_rng([seed, 99])
+    input_ids, attention_mask, pixel_values, pixel_mask = make_batch(
+        rng, CASES["two_images_different_sizes"]["rows"], config.image_seq_len)
+    reference32 = reference_logits(hf_dir[1], input_ids, attention_mask, pixel_values, pixel_mask)
+    theirs = copy.deepcopy(hf_dir[1]).to(torch.bfloat16)
+    kwargs = dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(attention_mask),
+                  pixel_values=torch.tensor(pixel_values).permute(0, 1, 4, 2, 3).to(torch.bfloat16),
+                  pixel_attention_mask=torch.tensor(pixel_mask))
+    with torch.no_grad():
+        theirs16 = theirs(**kwargs).logits.float().numpy()
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    model = Idefics2(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    forward = jax.jit(lambda p, ids, mask, pv, pm: model.apply({"params": p}, ids, attention_mask=mask, pixel_values=pv,
+                                                             pixel_attention_mask=pm))
+    ours16 = np.asarray(forward(params16, input_ids, attention_mask, pixel_values, pixel_mask).astype(jnp.float32))
+    keep = attention_mask.astype(bool)
+    between, ours_off, theirs_off = (rel_err(a[keep], b[keep]) for a, b in
+                                     [(ours16, theirs16), (ours16, reference32), (theirs16, reference32)])
+    assert between < 2e-2
+    assert ours_off < 1.33 * theirs_off + 1e-3
+
+
+def test_long_rows_take_the_chunked_attention_and_match_reference(hf_dir, converted, seed, monkeypatch):
+    """Rows of 500+ tokens, 30x the sliding window: on CPU `auto` computes the decoder's attention
+    per chunk of queries (`chunked`), which must give transformers' logits as the plain path does."""
+    from idefics_jax.ops import attention
+
+    chosen = []
+    select = attention.select_implementation
+    monkeypatch.setattr(attention, "select_implementation",
+                        lambda *args, **kwargs: chosen.append(select(*args, **kwargs)) or chosen[-1])
+    config = converted[0]
+    rng = np.random.default_rng([seed, 100])
+    rows = [([290, 240], [(56, 48)]), ([40, 460], [(36, 56)])]
+    input_ids, attention_mask, pixel_values, pixel_mask = make_batch(rng, rows, config.image_seq_len)
+    assert input_ids.shape[1] >= 512 + config.text.sliding_window
+    ref = reference_logits(hf_dir[1], input_ids, attention_mask, pixel_values, pixel_mask)
+    ours = our_logits(converted, input_ids, attention_mask, pixel_values, pixel_mask)
+    assert "chunked" in chosen, chosen
+    keep = attention_mask.astype(bool)
+    assert rel_err(ours[keep], ref[keep]) < TOL, f"relative error {rel_err(ours[keep], ref[keep]):.2e}"
+
+
+def test_parity_at_the_default_optimisation_level(seed):
+    """The suite compiles at XLA's -O0 (conftest); users run the default level. The parity tests and
+    greedy generation against transformers, once more at that level, in a session of their own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("IDEFICS_TEST_OPTIMIZED") == "1":
+        pytest.skip("this session is the optimised one")
+    tests = Path(__file__).parent
+    env = {**os.environ, "IDEFICS_TEST_OPTIMIZED": "1", "IDEFICS_TEST_SEED": str(seed), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": ""}  # no programs compiled at -O0 from the cache
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",
+                           str(tests / "test_parity.py"), str(tests / "test_generate.py"), "-k",
+                           "match_reference or matches_transformers or greedy_equals_transformers"],
+                          cwd=tests.parent, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert re.search(r"(\d+) passed", done.stdout) and int(re.search(r"(\d+) passed", done.stdout)[1]) >= 10, \
+        done.stdout[-2000:]

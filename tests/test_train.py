@@ -474,7 +474,6 @@ def test_training_starts_from_a_checkpoint(seed, tmp_path):
         load_initial_params(dataclasses.replace(run, model_config=other), state, str(tmp_path / "ours"))
 
 
-@pytest.mark.slow
 def test_two_processes_stop_together_on_a_preemption_notice(tmp_path, seed):
     """SIGTERM to one host of two (the command line, as a scheduler stops it): JAX's preemption
     service tells the other, both save the same step (saving is collective), say so and exit with
