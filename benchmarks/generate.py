@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import time
 from pathlib import Path
@@ -111,8 +112,10 @@ def main():
 
     from train_step import CONFIGS, matmul_floor, save_random_model
 
+    torch.set_num_threads(os.cpu_count())  # both frameworks on every core (XLA:CPU takes them all)
     lines = [f"\n## Generation (batch 1, one image + 32 text tokens, {args.new} new tokens) ({datetime.date.today()})\n",
-             f"Machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads).\n",
+             f"Machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), XLA:CPU on "
+             f"{os.cpu_count()} cores.\n",
              f"Command: `python benchmarks/generate.py --new {args.new} --repeats {args.repeats} {malloc}` (float32, greedy, "
              "same converted weights; median of the repeats after a warm-up call; theirs `generate` with SDPA "
              "attention, ours `Generator.generate`).\n",

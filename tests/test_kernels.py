@@ -721,3 +721,42 @@ def test_training_step_lowers_for_tpu_with_our_kernels(converted, monkeypatch):
                                   config.text.num_hidden_layers)
     assert text.count("tpu_custom_call") == 3 * (vision + decoder) + 2 * perceiver
     assert len(re.findall("idefics_perceiver_pooling_backward_tpu", text)) >= perceiver
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_cudnn_takes_padding_as_lengths_when_it_is_a_tail(seed, tail):
+    """The arguments `cudnn` hands jax (sequence lengths when every row's valid keys are a prefix,
+    decided at run time; a dense mask otherwise), computed by jax's XLA implementation of the same
+    call on CPU: equal to our `xla` path, queries with no key left zero, for the vision tower's shape
+    (bidirectional), the Perceiver's (few queries over more keys) and a causal windowed one."""
+    rng = np.random.default_rng([seed, 21, tail])
+    for q_len, kv_len, kw in [(24, 24, {}), (6, 30, {}), (24, 24, dict(causal=True, sliding_window=8))]:
+        q, k, v = qkv(rng, 3, q_len, kv_len, 4, 2, 16, jnp.float32)
+        lengths = np.array([kv_len, int(rng.integers(3, kv_len)), 0])
+        kv_mask = np.arange(kv_len)[None] < lengths[:, None]
+        if not tail:  # a gap in the middle of row 1: not a prefix
+            kv_mask[1, 1] = False
+        mask_kw = dict(kv_mask=jnp.asarray(kv_mask), causal=kw.get("causal", False),
+                       sliding_window=kw.get("sliding_window"), q_positions=None, kv_positions=None,
+                       q_segment_ids=None, kv_segment_ids=None)
+        scale = 16**-0.5
+        ours = jax.jit(lambda q, k, v: attention_ops._cudnn_attention(q, k, v, scale, mask_kw, "xla"))(q, k, v)
+        reference = dot_product_attention(q, k, v, kv_mask=jnp.asarray(kv_mask), **kw)
+        assert rel_err(ours, reference) < 1e-5, (q_len, kv_len, kw, tail)
+        assert not np.asarray(ours[2]).any(), "a row with no key left is zero"
+
+
+def test_cudnn_lengths_and_dense_masks_bfloat16(seed):
+    """On a GPU: cuDNN itself, given padding as lengths (a prefix) or as a dense mask (not one), against
+    our `xla` path in float32 (runs in `benchmarks/gpu_session.sh`; skipped elsewhere)."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("cuDNN needs a GPU")
+    rng = np.random.default_rng([seed, 22])
+    for gap in (False, True):
+        q, k, v = qkv(rng, 2, 256, 256, 4, 2, 64, jnp.bfloat16)
+        kv_mask = np.arange(256)[None] < np.array([[256], [int(rng.integers(8, 256))]])
+        kv_mask[1, 3] = not gap
+        kv_mask = jnp.asarray(kv_mask)
+        ours = dot_product_attention(q, k, v, kv_mask=kv_mask, implementation="cudnn")
+        reference = dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), kv_mask=kv_mask)
+        assert rel_err(ours.astype(jnp.float32), reference) < TOL[jnp.bfloat16], gap

@@ -172,25 +172,46 @@ def dot_product_attention(
     return _xla_attention(query, key, value, attention_mask(q_len, kv_len, **mask_kw), scale)
 
 
-def _cudnn_attention(query, key, value, scale, mask_kw):
+def _cudnn_attention(query, key, value, scale, mask_kw, implementation: str = "cudnn"):
     """cuDNN's fused attention. A plain causal / sliding-window mask over equal lengths is passed as
-    such; anything else (padding keys, segments, positions, fewer queries than keys) as a boolean mask. Rows with no visible key are zeroed, as
-    the reference does (cuDNN would average them)."""
+    such; padding keys alone as sequence lengths (cuDNN's fast path) whenever every row's keys are a
+    prefix, decided at run time (the vision tower's padding is one when an image fills its slot's
+    width); anything else (segments, positions, other padding, fewer queries than keys with a causal
+    mask) as a boolean mask. Rows with no visible key are zeroed, as the reference does (cuDNN would
+    average them). `implementation`: jax's, "xla" computes the same call on any backend (tests)."""
     q_len, kv_len = query.shape[1], key.shape[1]
+    causal, window, kv_mask = mask_kw["causal"], mask_kw["sliding_window"], mask_kw["kv_mask"]
+    plain = all(mask_kw[k] is None for k in ("q_positions", "kv_positions", "q_segment_ids"))
     # jax's is_causal aligns the first query with the first key; ours aligns the last with the last
-    simple = q_len == kv_len and all(mask_kw[k] is None for k in ("kv_mask", "q_positions", "kv_positions",
-                                                                  "q_segment_ids"))
-    window = mask_kw["sliding_window"]
-    mask = None if simple else attention_mask(q_len, kv_len, **mask_kw)
+    aligned = q_len == kv_len or not (causal or window is not None)
     local = None
-    if simple and window is not None:
-        local = (window - 1, 0 if mask_kw["causal"] else window - 1)
-    out = jax.nn.dot_product_attention(
-        query, key, value, mask=mask, scale=scale, is_causal=simple and mask_kw["causal"],
-        local_window_size=local, implementation="cudnn")
-    if mask is not None:
-        out = jnp.where(jnp.any(mask, axis=-1)[:, 0, :, None, None], out, 0).astype(out.dtype)
-    return out
+    if window is not None:  # cuDNN's window looks back only: causal, or the call goes the dense way
+        local = (window - 1, 0 if causal else window - 1)
+
+    def call(mask=None, lengths=None, local=local):
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, is_causal=causal and mask is None,
+                                            key_value_seq_lengths=lengths, local_window_size=local,
+                                            implementation=implementation)
+
+    def dense():
+        mask = attention_mask(q_len, kv_len, **mask_kw)
+        out = call(mask, local=None)
+        return jnp.where(jnp.any(mask, axis=-1)[:, 0, :, None, None], out, 0).astype(out.dtype)
+
+    if plain and aligned and kv_mask is None:
+        return call()
+    if plain and aligned and (window is None or causal):
+        lengths = jnp.sum(kv_mask, axis=-1, dtype=jnp.int32)  # [batch]
+        prefix = jnp.all(kv_mask == (jnp.arange(kv_len) < lengths[:, None]))
+
+        def by_lengths():
+            out = call(lengths=lengths)
+            first = jnp.arange(q_len) - (window - 1) if window is not None else jnp.zeros(q_len, jnp.int32)
+            sees = jnp.maximum(first, 0)[None] < lengths[:, None]  # [batch, q_len]: a key left in its window
+            return jnp.where(sees[:, :, None, None], out, 0).astype(out.dtype)
+
+        return jax.lax.cond(prefix, by_lengths, dense)
+    return dense()
 
 
 def _chunked_attention(query, key, value, scale, mask_kw):
