@@ -116,7 +116,7 @@ def time_torch(hf_dir, ids, pixels, mask, labels, steps):
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[2:]), float(loss)
+    return statistics.median(times[2:]), float(loss.detach())
 
 
 def best_seconds(fn, min_time=0.2) -> float:
