@@ -1,11 +1,14 @@
 """Dataset preparation: check a source, convert it to ArrayRecord shards or a TFDS build.
 
-    python data/prepare.py check DIR --tokenizer tokenizer.model     # encode every record, report problems
+    python data/prepare.py check PATH --tokenizer tokenizer.model    # encode every record, report problems
+        [--format jsonl|array_record|parquet|arrow] [--schema the_cauldron|docmatix|records]
     python data/prepare.py array_record DIR OUT_DIR [--shards 8]    # jsonl + image files -> ArrayRecord
     python data/prepare.py tfds DIR OUT_DIR                         # jsonl + image files -> TFDS build
 
 DIR holds `data.jsonl` and the image files it names (the format of `idefics_jax/data/samples.py`;
-`python -m idefics_jax.data.synthetic OUT` writes such directories). DIR and OUT_DIR may be
+`python -m idefics_jax.data.synthetic OUT` writes such directories). `check` reads any source: a
+directory or file of our records, or a published dataset as downloaded (Parquet or Arrow files of
+The Cauldron or Docmatix), its format told from the files and its schema from the columns unless given. DIR and OUT_DIR may be
 gs://bucket/... URLs (OUT_DIR's files are written to local disk first, then uploaded).
 """
 
@@ -13,17 +16,32 @@ import argparse
 import sys
 from collections import Counter
 
+from etils import epath
+
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
-from idefics_jax.data.sources import JsonlSource, write_array_record
+from idefics_jax.data.schemas import SCHEMAS
+from idefics_jax.data.sources import FORMATS, JsonlSource, open_source, write_array_record
 from idefics_jax.paths import local_directory
 
 
-def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: int) -> int:
+def source_format(path: str) -> str:
+    """The format of the files at `path` (a file, or a directory of them)."""
+    path = epath.Path(path)
+    names = [path.name] if not path.is_dir() else [p.name for p in path.iterdir()]
+    for suffix, fmt in ((".parquet", "parquet"), (".arrow", "arrow"), (".array_record", "array_record"),
+                        (".jsonl", "jsonl")):
+        if any(name.endswith(suffix) for name in names):
+            return fmt
+    raise FileNotFoundError(f"No data.jsonl, .array_record, .parquet or .arrow files at {path}")
+
+
+def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: int, fmt: str | None = None,
+          schema: str = "") -> int:
     from idefics_jax.data.tokenizer import Tokenizer
 
-    source = JsonlSource(directory)
+    source = open_source(directory, fmt or source_format(directory), schema)
     encoder = SampleEncoder(Processor(Tokenizer(tokenizer_path), ImageProcessor(), image_seq_len),
                             base_dir=source.base_dir, max_length=max_length)
     problems, lengths = Counter(), []
@@ -50,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--image-seq-len", type=int, default=64)
     p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: told from the files")
+    p.add_argument("--schema", choices=SCHEMAS, default="", help="Parquet / Arrow rows (default: told from the columns)")
     p = sub.add_parser("array_record")
     p.add_argument("dir")
     p.add_argument("out_dir")
@@ -59,7 +79,11 @@ def main(argv=None) -> int:
     p.add_argument("out_dir")
     args = parser.parse_args(argv)
     if args.command == "check":
-        return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length)
+        try:
+            return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length, args.format, args.schema)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if args.command == "array_record":
         source = JsonlSource(args.dir)
         with local_directory(args.out_dir, "OUT_DIR") as out_dir:

@@ -42,6 +42,7 @@ class SourceConfig:
     name: str
     path: str
     format: str = "jsonl"
+    schema: str = ""  # parquet / arrow rows: the_cauldron, docmatix or records ("": told from the columns)
     weight: float = 1.0
     max_length: int = 2048  # samples with more tokens are dropped (counted), never truncated
     longest_edge: int = 980
@@ -101,7 +102,7 @@ def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: P
         shard_index, shard_count = jax.process_index(), jax.process_count()
     streams = {}
     for k, source in enumerate(sources):
-        reader = open_source(source.path, source.format)
+        reader = open_source(source.path, source.format, source.schema)
         ds = grain.MapDataset.source(reader)
         if len(ds) < shard_count:
             raise ValueError(f"Source '{source.name}' has {len(ds)} records, fewer than {shard_count} hosts")

@@ -6,6 +6,11 @@
   images embedded (the format for scale: sharded files, no small-file reads).
 * `tfds`: a TensorFlow Datasets build of the same records (`idefics_jax.data.tfds_builder`),
   read through `builder.as_data_source()`; TensorFlow is not needed.
+* `parquet` / `arrow`: published datasets as distributed, a file or a directory of `*.parquet`
+  files (the Hub's) or `*.arrow` files (the `datasets` library's cache), each row adapted to a
+  record by its schema (`schemas.py`: The Cauldron, Docmatix, or our own records), told from the
+  columns unless the source names it. Parquet is read a row group at a time (the last few decoded
+  row groups cached), Arrow memory-mapped; for shuffled training at scale, convert to ArrayRecord.
 
 `write_array_record(dir, records, base_dir)` converts records (with image files) to ArrayRecord.
 
@@ -17,23 +22,28 @@ and a jsonl file is read into memory once (its images, as files, one request eac
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import logging
 import os
+import threading
 from typing import Any, Iterable
 
 import grain
 import msgpack
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
+from idefics_jax.data.schemas import SCHEMAS, SchemaError, detect_schema, to_record
 from idefics_jax.paths import is_url
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "array_record", "tfds")
+FORMATS = ("jsonl", "array_record", "tfds", "parquet", "arrow")
 
 
 def invalid(where: str, error: str) -> dict[str, Any]:
@@ -155,7 +165,118 @@ def load_data_source(data_dir: str | os.PathLike, split: str = "train"):
     return tfds.builder_from_directory(str(candidates[-1])).as_data_source(split=split)
 
 
-def open_source(path: str | os.PathLike, fmt: str):
+class TableSource:
+    """Rows of Parquet or Arrow files (`fmt`), a file or a directory of them, local or gs://, each
+    adapted to a record by `schema` (default: told from the columns). A row that cannot be read or
+    does not fit its schema comes back as `invalid(...)`, named by its file and row."""
+
+    GROUPS_CACHED = 2  # decoded Parquet row groups kept (a shuffled read still decodes one per row)
+
+    def __init__(self, path: str | os.PathLike, fmt: str, schema: str = ""):
+        if fmt not in ("parquet", "arrow"):
+            raise ValueError(f"TableSource reads parquet or arrow files, not '{fmt}'")
+        path = epath.Path(path)
+        files = sorted(path.glob(f"*.{fmt}")) if path.is_dir() else [path]
+        if not files or not all(f.exists() for f in files):
+            raise FileNotFoundError(f"No .{fmt} files at {path}")
+        self.fmt, self.files = fmt, [str(f) for f in files]
+        self.base_dir = str(path if path.is_dir() else path.parent)
+        self._lock = threading.Lock()
+        self._tables: dict[Any, pa.Table] = {}  # Arrow: file -> its mapped table; Parquet: LRU of row groups
+        self._groups, ends, names = [], [], None  # (file, row group or None), cumulative row counts
+        self._file_starts = []  # the index of each file's first row
+        for f, file in enumerate(self.files):
+            self._file_starts.append(ends[-1] if ends else 0)
+            if fmt == "parquet":
+                with self._open(file) as handle:
+                    meta = pq.ParquetFile(handle).metadata
+                    columns = meta.schema.to_arrow_schema().names
+                    sizes = [(g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+            else:
+                table = self._arrow(f)
+                columns, sizes = table.column_names, [(None, table.num_rows)]
+            names = names or columns
+            if columns != names:
+                raise ValueError(f"{file} has columns {columns}, unlike {self.files[0]}'s {names}")
+            for group, rows in sizes:
+                self._groups.append((f, group))
+                ends.append((ends[-1] if ends else 0) + rows)
+        self._ends = ends
+        self.schema = schema or detect_schema(names)
+        if self.schema not in SCHEMAS:
+            raise ValueError(f"{path}: columns {names} fit no known schema; name one of {SCHEMAS} (SourceConfig.schema)"
+                             if not schema else f"Unknown schema '{schema}'; choose one of {SCHEMAS}")
+
+    @staticmethod
+    def _open(file: str):
+        return epath.Path(file).open("rb")
+
+    def _arrow(self, f: int) -> pa.Table:
+        """The Arrow file's table, memory-mapped (a bucket's is read into memory), IPC file or stream."""
+        if f not in self._tables:
+            file = self.files[f]
+            source = pa.BufferReader(epath.Path(file).read_bytes()) if is_url(file) else pa.memory_map(file)
+            try:
+                table = pa.ipc.open_file(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_stream(source).read_all()  # what `datasets` writes
+            self._tables[f] = table
+        return self._tables[f]
+
+    def _group(self, g: int) -> pa.Table:
+        f, group = self._groups[g]
+        if group is None:
+            return self._arrow(f)
+        if g in self._tables:
+            self._tables[g] = self._tables.pop(g)  # most recent last
+            return self._tables[g]
+        with self._open(self.files[f]) as handle:
+            table = pq.ParquetFile(handle).read_row_group(group)
+        self._tables[g] = table
+        while len(self._tables) > self.GROUPS_CACHED:
+            self._tables.pop(next(iter(self._tables)))
+        return table
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        g = bisect.bisect_right(self._ends, index)
+        start = self._ends[g - 1] if g else 0
+        f = self._groups[g][0]
+        where = f"{os.path.basename(self.files[f])}#{index - self._file_starts[f]}"  # the row within its file
+        try:
+            with self._lock:
+                table = self._group(g)
+            row = table.slice(index - start, 1).to_pylist()[0]
+        except (OSError, pa.ArrowException) as error:
+            return invalid(where, f"unreadable row ({type(error).__name__}: {error})")
+        try:
+            record = to_record(self.schema, row, where)
+        except SchemaError as error:
+            return invalid(where, str(error))
+        record["_at"] = where
+        return record
+
+    def __getstate__(self):  # for worker processes: handles and cached tables are not sent
+        state = dict(self.__dict__)
+        state["_tables"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return f"TableSource({self.base_dir}, {self.fmt}, {self.schema}, {len(self)} rows)"
+
+
+def open_source(path: str | os.PathLike, fmt: str, schema: str = ""):
+    if fmt in ("parquet", "arrow"):
+        return TableSource(path, fmt, schema)
+    if schema not in ("", "records"):
+        raise ValueError(f"A {fmt} source holds our records; schema '{schema}' is for parquet or arrow files")
     if fmt == "jsonl":
         return JsonlSource(path)
     if fmt == "array_record":

@@ -1,0 +1,82 @@
+"""Published datasets' rows -> our records (`samples.py`), by schema.
+
+* `the_cauldron` (HuggingFaceM4/the_cauldron, one config per subset) and `docmatix`
+  (HuggingFaceM4/Docmatix) share a schema: `images`, a list of `{bytes, path}` images, and `texts`,
+  a list of `{user, assistant, source}` turns. A row becomes one conversation: its images lead the
+  first user turn (as Idefics2's fine-tuning placed them), and several Q/A pairs on the same images
+  become a multi-turn conversation; the loss is on the answers only.
+
+`detect_schema(names)` tells the schema from a table's column names where it can; `to_record(schema,
+row, where)` adapts one row (a dict, as pyarrow's `to_pylist` gives it), raising `SchemaError`
+naming the problem for a row that does not fit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+from idefics_jax.data.image_tokens import IMAGE_TOKEN
+
+
+class SchemaError(ValueError):
+    """A row that does not fit its dataset's published schema."""
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SchemaError(f"{what} is {'empty' if isinstance(value, str) else type(value).__name__}, not text")
+    return value
+
+
+def cauldron_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A The Cauldron / Docmatix row -> a conversation record, its images embedded."""
+    images, texts = row.get("images"), row.get("texts")
+    if not isinstance(images, list) or not isinstance(texts, list):
+        raise SchemaError("a row has `images` and `texts` lists")
+    if not texts:
+        raise SchemaError("`texts` is empty: no question to learn from")
+    refs, embedded = [], {}
+    for i, image in enumerate(images):
+        data = image.get("bytes") if isinstance(image, Mapping) else None
+        if not isinstance(data, (bytes, bytearray)) or not data:
+            raise SchemaError(f"images[{i}] has no bytes")
+        refs.append(f"image_{i}")
+        embedded[refs[-1]] = bytes(data)
+    messages = []
+    for i, turn in enumerate(texts):
+        if not isinstance(turn, Mapping):
+            raise SchemaError(f"texts[{i}] is {type(turn).__name__}, not a {{user, assistant}} turn")
+        question = _text(turn.get("user"), f"texts[{i}].user")
+        if IMAGE_TOKEN in question:
+            raise SchemaError(f"texts[{i}].user spells {IMAGE_TOKEN}")
+        messages += [{"role": "user", "content": (IMAGE_TOKEN * len(refs) if i == 0 else "") + question},
+                     {"role": "assistant", "content": _text(turn.get("assistant"), f"texts[{i}].assistant")}]
+    source = texts[0].get("source") if isinstance(texts[0], Mapping) else None
+    return {"id": f"{source}/{where}" if isinstance(source, str) and source else where, "type": "conversation",
+            "images": refs, "messages": messages, "_image_bytes": embedded}
+
+
+ADAPTERS: dict[str, Callable[[Mapping[str, Any], str], dict[str, Any]]] = {
+    "the_cauldron": cauldron_record,
+    "docmatix": cauldron_record,
+}
+SCHEMAS = ("records", *ADAPTERS)  # "records": rows that are our own records already
+
+
+def detect_schema(names: Iterable[str]) -> str | None:
+    """The schema a table's columns spell, or None when they fit none."""
+    names = set(names)
+    if {"images", "texts"} <= names:
+        return "the_cauldron"  # Docmatix's columns are the same
+    if "type" in names:
+        return "records"
+    return None
+
+
+def to_record(schema: str, row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """One row as our record (see the module's doc); `SchemaError` when it does not fit."""
+    if schema == "records":
+        return dict(row)
+    if schema not in ADAPTERS:
+        raise ValueError(f"Unknown schema '{schema}'; choose one of {SCHEMAS}")
+    return ADAPTERS[schema](row, where)

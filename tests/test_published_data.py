@@ -1,0 +1,179 @@
+"""Published training data read as distributed: The Cauldron / Docmatix rows in Parquet (the Hub's
+files) and Arrow (the `datasets` library's cache), made here in exactly their schema, bad rows
+included."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from helpers.pipelines import EDGE, SEQ_LATENTS
+from idefics_jax.data.image_tokens import IMAGE_TOKEN
+from idefics_jax.data.packing import PackConfig
+from idefics_jax.data.pipeline import Pipeline, SourceConfig
+from idefics_jax.data.processor import Processor
+from idefics_jax.data.image_processing import ImageProcessor
+from idefics_jax.data.samples import SampleEncoder, SampleError
+from idefics_jax.data.sources import TableSource
+from idefics_jax.data.tokenizer import Tokenizer
+
+# The Cauldron's (and Docmatix's) features, as the Hub's Parquet files carry them
+CAULDRON = pa.schema([
+    ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+    ("texts", pa.list_(pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())]))),
+])
+
+
+def encoded(rng, fmt: str) -> bytes:
+    h, w = (int(x) for x in rng.integers(20, 70, 2))
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(out, format=fmt)
+    return out.getvalue()
+
+
+def cauldron_rows(rng, n: int):
+    """(rows, how many are good): Q/A rows of 1-3 turns on 0-2 images (PNG and JPEG), and the bad
+    rows a download may hold, each of a kind."""
+    words = ["red", "blue", "cat", "boat", "seven", "tree", "house", "green"]
+    say = lambda k: " ".join(rng.choice(words, k))
+    rows = []
+    for i in range(n):
+        images = [{"bytes": encoded(rng, ["PNG", "JPEG"][j % 2]), "path": None} for j in range(int(rng.integers(0, 3)))]
+        texts = [{"user": f"Question {t}: {say(3)}?", "assistant": say(2), "source": "vqav2"}
+                 for t in range(int(rng.integers(1, 4)))]
+        rows.append({"images": images, "texts": texts})
+    bad = [
+        {"images": [{"bytes": b"not an image", "path": None}], "texts": [{"user": "What?", "assistant": "x", "source": "s"}]},
+        {"images": [{"bytes": encoded(rng, "PNG"), "path": None}], "texts": []},
+        {"images": [], "texts": [{"user": None, "assistant": "x", "source": "s"}]},
+        {"images": [{"bytes": None, "path": "lost.png"}], "texts": [{"user": "What?", "assistant": "x", "source": "s"}]},
+        {"images": [], "texts": [{"user": "What?", "assistant": "", "source": "s"}]},
+    ]
+    for k, row in enumerate(bad):
+        rows.insert(3 * k + 2, row)
+    return rows, n
+
+
+@pytest.fixture(scope="module")
+def cauldron(tmp_path_factory, seed):
+    """A Cauldron subset as two Parquet files of small row groups, and the same rows as an Arrow stream."""
+    rng = np.random.default_rng([seed, 30])
+    rows, good = cauldron_rows(rng, 24)
+    out = tmp_path_factory.mktemp("cauldron")
+    (out / "parquet").mkdir()
+    half = len(rows) // 2
+    for k, part in enumerate([rows[:half], rows[half:]]):
+        pq.write_table(pa.Table.from_pylist(part, schema=CAULDRON), out / "parquet" / f"train-0000{k}-of-00002.parquet",
+                       row_group_size=4)
+    with pa.OSFile(str(out / "data-00000-of-00001.arrow"), "wb") as sink:  # the `datasets` cache: an IPC stream
+        with pa.ipc.new_stream(sink, CAULDRON) as writer:
+            writer.write_table(pa.Table.from_pylist(rows, schema=CAULDRON), max_chunksize=5)
+    return out, rows, good
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, seed):
+    from conftest import train_sentencepiece
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    path.write_bytes(train_sentencepiece(seed))
+    return Tokenizer(path)
+
+
+def test_rows_become_multi_turn_conversations_with_answer_only_loss(cauldron, tokenizer):
+    out, rows, _ = cauldron
+    source = TableSource(out / "parquet", "parquet")
+    assert source.schema == "the_cauldron" and len(source) == len(rows)
+    arrow = TableSource(out / "data-00000-of-00001.arrow", "arrow")
+    index = next(i for i, r in enumerate(rows) if len(r["texts"]) > 1 and len(r["images"]) == 2)
+    record, same = source[index], arrow[index]
+    content = lambda r: {k: v for k, v in r.items() if k not in ("id", "_at")}  # ids and places name the file
+    assert content(record) == content(same) and record["id"].startswith("vqav2/train-0000")
+    row = rows[index]
+    assert record["images"] == ["image_0", "image_1"]
+    assert record["_image_bytes"]["image_1"] == row["images"][1]["bytes"]
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"] * len(row["texts"])
+    assert record["messages"][0]["content"] == IMAGE_TOKEN * 2 + row["texts"][0]["user"]
+    assert record["messages"][2]["content"] == row["texts"][1]["user"]  # the images lead the first turn only
+    assert record["messages"][-1]["content"] == row["texts"][-1]["assistant"]
+    encoder = SampleEncoder(Processor(tokenizer, ImageProcessor(**EDGE), SEQ_LATENTS), max_length=4096)
+    sample = encoder(record)
+    trained = tokenizer.decode(sample["input_ids"][sample["targets"]].tolist())
+    for turn in row["texts"]:  # every answer is learned, no question is
+        assert turn["assistant"] in trained and turn["user"] not in trained
+    assert len(sample["images"]) == 2
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_bad_rows_are_skipped_counted_and_named_and_strict_raises(cauldron, tokenizer, fmt, caplog):
+    out, rows, good = cauldron
+    path = out / "parquet" if fmt == "parquet" else out / "data-00000-of-00001.arrow"
+    source = SourceConfig("cauldron", str(path), format=fmt, **EDGE)
+    pack = PackConfig(seq_len=512, image_slots=8, buckets=((56, 56),))
+    pipeline = Pipeline([source], tokenizer, pack, 2, image_seq_len=SEQ_LATENTS, shard_index=0, shard_count=1,
+                        repeat=False)
+    with caplog.at_level("WARNING", logger="idefics_jax.data.packing"):
+        list(pipeline)
+    stats = pipeline.stats
+    assert stats["packed"] == good, stats
+    assert stats["skipped/bad_image"] == 1 and stats["skipped/bad_record"] == 4, stats
+    if fmt == "parquet":  # named by file and row
+        assert "train-00000-of-00002.parquet#2" in caplog.text and "images[0] has no bytes" in caplog.text
+        assert "`texts` is empty" in caplog.text and "texts[0].user is NoneType, not text" in caplog.text
+    strict = Pipeline([source], tokenizer, pack, 2, image_seq_len=SEQ_LATENTS, shard_index=0, shard_count=1,
+                      repeat=False, strict=True)
+    with pytest.raises(SampleError, match="source 'cauldron', sample"):
+        list(strict)
+
+
+def test_a_parquet_pipeline_resumes_mid_epoch_exactly(cauldron, tokenizer):
+    out, _, _ = cauldron
+    make = lambda: Pipeline([SourceConfig("cauldron", str(out / "parquet"), format="parquet", **EDGE)], tokenizer,
+                            PackConfig(seq_len=512, image_slots=8, buckets=((56, 56),)), 2,
+                            image_seq_len=SEQ_LATENTS, seed=3, shard_index=0, shard_count=1)
+    first = make()
+    for _ in range(3):
+        next(first)
+    state = first.get_state()
+    expected = [next(first) for _ in range(3)]
+    resumed = make()
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in ("input_ids", "loss_mask", "pixel_values"):
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_columns_that_fit_no_schema_are_named(tmp_path):
+    pq.write_table(pa.table({"question": ["a"], "answer": ["b"]}), tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match=r"columns \['question', 'answer'\] fit no known schema"):
+        TableSource(tmp_path / "x.parquet", "parquet")
+    with pytest.raises(FileNotFoundError, match="No .parquet files"):
+        TableSource(tmp_path / "empty", "parquet")
+
+
+def test_prepare_check_reads_the_files_as_downloaded(cauldron, tokenizer, tmp_path, capsys):
+    import importlib.util
+    import pickle
+    from pathlib import Path
+
+    out, rows, good = cauldron
+    source = TableSource(out / "parquet", "parquet")
+    copy = pickle.loads(pickle.dumps(source))  # as grain's worker processes receive it
+    assert copy[len(rows) - 1] == source[len(rows) - 1]
+    spec = importlib.util.spec_from_file_location("prepare", Path(__file__).parents[1] / "data" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    tokenizer_path = tmp_path / "tokenizer.model"
+    tokenizer_path.write_bytes(tokenizer.sp.serialized_model_proto())
+    assert prepare.main(["check", str(out / "parquet"), "--tokenizer", str(tokenizer_path), "--max-length", "4096"]) == 1
+    captured = capsys.readouterr()
+    assert f"{len(rows)} records: {good} usable, bad_image 1, bad_record 4" in captured.out, captured
+    assert "train-00000-of-00002.parquet#2" in captured.err
+    assert prepare.main(["check", str(tmp_path), "--tokenizer", str(tokenizer_path)]) == 2
+    assert "No data.jsonl, .array_record, .parquet or .arrow files" in capsys.readouterr().err
