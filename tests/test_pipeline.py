@@ -371,6 +371,7 @@ def mutated(record: dict, rng: np.random.Generator, images: Path, index: int) ->
     return json.dumps(record)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, for images refused anyway
 def test_a_thousand_mutated_records_never_stop_the_pipeline(synthetic, tmp_path, seed, caplog):
     """1,000 records broken at random among the four sources' good ones: the pipeline reads the
     epoch without an error, accounts for every record (packed, skipped or dropped, by reason), and
