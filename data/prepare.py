@@ -1,14 +1,16 @@
 """Dataset preparation: check a source, convert it to ArrayRecord shards or a TFDS build.
 
     python data/prepare.py check PATH --tokenizer tokenizer.model    # encode every record, report problems
-        [--format jsonl|array_record|parquet|arrow] [--schema the_cauldron|docmatix|records]
+        [--format jsonl|array_record|parquet|arrow] [--schema the_cauldron|docmatix|pairs|records]
+        [--image-column C --text-column C]
     python data/prepare.py array_record DIR OUT_DIR [--shards 8]    # jsonl + image files -> ArrayRecord
     python data/prepare.py tfds DIR OUT_DIR                         # jsonl + image files -> TFDS build
 
 DIR holds `data.jsonl` and the image files it names (the format of `idefics_jax/data/samples.py`;
 `python -m idefics_jax.data.synthetic OUT` writes such directories). `check` reads any source: a
 directory or file of our records, or a published dataset as downloaded (Parquet or Arrow files of
-The Cauldron or Docmatix), its format told from the files and its schema from the columns unless given. DIR and OUT_DIR may be
+The Cauldron, Docmatix, image-caption pairs), its format told from the files and its schema from the
+columns unless given. DIR and OUT_DIR may be
 gs://bucket/... URLs (OUT_DIR's files are written to local disk first, then uploaded).
 """
 
@@ -38,10 +40,10 @@ def source_format(path: str) -> str:
 
 
 def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: int, fmt: str | None = None,
-          schema: str = "") -> int:
+          schema: str = "", image_column: str = "", text_column: str = "") -> int:
     from idefics_jax.data.tokenizer import Tokenizer
 
-    source = open_source(directory, fmt or source_format(directory), schema)
+    source = open_source(directory, fmt or source_format(directory), schema, image_column, text_column)
     encoder = SampleEncoder(Processor(Tokenizer(tokenizer_path), ImageProcessor(), image_seq_len),
                             base_dir=source.base_dir, max_length=max_length)
     problems, lengths = Counter(), []
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--format", choices=FORMATS, default=None, help="default: told from the files")
     p.add_argument("--schema", choices=SCHEMAS, default="", help="Parquet / Arrow rows (default: told from the columns)")
+    p.add_argument("--image-column", default="", help="pairs: the image column (default: image, jpg, png, ...)")
+    p.add_argument("--text-column", default="", help="pairs: the caption column (default: caption, text, txt, ...)")
     p = sub.add_parser("array_record")
     p.add_argument("dir")
     p.add_argument("out_dir")
@@ -80,7 +84,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check":
         try:
-            return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length, args.format, args.schema)
+            return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length, args.format, args.schema,
+                         args.image_column, args.text_column)
         except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -177,3 +177,40 @@ def test_prepare_check_reads_the_files_as_downloaded(cauldron, tokenizer, tmp_pa
     assert "train-00000-of-00002.parquet#2" in captured.err
     assert prepare.main(["check", str(tmp_path), "--tokenizer", str(tokenizer_path)]) == 2
     assert "No data.jsonl, .array_record, .parquet or .arrow files" in capsys.readouterr().err
+
+
+def test_caption_pairs_from_their_columns(tmp_path, tokenizer, seed, caplog):
+    """Image-caption pairs: `datasets`' image structs with a `caption` column (told from the names),
+    raw bytes with columns named in the config, and paths beside the files; bad rows named."""
+    rng = np.random.default_rng([seed, 31])
+    (tmp_path / "images").mkdir()
+    png = encoded(rng, "PNG")
+    (tmp_path / "images" / "a.png").write_bytes(png)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({
+        "image": pa.array([{"bytes": encoded(rng, "JPEG"), "path": None}, {"bytes": None, "path": "images/a.png"},
+                           {"bytes": None, "path": None}, {"bytes": png, "path": None}], image),
+        "caption": ["a red boat", "a cat", "nothing", None]}), tmp_path / "structs.parquet")
+    (tmp_path / "named").mkdir()
+    pq.write_table(pa.table({"pixels": [png, encoded(rng, "JPEG")], "alt": ["seven trees", "a <image> here"],
+                             "url": ["u0", "u1"]}), tmp_path / "named" / "part-0.parquet")
+
+    source = TableSource(tmp_path / "structs.parquet", "parquet")
+    assert source.schema == "pairs" and source.columns == {"image": "image", "text": "caption"}
+    assert source[0]["type"] == "pair" and source[0]["text"] == "a red boat" and source[0]["_image_bytes"]["image"]
+    assert source[1]["image"] == "images/a.png" and "_image_bytes" not in source[1]
+    assert source[2]["_error"] == "`image` has neither bytes nor a path"
+    assert source[3]["_error"] == "`caption` is NoneType, not text"
+    with pytest.raises(ValueError, match=r"No image column among \['image'"):
+        TableSource(tmp_path / "named", "parquet", schema="pairs")
+    named = TableSource(tmp_path / "named", "parquet", image_column="pixels", text_column="alt")  # pairs, then
+    assert named[0]["text"] == "seven trees" and named[1]["_error"] == "`alt` spells <image>"
+
+    pack = PackConfig(seq_len=256, image_slots=4, buckets=((56, 56),))
+    for config, packed, skipped in [(SourceConfig("pairs", str(tmp_path / "structs.parquet"), format="parquet", **EDGE), 2, 2),
+                                    (SourceConfig("named", str(tmp_path / "named"), format="parquet",
+                                                  image_column="pixels", text_column="alt", **EDGE), 1, 1)]:
+        pipeline = Pipeline([config], tokenizer, pack, 2, image_seq_len=SEQ_LATENTS, shard_index=0, shard_count=1,
+                            repeat=False)
+        list(pipeline)
+        assert pipeline.stats["packed"] == packed and pipeline.stats["skipped/bad_record"] == skipped, pipeline.stats

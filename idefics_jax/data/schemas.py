@@ -5,6 +5,9 @@
   a list of `{user, assistant, source}` turns. A row becomes one conversation: its images lead the
   first user turn (as Idefics2's fine-tuning placed them), and several Q/A pairs on the same images
   become a multi-turn conversation; the loss is on the answers only.
+* `pairs`: image-caption pairs, one per row: an image column (a `{bytes, path}` struct as `datasets`
+  stores images, raw bytes, or a path relative to the source's directory) and a caption column,
+  named in the source's config or found among the usual names (`IMAGE_COLUMNS`, `TEXT_COLUMNS`).
 
 `detect_schema(names)` tells the schema from a table's column names where it can; `to_record(schema,
 row, where)` adapts one row (a dict, as pyarrow's `to_pylist` gives it), raising `SchemaError`
@@ -28,7 +31,11 @@ def _text(value, what: str) -> str:
     return value
 
 
-def cauldron_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img")  # the names `pairs` looks for, in this order
+TEXT_COLUMNS = ("caption", "text", "txt", "alt_text")
+
+
+def cauldron_record(row: Mapping[str, Any], where: str, columns: Mapping[str, str]) -> dict[str, Any]:
     """A The Cauldron / Docmatix row -> a conversation record, its images embedded."""
     images, texts = row.get("images"), row.get("texts")
     if not isinstance(images, list) or not isinstance(texts, list):
@@ -56,9 +63,30 @@ def cauldron_record(row: Mapping[str, Any], where: str) -> dict[str, Any]:
             "images": refs, "messages": messages, "_image_bytes": embedded}
 
 
-ADAPTERS: dict[str, Callable[[Mapping[str, Any], str], dict[str, Any]]] = {
+def pair_record(row: Mapping[str, Any], where: str, columns: Mapping[str, str]) -> dict[str, Any]:
+    """An image-caption row -> a pair record (the image embedded, or its path)."""
+    image_column, text_column = columns["image"], columns["text"]
+    image = row.get(image_column)
+    if isinstance(image, Mapping):
+        data, path = image.get("bytes"), image.get("path")
+    elif isinstance(image, (bytes, bytearray, str)):
+        data, path = (None, image) if isinstance(image, str) else (image, None)
+    else:
+        raise SchemaError(f"`{image_column}` is {type(image).__name__}, not an image")
+    caption = _text(row.get(text_column), f"`{text_column}`")
+    if IMAGE_TOKEN in caption:
+        raise SchemaError(f"`{text_column}` spells {IMAGE_TOKEN}")
+    if isinstance(data, (bytes, bytearray)) and data:
+        return {"id": where, "type": "pair", "image": "image", "text": caption, "_image_bytes": {"image": bytes(data)}}
+    if isinstance(path, str) and path:
+        return {"id": where, "type": "pair", "image": path, "text": caption}
+    raise SchemaError(f"`{image_column}` has neither bytes nor a path")
+
+
+ADAPTERS: dict[str, Callable[[Mapping[str, Any], str, Mapping[str, str]], dict[str, Any]]] = {
     "the_cauldron": cauldron_record,
     "docmatix": cauldron_record,
+    "pairs": pair_record,
 }
 SCHEMAS = ("records", *ADAPTERS)  # "records": rows that are our own records already
 
@@ -70,13 +98,30 @@ def detect_schema(names: Iterable[str]) -> str | None:
         return "the_cauldron"  # Docmatix's columns are the same
     if "type" in names:
         return "records"
+    if names & set(IMAGE_COLUMNS) and names & set(TEXT_COLUMNS):
+        return "pairs"
     return None
 
 
-def to_record(schema: str, row: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """One row as our record (see the module's doc); `SchemaError` when it does not fit."""
+def pair_columns(names: Iterable[str], image_column: str = "", text_column: str = "") -> dict[str, str]:
+    """The image and caption columns of a `pairs` table: the given ones (checked), or the first of
+    the usual names present."""
+    names = list(names)
+    chosen = {}
+    for role, given, usual in (("image", image_column, IMAGE_COLUMNS), ("text", text_column, TEXT_COLUMNS)):
+        name = given or next((n for n in usual if n in names), "")
+        if name not in names:
+            raise ValueError(f"No {role} column {given or 'among ' + str(list(usual))} in the columns {names} "
+                             f"(SourceConfig.{role}_column)")
+        chosen[role] = name
+    return chosen
+
+
+def to_record(schema: str, row: Mapping[str, Any], where: str, columns: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One row as our record (see the module's doc); `SchemaError` when it does not fit. `columns`:
+    `pair_columns`' choice, for `pairs`."""
     if schema == "records":
         return dict(row)
     if schema not in ADAPTERS:
         raise ValueError(f"Unknown schema '{schema}'; choose one of {SCHEMAS}")
-    return ADAPTERS[schema](row, where)
+    return ADAPTERS[schema](row, where, columns or {})

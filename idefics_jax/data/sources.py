@@ -8,7 +8,7 @@
   read through `builder.as_data_source()`; TensorFlow is not needed.
 * `parquet` / `arrow`: published datasets as distributed, a file or a directory of `*.parquet`
   files (the Hub's) or `*.arrow` files (the `datasets` library's cache), each row adapted to a
-  record by its schema (`schemas.py`: The Cauldron, Docmatix, or our own records), told from the
+  record by its schema (`schemas.py`: The Cauldron, Docmatix, image-caption pairs, or our own records), told from the
   columns unless the source names it. Parquet is read a row group at a time (the last few decoded
   row groups cached), Arrow memory-mapped; for shuffled training at scale, convert to ArrayRecord.
 
@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from idefics_jax.data.schemas import SCHEMAS, SchemaError, detect_schema, to_record
+from idefics_jax.data.schemas import SCHEMAS, SchemaError, detect_schema, pair_columns, to_record
 from idefics_jax.paths import is_url
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ class TableSource:
 
     GROUPS_CACHED = 2  # decoded Parquet row groups kept (a shuffled read still decodes one per row)
 
-    def __init__(self, path: str | os.PathLike, fmt: str, schema: str = ""):
+    def __init__(self, path: str | os.PathLike, fmt: str, schema: str = "", image_column: str = "",
+                 text_column: str = ""):
         if fmt not in ("parquet", "arrow"):
             raise ValueError(f"TableSource reads parquet or arrow files, not '{fmt}'")
         path = epath.Path(path)
@@ -202,10 +203,11 @@ class TableSource:
                 self._groups.append((f, group))
                 ends.append((ends[-1] if ends else 0) + rows)
         self._ends = ends
-        self.schema = schema or detect_schema(names)
+        self.schema = schema or ("pairs" if image_column or text_column else detect_schema(names))
         if self.schema not in SCHEMAS:
             raise ValueError(f"{path}: columns {names} fit no known schema; name one of {SCHEMAS} (SourceConfig.schema)"
                              if not schema else f"Unknown schema '{schema}'; choose one of {SCHEMAS}")
+        self.columns = pair_columns(names, image_column, text_column) if self.schema == "pairs" else {}
 
     @staticmethod
     def _open(file: str):
@@ -253,7 +255,7 @@ class TableSource:
         except (OSError, pa.ArrowException) as error:
             return invalid(where, f"unreadable row ({type(error).__name__}: {error})")
         try:
-            record = to_record(self.schema, row, where)
+            record = to_record(self.schema, row, where, self.columns)
         except SchemaError as error:
             return invalid(where, str(error))
         record["_at"] = where
@@ -272,9 +274,10 @@ class TableSource:
         return f"TableSource({self.base_dir}, {self.fmt}, {self.schema}, {len(self)} rows)"
 
 
-def open_source(path: str | os.PathLike, fmt: str, schema: str = ""):
+def open_source(path: str | os.PathLike, fmt: str, schema: str = "", image_column: str = "", text_column: str = ""):
+    """The source of `fmt` at `path`; `schema` and the columns apply to Parquet and Arrow files."""
     if fmt in ("parquet", "arrow"):
-        return TableSource(path, fmt, schema)
+        return TableSource(path, fmt, schema, image_column, text_column)
     if schema not in ("", "records"):
         raise ValueError(f"A {fmt} source holds our records; schema '{schema}' is for parquet or arrow files")
     if fmt == "jsonl":
