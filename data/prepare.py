@@ -1,7 +1,7 @@
 """Dataset preparation: check a source, convert it to ArrayRecord shards or a TFDS build.
 
     python data/prepare.py check PATH --tokenizer tokenizer.model    # encode every record, report problems
-        [--format jsonl|array_record|parquet|arrow] [--schema the_cauldron|docmatix|pairs|records]
+        [--format jsonl|array_record|parquet|arrow|webdataset] [--schema the_cauldron|docmatix|pairs|pdfa|records]
         [--image-column C --text-column C]
     python data/prepare.py array_record DIR OUT_DIR [--shards 8]    # jsonl + image files -> ArrayRecord
     python data/prepare.py tfds DIR OUT_DIR                         # jsonl + image files -> TFDS build
@@ -9,8 +9,8 @@
 DIR holds `data.jsonl` and the image files it names (the format of `idefics_jax/data/samples.py`;
 `python -m idefics_jax.data.synthetic OUT` writes such directories). `check` reads any source: a
 directory or file of our records, or a published dataset as downloaded (Parquet or Arrow files of
-The Cauldron, Docmatix, image-caption pairs), its format told from the files and its schema from the
-columns unless given. DIR and OUT_DIR may be
+The Cauldron, Docmatix, image-caption pairs; PDFA's WebDataset tar shards), its format told from the
+files and its schema from the columns unless given. DIR and OUT_DIR may be
 gs://bucket/... URLs (OUT_DIR's files are written to local disk first, then uploaded).
 """
 
@@ -33,10 +33,10 @@ def source_format(path: str) -> str:
     path = epath.Path(path)
     names = [path.name] if not path.is_dir() else [p.name for p in path.iterdir()]
     for suffix, fmt in ((".parquet", "parquet"), (".arrow", "arrow"), (".array_record", "array_record"),
-                        (".jsonl", "jsonl")):
+                        (".tar", "webdataset"), (".jsonl", "jsonl")):
         if any(name.endswith(suffix) for name in names):
             return fmt
-    raise FileNotFoundError(f"No data.jsonl, .array_record, .parquet or .arrow files at {path}")
+    raise FileNotFoundError(f"No data.jsonl, .array_record, .parquet, .arrow or .tar files at {path}")
 
 
 def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: int, fmt: str | None = None,

@@ -1,6 +1,6 @@
 """Published training data read as distributed: The Cauldron / Docmatix rows in Parquet (the Hub's
-files) and Arrow (the `datasets` library's cache), made here in exactly their schema, bad rows
-included."""
+files) and Arrow (the `datasets` library's cache), caption pairs, and PDFA's WebDataset tar shards,
+made here in exactly their schemas, bad rows included."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def test_prepare_check_reads_the_files_as_downloaded(cauldron, tokenizer, tmp_pa
     assert f"{len(rows)} records: {good} usable, bad_image 1, bad_record 4" in captured.out, captured
     assert "train-00000-of-00002.parquet#2" in captured.err
     assert prepare.main(["check", str(tmp_path), "--tokenizer", str(tokenizer_path)]) == 2
-    assert "No data.jsonl, .array_record, .parquet or .arrow files" in capsys.readouterr().err
+    assert "No data.jsonl, .array_record, .parquet, .arrow or .tar files" in capsys.readouterr().err
 
 
 def test_caption_pairs_from_their_columns(tmp_path, tokenizer, seed, caplog):
@@ -214,3 +214,87 @@ def test_caption_pairs_from_their_columns(tmp_path, tokenizer, seed, caplog):
                             repeat=False)
         list(pipeline)
         assert pipeline.stats["packed"] == packed and pipeline.stats["skipped/bad_record"] == skipped, pipeline.stats
+
+
+def pdf_of(pages: int, rng) -> bytes:
+    """A PDF of `pages` pages, each an image (PIL writes it)."""
+    images = [Image.fromarray(rng.integers(0, 255, (int(rng.integers(60, 120)), int(rng.integers(60, 120)), 3),
+                                           dtype=np.uint8)) for _ in range(pages)]
+    out = io.BytesIO()
+    images[0].save(out, format="PDF", save_all=True, append_images=images[1:], resolution=72)
+    return out.getvalue()
+
+
+def pdfa_ocr(texts: list[list[str]]) -> bytes:
+    """PDFA's OCR json: per page its lines (and words) with boxes and scores."""
+    import json
+
+    page = lambda lines: {"lines": {"text": lines, "bbox": [[0.1, 0.1, 0.5, 0.2]] * len(lines),
+                                    "score": [0.9] * len(lines)},
+                          "words": {"text": " ".join(lines).split(), "bbox": [], "score": []},
+                          "images_bbox": [], "images_bbox_no_text_overlap": []}
+    return json.dumps({"pages": [page(lines) for lines in texts]}).encode()
+
+
+def write_tar(path, members: list[tuple[str, bytes]], cut: bool = False):
+    """A tar shard of `members`; `cut`: the file ends halfway through the last member (a download
+    that stopped)."""
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+            last = archive.offset - tarfile.BLOCKSIZE * -(-len(data) // tarfile.BLOCKSIZE)  # its data's start
+    if cut:
+        path.write_bytes(path.read_bytes()[:last + len(members[-1][1]) // 2])
+
+
+def test_pdfa_shards_become_rendered_pages_with_their_ocr(tmp_path, tokenizer, seed, caplog):
+    from idefics_jax.data.sources import TarSource
+
+    rng = np.random.default_rng([seed, 32])
+    (tmp_path / "pdfa").mkdir()
+    write_tar(tmp_path / "pdfa" / "pdfa-eng-train-000000.tar", [
+        ("doc-a.pdf", pdf_of(2, rng)), ("doc-a.json", pdfa_ocr([["Invoice 7", "total 42"], ["page two"]])),
+        ("doc-b.pdf", b"%PDF-1.4 not really"), ("doc-b.json", pdfa_ocr([["a page"]])),
+        ("doc-c.pdf", pdf_of(1, rng)),  # its OCR is missing
+        ("doc-d.pdf", pdf_of(2, rng)), ("doc-d.json", pdfa_ocr([["words"], []])),  # page 1: no text
+    ])
+    write_tar(tmp_path / "pdfa" / "pdfa-eng-train-000001.tar", [
+        ("doc-e.pdf", pdf_of(1, rng)), ("doc-e.json", pdfa_ocr([["the end"]])),
+        ("doc-f.json", pdfa_ocr([["cut"]])), ("doc-f.pdf", pdf_of(1, rng))], cut=True)
+    source = TarSource(tmp_path / "pdfa", dpi=72)
+    assert source.schema == "pdfa" and (tmp_path / "pdfa" / "pdfa-eng-train-000000.tar.index.json").exists()
+    records = [source[i] for i in range(len(source))]
+    good = [r for r in records if r["type"] == "document"]
+    assert [r["text"] for r in good] == ["Invoice 7\ntotal 42", "page two", "words", "the end"]
+    assert good[0]["_image_bytes"]["page"].size[0] > 50  # rendered at 72 dpi, about the page's pixels
+    errors = {r["_at"]: r["_error"] for r in records if r["type"] == "_invalid"}
+    assert "cannot be rendered" in errors["pdfa-eng-train-000000.tar:doc-b#page0"]
+    assert errors["pdfa-eng-train-000000.tar:doc-c#page0"] == "the sample has no .json member"
+    assert errors["pdfa-eng-train-000000.tar:doc-d#page1"] == "page 1 has no OCR text"
+    assert errors["pdfa-eng-train-000001.tar:doc-f#page0"] == "the .pdf member is cut short", errors
+    assert TarSource(tmp_path / "pdfa", dpi=72)._samples == source._samples  # the index read back
+
+    pack = PackConfig(seq_len=512, image_slots=4, buckets=((56, 56),))
+    config = SourceConfig("pdfa", str(tmp_path / "pdfa"), format="webdataset", dpi=72, max_length=4096, **EDGE)
+    pipeline = Pipeline([config], tokenizer, pack, 1, image_seq_len=SEQ_LATENTS, shard_index=0, shard_count=1,
+                        repeat=False)
+    list(pipeline)
+    assert pipeline.stats["packed"] == 4 and pipeline.stats["skipped/bad_record"] == len(records) - 4, pipeline.stats
+
+
+def test_caption_pairs_in_tar_shards(tmp_path, seed):
+    from idefics_jax.data.sources import TarSource
+
+    rng = np.random.default_rng([seed, 33])
+    write_tar(tmp_path / "pairs-0.tar", [("000.jpg", encoded(rng, "JPEG")), ("000.txt", b"a red boat"),
+                                         ("001.jpg", encoded(rng, "JPEG")), ("001.txt", b"\xff\xfe bad utf-8"),
+                                         ("002.jpg", encoded(rng, "JPEG"))])
+    source = TarSource(tmp_path / "pairs-0.tar")
+    assert source.schema == "pairs" and source.columns == {"image": "jpg", "text": "txt"}
+    assert source[0]["text"] == "a red boat" and source[0]["_image_bytes"]["image"][:2] == b"\xff\xd8"
+    assert source[1]["type"] == "_invalid" and "utf-8" in source[1]["_error"]
+    assert source[2]["_error"] == "the sample has no .txt member"

@@ -45,6 +45,7 @@ class SourceConfig:
     schema: str = ""  # parquet / arrow rows: the_cauldron, docmatix, pairs or records ("": told from the columns)
     image_column: str = ""  # pairs: the image and caption columns ("": the usual names, see data/schemas.py)
     text_column: str = ""
+    dpi: int = 150  # pdfa: pages rendered at this resolution
     weight: float = 1.0
     max_length: int = 2048  # samples with more tokens are dropped (counted), never truncated
     longest_edge: int = 980
@@ -104,7 +105,8 @@ def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: P
         shard_index, shard_count = jax.process_index(), jax.process_count()
     streams = {}
     for k, source in enumerate(sources):
-        reader = open_source(source.path, source.format, source.schema, source.image_column, source.text_column)
+        reader = open_source(source.path, source.format, source.schema, source.image_column, source.text_column,
+                             source.dpi)
         ds = grain.MapDataset.source(reader)
         if len(ds) < shard_count:
             raise ValueError(f"Source '{source.name}' has {len(ds)} records, fewer than {shard_count} hosts")

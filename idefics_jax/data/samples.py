@@ -26,6 +26,7 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+from PIL import Image
 
 from idefics_jax.data.image_processing import ImageError, ImageTooLarge
 from idefics_jax.data.image_tokens import END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, count_placeholders
@@ -64,7 +65,7 @@ class SampleEncoder:
             raise SampleError("bad_record", f"an image reference must be a string, got {type(ref).__name__}")
         embedded = record.get("_image_bytes") or {}
         source = embedded[ref] if ref in embedded else os.path.join(self.base_dir, ref)
-        if not isinstance(source, (bytes, str)):
+        if not isinstance(source, (bytes, str, Image.Image)):  # a decoded image: a page rendered from a PDF
             raise SampleError("bad_record", f"image '{ref}': embedded as {type(source).__name__}, not bytes")
         try:
             crops = self.processor.image_processor.process_uint8(source)

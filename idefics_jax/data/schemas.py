@@ -9,6 +9,10 @@
   stores images, raw bytes, or a path relative to the source's directory) and a caption column,
   named in the source's config or found among the usual names (`IMAGE_COLUMNS`, `TEXT_COLUMNS`).
 
+* `pdfa` (pixparse/pdfa-eng-wds, WebDataset shards): a `.pdf` and a `.json` of OCR per sample
+  (`{"pages": [{"lines": {"text": [...]}, ...}]}`); each page becomes a document record, the page
+  rendered at the source's DPI (pypdfium2) and its OCR lines as the text.
+
 `detect_schema(names)` tells the schema from a table's column names where it can; `to_record(schema,
 row, where)` adapts one row (a dict, as pyarrow's `to_pylist` gives it), raising `SchemaError`
 naming the problem for a row that does not fit.
@@ -16,6 +20,7 @@ naming the problem for a row that does not fit.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Iterable, Mapping
 
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
@@ -88,12 +93,40 @@ ADAPTERS: dict[str, Callable[[Mapping[str, Any], str, Mapping[str, str]], dict[s
     "docmatix": cauldron_record,
     "pairs": pair_record,
 }
-SCHEMAS = ("records", *ADAPTERS)  # "records": rows that are our own records already
+SCHEMAS = ("records", *ADAPTERS, "pdfa")  # "records": rows that are our own records already
+
+
+def pdfa_pages(ocr: bytes) -> list[str]:
+    """The OCR text of each page of a PDFA sample's `.json` (its lines, one per line)."""
+    try:
+        pages = json.loads(ocr)["pages"]
+        return ["\n".join(line for line in page["lines"]["text"] if isinstance(line, str)) for page in pages]
+    except (ValueError, KeyError, TypeError) as error:
+        raise SchemaError(f"the OCR json is not PDFA's ({type(error).__name__}: {error})") from error
+
+
+def pdfa_record(sample: Mapping[str, Any], where: str, page: int, dpi: int) -> dict[str, Any]:
+    """Page `page` of a PDFA sample (`{"pdf": bytes, "json": bytes}`) -> a document record, the page
+    rendered to an RGB image at `dpi`."""
+    import pypdfium2 as pdfium  # only PDFA sources render PDFs
+
+    text = pdfa_pages(sample["json"])[page]
+    if not text.strip():
+        raise SchemaError(f"page {page} has no OCR text")
+    try:
+        document = pdfium.PdfDocument(sample["pdf"])
+        image = document[page].render(scale=dpi / 72).to_pil().convert("RGB")
+    except (pdfium.PdfiumError, IndexError, ValueError) as error:
+        raise SchemaError(f"page {page} of the PDF cannot be rendered ({error})") from error
+    return {"id": where, "type": "document", "image": "page", "text": text, "_image_bytes": {"page": image}}
 
 
 def detect_schema(names: Iterable[str]) -> str | None:
-    """The schema a table's columns spell, or None when they fit none."""
+    """The schema a table's columns (or a WebDataset sample's extensions) spell, or None when they
+    fit none."""
     names = set(names)
+    if {"pdf", "json"} <= names:
+        return "pdfa"
     if {"images", "texts"} <= names:
         return "the_cauldron"  # Docmatix's columns are the same
     if "type" in names:

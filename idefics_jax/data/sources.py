@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import tarfile
 import threading
 from typing import Any, Iterable
 
@@ -38,12 +39,13 @@ import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 
-from idefics_jax.data.schemas import SCHEMAS, SchemaError, detect_schema, pair_columns, to_record
+from idefics_jax.data.schemas import (SCHEMAS, SchemaError, detect_schema, pair_columns, pdfa_pages, pdfa_record,
+                                      to_record)
 from idefics_jax.paths import is_url
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "array_record", "tfds", "parquet", "arrow")
+FORMATS = ("jsonl", "array_record", "tfds", "parquet", "arrow", "webdataset")
 
 
 def invalid(where: str, error: str) -> dict[str, Any]:
@@ -207,6 +209,8 @@ class TableSource:
         if self.schema not in SCHEMAS:
             raise ValueError(f"{path}: columns {names} fit no known schema; name one of {SCHEMAS} (SourceConfig.schema)"
                              if not schema else f"Unknown schema '{schema}'; choose one of {SCHEMAS}")
+        if self.schema == "pdfa":
+            raise ValueError("PDFA is read from its WebDataset tar shards (format 'webdataset')")
         self.columns = pair_columns(names, image_column, text_column) if self.schema == "pairs" else {}
 
     @staticmethod
@@ -274,8 +278,117 @@ class TableSource:
         return f"TableSource({self.base_dir}, {self.fmt}, {self.schema}, {len(self)} rows)"
 
 
-def open_source(path: str | os.PathLike, fmt: str, schema: str = "", image_column: str = "", text_column: str = ""):
-    """The source of `fmt` at `path`; `schema` and the columns apply to Parquet and Arrow files."""
+def tar_index(file: str) -> dict[str, dict[str, list[int]]]:
+    """{sample key: {extension: [data offset, size]}} of a tar shard (WebDataset's naming: the key is
+    the member's path up to the first dot of its name). A member cut short is indexed with its size
+    beyond the file's end, and read back as an invalid record."""
+    samples: dict[str, dict[str, list[int]]] = {}
+    with epath.Path(file).open("rb") as handle:
+        archive = tarfile.open(fileobj=handle, mode="r:")
+        try:
+            for member in archive:
+                if member.isfile():
+                    folder, name = os.path.split(member.name)
+                    key, _, ext = name.partition(".")
+                    samples.setdefault(os.path.join(folder, key), {})[ext] = [member.offset_data, member.size]
+        except (tarfile.ReadError, EOFError, OSError) as error:  # a truncated shard: keep what is whole
+            log.warning("%s: read up to a broken member (%s)", file, error)
+    return samples
+
+
+class TarSource:
+    """WebDataset tar shards, local or gs://, each indexed once (`tar_index`; the index kept beside a
+    local shard and rebuilt when the shard's size changes), then read a member at a time. `schema`:
+    `pdfa` (a record per page, rendered at `dpi`) or `pairs` (an image and a caption member, by
+    extension), told from the first sample's extensions unless given."""
+
+    def __init__(self, path: str | os.PathLike, schema: str = "", dpi: int = 150, image_column: str = "",
+                 text_column: str = ""):
+        path = epath.Path(path)
+        files = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+        if not files or not all(f.exists() for f in files):
+            raise FileNotFoundError(f"No .tar files at {path}")
+        self.files, self.dpi = [str(f) for f in files], dpi
+        self.base_dir = str(path if path.is_dir() else path.parent)
+        self._sizes = [epath.Path(f).stat().length for f in self.files]
+        self._samples = [self._indexed(f, size) for f, size in zip(self.files, self._sizes)]
+        first = next((members for shard in self._samples for members in shard.values()), {})
+        self.schema = schema or ("pairs" if image_column or text_column else detect_schema(first))
+        if self.schema not in ("pdfa", "pairs"):
+            raise ValueError(f"{path}: samples of {sorted(first)} fit no known schema; name pdfa or pairs "
+                             f"(SourceConfig.schema)" if not schema else
+                             f"A webdataset source is read as pdfa or pairs, not '{schema}'")
+        self.columns = pair_columns(first, image_column, text_column) if self.schema == "pairs" else {}
+        self._entries = []  # (shard, key, page)
+        for f, shard in enumerate(self._samples):
+            for key, members in shard.items():
+                pages = self._pages(f, key, members) if self.schema == "pdfa" else 1
+                self._entries.extend((f, key, page) for page in range(pages))
+
+    @staticmethod
+    def _indexed(file: str, size: int) -> dict[str, dict[str, list[int]]]:
+        cached = epath.Path(file + ".index.json")
+        if not is_url(file) and cached.exists():
+            saved = json.loads(cached.read_text())
+            if saved.get("size") == size:
+                return saved["samples"]
+        samples = tar_index(file)
+        if not is_url(file):
+            try:
+                cached.write_text(json.dumps({"size": size, "samples": samples}))
+            except OSError:  # a read-only directory: indexed again next time
+                pass
+        return samples
+
+    def _pages(self, f: int, key: str, members: dict) -> int:
+        """A PDFA sample's page count, from its OCR json (1 for a sample that cannot be read: its
+        record says why)."""
+        try:
+            return max(1, len(pdfa_pages(self._read(f, members, "json"))))
+        except (SchemaError, KeyError, ValueError):
+            return 1
+
+    def _read(self, f: int, members: dict, ext: str) -> bytes:
+        if ext not in members:
+            raise KeyError(ext)
+        offset, size = members[ext]
+        if offset + size > self._sizes[f]:
+            raise ValueError(f"the .{ext} member is cut short")
+        with epath.Path(self.files[f]).open("rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        f, key, page = self._entries[index]
+        members = self._samples[f][key]
+        where = f"{os.path.basename(self.files[f])}:{key}" + (f"#page{page}" if self.schema == "pdfa" else "")
+        try:
+            if self.schema == "pdfa":
+                sample = {ext: self._read(f, members, ext) for ext in ("pdf", "json")}
+                record = pdfa_record(sample, where, page, self.dpi)
+            else:
+                image, text = self.columns["image"], self.columns["text"]
+                row = {image: self._read(f, members, image), text: self._read(f, members, text).decode("utf-8")}
+                record = to_record("pairs", row, where, self.columns)
+        except KeyError as error:
+            return invalid(where, f"the sample has no .{error.args[0]} member")
+        except (SchemaError, ValueError, OSError) as error:  # UnicodeDecodeError is a ValueError
+            return invalid(where, str(error))
+        record["_at"] = where
+        return record
+
+    def __repr__(self):
+        return f"TarSource({self.base_dir}, {self.schema}, {len(self)} samples)"
+
+
+def open_source(path: str | os.PathLike, fmt: str, schema: str = "", image_column: str = "", text_column: str = "",
+                dpi: int = 150):
+    """The source of `fmt` at `path`; `schema`, the columns and `dpi` apply to the published formats."""
+    if fmt == "webdataset":
+        return TarSource(path, schema, dpi, image_column, text_column)
     if fmt in ("parquet", "arrow"):
         return TableSource(path, fmt, schema, image_column, text_column)
     if schema not in ("", "records"):
