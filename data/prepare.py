@@ -4,6 +4,7 @@
         [--format jsonl|array_record|parquet|arrow|webdataset] [--schema the_cauldron|docmatix|pairs|pdfa|records]
         [--image-column C --text-column C]
     python data/prepare.py array_record DIR OUT_DIR [--shards 8]    # jsonl + image files -> ArrayRecord
+    python data/prepare.py array_record PATH OUT_DIR [--workers 8]  # Parquet / Arrow / tar -> ArrayRecord
     python data/prepare.py tfds DIR OUT_DIR                         # jsonl + image files -> TFDS build
 
 DIR holds `data.jsonl` and the image files it names (the format of `idefics_jax/data/samples.py`;
@@ -15,16 +16,24 @@ gs://bucket/... URLs (OUT_DIR's files are written to local disk first, then uplo
 """
 
 import argparse
+import io
+import json
+import multiprocessing
+import os
 import sys
 from collections import Counter
 
+from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
+from PIL import Image
+from tqdm.auto import tqdm
 
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
 from idefics_jax.data.schemas import SCHEMAS
-from idefics_jax.data.sources import FORMATS, JsonlSource, open_source, write_array_record
+from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, image_refs, open_source,
+                                      write_array_record)
 from idefics_jax.paths import local_directory
 
 
@@ -62,6 +71,73 @@ def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: i
     return 1 if problems else 0
 
 
+def _images(record: dict, base_dir: str) -> dict[str, bytes]:
+    """A record's images as bytes: embedded ones (a rendered page encoded as PNG), the rest read from
+    the files it names under `base_dir`."""
+    images = {}
+    for ref, image in (record.get("_image_bytes") or {}).items():
+        if isinstance(image, Image.Image):
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            image = out.getvalue()
+        images[ref] = image
+    for ref in image_refs(record):
+        path = epath.Path(base_dir) / ref
+        if ref not in images and path.exists():
+            images[ref] = path.read_bytes()
+    return images
+
+
+def convert_file(task: tuple) -> dict:
+    """One input file (a Parquet or Arrow file, a tar shard) -> `OUT_DIR/<its name>.array_record`,
+    written as `.partial` and renamed when complete, with its counts beside it: a file already
+    converted is skipped (a killed run resumes). Returns the counts."""
+    file, fmt, schema, image_column, text_column, dpi, out_dir = task
+    target = os.path.join(out_dir, os.path.basename(file) + ".array_record")
+    if os.path.exists(target) and os.path.exists(target + ".summary.json"):
+        with open(target + ".summary.json") as f:
+            return {**json.load(f), "resumed": 1}
+    source = open_source(file, fmt, schema, image_column, text_column, dpi)
+    counts, examples = Counter(), []
+    writer = ArrayRecordWriter(target + ".partial", "group_size:1")
+    try:
+        for i in range(len(source)):
+            record = source[i]
+            if record.get("type") == "_invalid":
+                counts["skipped/bad_record"] += 1
+                examples.append(f"{record_place(record)}: {record.get('_error')}")
+                continue
+            writer.write(encode_entry(record, _images(record, source.base_dir)))
+            counts["kept"] += 1
+    finally:
+        writer.close()
+    os.replace(target + ".partial", target)
+    summary = {**counts, "examples": examples[:5]}
+    with open(target + ".summary.json", "w") as f:
+        json.dump(summary, f)
+    return summary
+
+
+def convert(path: str, out_dir: str, fmt: str, schema: str, image_column: str, text_column: str, dpi: int,
+            workers: int) -> int:
+    """Every input file at `path` converted in parallel (`convert_file`); prints the summary."""
+    root = epath.Path(path)
+    suffix = {"parquet": ".parquet", "arrow": ".arrow", "webdataset": ".tar"}[fmt]
+    files = sorted(str(f) for f in root.glob(f"*{suffix}")) if root.is_dir() else [str(root)]
+    tasks = [(f, fmt, schema, image_column, text_column, dpi, out_dir) for f in files]
+    totals, examples = Counter(), []
+    with multiprocessing.get_context("spawn").Pool(max(1, min(workers, len(tasks)))) as pool:
+        for summary in tqdm(pool.imap_unordered(convert_file, tasks), total=len(tasks), desc="files", unit="file"):
+            examples += summary.pop("examples", [])
+            totals.update(summary)
+    skipped = {k: v for k, v in totals.items() if k.startswith("skipped/")}
+    print(f"{totals['kept']} records kept from {len(files)} files ({totals['resumed']} converted before); "
+          + (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none skipped"))
+    for line in examples[:10]:
+        print(f"  skipped {line}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,7 +153,13 @@ def main(argv=None) -> int:
     p = sub.add_parser("array_record")
     p.add_argument("dir")
     p.add_argument("out_dir")
-    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--shards", type=int, default=8, help="jsonl: the output shards")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: told from the files")
+    p.add_argument("--schema", choices=SCHEMAS, default="")
+    p.add_argument("--image-column", default="")
+    p.add_argument("--text-column", default="")
+    p.add_argument("--dpi", type=int, default=150, help="pdfa: pages rendered at this resolution")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="input files converted at once")
     p = sub.add_parser("tfds")
     p.add_argument("dir")
     p.add_argument("out_dir")
@@ -86,6 +168,14 @@ def main(argv=None) -> int:
         try:
             return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length, args.format, args.schema,
                          args.image_column, args.text_column)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    if args.command == "array_record" and (args.format or source_format(args.dir)) in ("parquet", "arrow", "webdataset"):
+        try:
+            with local_directory(args.out_dir, "OUT_DIR") as out_dir:
+                return convert(args.dir, out_dir, args.format or source_format(args.dir), args.schema,
+                               args.image_column, args.text_column, args.dpi, args.workers)
         except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -285,6 +285,23 @@ def test_pdfa_shards_become_rendered_pages_with_their_ocr(tmp_path, tokenizer, s
     list(pipeline)
     assert pipeline.stats["packed"] == 4 and pipeline.stats["skipped/bad_record"] == len(records) - 4, pipeline.stats
 
+    # converted to ArrayRecord: the rendered pages stored as PNG
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from idefics_jax.data.sources import ArrayRecordSource
+
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "data" / "prepare.py"), "array_record",
+                           str(tmp_path / "pdfa"), str(tmp_path / "ar"), "--dpi", "72"], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0 and "4 records kept from 2 files" in done.stdout, done.stdout + done.stderr[-2000:]
+    stored = ArrayRecordSource(tmp_path / "ar")
+    assert sorted(stored[i]["text"] for i in range(len(stored))) == sorted(r["text"] for r in good)
+    page = Image.open(io.BytesIO(stored[0]["_image_bytes"]["page"]))
+    assert page.format == "PNG" and page.size[0] > 50
+
 
 def test_caption_pairs_in_tar_shards(tmp_path, seed):
     from idefics_jax.data.sources import TarSource
@@ -298,3 +315,39 @@ def test_caption_pairs_in_tar_shards(tmp_path, seed):
     assert source[0]["text"] == "a red boat" and source[0]["_image_bytes"]["image"][:2] == b"\xff\xd8"
     assert source[1]["type"] == "_invalid" and "utf-8" in source[1]["_error"]
     assert source[2]["_error"] == "the sample has no .txt member"
+
+
+def test_prepare_converts_to_array_record_in_parallel_and_resumes(cauldron, tmp_path):
+    """Parquet files -> ArrayRecord shards, one per input file, two at once; a file already converted
+    is skipped when the command runs again (after a kill: a `.partial` left behind is redone); the
+    records read back equal the source's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from idefics_jax.data.sources import ArrayRecordSource
+
+    out, rows, good = cauldron
+    script = Path(__file__).parents[1] / "data" / "prepare.py"
+    run = lambda: subprocess.run([sys.executable, str(script), "array_record", str(out / "parquet"), str(tmp_path / "ar"),
+                                  "--workers", "2"], capture_output=True, text=True, timeout=300,
+                                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    done = run()
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the row with undecodable image bytes fits the schema: it is kept (training skips it, as `check` reports)
+    assert f"{good + 1} records kept from 2 files (0 converted before); skipped/bad_record 4" in done.stdout, done.stdout
+    first = sorted((tmp_path / "ar").glob("*.array_record"))
+    assert [p.name for p in first] == ["train-00000-of-00002.parquet.array_record",
+                                       "train-00001-of-00002.parquet.array_record"]
+    for suffix in ("", ".summary.json"):  # as if killed while writing the second file
+        (tmp_path / "ar" / f"train-00001-of-00002.parquet.array_record{suffix}").unlink()
+    (tmp_path / "ar" / "train-00001-of-00002.parquet.array_record.partial").write_bytes(b"half")
+    again = run()
+    assert again.returncode == 0 and "(1 converted before)" in again.stdout, again.stdout + again.stderr[-2000:]
+    converted = ArrayRecordSource(tmp_path / "ar")
+    source = TableSource(out / "parquet", "parquet")
+    expected = [r for r in (source[i] for i in range(len(source))) if r["type"] != "_invalid"]
+    assert len(converted) == good + 1
+    for ours, theirs in zip((converted[i] for i in range(len(converted))), expected):
+        assert ours["messages"] == theirs["messages"] and ours["_image_bytes"] == theirs["_image_bytes"]
