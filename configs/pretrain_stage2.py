@@ -3,6 +3,8 @@
 Starts from stage 1 (`--config.model.init_from=<stage 1 export>`): export stage 1 with
 `python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir W --export_hf DIR`.
 `data.dir` holds `obelics/`, `pairs/` and `pdfs/` (OCR-IDL, PDFA, rendered text; ArrayRecord).
+PDFA's WebDataset shards convert with `python data/prepare.py array_record pdfa-eng-wds DATA/pdfs
+--dpi 150` (a record per page); caption pairs in Parquet with `... array_record PAIRS DATA/pairs`.
 """
 
 from idefics_jax.train.config import base_config

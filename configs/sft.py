@@ -2,7 +2,10 @@
 
 Loss on answers only (conversation records), half of the images split into 4 crops + the whole
 image (320 visual tokens), native resolution up to 980 px. Start from the pre-trained model:
-`--config.model.init_from=<export of stage 2>`. `data.dir` holds `cauldron/` and `text_instructions/`.
+`--config.model.init_from=<export of stage 2>`. `data.dir` holds `cauldron/` and `text_instructions/`
+(ArrayRecord shards). The Cauldron's Parquet files, as downloaded from the Hub, convert with
+`python data/prepare.py array_record the_cauldron/<subset> DATA/cauldron` (each subset's files
+become shards of their own; Docmatix the same way).
 """
 
 from idefics_jax.train.config import base_config
