@@ -356,3 +356,32 @@ def test_prepare_script_reads_and_writes_buckets(synthetic_in_bucket, gcs_bucket
             assert record.pop("_at") == f"{out}/{'ar' if isinstance(ours, ArrayRecordSource) else 'tfds'}#{i}"
             assert record == {k: v for k, v in reference[i].items() if k != "_at"}
     assert len(list(as_path(f"{out}/ar").glob("*.array_record"))) == 2
+
+
+def test_published_data_in_a_bucket(gcs_bucket, tmp_path, seed):
+    """The Cauldron's Parquet files and PDFA's tar shards read from gs:// as from local files (a
+    bucket's shard is indexed in memory: nothing is written beside it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpers.published import CAULDRON, cauldron_rows, pdf_of, pdfa_ocr, write_tar
+    from idefics_jax.data.sources import TableSource, TarSource
+
+    rng = np.random.default_rng([seed, 34])
+    rows, _ = cauldron_rows(rng, 6)
+    (tmp_path / "cauldron").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=CAULDRON), tmp_path / "cauldron" / "train-00000.parquet",
+                   row_group_size=3)
+    (tmp_path / "pdfa").mkdir()
+    write_tar(tmp_path / "pdfa" / "shard-0.tar", [("a.pdf", pdf_of(2, rng)), ("a.json", pdfa_ocr([["one"], ["two"]]))])
+    remote = as_path(f"{gcs_bucket}/published/{seed}")
+    upload_tree(tmp_path, remote)
+    place = lambda records: [{k: v for k, v in r.items() if k not in ("_at",)} for r in records]
+    for local, bucket in [(TableSource(tmp_path / "cauldron", "parquet"), TableSource(remote / "cauldron", "parquet")),
+                          (TarSource(tmp_path / "pdfa", dpi=36), TarSource(remote / "pdfa", dpi=36))]:
+        assert len(bucket) == len(local) > 0
+        ours, theirs = ([s[i] for i in range(len(s))] for s in (bucket, local))
+        for a, b in zip(place(ours), place(theirs)):
+            pages = a.pop("_image_bytes", {}), b.pop("_image_bytes", {})
+            assert a == b and pages[0] == pages[1]  # bytes, or the same rendered page (PIL compares pixels)
+    assert not (remote / "pdfa" / "shard-0.tar.index.json").exists()

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from helpers.pipelines import EDGE, SEQ_LATENTS
+from helpers.published import CAULDRON, cauldron_rows, encoded, pdf_of, pdfa_ocr, write_tar
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.data.packing import PackConfig
 from idefics_jax.data.pipeline import Pipeline, SourceConfig
@@ -21,43 +22,6 @@ from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.samples import SampleEncoder, SampleError
 from idefics_jax.data.sources import TableSource
 from idefics_jax.data.tokenizer import Tokenizer
-
-# The Cauldron's (and Docmatix's) features, as the Hub's Parquet files carry them
-CAULDRON = pa.schema([
-    ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
-    ("texts", pa.list_(pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())]))),
-])
-
-
-def encoded(rng, fmt: str) -> bytes:
-    h, w = (int(x) for x in rng.integers(20, 70, 2))
-    out = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(out, format=fmt)
-    return out.getvalue()
-
-
-def cauldron_rows(rng, n: int):
-    """(rows, how many are good): Q/A rows of 1-3 turns on 0-2 images (PNG and JPEG), and the bad
-    rows a download may hold, each of a kind."""
-    words = ["red", "blue", "cat", "boat", "seven", "tree", "house", "green"]
-    say = lambda k: " ".join(rng.choice(words, k))
-    rows = []
-    for i in range(n):
-        images = [{"bytes": encoded(rng, ["PNG", "JPEG"][j % 2]), "path": None} for j in range(int(rng.integers(0, 3)))]
-        texts = [{"user": f"Question {t}: {say(3)}?", "assistant": say(2), "source": "vqav2"}
-                 for t in range(int(rng.integers(1, 4)))]
-        rows.append({"images": images, "texts": texts})
-    bad = [
-        {"images": [{"bytes": b"not an image", "path": None}], "texts": [{"user": "What?", "assistant": "x", "source": "s"}]},
-        {"images": [{"bytes": encoded(rng, "PNG"), "path": None}], "texts": []},
-        {"images": [], "texts": [{"user": None, "assistant": "x", "source": "s"}]},
-        {"images": [{"bytes": None, "path": "lost.png"}], "texts": [{"user": "What?", "assistant": "x", "source": "s"}]},
-        {"images": [], "texts": [{"user": "What?", "assistant": "", "source": "s"}]},
-    ]
-    for k, row in enumerate(bad):
-        rows.insert(3 * k + 2, row)
-    return rows, n
-
 
 @pytest.fixture(scope="module")
 def cauldron(tmp_path_factory, seed):
@@ -131,24 +95,6 @@ def test_bad_rows_are_skipped_counted_and_named_and_strict_raises(cauldron, toke
         list(strict)
 
 
-def test_a_parquet_pipeline_resumes_mid_epoch_exactly(cauldron, tokenizer):
-    out, _, _ = cauldron
-    make = lambda: Pipeline([SourceConfig("cauldron", str(out / "parquet"), format="parquet", **EDGE)], tokenizer,
-                            PackConfig(seq_len=512, image_slots=8, buckets=((56, 56),)), 2,
-                            image_seq_len=SEQ_LATENTS, seed=3, shard_index=0, shard_count=1)
-    first = make()
-    for _ in range(3):
-        next(first)
-    state = first.get_state()
-    expected = [next(first) for _ in range(3)]
-    resumed = make()
-    resumed.set_state(state)
-    for want in expected:
-        got = next(resumed)
-        for key in ("input_ids", "loss_mask", "pixel_values"):
-            np.testing.assert_array_equal(got[key], want[key])
-
-
 def test_columns_that_fit_no_schema_are_named(tmp_path):
     pq.write_table(pa.table({"question": ["a"], "answer": ["b"]}), tmp_path / "x.parquet")
     with pytest.raises(ValueError, match=r"columns \['question', 'answer'\] fit no known schema"):
@@ -214,41 +160,6 @@ def test_caption_pairs_from_their_columns(tmp_path, tokenizer, seed, caplog):
                             repeat=False)
         list(pipeline)
         assert pipeline.stats["packed"] == packed and pipeline.stats["skipped/bad_record"] == skipped, pipeline.stats
-
-
-def pdf_of(pages: int, rng) -> bytes:
-    """A PDF of `pages` pages, each an image (PIL writes it)."""
-    images = [Image.fromarray(rng.integers(0, 255, (int(rng.integers(60, 120)), int(rng.integers(60, 120)), 3),
-                                           dtype=np.uint8)) for _ in range(pages)]
-    out = io.BytesIO()
-    images[0].save(out, format="PDF", save_all=True, append_images=images[1:], resolution=72)
-    return out.getvalue()
-
-
-def pdfa_ocr(texts: list[list[str]]) -> bytes:
-    """PDFA's OCR json: per page its lines (and words) with boxes and scores."""
-    import json
-
-    page = lambda lines: {"lines": {"text": lines, "bbox": [[0.1, 0.1, 0.5, 0.2]] * len(lines),
-                                    "score": [0.9] * len(lines)},
-                          "words": {"text": " ".join(lines).split(), "bbox": [], "score": []},
-                          "images_bbox": [], "images_bbox_no_text_overlap": []}
-    return json.dumps({"pages": [page(lines) for lines in texts]}).encode()
-
-
-def write_tar(path, members: list[tuple[str, bytes]], cut: bool = False):
-    """A tar shard of `members`; `cut`: the file ends halfway through the last member (a download
-    that stopped)."""
-    import tarfile
-
-    with tarfile.open(path, "w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-            last = archive.offset - tarfile.BLOCKSIZE * -(-len(data) // tarfile.BLOCKSIZE)  # its data's start
-    if cut:
-        path.write_bytes(path.read_bytes()[:last + len(members[-1][1]) // 2])
 
 
 def test_pdfa_shards_become_rendered_pages_with_their_ocr(tmp_path, tokenizer, seed, caplog):
@@ -351,3 +262,26 @@ def test_prepare_converts_to_array_record_in_parallel_and_resumes(cauldron, tmp_
     assert len(converted) == good + 1
     for ours, theirs in zip((converted[i] for i in range(len(converted))), expected):
         assert ours["messages"] == theirs["messages"] and ours["_image_bytes"] == theirs["_image_bytes"]
+
+
+def test_a_pipeline_mixing_parquet_and_tar_resumes_mid_epoch_exactly(cauldron, tokenizer, tmp_path, seed):
+    rng = np.random.default_rng([seed, 35])
+    write_tar(tmp_path / "pdfa-0.tar", [item for k in range(4) for item in
+                                        [(f"d{k}.pdf", pdf_of(2, rng)), (f"d{k}.json", pdfa_ocr([["page one"], ["two"]]))]])
+    out, _, _ = cauldron
+    sources = [SourceConfig("cauldron", str(out / "parquet"), format="parquet", weight=0.6, **EDGE),
+               SourceConfig("pdfa", str(tmp_path / "pdfa-0.tar"), format="webdataset", weight=0.4, dpi=36, **EDGE)]
+    make = lambda: Pipeline(sources, tokenizer, PackConfig(seq_len=512, image_slots=8, buckets=((56, 56),)), 2,
+                            image_seq_len=SEQ_LATENTS, seed=5, shard_index=0, shard_count=1)
+    first = make()
+    for _ in range(4):
+        next(first)
+    state = first.get_state()
+    expected = [next(first) for _ in range(4)]
+    resumed = make()
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in ("input_ids", "loss_mask", "pixel_values"):
+            np.testing.assert_array_equal(got[key], want[key])
+    assert first.stats["packed/pdfa"] > 0 and first.stats["packed/cauldron"] > 0

@@ -1,0 +1,79 @@
+"""Files in the published datasets' exact schemas, made in the tests: The Cauldron / Docmatix rows
+(Parquet, Arrow), PDFA's WebDataset shards (a PDF and its OCR json per sample)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+# The Cauldron's (and Docmatix's) features, as the Hub's Parquet files carry them
+CAULDRON = pa.schema([
+    ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+    ("texts", pa.list_(pa.struct([("user", pa.string()), ("assistant", pa.string()), ("source", pa.string())]))),
+])
+
+
+def encoded(rng, fmt: str) -> bytes:
+    h, w = (int(x) for x in rng.integers(20, 70, 2))
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(out, format=fmt)
+    return out.getvalue()
+
+
+def cauldron_rows(rng, n: int):
+    """(rows, how many are good): Q/A rows of 1-3 turns on 0-2 images (PNG and JPEG), and the bad
+    rows a download may hold, each of a kind."""
+    words = ["red", "blue", "cat", "boat", "seven", "tree", "house", "green"]
+    say = lambda k: " ".join(rng.choice(words, k))
+    rows = []
+    for i in range(n):
+        images = [{"bytes": encoded(rng, ["PNG", "JPEG"][j % 2]), "path": None} for j in range(int(rng.integers(0, 3)))]
+        texts = [{"user": f"Question {t}: {say(3)}?", "assistant": say(2), "source": "vqav2"}
+                 for t in range(int(rng.integers(1, 4)))]
+        rows.append({"images": images, "texts": texts})
+    bad = [
+        {"images": [{"bytes": b"not an image", "path": None}], "texts": [{"user": "What?", "assistant": "x", "source": "s"}]},
+        {"images": [{"bytes": encoded(rng, "PNG"), "path": None}], "texts": []},
+        {"images": [], "texts": [{"user": None, "assistant": "x", "source": "s"}]},
+        {"images": [{"bytes": None, "path": "lost.png"}], "texts": [{"user": "What?", "assistant": "x", "source": "s"}]},
+        {"images": [], "texts": [{"user": "What?", "assistant": "", "source": "s"}]},
+    ]
+    for k, row in enumerate(bad):
+        rows.insert(3 * k + 2, row)
+    return rows, n
+
+
+def pdf_of(pages: int, rng) -> bytes:
+    """A PDF of `pages` pages, each an image (PIL writes it)."""
+    images = [Image.fromarray(rng.integers(0, 255, (int(rng.integers(60, 120)), int(rng.integers(60, 120)), 3),
+                                           dtype=np.uint8)) for _ in range(pages)]
+    out = io.BytesIO()
+    images[0].save(out, format="PDF", save_all=True, append_images=images[1:], resolution=72)
+    return out.getvalue()
+
+
+def pdfa_ocr(texts: list[list[str]]) -> bytes:
+    """PDFA's OCR json: per page its lines (and words) with boxes and scores."""
+    page = lambda lines: {"lines": {"text": lines, "bbox": [[0.1, 0.1, 0.5, 0.2]] * len(lines),
+                                    "score": [0.9] * len(lines)},
+                          "words": {"text": " ".join(lines).split(), "bbox": [], "score": []},
+                          "images_bbox": [], "images_bbox_no_text_overlap": []}
+    return json.dumps({"pages": [page(lines) for lines in texts]}).encode()
+
+
+def write_tar(path, members: list[tuple[str, bytes]], cut: bool = False):
+    """A tar shard of `members`; `cut`: the file ends halfway through the last member (a download
+    that stopped)."""
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+            last = archive.offset - tarfile.BLOCKSIZE * -(-len(data) // tarfile.BLOCKSIZE)  # its data's start
+    if cut:
+        path.write_bytes(path.read_bytes()[:last + len(members[-1][1]) // 2])
