@@ -54,9 +54,10 @@ def _crc32(path: epath.Path) -> tuple[int, int]:
 
 
 def _files(step_dir: epath.Path) -> list[str]:
-    """Every file under `step_dir` but the checksums, as paths relative to it."""
+    """Every file under `step_dir` but the checksums (and a half-written copy of them), as paths
+    relative to it."""
     return sorted(str((directory / name).relative_to(step_dir)) for directory, _, names in step_dir.walk()
-                  for name in names if name != CHECKSUMS)
+                  for name in names if name not in (CHECKSUMS, CHECKSUMS + ".partial"))
 
 
 def seal(step_dir: epath.Path):
