@@ -16,7 +16,6 @@ gs://bucket/... URLs (OUT_DIR's files are written to local disk first, then uplo
 """
 
 import argparse
-import io
 import json
 import multiprocessing
 import os
@@ -25,14 +24,13 @@ from collections import Counter
 
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
-from PIL import Image
 from tqdm.auto import tqdm
 
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
 from idefics_jax.data.schemas import SCHEMAS
-from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, image_refs, open_source,
+from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, open_source, record_images,
                                       write_array_record)
 from idefics_jax.paths import local_directory
 
@@ -71,23 +69,6 @@ def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: i
     return 1 if problems else 0
 
 
-def _images(record: dict, base_dir: str) -> dict[str, bytes]:
-    """A record's images as bytes: embedded ones (a rendered page encoded as PNG), the rest read from
-    the files it names under `base_dir`."""
-    images = {}
-    for ref, image in (record.get("_image_bytes") or {}).items():
-        if isinstance(image, Image.Image):
-            out = io.BytesIO()
-            image.save(out, format="PNG")
-            image = out.getvalue()
-        images[ref] = image
-    for ref in image_refs(record):
-        path = epath.Path(base_dir) / ref
-        if ref not in images and path.exists():
-            images[ref] = path.read_bytes()
-    return images
-
-
 def convert_file(task: tuple) -> dict:
     """One input file (a Parquet or Arrow file, a tar shard) -> `OUT_DIR/<its name>.array_record`,
     written as `.partial` and renamed when complete, with its counts beside it: a file already
@@ -107,7 +88,7 @@ def convert_file(task: tuple) -> dict:
                 counts["skipped/bad_record"] += 1
                 examples.append(f"{record_place(record)}: {record.get('_error')}")
                 continue
-            writer.write(encode_entry(record, _images(record, source.base_dir)))
+            writer.write(encode_entry(record, record_images(record, source.base_dir)))
             counts["kept"] += 1
     finally:
         writer.close()

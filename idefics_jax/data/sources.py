@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
+from PIL import Image
 
 from idefics_jax.data.schemas import (SCHEMAS, SchemaError, detect_schema, pair_columns, pdfa_pages, pdfa_record,
                                       to_record)
@@ -322,7 +323,7 @@ class TarSource:
         self._entries = []  # (shard, key, page)
         for f, shard in enumerate(self._samples):
             for key, members in shard.items():
-                pages = self._pages(f, key, members) if self.schema == "pdfa" else 1
+                pages = self._pages(f, members) if self.schema == "pdfa" else 1
                 self._entries.extend((f, key, page) for page in range(pages))
 
     @staticmethod
@@ -340,7 +341,7 @@ class TarSource:
                 pass
         return samples
 
-    def _pages(self, f: int, key: str, members: dict) -> int:
+    def _pages(self, f: int, members: dict) -> int:
         """A PDFA sample's page count, from its OCR json (1 for a sample that cannot be read: its
         record says why)."""
         try:
@@ -426,12 +427,24 @@ def records_with_images(records: Iterable[dict], base_dir: str | os.PathLike):
         if record.get("type") == "_invalid":
             log.warning("Left out %s: %s", record["_at"], record["_error"])
             continue
-        images = {}
-        for ref in image_refs(record):
-            path = epath.Path(base_dir) / ref if isinstance(ref, str) else None
-            if path is not None and path.exists():
-                images[ref] = path.read_bytes()
-        yield record, images
+        yield record, record_images(record, base_dir)
+
+
+def record_images(record: dict, base_dir: str | os.PathLike) -> dict[str, bytes]:
+    """A record's images as encoded bytes: those it embeds (a decoded image, such as a page rendered
+    from a PDF, encoded as PNG), then the files it names under `base_dir` (missing ones left out)."""
+    images = {}
+    for ref, image in (record.get("_image_bytes") or {}).items():
+        if isinstance(image, Image.Image):
+            out = io.BytesIO()
+            image.save(out, format="PNG")
+            image = out.getvalue()
+        images[ref] = image
+    for ref in image_refs(record):
+        path = epath.Path(base_dir) / ref
+        if ref not in images and path.exists():
+            images[ref] = path.read_bytes()
+    return images
 
 
 def write_array_record(out_dir: str | os.PathLike, records: Iterable[dict], base_dir: str | os.PathLike,
