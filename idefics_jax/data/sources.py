@@ -168,6 +168,14 @@ def load_data_source(data_dir: str | os.PathLike, split: str = "train"):
     return tfds.builder_from_directory(str(candidates[-1])).as_data_source(split=split)
 
 
+def _files_at(path: epath.Path, ext: str) -> tuple[list[str], str]:
+    """(the `.ext` files at `path`, a file or a directory of them, in name order; their directory)."""
+    files = sorted(path.glob(f"*.{ext}")) if path.is_dir() else [path]
+    if not files or not all(f.exists() for f in files):
+        raise FileNotFoundError(f"No .{ext} files at {path}")
+    return [str(f) for f in files], str(path if path.is_dir() else path.parent)
+
+
 class TableSource:
     """Rows of Parquet or Arrow files (`fmt`), a file or a directory of them, local or gs://, each
     adapted to a record by `schema` (default: told from the columns). A row that cannot be read or
@@ -180,11 +188,7 @@ class TableSource:
         if fmt not in ("parquet", "arrow"):
             raise ValueError(f"TableSource reads parquet or arrow files, not '{fmt}'")
         path = epath.Path(path)
-        files = sorted(path.glob(f"*.{fmt}")) if path.is_dir() else [path]
-        if not files or not all(f.exists() for f in files):
-            raise FileNotFoundError(f"No .{fmt} files at {path}")
-        self.fmt, self.files = fmt, [str(f) for f in files]
-        self.base_dir = str(path if path.is_dir() else path.parent)
+        self.fmt, (self.files, self.base_dir) = fmt, _files_at(path, fmt)
         self._lock = threading.Lock()
         self._tables: dict[Any, pa.Table] = {}  # Arrow: file -> its mapped table; Parquet: LRU of row groups
         self._groups, ends, names = [], [], None  # (file, row group or None), cumulative row counts
@@ -306,11 +310,7 @@ class TarSource:
     def __init__(self, path: str | os.PathLike, schema: str = "", dpi: int = 150, image_column: str = "",
                  text_column: str = ""):
         path = epath.Path(path)
-        files = sorted(path.glob("*.tar")) if path.is_dir() else [path]
-        if not files or not all(f.exists() for f in files):
-            raise FileNotFoundError(f"No .tar files at {path}")
-        self.files, self.dpi = [str(f) for f in files], dpi
-        self.base_dir = str(path if path.is_dir() else path.parent)
+        (self.files, self.base_dir), self.dpi = _files_at(path, "tar"), dpi
         self._sizes = [epath.Path(f).stat().length for f in self.files]
         self._samples = [self._indexed(f, size) for f, size in zip(self.files, self._sizes)]
         first = next((members for shard in self._samples for members in shard.values()), {})
