@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -49,29 +50,30 @@ def accelerator_runtime_installed() -> bool:
     return bool(plugins and any(pkgutil.iter_modules(plugins.submodule_search_locations)))
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """The C library when it is glibc (whose mallopt parameters and malloc_trim this module uses), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
 def reuse_freed_memory() -> bool:
     """Sets glibc's allocator to keep freed memory (see the module's doc); False where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    libc = _glibc()
+    if libc is None:
         return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # mallopt's parameters below are glibc's
-        return False
-    return all([mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, KEEP_BELOW)])
+    return all([libc.mallopt(M_ARENA_MAX, 1), libc.mallopt(M_MMAP_MAX, 0), libc.mallopt(M_TRIM_THRESHOLD, KEEP_BELOW)])
 
 
 def release_freed_memory() -> bool:
     """Hands the memory freed so far back to the kernel (glibc's `malloc_trim`, every arena): after a
     burst of large, short-lived buffers (a server's decoded images) the process does not keep its
     peak. False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        trim = libc.malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(trim(0))
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 def reuse_freed_memory_on_cpu() -> bool:

@@ -237,9 +237,10 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     groups are held, one read while the other is written). dtype: the stored dtype (None keeps each
     parameter's dtype). Tensors are fetched from the devices, transformed and written one at a time
     (`SafetensorsWriter`): beyond `params`, the host holds one tensor. Shards of an earlier
-    checkpoint in `out_dir` that the new index does not name are removed. To a gs:// URL each shard is written locally, then uploaded. On several
-    processes (hosts) every one calls this: each tensor is gathered from the hosts holding its
-    shards, and process 0 converts it and writes the files (the others only take part in the gathers).
+    checkpoint in `out_dir` that the new index does not name are removed. To a gs:// URL each shard
+    is written locally, then uploaded. On several processes (hosts) every one calls this: each
+    tensor is gathered from the hosts holding its shards, and process 0 converts it and writes the
+    files (the others only take part in the gathers).
     """
     out_dir = as_path(out_dir, "Output directory")
     writer = jax.process_index() == 0
