@@ -1,17 +1,22 @@
 """Dataset preparation: check a source, convert it to ArrayRecord shards or a TFDS build.
 
     python data/prepare.py check PATH --tokenizer tokenizer.model    # encode every record, report problems
-        [--format jsonl|array_record|parquet|arrow|webdataset] [--schema the_cauldron|docmatix|pairs|pdfa|records]
-        [--image-column C --text-column C]
+        [--format jsonl|array_record|parquet|arrow|webdataset]
+        [--schema the_cauldron|docmatix|obelics|pairs|pdfa|records]
+        [--image-column C --text-column C] [--image-store STORE --missing-images skip|drop]
     python data/prepare.py array_record DIR OUT_DIR [--shards 8]    # jsonl + image files -> ArrayRecord
     python data/prepare.py array_record PATH OUT_DIR [--workers 8]  # Parquet / Arrow / tar -> ArrayRecord
     python data/prepare.py tfds DIR OUT_DIR                         # jsonl + image files -> TFDS build
+    python data/prepare.py images STORE                             # index downloaded images by URL
 
 DIR holds `data.jsonl` and the image files it names (the format of `idefics_jax/data/samples.py`;
 `python -m idefics_jax.data.synthetic OUT` writes such directories). `check` reads any source: a
 directory or file of our records, or a published dataset as downloaded (Parquet or Arrow files of
-The Cauldron, Docmatix, image-caption pairs; PDFA's WebDataset tar shards), its format told from the
-files and its schema from the columns unless given. DIR and OUT_DIR may be
+The Cauldron, Docmatix, OBELICS, image-caption pairs; PDFA's WebDataset tar shards), its format told
+from the files and its schema from the columns unless given. OBELICS's images come from the store
+the user downloaded (`--image-store`: img2dataset's output, or Parquet / ArrayRecord files of url ->
+bytes, see `idefics_jax/data/image_store.py`); `images STORE` indexes it once (else the first
+reader does) and prints what it holds. DIR and OUT_DIR may be
 gs://bucket/... URLs (OUT_DIR's files are written to local disk first, then uploaded).
 """
 
@@ -27,9 +32,10 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from idefics_jax.data.image_processing import ImageProcessor
+from idefics_jax.data.image_store import ImageStore
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
-from idefics_jax.data.schemas import SCHEMAS
+from idefics_jax.data.schemas import MISSING_IMAGES, SCHEMAS
 from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, open_source, record_images,
                                       write_array_record)
 from idefics_jax.paths import local_directory
@@ -47,18 +53,18 @@ def source_format(path: str) -> str:
 
 
 def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: int, fmt: str | None = None,
-          schema: str = "", image_column: str = "", text_column: str = "") -> int:
+          **options) -> int:
+    """Encodes every record of the source at `directory` (`options`: `open_source`'s keywords) and
+    prints the counts; 1 when some record cannot be used."""
     from idefics_jax.data.tokenizer import Tokenizer
 
-    source = open_source(directory, fmt or source_format(directory), schema, image_column, text_column)
+    source = open_source(directory, fmt or source_format(directory), **options)
     encoder = SampleEncoder(Processor(Tokenizer(tokenizer_path), ImageProcessor(), image_seq_len),
                             base_dir=source.base_dir, max_length=max_length)
     problems, lengths = Counter(), []
     for i in range(len(source)):
         record = source[i]
         try:
-            if record.get("type") == "_invalid":
-                raise SampleError("bad_record", record.get("_error", "invalid record"))
             lengths.append(len(encoder(record)["input_ids"]))
         except SampleError as error:
             problems[error.reason] += 1
@@ -73,19 +79,19 @@ def convert_file(task: tuple) -> dict:
     """One input file (a Parquet or Arrow file, a tar shard) -> `OUT_DIR/<its name>.array_record`,
     written as `.partial` and renamed when complete, with its counts beside it: a file already
     converted is skipped (a killed run resumes). Returns the counts."""
-    file, fmt, schema, image_column, text_column, dpi, out_dir = task
+    file, fmt, options, out_dir = task
     target = os.path.join(out_dir, os.path.basename(file) + ".array_record")
     if os.path.exists(target) and os.path.exists(target + ".summary.json"):
         with open(target + ".summary.json") as f:
             return {**json.load(f), "resumed": 1}
-    source = open_source(file, fmt, schema, image_column, text_column, dpi)
+    source = open_source(file, fmt, **options)
     counts, examples = Counter(), []
     writer = ArrayRecordWriter(target + ".partial", "group_size:1")
     try:
         for i in range(len(source)):
             record = source[i]
             if record.get("type") == "_invalid":
-                counts["skipped/bad_record"] += 1
+                counts[f"skipped/{record.get('_reason', 'bad_record')}"] += 1
                 examples.append(f"{record_place(record)}: {record.get('_error')}")
                 continue
             writer.write(encode_entry(record, record_images(record, source.base_dir)))
@@ -99,13 +105,15 @@ def convert_file(task: tuple) -> dict:
     return summary
 
 
-def convert(path: str, out_dir: str, fmt: str, schema: str, image_column: str, text_column: str, dpi: int,
-            workers: int) -> int:
-    """Every input file at `path` converted in parallel (`convert_file`); prints the summary."""
+def convert(path: str, out_dir: str, fmt: str, workers: int, **options) -> int:
+    """Every input file at `path` converted in parallel (`convert_file`; `options`: `open_source`'s
+    keywords); prints the summary."""
     root = epath.Path(path)
     suffix = {"parquet": ".parquet", "arrow": ".arrow", "webdataset": ".tar"}[fmt]
     files = sorted(str(f) for f in root.glob(f"*{suffix}")) if root.is_dir() else [str(root)]
-    tasks = [(f, fmt, schema, image_column, text_column, dpi, out_dir) for f in files]
+    if options.get("image_store"):
+        ImageStore(options["image_store"])  # indexed once here, not by every worker at once
+    tasks = [(f, fmt, options, out_dir) for f in files]
     totals, examples = Counter(), []
     with multiprocessing.get_context("spawn").Pool(max(1, min(workers, len(tasks)))) as pool:
         for summary in tqdm(pool.imap_unordered(convert_file, tasks), total=len(tasks), desc="files", unit="file"):
@@ -119,6 +127,30 @@ def convert(path: str, out_dir: str, fmt: str, schema: str, image_column: str, t
     return 0
 
 
+def add_source_options(p: argparse.ArgumentParser):
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: told from the files")
+    p.add_argument("--schema", choices=SCHEMAS, default="", help="Parquet / Arrow rows (default: told from the columns)")
+    p.add_argument("--image-column", default="", help="pairs: the image column (default: image, jpg, png, ...)")
+    p.add_argument("--text-column", default="", help="pairs: the caption column (default: caption, text, txt, ...)")
+    p.add_argument("--dpi", type=int, default=150, help="pdfa: pages rendered at this resolution")
+    p.add_argument("--image-store", default="", help="obelics: the downloaded images (img2dataset output, ...)")
+    p.add_argument("--missing-images", choices=MISSING_IMAGES, default="skip",
+                   help="obelics, an image not in the store: skip the document, or drop the image")
+
+
+def source_options(args) -> dict:
+    return dict(schema=args.schema, image_column=args.image_column, text_column=args.text_column, dpi=args.dpi,
+                image_store=args.image_store, missing_images=args.missing_images)
+
+
+def images(path: str) -> int:
+    """Indexes the image store at `path` (if its index is missing or stale) and prints what it holds."""
+    store = ImageStore(path)
+    print(f"{path}: {store.layout} store of {len(store.files)} files, {len(store)} images"
+          + (f", {store.failed} downloads that failed" if store.failed else ""))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,39 +159,33 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--image-seq-len", type=int, default=64)
     p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--format", choices=FORMATS, default=None, help="default: told from the files")
-    p.add_argument("--schema", choices=SCHEMAS, default="", help="Parquet / Arrow rows (default: told from the columns)")
-    p.add_argument("--image-column", default="", help="pairs: the image column (default: image, jpg, png, ...)")
-    p.add_argument("--text-column", default="", help="pairs: the caption column (default: caption, text, txt, ...)")
+    add_source_options(p)
     p = sub.add_parser("array_record")
     p.add_argument("dir")
     p.add_argument("out_dir")
     p.add_argument("--shards", type=int, default=8, help="jsonl: the output shards")
-    p.add_argument("--format", choices=FORMATS, default=None, help="default: told from the files")
-    p.add_argument("--schema", choices=SCHEMAS, default="")
-    p.add_argument("--image-column", default="")
-    p.add_argument("--text-column", default="")
-    p.add_argument("--dpi", type=int, default=150, help="pdfa: pages rendered at this resolution")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="input files converted at once")
+    add_source_options(p)
     p = sub.add_parser("tfds")
     p.add_argument("dir")
     p.add_argument("out_dir")
+    p = sub.add_parser("images")
+    p.add_argument("store")
     args = parser.parse_args(argv)
-    if args.command == "check":
-        try:
-            return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length, args.format, args.schema,
-                         args.image_column, args.text_column)
-        except (ValueError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    if args.command == "array_record" and (args.format or source_format(args.dir)) in ("parquet", "arrow", "webdataset"):
-        try:
+    try:
+        if args.command == "images":
+            return images(args.store)
+        if args.command == "check":
+            return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length, args.format,
+                         **source_options(args))
+        if args.command == "array_record" and (args.format or source_format(args.dir)) in ("parquet", "arrow",
+                                                                                           "webdataset"):
             with local_directory(args.out_dir, "OUT_DIR") as out_dir:
-                return convert(args.dir, out_dir, args.format or source_format(args.dir), args.schema,
-                               args.image_column, args.text_column, args.dpi, args.workers)
-        except (ValueError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+                return convert(args.dir, out_dir, args.format or source_format(args.dir), args.workers,
+                               **source_options(args))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.command == "array_record":
         source = JsonlSource(args.dir)
         with local_directory(args.out_dir, "OUT_DIR") as out_dir:

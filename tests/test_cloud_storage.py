@@ -359,12 +359,15 @@ def test_prepare_script_reads_and_writes_buckets(synthetic_in_bucket, gcs_bucket
 
 
 def test_published_data_in_a_bucket(gcs_bucket, tmp_path, seed):
-    """The Cauldron's Parquet files and PDFA's tar shards read from gs:// as from local files (a
-    bucket's shard is indexed in memory: nothing is written beside it)."""
+    """The Cauldron's Parquet files, PDFA's tar shards and OBELICS with its image store read from
+    gs:// as from local files (a bucket's tar shard is indexed in memory: nothing is written beside
+    it; an image store's index is written beside the store, once)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from helpers.published import CAULDRON, cauldron_rows, pdf_of, pdfa_ocr, write_tar
+    from helpers.published import (CAULDRON, OBELICS, cauldron_rows, encoded, img2dataset_store, obelics_row, pdf_of,
+                                   pdfa_ocr, write_tar)
+    from idefics_jax.data.image_store import ImageStore
     from idefics_jax.data.sources import TableSource, TarSource
 
     rng = np.random.default_rng([seed, 34])
@@ -374,14 +377,23 @@ def test_published_data_in_a_bucket(gcs_bucket, tmp_path, seed):
                    row_group_size=3)
     (tmp_path / "pdfa").mkdir()
     write_tar(tmp_path / "pdfa" / "shard-0.tar", [("a.pdf", pdf_of(2, rng)), ("a.json", pdfa_ocr([["one"], ["two"]]))])
+    images = {f"https://img.example.com/{k}.png": encoded(rng, "PNG") for k in range(3)}
+    img2dataset_store(tmp_path / "images", "webdataset", images, [])
+    (tmp_path / "obelics").mkdir()
+    pq.write_table(pa.Table.from_pylist([obelics_row([("text", "A"), ("image", url)]) for url in images], schema=OBELICS),
+                   tmp_path / "obelics" / "train-00000.parquet")
     remote = as_path(f"{gcs_bucket}/published/{seed}")
     upload_tree(tmp_path, remote)
     place = lambda records: [{k: v for k, v in r.items() if k not in ("_at",)} for r in records]
     for local, bucket in [(TableSource(tmp_path / "cauldron", "parquet"), TableSource(remote / "cauldron", "parquet")),
-                          (TarSource(tmp_path / "pdfa", dpi=36), TarSource(remote / "pdfa", dpi=36))]:
+                          (TarSource(tmp_path / "pdfa", dpi=36), TarSource(remote / "pdfa", dpi=36)),
+                          (TableSource(tmp_path / "obelics", "parquet", image_store=tmp_path / "images"),
+                           TableSource(remote / "obelics", "parquet", image_store=remote / "images"))]:
         assert len(bucket) == len(local) > 0
         ours, theirs = ([s[i] for i in range(len(s))] for s in (bucket, local))
         for a, b in zip(place(ours), place(theirs)):
             pages = a.pop("_image_bytes", {}), b.pop("_image_bytes", {})
             assert a == b and pages[0] == pages[1]  # bytes, or the same rendered page (PIL compares pixels)
     assert not (remote / "pdfa" / "shard-0.tar.index.json").exists()
+    assert (remote / "images" / "url_index" / "meta.json").exists()  # the store's index, written beside it
+    assert ImageStore(remote / "images").get(next(iter(images))) == next(iter(images.values()))

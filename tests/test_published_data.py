@@ -142,7 +142,7 @@ def test_caption_pairs_from_their_columns(tmp_path, tokenizer, seed, caplog):
                              "url": ["u0", "u1"]}), tmp_path / "named" / "part-0.parquet")
 
     source = TableSource(tmp_path / "structs.parquet", "parquet")
-    assert source.schema == "pairs" and source.columns == {"image": "image", "text": "caption"}
+    assert source.schema == "pairs" and source.options == {"image": "image", "text": "caption"}
     assert source[0]["type"] == "pair" and source[0]["text"] == "a red boat" and source[0]["_image_bytes"]["image"]
     assert source[1]["image"] == "images/a.png" and "_image_bytes" not in source[1]
     assert source[2]["_error"] == "`image` has neither bytes nor a path"
@@ -285,3 +285,167 @@ def test_a_pipeline_mixing_parquet_and_tar_resumes_mid_epoch_exactly(cauldron, t
         for key in ("input_ids", "loss_mask", "pixel_values"):
             np.testing.assert_array_equal(got[key], want[key])
     assert first.stats["packed/pdfa"] > 0 and first.stats["packed/cauldron"] > 0
+
+
+def obelics_images(rng, n: int) -> dict[str, bytes]:
+    return {f"https://img.example.com/{k}/photo.{['png', 'jpg'][k % 2]}?w=64": encoded(rng, ["PNG", "JPEG"][k % 2])
+            for k in range(n)}
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "files", "parquet", "array_record"])
+def test_image_stores_find_images_by_url(tmp_path, seed, layout, monkeypatch):
+    """Each layout of downloaded images, indexed once beside the store: every image by its URL, a
+    failed download and an unknown URL told apart, the index read back (not rebuilt) and rebuilt
+    when the store's files change, and the store sent to a worker process."""
+    import pickle
+
+    import msgpack
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from helpers.published import img2dataset_store
+    from idefics_jax.data.image_store import ImageStore, MissingImage
+
+    rng = np.random.default_rng([seed, 36])
+    images, failed = obelics_images(rng, 9), ["https://img.example.com/gone.jpg"]
+    store_dir = tmp_path / "store"
+    if layout == "array_record":
+        store_dir.mkdir()
+        writer = ArrayRecordWriter(str(store_dir / "images-0.array_record"), "group_size:1")
+        for url, data in images.items():
+            writer.write(msgpack.packb({"url": url, "image": data}, use_bin_type=True))
+        writer.close()
+    else:
+        img2dataset_store(store_dir, layout, images, failed)
+    store = ImageStore(store_dir)
+    assert store.layout == layout and len(store) == len(images) and (store_dir / "url_index" / "meta.json").exists()
+    assert store.failed == (0 if layout in ("parquet", "array_record") else 1)
+    for url, data in images.items():
+        assert store.get(url) == data, url
+    with pytest.raises(MissingImage, match="not in the image store"):
+        store.get("https://img.example.com/never-fetched.png")
+    if layout in ("webdataset", "files"):
+        with pytest.raises(MissingImage, match=r"not downloaded \(failed_to_download\)"):
+            store.get(failed[0])
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy._index is None and copy.get(next(iter(images))) == next(iter(images.values()))
+    monkeypatch.setattr(ImageStore, "_build", lambda self: pytest.fail("indexed again"))
+    assert ImageStore(store_dir).get(list(images)[-1]) == list(images.values())[-1]
+    monkeypatch.undo()
+    if layout != "array_record":  # a shard added: indexed again
+        more = {"https://img.example.com/late.png": encoded(rng, "PNG")}
+        img2dataset_store(tmp_path / "late", layout, more, [], shards=1)
+        for f in (tmp_path / "late").iterdir():
+            if f.is_file():
+                f.rename(store_dir / f.name.replace("00000", "00007"))
+            else:
+                f.rename(store_dir / "00007")
+        assert ImageStore(store_dir).get("https://img.example.com/late.png") == more["https://img.example.com/late.png"]
+
+
+@pytest.fixture(scope="module")
+def obelics(tmp_path_factory, seed):
+    """OBELICS rows in Parquet (published schema) and their images in an img2dataset webdataset store;
+    some rows name an image whose download failed or that was never fetched, some are malformed."""
+    from helpers.published import OBELICS, img2dataset_store, obelics_row
+
+    rng = np.random.default_rng([seed, 37])
+    out = tmp_path_factory.mktemp("obelics")
+    images = obelics_images(rng, 12)
+    urls = list(images)
+    gone, never = "https://img.example.com/gone.jpg", "https://img.example.com/never.jpg"
+    img2dataset_store(out / "images", "webdataset", images, [gone])
+    rows = [
+        obelics_row([("text", "A title"), ("image", urls[0]), ("text", "First paragraph."), ("text", "Second."),
+                     ("image", urls[1])]),
+        obelics_row([("image", urls[2]), ("text", "Caption-like text under a photo.")]),
+        obelics_row([("text", "Before"), ("image", gone), ("text", "after the lost image.")]),
+        obelics_row([("text", "A page"), ("image", never), ("image", urls[3]), ("text", "with two images.")]),
+        obelics_row([("text", "Only words, no images at all.")]),
+        obelics_row([("image", urls[4]), ("image", urls[5])]),  # no text: nothing to learn
+        {**obelics_row([("text", "x")]), "images": [urls[6]], "texts": ["both here"]},  # a position with both
+        {**obelics_row([("text", "x")]), "texts": ["y", "z"]},  # lists of different lengths
+    ] + [obelics_row([("text", f"Document {k}."), ("image", urls[6 + k % 6])]) for k in range(6)]
+    (out / "parquet").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=OBELICS), out / "parquet" / "train-00000-of-00001.parquet",
+                   row_group_size=5)
+    return out, rows, images
+
+
+def test_obelics_documents_interleave_their_downloaded_images(obelics, tokenizer):
+    out, rows, images = obelics
+    with pytest.raises(ValueError, match="SourceConfig.image_store"):
+        TableSource(out / "parquet", "parquet")
+    source = TableSource(out / "parquet", "parquet", image_store=out / "images")
+    assert source.schema == "obelics" and len(source) == len(rows)
+    first = source[0]
+    assert [p["type"] for p in first["content"]] == ["text", "image", "text", "image"]
+    assert first["content"][2]["text"] == "First paragraph.\n\nSecond."
+    assert [first["_image_bytes"][p["image"]] for p in first["content"] if p["type"] == "image"] == \
+        [images[rows[0]["images"][1]], images[rows[0]["images"][4]]]
+    errors = {i: (source[i].get("_reason"), source[i].get("_error")) for i in range(len(source))
+              if source[i]["type"] == "_invalid"}
+    assert errors[2] == ("missing_image", "images[1] (https://img.example.com/gone.jpg): not downloaded "
+                                          "(failed_to_download)")
+    assert errors[3] == ("missing_image", "images[1] (https://img.example.com/never.jpg): not in the image store")
+    assert errors[5] == ("bad_record", "the document has no text")
+    assert errors[6][1] == "position 0 holds both an image and a text"
+    assert "same length" in errors[7][1] and sorted(errors) == [2, 3, 5, 6, 7]
+    assert source[4]["content"] == [{"type": "text", "text": "Only words, no images at all."}]
+    kept = TableSource(out / "parquet", "parquet", image_store=out / "images", missing_images="drop")
+    assert [p["type"] for p in kept[3]["content"]] == ["text", "image", "text"]  # the lost image left out
+    assert kept[2]["content"] == [{"type": "text", "text": "Before\n\nafter the lost image."}]
+    encoder = SampleEncoder(Processor(tokenizer, ImageProcessor(longest_edge=56, shortest_edge=28), 4),
+                            base_dir=source.base_dir)
+    sample = encoder(first)
+    assert len(sample["images"]) == 2 and sample["targets"].sum() > 0
+    with pytest.raises(SampleError, match="not in the image store") as raised:
+        encoder(source[3])
+    assert raised.value.reason == "missing_image"
+
+
+def test_obelics_in_a_pipeline_and_through_prepare(obelics, tokenizer, tmp_path, capsys):
+    """Missing images counted by reason in training (and raised with strict=True), in `check` and in
+    the conversion to ArrayRecord, whose records equal the source's."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from idefics_jax.data.sources import ArrayRecordSource
+
+    out, rows, _ = obelics
+    source = dict(format="parquet", image_store=str(out / "images"), **EDGE)
+    make = lambda strict: Pipeline([SourceConfig("obelics", str(out / "parquet"), **source)], tokenizer,
+                                   PackConfig(seq_len=512, image_slots=8, buckets=((56, 56),)), 2,
+                                   image_seq_len=SEQ_LATENTS, seed=3, shard_index=0, shard_count=1, strict=strict)
+    pipeline = make(False)
+    for _ in range(6):
+        next(pipeline)
+    assert pipeline.stats["skipped/missing_image"] > 0 and pipeline.stats["skipped/bad_record"] > 0, pipeline.stats
+    with pytest.raises(SampleError, match=r"source 'obelics', sample train-00000-of-00001.parquet#\d: "):
+        strict = make(True)
+        for _ in range(12):
+            next(strict)
+    with pytest.raises(ValueError, match="missing_images must be one of"):
+        SourceConfig("obelics", str(out / "parquet"), format="parquet", missing_images="keep")
+    script = Path(__file__).parents[1] / "data" / "prepare.py"
+    spec = importlib.util.spec_from_file_location("prepare", script)
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    tokenizer_path = tmp_path / "tokenizer.model"
+    tokenizer_path.write_bytes(tokenizer.sp.serialized_model_proto())
+    assert prepare.main(["images", str(out / "images")]) == 0
+    assert "webdataset store of 2 files, 12 images, 1 downloads that failed" in capsys.readouterr().out
+    assert prepare.main(["check", str(out / "parquet"), "--tokenizer", str(tokenizer_path),
+                         "--image-store", str(out / "images")]) == 1
+    assert f"{len(rows)} records: 9 usable, bad_record 3, missing_image 2" in capsys.readouterr().out
+    done = subprocess.run([sys.executable, str(script), "array_record", str(out / "parquet"), str(tmp_path / "ar"),
+                           "--workers", "1", "--image-store", str(out / "images"), "--missing-images", "drop"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert "11 records kept from 1 files (0 converted before); skipped/bad_record 3" in done.stdout, done.stderr[-3000:]
+    converted = ArrayRecordSource(tmp_path / "ar")
+    table = TableSource(out / "parquet", "parquet", image_store=out / "images", missing_images="drop")
+    expected = [r for r in (table[i] for i in range(len(table))) if r["type"] != "_invalid"]
+    for ours, theirs in zip((converted[i] for i in range(len(converted))), expected, strict=True):
+        assert ours["content"] == theirs["content"] and ours["_image_bytes"] == theirs["_image_bytes"]

@@ -33,6 +33,7 @@ from idefics_jax.data.image_processing import MAX_IMAGE_PIXELS, ImageProcessor
 from idefics_jax.data.packing import PackConfig, PackIterDataset, collate, finalize, skipped
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
+from idefics_jax.data.schemas import MISSING_IMAGES
 from idefics_jax.data.sources import FORMATS, open_source
 from idefics_jax.data.tokenizer import Tokenizer
 
@@ -42,10 +43,12 @@ class SourceConfig:
     name: str
     path: str
     format: str = "jsonl"
-    schema: str = ""  # parquet / arrow rows: the_cauldron, docmatix, pairs or records ("": told from the columns)
+    schema: str = ""  # parquet / arrow rows: the_cauldron, docmatix, obelics, pairs or records ("": told from the columns)
     image_column: str = ""  # pairs: the image and caption columns ("": the usual names, see data/schemas.py)
     text_column: str = ""
     dpi: int = 150  # pdfa: pages rendered at this resolution
+    image_store: str = ""  # obelics: the downloaded images (img2dataset output, ...; see data/image_store.py)
+    missing_images: str = "skip"  # obelics, an image not in the store: "skip" the document or "drop" the image
     weight: float = 1.0
     max_length: int = 2048  # samples with more tokens are dropped (counted), never truncated
     longest_edge: int = 980
@@ -60,6 +63,9 @@ class SourceConfig:
             raise ValueError(f"Source '{self.name}': weight must be positive, got {self.weight}")
         if not 0 <= self.split_probability <= 1:
             raise ValueError(f"Source '{self.name}': split_probability must be in [0, 1]")
+        if self.missing_images not in MISSING_IMAGES:
+            raise ValueError(f"Source '{self.name}': missing_images must be one of {MISSING_IMAGES}, "
+                             f"not '{self.missing_images}'")
         if self.max_image_pixels <= 0:
             raise ValueError(f"Source '{self.name}': max_image_pixels must be positive, got {self.max_image_pixels}")
 
@@ -83,8 +89,6 @@ class EncodeRecord:
         split = bool(rng.random() < self.source.split_probability)
         where = record_place(record)
         try:
-            if isinstance(record, dict) and record.get("type") == "_invalid":
-                raise SampleError("bad_record", record.get("_error", "invalid record"))
             return self.encoders[split](record)
         except SampleError as error:
             if self.strict:
@@ -105,8 +109,9 @@ def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: P
         shard_index, shard_count = jax.process_index(), jax.process_count()
     streams = {}
     for k, source in enumerate(sources):
-        reader = open_source(source.path, source.format, source.schema, source.image_column, source.text_column,
-                             source.dpi)
+        reader = open_source(source.path, source.format, schema=source.schema, image_column=source.image_column,
+                             text_column=source.text_column, dpi=source.dpi, image_store=source.image_store,
+                             missing_images=source.missing_images)
         ds = grain.MapDataset.source(reader)
         if len(ds) < shard_count:
             raise ValueError(f"Source '{source.name}' has {len(ds)} records, fewer than {shard_count} hosts")

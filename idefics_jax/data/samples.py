@@ -81,6 +81,8 @@ class SampleEncoder:
         if not isinstance(record, Mapping):
             raise SampleError("bad_record", f"a record must be a JSON object, got {type(record).__name__}")
         kind = record.get("type")
+        if kind == "_invalid":  # a record its source could not read (sources.invalid)
+            raise SampleError(record.get("_reason", "bad_record"), record.get("_error", "invalid record"))
         if kind not in RECORD_TYPES:
             raise SampleError("bad_record", f"record type {kind!r} is not one of {RECORD_TYPES}")
         try:

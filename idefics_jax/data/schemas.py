@@ -9,13 +9,21 @@
   stores images, raw bytes, or a path relative to the source's directory) and a caption column,
   named in the source's config or found among the usual names (`IMAGE_COLUMNS`, `TEXT_COLUMNS`).
 
+* `obelics` (HuggingFaceM4/OBELICS): `images` (URLs or null) and `texts` (strings or null), aligned
+  position by position (each position an image or a text), with `metadata` and `general_metadata`
+  JSON strings. A row becomes an interleaved document, consecutive texts joined as paragraphs
+  (blank lines) and each image fetched by URL from the source's image store (`image_store.py`). An
+  image the store lacks skips the document, naming the image and why (`missing_images="skip"`), or
+  is left out of the document (`"drop"`; a document left without images still trains its text).
+
 * `pdfa` (pixparse/pdfa-eng-wds, WebDataset shards): a `.pdf` and a `.json` of OCR per sample
   (`{"pages": [{"lines": {"text": [...]}, ...}]}`); each page becomes a document record, the page
   rendered at the source's DPI (pypdfium2) and its OCR lines as the text.
 
 `detect_schema(names)` tells the schema from a table's column names where it can; `to_record(schema,
-row, where)` adapts one row (a dict, as pyarrow's `to_pylist` gives it), raising `SchemaError`
-naming the problem for a row that does not fit.
+row, where, options)` adapts one row (a dict, as pyarrow's `to_pylist` gives it), raising
+`SchemaError` naming the problem for a row that does not fit. `options` carries what a schema needs
+beyond the row: the `pairs` columns, OBELICS's image store and its `missing_images` policy.
 """
 
 from __future__ import annotations
@@ -23,11 +31,16 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterable, Mapping
 
+from idefics_jax.data.image_store import MissingImage
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 
 
 class SchemaError(ValueError):
-    """A row that does not fit its dataset's published schema."""
+    """A row that does not fit its dataset's published schema; `reason` is a short category for counts."""
+
+    def __init__(self, message: str, reason: str = "bad_record"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _text(value, what: str) -> str:
@@ -40,7 +53,7 @@ IMAGE_COLUMNS = ("image", "jpg", "png", "webp", "img")  # the names `pairs` look
 TEXT_COLUMNS = ("caption", "text", "txt", "alt_text")
 
 
-def cauldron_record(row: Mapping[str, Any], where: str, columns: Mapping[str, str]) -> dict[str, Any]:
+def cauldron_record(row: Mapping[str, Any], where: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """A The Cauldron / Docmatix row -> a conversation record, its images embedded."""
     images, texts = row.get("images"), row.get("texts")
     if not isinstance(images, list) or not isinstance(texts, list):
@@ -68,9 +81,9 @@ def cauldron_record(row: Mapping[str, Any], where: str, columns: Mapping[str, st
             "images": refs, "messages": messages, "_image_bytes": embedded}
 
 
-def pair_record(row: Mapping[str, Any], where: str, columns: Mapping[str, str]) -> dict[str, Any]:
+def pair_record(row: Mapping[str, Any], where: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """An image-caption row -> a pair record (the image embedded, or its path)."""
-    image_column, text_column = columns["image"], columns["text"]
+    image_column, text_column = options["image"], options["text"]
     image = row.get(image_column)
     if isinstance(image, Mapping):
         data, path = image.get("bytes"), image.get("path")
@@ -88,9 +101,50 @@ def pair_record(row: Mapping[str, Any], where: str, columns: Mapping[str, str]) 
     raise SchemaError(f"`{image_column}` has neither bytes nor a path")
 
 
-ADAPTERS: dict[str, Callable[[Mapping[str, Any], str, Mapping[str, str]], dict[str, Any]]] = {
+MISSING_IMAGES = ("skip", "drop")  # an OBELICS image the store lacks: skip the document, or leave the image out
+
+
+def obelics_record(row: Mapping[str, Any], where: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """An OBELICS row -> an interleaved record, its images fetched from `options["image_store"]`."""
+    images, texts = row.get("images"), row.get("texts")
+    if not isinstance(images, list) or not isinstance(texts, list) or len(images) != len(texts):
+        raise SchemaError("a row has `images` and `texts` lists of the same length")
+    store, missing = options["image_store"], options.get("missing_images", "skip")
+    content, embedded, paragraphs = [], {}, []
+    for i, (url, text) in enumerate(zip(images, texts)):
+        if (url is None) == (text is None):
+            raise SchemaError(f"position {i} holds {'both an image and a text' if url is not None else 'neither an image nor a text'}")
+        if text is not None:
+            if not isinstance(text, str):
+                raise SchemaError(f"texts[{i}] is {type(text).__name__}, not text")
+            if IMAGE_TOKEN in text:
+                raise SchemaError(f"texts[{i}] spells {IMAGE_TOKEN}")
+            paragraphs.append(text)
+            continue
+        if not isinstance(url, str):
+            raise SchemaError(f"images[{i}] is {type(url).__name__}, not a URL")
+        try:
+            data = store.get(url)
+        except MissingImage as error:
+            if missing == "skip":
+                raise SchemaError(f"images[{i}] ({url}): {error}", "missing_image") from error
+            continue
+        if paragraphs:
+            content.append({"type": "text", "text": "\n\n".join(paragraphs)})
+            paragraphs = []
+        embedded[f"image_{i}"] = data
+        content.append({"type": "image", "image": f"image_{i}"})
+    if paragraphs:
+        content.append({"type": "text", "text": "\n\n".join(paragraphs)})
+    if not any(part["type"] == "text" and part["text"].strip() for part in content):
+        raise SchemaError("the document has no text")
+    return {"id": where, "type": "interleaved", "content": content, "_image_bytes": embedded}
+
+
+ADAPTERS: dict[str, Callable[[Mapping[str, Any], str, Mapping[str, Any]], dict[str, Any]]] = {
     "the_cauldron": cauldron_record,
     "docmatix": cauldron_record,
+    "obelics": obelics_record,
     "pairs": pair_record,
 }
 SCHEMAS = ("records", *ADAPTERS, "pdfa")  # "records": rows that are our own records already
@@ -127,6 +181,8 @@ def detect_schema(names: Iterable[str]) -> str | None:
     names = set(names)
     if {"pdf", "json"} <= names:
         return "pdfa"
+    if {"images", "texts"} <= names and names & {"metadata", "general_metadata"}:
+        return "obelics"
     if {"images", "texts"} <= names:
         return "the_cauldron"  # Docmatix's columns are the same
     if "type" in names:
@@ -150,11 +206,11 @@ def pair_columns(names: Iterable[str], image_column: str = "", text_column: str 
     return chosen
 
 
-def to_record(schema: str, row: Mapping[str, Any], where: str, columns: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """One row as our record (see the module's doc); `SchemaError` when it does not fit. `columns`:
-    `pair_columns`' choice, for `pairs`."""
+def to_record(schema: str, row: Mapping[str, Any], where: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One row as our record (see the module's doc); `SchemaError` when it does not fit. `options`:
+    `pair_columns`' choice for `pairs`; `image_store` and `missing_images` for `obelics`."""
     if schema == "records":
         return dict(row)
     if schema not in ADAPTERS:
         raise ValueError(f"Unknown schema '{schema}'; choose one of {SCHEMAS}")
-    return ADAPTERS[schema](row, where, columns or {})
+    return ADAPTERS[schema](row, where, options or {})

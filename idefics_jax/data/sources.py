@@ -8,9 +8,12 @@
   read through `builder.as_data_source()`; TensorFlow is not needed.
 * `parquet` / `arrow`: published datasets as distributed, a file or a directory of `*.parquet`
   files (the Hub's) or `*.arrow` files (the `datasets` library's cache), each row adapted to a
-  record by its schema (`schemas.py`: The Cauldron, Docmatix, image-caption pairs, or our own records), told from the
-  columns unless the source names it. Parquet is read a row group at a time (the last few decoded
+  record by its schema (`schemas.py`: The Cauldron, Docmatix, OBELICS with its images from an
+  `image_store.py` store, image-caption pairs, or our own records), told from the columns unless
+  the source names it. Parquet is read a row group at a time (the last few decoded
   row groups cached), Arrow memory-mapped; for shuffled training at scale, convert to ArrayRecord.
+* `webdataset`: tar shards indexed once (`archives.py`): PDFA's samples (a record per page) or
+  caption pairs.
 
 `write_array_record(dir, records, base_dir)` converts records (with image files) to ArrayRecord.
 
@@ -27,7 +30,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 import threading
 from typing import Any, Iterable
 
@@ -40,8 +42,10 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from PIL import Image
 
-from idefics_jax.data.schemas import (SCHEMAS, SchemaError, detect_schema, pair_columns, pdfa_pages, pdfa_record,
-                                      to_record)
+from idefics_jax.data.archives import read_member, tar_index
+from idefics_jax.data.image_store import ImageStore
+from idefics_jax.data.schemas import (MISSING_IMAGES, SCHEMAS, SchemaError, detect_schema, pair_columns, pdfa_pages,
+                                      pdfa_record, to_record)
 from idefics_jax.paths import is_url
 
 log = logging.getLogger(__name__)
@@ -49,9 +53,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("jsonl", "array_record", "tfds", "parquet", "arrow", "webdataset")
 
 
-def invalid(where: str, error: str) -> dict[str, Any]:
-    """The record that stands for one that cannot be read (the encoder skips it, counted)."""
-    return {"type": "_invalid", "id": where, "_at": where, "_error": error}
+def invalid(where: str, error: str, reason: str = "bad_record") -> dict[str, Any]:
+    """The record that stands for one that cannot be read (the encoder skips it, counted by `reason`)."""
+    return {"type": "_invalid", "id": where, "_at": where, "_error": error, "_reason": reason}
 
 
 class JsonlSource:
@@ -184,7 +188,7 @@ class TableSource:
     GROUPS_CACHED = 2  # decoded Parquet row groups kept (a shuffled read still decodes one per row)
 
     def __init__(self, path: str | os.PathLike, fmt: str, schema: str = "", image_column: str = "",
-                 text_column: str = ""):
+                 text_column: str = "", image_store: str | os.PathLike = "", missing_images: str = "skip"):
         if fmt not in ("parquet", "arrow"):
             raise ValueError(f"TableSource reads parquet or arrow files, not '{fmt}'")
         path = epath.Path(path)
@@ -216,7 +220,14 @@ class TableSource:
                              if not schema else f"Unknown schema '{schema}'; choose one of {SCHEMAS}")
         if self.schema == "pdfa":
             raise ValueError("PDFA is read from its WebDataset tar shards (format 'webdataset')")
-        self.columns = pair_columns(names, image_column, text_column) if self.schema == "pairs" else {}
+        self.options = pair_columns(names, image_column, text_column) if self.schema == "pairs" else {}
+        if self.schema == "obelics":
+            if not image_store:
+                raise ValueError(f"{path}: OBELICS rows name their images by URL; give the directory of the "
+                                 f"downloaded images (SourceConfig.image_store, see data/image_store.py)")
+            if missing_images not in MISSING_IMAGES:
+                raise ValueError(f"missing_images must be one of {MISSING_IMAGES}, not '{missing_images}'")
+            self.options = {"image_store": ImageStore(image_store), "missing_images": missing_images}
 
     @staticmethod
     def _open(file: str):
@@ -264,9 +275,9 @@ class TableSource:
         except (OSError, pa.ArrowException) as error:
             return invalid(where, f"unreadable row ({type(error).__name__}: {error})")
         try:
-            record = to_record(self.schema, row, where, self.columns)
+            record = to_record(self.schema, row, where, self.options)
         except SchemaError as error:
-            return invalid(where, str(error))
+            return invalid(where, str(error), error.reason)
         record["_at"] = where
         return record
 
@@ -281,24 +292,6 @@ class TableSource:
 
     def __repr__(self):
         return f"TableSource({self.base_dir}, {self.fmt}, {self.schema}, {len(self)} rows)"
-
-
-def tar_index(file: str) -> dict[str, dict[str, list[int]]]:
-    """{sample key: {extension: [data offset, size]}} of a tar shard (WebDataset's naming: the key is
-    the member's path up to the first dot of its name). A member cut short is indexed with its size
-    beyond the file's end, and read back as an invalid record."""
-    samples: dict[str, dict[str, list[int]]] = {}
-    with epath.Path(file).open("rb") as handle:
-        archive = tarfile.open(fileobj=handle, mode="r:")
-        try:
-            for member in archive:
-                if member.isfile():
-                    folder, name = os.path.split(member.name)
-                    key, _, ext = name.partition(".")
-                    samples.setdefault(os.path.join(folder, key), {})[ext] = [member.offset_data, member.size]
-        except (tarfile.ReadError, EOFError, OSError) as error:  # a truncated shard: keep what is whole
-            log.warning("%s: read up to a broken member (%s)", file, error)
-    return samples
 
 
 class TarSource:
@@ -352,12 +345,7 @@ class TarSource:
     def _read(self, f: int, members: dict, ext: str) -> bytes:
         if ext not in members:
             raise KeyError(ext)
-        offset, size = members[ext]
-        if offset + size > self._sizes[f]:
-            raise ValueError(f"the .{ext} member is cut short")
-        with epath.Path(self.files[f]).open("rb") as handle:
-            handle.seek(offset)
-            return handle.read(size)
+        return read_member(self.files[f], *members[ext], self._sizes[f], f".{ext} member")
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -385,13 +373,13 @@ class TarSource:
         return f"TarSource({self.base_dir}, {self.schema}, {len(self)} samples)"
 
 
-def open_source(path: str | os.PathLike, fmt: str, schema: str = "", image_column: str = "", text_column: str = "",
-                dpi: int = 150):
-    """The source of `fmt` at `path`; `schema`, the columns and `dpi` apply to the published formats."""
+def open_source(path: str | os.PathLike, fmt: str, *, schema: str = "", image_column: str = "", text_column: str = "",
+                dpi: int = 150, image_store: str | os.PathLike = "", missing_images: str = "skip"):
+    """The source of `fmt` at `path`; the keywords apply to the published formats (`schemas.py`)."""
     if fmt == "webdataset":
         return TarSource(path, schema, dpi, image_column, text_column)
     if fmt in ("parquet", "arrow"):
-        return TableSource(path, fmt, schema, image_column, text_column)
+        return TableSource(path, fmt, schema, image_column, text_column, image_store, missing_images)
     if schema not in ("", "records"):
         raise ValueError(f"A {fmt} source holds our records; schema '{schema}' is for parquet or arrow files")
     if fmt == "jsonl":

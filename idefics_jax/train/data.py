@@ -70,6 +70,8 @@ def make_pipeline(config, data_dir: epath.Path, tokenizer: Tokenizer, image_seq_
         if unknown:
             raise ValueError(f"config.data.sources[{i}] has unknown key(s) {unknown}; known: {sorted(known)}")
         source["path"] = str(data_dir / source["path"])
+        if source.get("image_store"):
+            source["image_store"] = str(data_dir / source["image_store"])
         sources.append(SourceConfig(**source))
     if config.data.batch_size % jax.process_count():
         raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
