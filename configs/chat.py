@@ -9,10 +9,10 @@ from idefics_jax.train.config import base_config
 
 def get_config():
     c = base_config("idefics2-8b")
-    c.data.sources = [
-        dict(name="llava_conv", path="llava_conv", weight=0.5, max_length=2048, format="array_record"),
-        dict(name="sharegpt4v", path="sharegpt4v", weight=0.5, max_length=2048, format="array_record"),
-    ]
+    c.data.sources = {
+        "llava_conv": dict(path="llava_conv", weight=0.5, max_length=2048, format="array_record"),
+        "sharegpt4v": dict(path="sharegpt4v", weight=0.5, max_length=2048, format="array_record"),
+    }
     c.data.seq_len = 2048
     c.data.image_slots = 8
     c.data.buckets = [(490, 980), (980, 490), (980, 980)]

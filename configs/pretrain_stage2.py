@@ -2,9 +2,14 @@
 
 Starts from stage 1 (`--config.model.init_from=<stage 1 export>`): export stage 1 with
 `python -m idefics_jax.train --config configs/pretrain_stage1.py --workdir W --export_hf DIR`.
-`data.dir` holds `obelics/`, `pairs/` and `pdfs/` (OCR-IDL, PDFA, rendered text; ArrayRecord).
-PDFA's WebDataset shards convert with `python data/prepare.py array_record pdfa-eng-wds DATA/pdfs
---dpi 150` (a record per page); caption pairs in Parquet with `... array_record PAIRS DATA/pairs`.
+The sources are stage 1's (`obelics/` with `obelics_images/`, `pairs/`; see configs/pretrain_stage1.py)
+and PDFA as published:
+
+    pdfa/             pixparse/pdfa-eng-wds's WebDataset shards (`pdfa-eng-wds-*.tar`: a `.pdf` and
+                      its OCR `.json` per sample); each page a document, rendered at `dpi`
+
+The paper's 20% of PDFs also held OCR-IDL and rendered text; add them as sources of their own
+(`--config.data.sources.pdfa.weight` and the others' weights then share the 20%).
 """
 
 from idefics_jax.train.config import base_config
@@ -12,12 +17,13 @@ from idefics_jax.train.config import base_config
 
 def get_config():
     c = base_config("idefics2-8b")
-    edges = dict(longest_edge=980, shortest_edge=378, format="array_record")
-    c.data.sources = [
-        dict(name="interleaved", path="obelics", weight=0.45, max_length=2048, **edges),
-        dict(name="pairs", path="pairs", weight=0.35, max_length=1536, **edges),
-        dict(name="pdfs", path="pdfs", weight=0.20, max_length=1024, **edges),
-    ]
+    edges = dict(longest_edge=980, shortest_edge=378)
+    c.data.sources = {
+        "obelics": dict(path="obelics", format="parquet", image_store="obelics_images", weight=0.45, max_length=2048,
+                        **edges),
+        "pairs": dict(path="pairs", format="webdataset", schema="pairs", weight=0.35, max_length=1536, **edges),
+        "pdfa": dict(path="pdfa", format="webdataset", schema="pdfa", dpi=150, weight=0.20, max_length=1024, **edges),
+    }
     c.data.seq_len = 2048
     c.data.image_slots = 16
     c.data.buckets = [(490, 980), (980, 490), (980, 980)]

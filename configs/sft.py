@@ -2,10 +2,18 @@
 
 Loss on answers only (conversation records), half of the images split into 4 crops + the whole
 image (320 visual tokens), native resolution up to 980 px. Start from the pre-trained model:
-`--config.model.init_from=<export of stage 2>`. `data.dir` holds `cauldron/` and `text_instructions/`
-(ArrayRecord shards). The Cauldron's Parquet files, as downloaded from the Hub, convert with
-`python data/prepare.py array_record the_cauldron/<subset> DATA/cauldron` (each subset's files
-become shards of their own; Docmatix the same way).
+`--config.model.init_from=<export of stage 2>`. The sources, under `data.dir`:
+
+    the_cauldron/       HuggingFaceM4/the_cauldron as downloaded: a directory per subset of Parquet
+                        files (`ai2d/train-00000-of-00001.parquet`, ...), all subsets read as one
+                        source (each row a conversation); one subset alone:
+                        `--config.data.sources.cauldron.path=the_cauldron/vqav2`
+    text_instructions/  text-only conversations: Parquet rows in The Cauldron's schema with no
+                        images (`format=parquet`), or our records (jsonl / ArrayRecord)
+
+Docmatix reads the same way (`--config.data.sources.cauldron.path=docmatix`). For training at
+scale convert first (`python data/prepare.py array_record DATA/the_cauldron DATA/cauldron_ar`, a
+shard per subset file) and set `--config.data.sources.cauldron.format=array_record`.
 """
 
 from idefics_jax.train.config import base_config
@@ -13,12 +21,11 @@ from idefics_jax.train.config import base_config
 
 def get_config():
     c = base_config("idefics2-8b")
-    c.data.sources = [
-        dict(name="cauldron", path="cauldron", weight=0.8, max_length=2048, split_probability=0.5,
-             format="array_record"),
-        dict(name="text_instructions", path="text_instructions", weight=0.2, max_length=2048,
-             format="array_record"),
-    ]
+    c.data.sources = {
+        "cauldron": dict(path="the_cauldron", format="parquet", weight=0.8, max_length=2048, split_probability=0.5),
+        "text_instructions": dict(path="text_instructions", format="parquet", schema="the_cauldron", weight=0.2,
+                                  max_length=2048),
+    }
     c.data.seq_len = 2048
     c.data.image_slots = 20
     c.data.buckets = [(490, 980), (980, 490), (980, 980)]

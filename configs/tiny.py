@@ -19,11 +19,11 @@ def get_config():
     c.data.synthetic_num = 1500
     c.data.synthetic_easy = True  # black single words / numbers: learnable from scratch in minutes
     edges = dict(longest_edge=112, shortest_edge=28)
-    c.data.sources = [
-        dict(name="conversations", path="conversations", weight=0.75, max_length=512, **edges),
-        dict(name="pairs", path="pairs", weight=0.15, max_length=512, **edges),
-        dict(name="interleaved", path="interleaved", weight=0.1, max_length=512, **edges),
-    ]
+    c.data.sources = {
+        "conversations": dict(path="conversations", weight=0.75, max_length=512, **edges),
+        "pairs": dict(path="pairs", weight=0.15, max_length=512, **edges),
+        "interleaved": dict(path="interleaved", weight=0.1, max_length=512, **edges),
+    }
     c.data.eval_source = "conversations_eval"
     c.data.seq_len = 512
     c.data.image_slots = 24

@@ -24,6 +24,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import sys
 from collections import Counter
 
@@ -36,36 +37,53 @@ from idefics_jax.data.image_store import ImageStore
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
 from idefics_jax.data.schemas import MISSING_IMAGES, SCHEMAS
-from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, open_source, record_images,
-                                      write_array_record)
+from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, file_name, files_at, open_source,
+                                      record_images, write_array_record)
 from idefics_jax.paths import local_directory
 
 
 def source_format(path: str) -> str:
-    """The format of the files at `path` (a file, or a directory of them)."""
+    """The format of the files at `path` (a file, a directory of them, or of directories of them)."""
     path = epath.Path(path)
-    names = [path.name] if not path.is_dir() else [p.name for p in path.iterdir()]
-    for suffix, fmt in ((".parquet", "parquet"), (".arrow", "arrow"), (".array_record", "array_record"),
-                        (".tar", "webdataset"), (".jsonl", "jsonl")):
-        if any(name.endswith(suffix) for name in names):
-            return fmt
+    levels = [[path]] if not path.is_dir() else [list(path.iterdir())]
+    if path.is_dir():  # subsets, each a directory
+        levels.append([p for child in levels[0] if child.is_dir() for p in child.iterdir()])
+    for files in levels:
+        for suffix, fmt in ((".parquet", "parquet"), (".arrow", "arrow"), (".array_record", "array_record"),
+                            (".tar", "webdataset"), (".jsonl", "jsonl")):
+            if any(f.name.endswith(suffix) for f in files):
+                return fmt
     raise FileNotFoundError(f"No data.jsonl, .array_record, .parquet, .arrow or .tar files at {path}")
 
 
+def describe(sample: dict, record: dict, tokenizer) -> str:
+    """One encoded sample as `check` shows it: its place, images, token counts and decoded text (each
+    image's run of tokens shortened, at most 400 characters)."""
+    text = re.sub(r"(?:<image>)+", lambda m: f"<image>x{m.group(0).count('<image>')}", tokenizer.decode(sample["input_ids"]))
+    sizes = ", ".join(f"{image.shape[1]}x{image.shape[0]}" for image in sample["images"]) or "none"
+    return (f"{record_place(record)} ({record.get('type')}): images {sizes}; {len(sample['input_ids'])} tokens, "
+            f"{int(sample['targets'].sum())} trained\n    {text[:400]!r}")
+
+
 def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: int, fmt: str | None = None,
-          **options) -> int:
-    """Encodes every record of the source at `directory` (`options`: `open_source`'s keywords) and
-    prints the counts; 1 when some record cannot be used."""
+          samples: int = 3, **options) -> int:
+    """Encodes every record of the source at `directory` (`options`: `open_source`'s keywords), shows
+    the first `samples` decoded and prints the counts; 1 when some record cannot be used."""
     from idefics_jax.data.tokenizer import Tokenizer
 
     source = open_source(directory, fmt or source_format(directory), **options)
-    encoder = SampleEncoder(Processor(Tokenizer(tokenizer_path), ImageProcessor(), image_seq_len),
+    tokenizer = Tokenizer(tokenizer_path)
+    encoder = SampleEncoder(Processor(tokenizer, ImageProcessor(), image_seq_len),
                             base_dir=source.base_dir, max_length=max_length)
     problems, lengths = Counter(), []
+    print(f"{directory}: {source}")
     for i in range(len(source)):
         record = source[i]
         try:
-            lengths.append(len(encoder(record)["input_ids"]))
+            sample = encoder(record)
+            lengths.append(len(sample["input_ids"]))
+            if len(lengths) <= samples:
+                print(f"sample {i}: {describe(sample, record, tokenizer)}")
         except SampleError as error:
             problems[error.reason] += 1
             print(f"record {i} ({record_place(record)}): {error.reason}: {error}", file=sys.stderr)
@@ -76,11 +94,10 @@ def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: i
 
 
 def convert_file(task: tuple) -> dict:
-    """One input file (a Parquet or Arrow file, a tar shard) -> `OUT_DIR/<its name>.array_record`,
-    written as `.partial` and renamed when complete, with its counts beside it: a file already
-    converted is skipped (a killed run resumes). Returns the counts."""
-    file, fmt, options, out_dir = task
-    target = os.path.join(out_dir, os.path.basename(file) + ".array_record")
+    """One input file (a Parquet or Arrow file, a tar shard) -> `target` (`OUT_DIR/<its name>.array_record`,
+    a subset's files `<subset>--<name>.array_record`), written as `.partial` and renamed when complete,
+    with its counts beside it: a file already converted is skipped (a killed run resumes). Returns the counts."""
+    file, fmt, options, target = task
     if os.path.exists(target) and os.path.exists(target + ".summary.json"):
         with open(target + ".summary.json") as f:
             return {**json.load(f), "resumed": 1}
@@ -108,12 +125,11 @@ def convert_file(task: tuple) -> dict:
 def convert(path: str, out_dir: str, fmt: str, workers: int, **options) -> int:
     """Every input file at `path` converted in parallel (`convert_file`; `options`: `open_source`'s
     keywords); prints the summary."""
-    root = epath.Path(path)
-    suffix = {"parquet": ".parquet", "arrow": ".arrow", "webdataset": ".tar"}[fmt]
-    files = sorted(str(f) for f in root.glob(f"*{suffix}")) if root.is_dir() else [str(root)]
+    files, base_dir = files_at(path, {"parquet": "parquet", "arrow": "arrow", "webdataset": "tar"}[fmt])
     if options.get("image_store"):
         ImageStore(options["image_store"])  # indexed once here, not by every worker at once
-    tasks = [(f, fmt, options, out_dir) for f in files]
+    tasks = [(f, fmt, options, os.path.join(out_dir, file_name(f, base_dir).replace("/", "--") + ".array_record"))
+             for f in files]
     totals, examples = Counter(), []
     with multiprocessing.get_context("spawn").Pool(max(1, min(workers, len(tasks)))) as pool:
         for summary in tqdm(pool.imap_unordered(convert_file, tasks), total=len(tasks), desc="files", unit="file"):
@@ -159,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--image-seq-len", type=int, default=64)
     p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--samples", type=int, default=3, help="decoded samples shown")
     add_source_options(p)
     p = sub.add_parser("array_record")
     p.add_argument("dir")
@@ -177,7 +194,7 @@ def main(argv=None) -> int:
             return images(args.store)
         if args.command == "check":
             return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length, args.format,
-                         **source_options(args))
+                         args.samples, **source_options(args))
         if args.command == "array_record" and (args.format or source_format(args.dir)) in ("parquet", "arrow",
                                                                                            "webdataset"):
             with local_directory(args.out_dir, "OUT_DIR") as out_dir:

@@ -120,6 +120,8 @@ def test_prepare_check_reads_the_files_as_downloaded(cauldron, tokenizer, tmp_pa
     assert prepare.main(["check", str(out / "parquet"), "--tokenizer", str(tokenizer_path), "--max-length", "4096"]) == 1
     captured = capsys.readouterr()
     assert f"{len(rows)} records: {good} usable, bad_image 1, bad_record 4" in captured.out, captured
+    shown = [line for line in captured.out.splitlines() if line.startswith("sample ")]
+    assert len(shown) == 3 and "(conversation): images" in shown[0] and "Assistant:" in captured.out
     assert "train-00000-of-00002.parquet#2" in captured.err
     assert prepare.main(["check", str(tmp_path), "--tokenizer", str(tokenizer_path)]) == 2
     assert "No data.jsonl, .array_record, .parquet, .arrow or .tar files" in capsys.readouterr().err
@@ -439,7 +441,9 @@ def test_obelics_in_a_pipeline_and_through_prepare(obelics, tokenizer, tmp_path,
     assert "webdataset store of 2 files, 12 images, 1 downloads that failed" in capsys.readouterr().out
     assert prepare.main(["check", str(out / "parquet"), "--tokenizer", str(tokenizer_path),
                          "--image-store", str(out / "images")]) == 1
-    assert f"{len(rows)} records: 9 usable, bad_record 3, missing_image 2" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert f"{len(rows)} records: 9 usable, bad_record 3, missing_image 2" in shown
+    assert "sample 0: train-00000-of-00001.parquet#0 (interleaved): images " in shown and "<image>x64" in shown
     done = subprocess.run([sys.executable, str(script), "array_record", str(out / "parquet"), str(tmp_path / "ar"),
                            "--workers", "1", "--image-store", str(out / "images"), "--missing-images", "drop"],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -49,5 +49,5 @@ def save_image_processor(directory: Path, images: ImageProcessor):
 
 def training_image_processor(config) -> ImageProcessor:
     """The image sizes a training config's (first) source was processed at."""
-    source = config.data.sources[0] if config.data.sources else {}
+    source = next(iter(config.data.sources.values()), {})
     return ImageProcessor(longest_edge=source.get("longest_edge", 980), shortest_edge=source.get("shortest_edge", 378))

@@ -172,12 +172,19 @@ def load_data_source(data_dir: str | os.PathLike, split: str = "train"):
     return tfds.builder_from_directory(str(candidates[-1])).as_data_source(split=split)
 
 
-def _files_at(path: epath.Path, ext: str) -> tuple[list[str], str]:
-    """(the `.ext` files at `path`, a file or a directory of them, in name order; their directory)."""
-    files = sorted(path.glob(f"*.{ext}")) if path.is_dir() else [path]
+def files_at(path: str | os.PathLike, ext: str) -> tuple[list[str], str]:
+    """(the `.ext` files at `path`, in name order; their directory): a file, a directory of them, or a
+    directory of directories of them (The Cauldron's subsets: `the_cauldron/ai2d/train-*.parquet`)."""
+    path = epath.Path(path)
+    files = (sorted(path.glob(f"*.{ext}")) or sorted(path.glob(f"*/*.{ext}"))) if path.is_dir() else [path]
     if not files or not all(f.exists() for f in files):
-        raise FileNotFoundError(f"No .{ext} files at {path}")
+        raise FileNotFoundError(f"No .{ext} files at {path} (nor in its subdirectories)")
     return [str(f) for f in files], str(path if path.is_dir() else path.parent)
+
+
+def file_name(file: str, base_dir: str) -> str:
+    """A source's file as messages name it: its path under the source's directory."""
+    return os.path.relpath(file, base_dir) if not is_url(file) else file[len(base_dir.rstrip("/")) + 1:]
 
 
 class TableSource:
@@ -192,7 +199,7 @@ class TableSource:
         if fmt not in ("parquet", "arrow"):
             raise ValueError(f"TableSource reads parquet or arrow files, not '{fmt}'")
         path = epath.Path(path)
-        self.fmt, (self.files, self.base_dir) = fmt, _files_at(path, fmt)
+        self.fmt, (self.files, self.base_dir) = fmt, files_at(path, fmt)
         self._lock = threading.Lock()
         self._tables: dict[Any, pa.Table] = {}  # Arrow: file -> its mapped table; Parquet: LRU of row groups
         self._groups, ends, names = [], [], None  # (file, row group or None), cumulative row counts
@@ -267,7 +274,7 @@ class TableSource:
         g = bisect.bisect_right(self._ends, index)
         start = self._ends[g - 1] if g else 0
         f = self._groups[g][0]
-        where = f"{os.path.basename(self.files[f])}#{index - self._file_starts[f]}"  # the row within its file
+        where = f"{file_name(self.files[f], self.base_dir)}#{index - self._file_starts[f]}"  # the row in its file
         try:
             with self._lock:
                 table = self._group(g)
@@ -303,7 +310,7 @@ class TarSource:
     def __init__(self, path: str | os.PathLike, schema: str = "", dpi: int = 150, image_column: str = "",
                  text_column: str = ""):
         path = epath.Path(path)
-        (self.files, self.base_dir), self.dpi = _files_at(path, "tar"), dpi
+        (self.files, self.base_dir), self.dpi = files_at(path, "tar"), dpi
         self._sizes = [epath.Path(f).stat().length for f in self.files]
         self._samples = [self._indexed(f, size) for f, size in zip(self.files, self._sizes)]
         first = next((members for shard in self._samples for members in shard.values()), {})
@@ -353,7 +360,7 @@ class TarSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         f, key, page = self._entries[index]
         members = self._samples[f][key]
-        where = f"{os.path.basename(self.files[f])}:{key}" + (f"#page{page}" if self.schema == "pdfa" else "")
+        where = f"{file_name(self.files[f], self.base_dir)}:{key}" + (f"#page{page}" if self.schema == "pdfa" else "")
         try:
             if self.schema == "pdfa":
                 sample = {ext: self._read(f, members, ext) for ext in ("pdf", "json")}

@@ -34,7 +34,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "synthetic_num": 2000,
         "synthetic_easy": False,  # single words / 2-digit numbers in large type (tiny CPU runs)
         "tokenizer": "",  # a sentencepiece .model ("" with synthetic: the generated one)
-        "sources": [],  # dicts of idefics_jax.data.pipeline.SourceConfig fields
+        # name -> idefics_jax.data.pipeline.SourceConfig's other fields (path, format, weight, ...), so
+        # that each is a key: --config.data.sources.pairs.path=...; mixed in name order
+        "sources": {},
         "seq_len": 2048,
         "image_slots": 8,
         "buckets": [(980, 980)],

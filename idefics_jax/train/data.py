@@ -62,14 +62,16 @@ def prepare_data(config, workdir: epath.Path) -> tuple[epath.Path, Tokenizer]:
 def make_pipeline(config, data_dir: epath.Path, tokenizer: Tokenizer, image_seq_len: int) -> Pipeline:
     if not config.data.sources:
         raise ValueError("config.data.sources is empty: name at least one source")
-    known = {f.name for f in dataclasses.fields(SourceConfig)}
+    known = {f.name for f in dataclasses.fields(SourceConfig)} - {"name"}
     sources = []
-    for i, source in enumerate(config.data.sources):
+    for name, source in config.data.sources.items():
         source = dict(source)
         unknown = sorted(set(source) - known)
         if unknown:
-            raise ValueError(f"config.data.sources[{i}] has unknown key(s) {unknown}; known: {sorted(known)}")
-        source["path"] = str(data_dir / source["path"])
+            raise ValueError(f"config.data.sources.{name} has unknown key(s) {unknown}; known: {sorted(known)}")
+        if "path" not in source:
+            raise ValueError(f"config.data.sources.{name} has no path")
+        source["name"], source["path"] = name, str(data_dir / source["path"])
         if source.get("image_store"):
             source["image_store"] = str(data_dir / source["image_store"])
         sources.append(SourceConfig(**source))
