@@ -1,17 +1,27 @@
-"""Preprocessing speed: our image processor against transformers' Idefics2ImageProcessor, and the
-packed-row throughput of the Grain pipeline with 0 and 2 worker processes.
+"""Preprocessing speed: our image processor against transformers' Idefics2ImageProcessor, the
+packed-row throughput of the Grain pipeline with 0 and 2 worker processes, and The Cauldron's
+Parquet rows through our pipeline against the usual PyTorch path.
 
-    python benchmarks/preprocess.py [--images 200] [--out benchmarks/RESULTS.md]
+    python benchmarks/preprocess.py [--images 200] [--parts processors,pipeline,cauldron]
+        [--cauldron-rows 400] [--out benchmarks/RESULTS.md]
 
 Both processors get the same decoded PIL images in one run (mixed sizes from 32 px to 1600 px,
 RGB and a few other modes), with and without image splitting; the pipeline reads synthetic data
-it generates into a temporary directory. Results are appended to RESULTS.md with the machine named.
+it generates into a temporary directory. The Cauldron part writes a Cauldron-shaped Parquet file
+with `datasets` (as the Hub's files are written: one JPEG of 200-1000 px and 1-3 Q/A turns a row,
+its image features in the file's metadata) and reads it both ways: ours, `Pipeline` over the
+Parquet source into packed rows of 2048 tokens (answer-only loss); theirs, `datasets` (images
+decoded to PIL by their feature), transformers' `Idefics2Processor` (chat template, image
+processor, tokenizer) and the collator of its fine-tuning tutorial (padded batches, labels with
+pad and image tokens masked) in a torch `DataLoader`; both shuffled, no image splitting, 980 px,
+64 tokens per image, the same tokenizer. Results are appended to RESULTS.md with the machine named.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import os
 import platform
 import sys
@@ -91,6 +101,110 @@ def bench_pipeline(workers: int, rows: int = 96) -> float:
     return rows / (time.perf_counter() - start)
 
 
+def cauldron_file(directory: Path, rows: int, seed: int = 0) -> Path:
+    """A Cauldron-shaped Parquet file written by `datasets` (see the module's doc)."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    words = "the a red blue cat boat seven tree house green what is written in this image".split()
+    say = lambda k: " ".join(rng.choice(words, k))
+    images, texts = [], []
+    for image in make_images(rows, seed):
+        out = io.BytesIO()
+        image.convert("RGB").resize((int(rng.integers(200, 1000)), int(rng.integers(200, 1000)))).save(out, "JPEG")
+        images.append([{"bytes": out.getvalue(), "path": None}])
+        texts.append([{"user": f"{say(6)}?", "assistant": say(3), "source": "bench"} for _ in range(rng.integers(1, 4))])
+    features = datasets.Features({
+        "images": datasets.Sequence(datasets.Image()),
+        "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string"),
+                   "source": datasets.Value("string")}]})
+    path = directory / "train-00000-of-00001.parquet"
+    datasets.Dataset.from_dict({"images": images, "texts": texts}, features=features).to_parquet(str(path))
+    return path
+
+
+def bench_cauldron_ours(path: Path, tokenizer_path: Path, samples: int, workers: int) -> dict:
+    from idefics_jax.data.packing import PackConfig
+    from idefics_jax.data.pipeline import Pipeline, SourceConfig
+    from idefics_jax.data.tokenizer import Tokenizer
+
+    source = SourceConfig("cauldron", str(path), format="parquet", longest_edge=980, shortest_edge=378)
+    pipeline = Pipeline([source], Tokenizer(tokenizer_path), PackConfig(seq_len=2048, image_slots=8,
+                                                                        buckets=((980, 980),)),
+                        batch_size=4, image_seq_len=64, seed=0, shard_index=0, shard_count=1, num_workers=workers,
+                        read_threads=1, read_buffer=8)
+    for _ in range(max(2, workers)):  # start-up (every worker process) is not counted
+        next(pipeline)
+    start_samples, rows, start = pipeline.stats["packed"], 0, time.perf_counter()
+    while pipeline.stats["packed"] - start_samples < samples:
+        next(pipeline)
+        rows += 4
+    seconds = time.perf_counter() - start
+    return {"samples/s": (pipeline.stats["packed"] - start_samples) / seconds, "rows/s": rows / seconds}
+
+
+def bench_cauldron_reference(path: Path, tokenizer_path: Path, samples: int, workers: int) -> dict:
+    import datasets
+    import torch
+    from transformers import Idefics2Processor, LlamaTokenizer
+    from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+
+    from idefics_jax.data.processor import HF_CHAT_TEMPLATE
+
+    tokenizer = LlamaTokenizer(vocab_file=str(tokenizer_path), add_bos_token=True, legacy=False)
+    tokenizer.pad_token = "<unk>"
+    processor = Idefics2Processor(image_processor=Idefics2ImageProcessorPil(do_image_splitting=False),
+                                  tokenizer=tokenizer, image_seq_len=64, chat_template=HF_CHAT_TEMPLATE)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+
+    def collate(examples):
+        texts, images = [], []
+        for example in examples:
+            messages = []
+            for i, turn in enumerate(example["texts"]):
+                opening = [{"type": "image"}] * len(example["images"]) if i == 0 else []
+                messages += [{"role": "user", "content": opening + [{"type": "text", "text": turn["user"]}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": turn["assistant"]}]}]
+            texts.append(processor.apply_chat_template(messages, add_generation_prompt=False))
+            images.append(example["images"])
+        batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        labels = batch["input_ids"].clone()
+        labels[labels == processor.tokenizer.pad_token_id] = -100
+        labels[labels == image_token] = -100
+        batch["labels"] = labels
+        return batch
+
+    dataset = datasets.Dataset.from_parquet(str(path)).shuffle(seed=0)
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate, num_workers=workers,
+                                              persistent_workers=workers > 0))
+    for _ in range(max(2, workers)):
+        next(loader)
+    start, done = time.perf_counter(), 0
+    while done < samples:
+        done += len(next(loader)["input_ids"])
+    return {"samples/s": done / (time.perf_counter() - start)}
+
+
+def bench_cauldron(rows: int, lines: list[str]) -> None:
+    from idefics_jax.data.synthetic import generate
+
+    directory = Path(tempfile.mkdtemp())
+    generate(directory / "synthetic", num=100, seed=0, formats=("jsonl",))  # for its tokenizer
+    tokenizer_path = directory / "synthetic" / "tokenizer.model"
+    path = cauldron_file(directory, rows)
+    samples = rows // 2
+    lines += ["", f"The Cauldron's Parquet rows ({rows} rows, 1 JPEG of 200-1000 px and 1-3 Q/A turns each, "
+              f"{samples} samples timed after warm-up):", "",
+              "| workers | ours: samples/s | ours: packed rows/s (2048 tokens) | datasets + transformers + collator: "
+              "samples/s | speed-up (samples/s) |", "|---|---|---|---|---|"]
+    for workers in (0, 2):
+        ours = bench_cauldron_ours(path, tokenizer_path, samples, workers)
+        theirs = bench_cauldron_reference(path, tokenizer_path, samples, workers)
+        lines.append(f"| {workers} | {ours['samples/s']:.1f} | {ours['rows/s']:.2f} | {theirs['samples/s']:.1f} | "
+                     f"{ours['samples/s'] / theirs['samples/s']:.2f}x |")
+        print(lines[-1], flush=True)
+
+
 def machine() -> str:
     import jax
     import transformers
@@ -138,25 +252,33 @@ def append_results(path: str, lines: list[str]) -> None:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--parts", default="processors,pipeline,cauldron")
+    parser.add_argument("--cauldron-rows", type=int, default=400)
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
-    images = make_images(args.images)
+    parts = args.parts.split(",")
     lines = [f"\n## Preprocessing ({datetime.date.today()})\n", f"Machine: {machine()}.\n",
-             f"Command: `python benchmarks/preprocess.py --images {args.images}` "
+             f"Command: `python benchmarks/preprocess.py --images {args.images} --parts {args.parts} "
+             f"--cauldron-rows {args.cauldron_rows}` "
              "(same decoded images for both processors, one image per call, each side's whole call: resize, "
              "normalise, split, pad, pixel mask, stacked numpy batch; ours `ImageProcessor.__call__`, theirs "
-             "`Idefics2ImageProcessorPil.__call__(return_tensors='np')`).\n",
-             "| processor | splitting | ours (images/s) | transformers (images/s) | speed-up |",
-             "|---|---|---|---|---|"]
-    for split in (False, True):
-        r = bench_processors(images, split)
-        lines.append(f"| Idefics2ImageProcessor | {'yes' if split else 'no'} | {r['ours']:.1f} | {r['reference']:.1f} "
-                     f"| {r['ours'] / r['reference']:.2f}x |")
-        print(lines[-1], flush=True)
-    lines += ["", "| pipeline (synthetic mix, seq 2048, 8 image slots, 384 px) | packed rows/s |", "|---|---|"]
-    for workers in (0, 2):
-        lines.append(f"| {workers} worker processes | {bench_pipeline(workers):.1f} |")
-        print(lines[-1], flush=True)
+             "`Idefics2ImageProcessorPil.__call__(return_tensors='np')`; the Cauldron rows as the module's doc says).\n"]
+    if "processors" in parts:
+        images = make_images(args.images)
+        lines += ["| processor | splitting | ours (images/s) | transformers (images/s) | speed-up |",
+                  "|---|---|---|---|---|"]
+        for split in (False, True):
+            r = bench_processors(images, split)
+            lines.append(f"| Idefics2ImageProcessor | {'yes' if split else 'no'} | {r['ours']:.1f} | "
+                         f"{r['reference']:.1f} | {r['ours'] / r['reference']:.2f}x |")
+            print(lines[-1], flush=True)
+    if "pipeline" in parts:
+        lines += ["", "| pipeline (synthetic mix, seq 2048, 8 image slots, 384 px) | packed rows/s |", "|---|---|"]
+        for workers in (0, 2):
+            lines.append(f"| {workers} worker processes | {bench_pipeline(workers):.1f} |")
+            print(lines[-1], flush=True)
+    if "cauldron" in parts:
+        bench_cauldron(args.cauldron_rows, lines)
     append_results(args.out, lines)
 
 

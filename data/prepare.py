@@ -16,8 +16,9 @@ The Cauldron, Docmatix, OBELICS, image-caption pairs; PDFA's WebDataset tar shar
 from the files and its schema from the columns unless given. OBELICS's images come from the store
 the user downloaded (`--image-store`: img2dataset's output, or Parquet / ArrayRecord files of url ->
 bytes, see `idefics_jax/data/image_store.py`); `images STORE` indexes it once (else the first
-reader does) and prints what it holds. DIR and OUT_DIR may be
-gs://bucket/... URLs (OUT_DIR's files are written to local disk first, then uploaded).
+reader does) and prints what it holds. DIR and OUT_DIR may be gs://bucket/... URLs: OUT_DIR's
+files are written to local disk first, then uploaded (a published dataset's shards each as it is
+complete, so that a conversion into a bucket resumes too).
 """
 
 import argparse
@@ -25,7 +26,9 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections import Counter
 
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -39,7 +42,7 @@ from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
 from idefics_jax.data.schemas import MISSING_IMAGES, SCHEMAS
 from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, file_name, files_at, open_source,
                                       record_images, write_array_record)
-from idefics_jax.paths import local_directory
+from idefics_jax.paths import as_path, is_url, local_directory
 
 
 def source_format(path: str) -> str:
@@ -95,30 +98,35 @@ def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: i
 
 def convert_file(task: tuple) -> dict:
     """One input file (a Parquet or Arrow file, a tar shard) -> `target` (`OUT_DIR/<its name>.array_record`,
-    a subset's files `<subset>--<name>.array_record`), written as `.partial` and renamed when complete,
-    with its counts beside it: a file already converted is skipped (a killed run resumes). Returns the counts."""
+    a subset's files `<subset>--<name>.array_record`), written as `.partial` and renamed when complete
+    (into a bucket: written locally, then uploaded), then its counts beside it: a file whose counts
+    exist is skipped (a killed run resumes, in a bucket too). Returns the counts."""
     file, fmt, options, target = task
-    if os.path.exists(target) and os.path.exists(target + ".summary.json"):
-        with open(target + ".summary.json") as f:
-            return {**json.load(f), "resumed": 1}
+    done = epath.Path(target + ".summary.json")
+    if done.exists() and epath.Path(target).exists():
+        return {**json.loads(done.read_text()), "resumed": 1}
     source = open_source(file, fmt, **options)
     counts, examples = Counter(), []
-    writer = ArrayRecordWriter(target + ".partial", "group_size:1")
-    try:
-        for i in range(len(source)):
-            record = source[i]
-            if record.get("type") == "_invalid":
-                counts[f"skipped/{record.get('_reason', 'bad_record')}"] += 1
-                examples.append(f"{record_place(record)}: {record.get('_error')}")
-                continue
-            writer.write(encode_entry(record, record_images(record, source.base_dir)))
-            counts["kept"] += 1
-    finally:
-        writer.close()
-    os.replace(target + ".partial", target)
+    with tempfile.TemporaryDirectory(prefix="prepare-") as scratch:
+        local = os.path.join(scratch, os.path.basename(target)) if is_url(target) else target
+        writer = ArrayRecordWriter(local + ".partial", "group_size:1")
+        try:
+            for i in range(len(source)):
+                record = source[i]
+                if record.get("type") == "_invalid":
+                    counts[f"skipped/{record.get('_reason', 'bad_record')}"] += 1
+                    examples.append(f"{record_place(record)}: {record.get('_error')}")
+                    continue
+                writer.write(encode_entry(record, record_images(record, source.base_dir)))
+                counts["kept"] += 1
+        finally:
+            writer.close()
+        os.replace(local + ".partial", local)
+        if local != target:
+            with open(local, "rb") as src, epath.Path(target).open("wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
     summary = {**counts, "examples": examples[:5]}
-    with open(target + ".summary.json", "w") as f:
-        json.dump(summary, f)
+    done.write_text(json.dumps(summary))
     return summary
 
 
@@ -197,9 +205,12 @@ def main(argv=None) -> int:
                          args.samples, **source_options(args))
         if args.command == "array_record" and (args.format or source_format(args.dir)) in ("parquet", "arrow",
                                                                                            "webdataset"):
-            with local_directory(args.out_dir, "OUT_DIR") as out_dir:
-                return convert(args.dir, out_dir, args.format or source_format(args.dir), args.workers,
-                               **source_options(args))
+            if is_url(args.out_dir):
+                as_path(args.out_dir, "OUT_DIR")  # the bucket is checked before any work
+            else:
+                os.makedirs(args.out_dir, exist_ok=True)
+            return convert(args.dir, args.out_dir, args.format or source_format(args.dir), args.workers,
+                           **source_options(args))
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

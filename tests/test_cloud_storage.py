@@ -397,3 +397,34 @@ def test_published_data_in_a_bucket(gcs_bucket, tmp_path, seed):
     assert not (remote / "pdfa" / "shard-0.tar.index.json").exists()
     assert (remote / "images" / "url_index" / "meta.json").exists()  # the store's index, written beside it
     assert ImageStore(remote / "images").get(next(iter(images))) == next(iter(images.values()))
+
+
+def test_prepare_converts_published_files_into_a_bucket_and_resumes(gcs_bucket, tmp_path, seed):
+    """Parquet files -> ArrayRecord shards in a bucket, each uploaded when complete with its counts
+    last: a run killed after the first file resumes from the bucket's state."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpers.published import CAULDRON, cauldron_rows
+    from idefics_jax.data.sources import ArrayRecordSource
+
+    rng = np.random.default_rng([seed, 39])
+    rows, good = cauldron_rows(rng, 8)
+    (tmp_path / "cauldron").mkdir()
+    for k, part in enumerate([rows[:6], rows[6:]]):
+        pq.write_table(pa.Table.from_pylist(part, schema=CAULDRON), tmp_path / "cauldron" / f"train-0000{k}.parquet")
+    out = as_path(f"{gcs_bucket}/converted/{seed}")
+    run = lambda: subprocess.run([sys.executable, str(Path(__file__).parents[1] / "data" / "prepare.py"), "array_record",
+                                  str(tmp_path / "cauldron"), str(out), "--workers", "2"], capture_output=True, text=True,
+                                 timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    done = run()
+    assert done.returncode == 0 and "from 2 files (0 converted before)" in done.stdout, done.stderr[-3000:]
+    (out / "train-00001.parquet.array_record.summary.json").unlink()  # as if killed before its counts landed
+    again = run()
+    assert again.returncode == 0 and "from 2 files (1 converted before)" in again.stdout, again.stderr[-3000:]
+    assert len(ArrayRecordSource(out)) == good + 1  # the row with undecodable image bytes fits the schema

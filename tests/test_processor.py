@@ -9,16 +9,8 @@ import pytest
 from PIL import Image
 
 from idefics_jax.data.image_processing import ImageError, ImageProcessor, load_image
-from idefics_jax.data.processor import Processor, apply_chat_template
+from idefics_jax.data.processor import HF_CHAT_TEMPLATE, Processor, apply_chat_template
 from idefics_jax.data.tokenizer import Tokenizer
-
-# The chat template of HuggingFaceM4/idefics2-8b's processor.
-IDEFICS2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] == 'image' %}"
-    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
-    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
 
 
 def reference_image_processor(**kwargs):
@@ -148,7 +140,7 @@ def hf_processor(sp_model, image_seq_len, split):
     tokenizer = LlamaTokenizer.from_pretrained(sp_model[0], add_bos_token=True)
     tokenizer.pad_token = "<unk>"
     return Idefics2Processor(image_processor=reference_image_processor(do_image_splitting=split),
-                             tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=IDEFICS2_CHAT_TEMPLATE)
+                             tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=HF_CHAT_TEMPLATE)
 
 
 PROMPTS = [

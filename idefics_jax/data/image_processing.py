@@ -119,17 +119,25 @@ def _normalizer(scale: float, mean: float, std: float):
     table = (np.arange(256, dtype=np.float64) * scale).astype(np.float32)
     table = (table - np.float32(mean)) / np.float32(std)
     divisor, mean32, std32 = np.float32(1 / scale), np.float32(mean), np.float32(std)
-    arithmetic = lambda x: (x.astype(np.float32) / divisor - mean32) / std32
-    if np.array_equal(arithmetic(np.arange(256, dtype=np.uint8)), table):
+
+    def arithmetic(x, out):  # in place in `out`: no temporaries the size of the image
+        np.divide(x, divisor, out=out, dtype=np.float32)
+        np.subtract(out, mean32, out=out)
+        return np.divide(out, std32, out=out)
+
+    all_values = np.arange(256, dtype=np.uint8)
+    if np.array_equal(arithmetic(all_values, np.empty(256, np.float32)), table):
         return arithmetic
-    return lambda x: np.take(table, x)
+    return lambda x, out: np.take(table, x, out=out)
 
 
-def normalize_uint8(image: np.ndarray, scale: float = 1 / 255, mean: float = 0.5, std: float = 0.5) -> np.ndarray:
-    """uint8 array -> float32, bit-identical to rescale-then-normalise."""
+def normalize_uint8(image: np.ndarray, scale: float = 1 / 255, mean: float = 0.5, std: float = 0.5,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 array -> float32, bit-identical to rescale-then-normalise; written into `out` (a float32
+    array of the image's shape, or a view into a larger one) when given."""
     if image.dtype != np.uint8:
         raise TypeError(f"normalize_uint8 takes uint8 pixels, got {image.dtype}")
-    return _normalizer(scale, mean, std)(image)
+    return _normalizer(scale, mean, std)(image, np.empty(image.shape, np.float32) if out is None else out)
 
 
 @dataclasses.dataclass(frozen=True)

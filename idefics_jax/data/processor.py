@@ -51,6 +51,16 @@ def render_turn(message: Message) -> str:
     return head + "".join(body) + END_OF_UTTERANCE + "\n"
 
 
+# The Jinja chat template of HuggingFaceM4/idefics2-8b's processor, which `apply_chat_template` renders
+# the same (tests/test_processor.py); for transformers' `Idefics2Processor(chat_template=...)`.
+HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}{% if message['content'][0]['type'] == 'image' %}"
+    "{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}"
+    "{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
 def apply_chat_template(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
     return "".join(render_turn(m) for m in messages) + ("Assistant:" if add_generation_prompt else "")
 
