@@ -1,6 +1,6 @@
 """Dataset preparation: check a source, convert it to ArrayRecord shards or a TFDS build.
 
-    python data/prepare.py check PATH --tokenizer tokenizer.model    # encode every record, report problems
+    python data/prepare.py check PATH [--tokenizer tokenizer.model]  # encode every record, report problems
         [--format jsonl|array_record|parquet|arrow|webdataset]
         [--schema the_cauldron|docmatix|obelics|pairs|pdfa|records]
         [--image-column C --text-column C] [--image-store STORE --missing-images skip|drop]
@@ -40,8 +40,8 @@ from idefics_jax.data.image_store import ImageStore
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
 from idefics_jax.data.schemas import MISSING_IMAGES, SCHEMAS
-from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, file_name, files_at, open_source,
-                                      record_images, write_array_record)
+from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, file_name, files_at, image_refs,
+                                      open_source, record_images, write_array_record)
 from idefics_jax.paths import as_path, is_url, local_directory
 
 
@@ -68,21 +68,40 @@ def describe(sample: dict, record: dict, tokenizer) -> str:
             f"{int(sample['targets'].sum())} trained\n    {text[:400]!r}")
 
 
-def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: int, fmt: str | None = None,
+def record_text(record: dict) -> str:
+    """A record's text as `check` shows it without a tokenizer, its images as `<image>`."""
+    kind = record.get("type")
+    if kind == "conversation":
+        return "".join(f"{m.get('role')}: {m.get('content')}\n" for m in record.get("messages") or [])
+    if kind == "interleaved":
+        return "".join("<image>" if p.get("type") == "image" else str(p.get("text")) for p in record.get("content") or [])
+    return "<image>" + str(record.get("text"))
+
+
+def check(directory: str, tokenizer_path: str | None, image_seq_len: int, max_length: int, fmt: str | None = None,
           samples: int = 3, **options) -> int:
-    """Encodes every record of the source at `directory` (`options`: `open_source`'s keywords), shows
-    the first `samples` decoded and prints the counts; 1 when some record cannot be used."""
+    """Reads every record of the source at `directory` (`options`: `open_source`'s keywords) and,
+    with a tokenizer, encodes it (images decoded, prompt tokenized); shows the first `samples` and
+    prints the counts, problems by reason; 1 when some record cannot be used."""
     from idefics_jax.data.tokenizer import Tokenizer
 
     source = open_source(directory, fmt or source_format(directory), **options)
-    tokenizer = Tokenizer(tokenizer_path)
-    encoder = SampleEncoder(Processor(tokenizer, ImageProcessor(), image_seq_len),
-                            base_dir=source.base_dir, max_length=max_length)
+    tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
+    encoder = SampleEncoder(Processor(tokenizer, ImageProcessor(), image_seq_len), base_dir=source.base_dir,
+                            max_length=max_length) if tokenizer else None
     problems, lengths = Counter(), []
-    print(f"{directory}: {source}")
+    print(f"{directory}: {source}" + ("" if tokenizer else " (records read; give --tokenizer to encode them)"))
     for i in range(len(source)):
         record = source[i]
         try:
+            if encoder is None:
+                if record.get("type") == "_invalid":
+                    raise SampleError(record.get("_reason", "bad_record"), record.get("_error", "invalid record"))
+                lengths.append(0)
+                if len(lengths) <= samples:
+                    print(f"sample {i}: {record_place(record)} ({record.get('type')}): "
+                          f"{len(image_refs(record))} images\n    {record_text(record)[:400]!r}")
+                continue
             sample = encoder(record)
             lengths.append(len(sample["input_ids"]))
             if len(lengths) <= samples:
@@ -92,7 +111,8 @@ def check(directory: str, tokenizer_path: str, image_seq_len: int, max_length: i
             print(f"record {i} ({record_place(record)}): {error.reason}: {error}", file=sys.stderr)
     print(f"{len(source)} records: {len(lengths)} usable, "
           + (", ".join(f"{k} {v}" for k, v in sorted(problems.items())) or "no problems")
-          + (f"; tokens per sample: median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}" if lengths else ""))
+          + (f"; tokens per sample: median {sorted(lengths)[len(lengths) // 2]}, max {max(lengths)}"
+             if lengths and tokenizer else ""))
     return 1 if problems else 0
 
 
@@ -180,7 +200,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check")
     p.add_argument("dir")
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokenizer", default=None, help="encode every sample (default: read the records only)")
     p.add_argument("--image-seq-len", type=int, default=64)
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--samples", type=int, default=3, help="decoded samples shown")

@@ -123,6 +123,9 @@ def test_prepare_check_reads_the_files_as_downloaded(cauldron, tokenizer, tmp_pa
     shown = [line for line in captured.out.splitlines() if line.startswith("sample ")]
     assert len(shown) == 3 and "(conversation): images" in shown[0] and "Assistant:" in captured.out
     assert "train-00000-of-00002.parquet#2" in captured.err
+    assert prepare.main(["check", str(out / "parquet"), "--samples", "1"]) == 1  # no tokenizer: records read
+    captured = capsys.readouterr()
+    assert f"{len(rows)} records: {good + 1} usable, bad_record 4" in captured.out and "Question 0" in captured.out
     assert prepare.main(["check", str(tmp_path), "--tokenizer", str(tokenizer_path)]) == 2
     assert "No data.jsonl, .array_record, .parquet, .arrow or .tar files" in capsys.readouterr().err
 
