@@ -168,6 +168,7 @@ class TextConfig(_Config):
         _check_act(self.hidden_act, "text hidden_act")
 
 
+CONNECTORS = ("perceiver", "mlp", "pixel_shuffle")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu", "silu", "swish", "relu")
 
 
@@ -183,6 +184,12 @@ class Idefics2Config(_Config):
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     image_token_id: int = 32001
     tie_word_embeddings: bool = False
+    # how image features reach the decoder (models/connector.py): "perceiver" (Idefics2: a fixed set
+    # of latents per image), "mlp" (no pooling: every patch projected) or "pixel_shuffle" (Idefics3:
+    # r x r neighbouring patches concatenated, then projected). The last two take square images of
+    # `vision.image_size` (data.image_sizing="square"): their token count follows from it.
+    connector: str = "perceiver"
+    pixel_shuffle_factor: int = 2
 
     def __post_init__(self):
         self.vision.validate()
@@ -193,11 +200,23 @@ class Idefics2Config(_Config):
                 f"image_token_id={self.image_token_id} is outside the vocabulary "
                 f"(vocab_size={self.text.vocab_size})"
             )
+        if self.connector not in CONNECTORS:
+            close = difflib.get_close_matches(self.connector, CONNECTORS, n=1)
+            raise ConfigError(f"connector '{self.connector}' is not one of {CONNECTORS}"
+                              + (f"; did you mean '{close[0]}'?" if close else ""))
+        side, r = self.vision.num_patches_per_side, self.pixel_shuffle_factor
+        if self.connector == "pixel_shuffle" and (r < 1 or side % r):
+            raise ConfigError(f"pixel_shuffle_factor={r} does not divide the {side} patches per side of a "
+                              f"{self.vision.image_size} px image (patch_size {self.vision.patch_size})")
 
     @property
     def image_seq_len(self) -> int:
-        """Tokens per image in the decoder's sequence (the Perceiver's latents)."""
-        return self.perceiver.resampler_n_latents
+        """Tokens per image in the decoder's sequence: the Perceiver's latents, every patch of a
+        `vision.image_size` square image ("mlp"), or those patches over r^2 ("pixel_shuffle")."""
+        if self.connector == "perceiver":
+            return self.perceiver.resampler_n_latents
+        r = self.pixel_shuffle_factor if self.connector == "pixel_shuffle" else 1
+        return (self.vision.num_patches_per_side // r) ** 2
 
     # -- our own dict form ---------------------------------------------------------------------
     @classmethod
@@ -268,7 +287,9 @@ class Idefics2Config(_Config):
         )
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
-        """A `config.json` that transformers' `Idefics2Config` reads."""
+        """A `config.json` that transformers' `Idefics2Config` reads; a connector other than the
+        Perceiver is written as our own keys (`connector`, `pixel_shuffle_factor`), which
+        `from_hf_dict` reads back and transformers does not know (`hf_architecture_error` says so)."""
         text = self.text.to_dict()
         rope_theta = text.pop("rope_theta")
         text.update(
@@ -294,7 +315,16 @@ class Idefics2Config(_Config):
             "vision_config": vision,
             "perceiver_config": perceiver,
             "text_config": text,
+            **({} if self.connector == "perceiver" else
+               {"connector": self.connector, "pixel_shuffle_factor": self.pixel_shuffle_factor}),
         }
+
+    def hf_architecture_error(self) -> str | None:
+        """Why transformers' Idefics2 cannot hold this model, or None when it can."""
+        if self.connector != "perceiver":
+            return (f"connector '{self.connector}' has no Hugging Face Idefics2 counterpart (its connector is the "
+                    f"Perceiver); the model is saved in our checkpoint format only")
+        return None
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Idefics2Config":
@@ -308,9 +338,9 @@ class Idefics2Config(_Config):
 def model_config(section) -> Idefics2Config:
     """The model a training config's `model` section (an `ml_collections.ConfigDict`) describes; its
     other keys (dtypes, attention, init_from) are the trainer's."""
-    keys = ("vision", "perceiver", "text", "image_token_id", "tie_word_embeddings")
+    keys = ("vision", "perceiver", "text", "image_token_id", "tie_word_embeddings", "connector", "pixel_shuffle_factor")
     return Idefics2Config.from_dict({k: section[k].to_dict() if hasattr(section[k], "to_dict") else section[k]
-                                     for k in keys}, where="config.model")
+                                     for k in keys if k in section}, where="config.model")
 
 
 def _strip(section: Mapping[str, Any], where: str, cls) -> dict[str, Any]:

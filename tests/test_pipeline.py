@@ -99,17 +99,22 @@ def test_conversation_tokens_equal_the_processor_on_the_whole_prompt(synthetic):
             assert encoder(record)["input_ids"].tolist() == whole
 
 
-def test_packed_rows_give_the_logits_of_each_sample_alone(synthetic):
+@pytest.mark.parametrize("connector", ["perceiver", "mlp", "pixel_shuffle"])
+def test_packed_rows_give_the_logits_of_each_sample_alone(synthetic, connector):
     """No attention crosses segments and every image reaches its own tokens: the model on a packed
-    row equals the model on each of its samples alone."""
-    pipeline, tokenizer = make_pipeline(synthetic, names=("pairs", "interleaved", "conversations"),
-                                        pack=PackConfig(seq_len=300, image_slots=6, buckets=((56, 56),)))
+    row equals the model on each of its samples alone (with each connector; mlp and pixel_shuffle
+    on square images, 64 and 16 tokens each)."""
+    tokenizer = Tokenizer(synthetic / "tokenizer.model")
     config = Idefics2Config.preset("tiny")
     config = config.replace(
         vision=config.vision.replace(image_size=56, patch_size=7),
         perceiver=config.perceiver.replace(resampler_n_latents=SEQ_LATENTS),
         text=config.text.replace(vocab_size=tokenizer.vocab_size, sliding_window=64),
-        image_token_id=tokenizer.token_id(IMAGE_TOKEN))
+        image_token_id=tokenizer.token_id(IMAGE_TOKEN), connector=connector)
+    pipeline, tokenizer = make_pipeline(synthetic, names=("pairs", "interleaved", "conversations"),
+                                        pack=PackConfig(seq_len=600, image_slots=6, buckets=((56, 56),)),
+                                        image_seq_len=config.image_seq_len,
+                                        image_sizing="keep_aspect" if connector == "perceiver" else "square")
     model = Idefics2(config)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
     forward = jax.jit(lambda p, **kw: model.apply({"params": p}, **kw))

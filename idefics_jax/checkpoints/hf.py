@@ -242,6 +242,8 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     tensor is gathered from the hosts holding its shards, and process 0 converts it and writes the
     files (the others only take part in the gathers).
     """
+    if config.hf_architecture_error():
+        raise CheckpointError(f"Cannot export to the Hugging Face format: {config.hf_architecture_error()}")
     out_dir = as_path(out_dir, "Output directory")
     writer = jax.process_index() == 0
     if writer:

@@ -33,7 +33,8 @@ def image_processor_from(directory: Path) -> ImageProcessor:
         raise ValueError(f"{path}: per-channel image_mean / image_std are not supported ({mean}, {std})")
     return ImageProcessor(longest_edge=size.get("longest_edge", 980), shortest_edge=size.get("shortest_edge", 378),
                           do_image_splitting=settings.get("do_image_splitting", False), image_mean=mean[0],
-                          image_std=std[0], rescale_factor=settings.get("rescale_factor", 1 / 255))
+                          image_std=std[0], rescale_factor=settings.get("rescale_factor", 1 / 255),
+                          image_sizing=settings.get("image_sizing", "keep_aspect"))
 
 
 def save_image_processor(directory: Path, images: ImageProcessor):
@@ -43,11 +44,14 @@ def save_image_processor(directory: Path, images: ImageProcessor):
                 "size": {"longest_edge": images.longest_edge, "shortest_edge": images.shortest_edge},
                 "resample": 2, "do_rescale": True, "rescale_factor": images.rescale_factor, "do_normalize": True,
                 "image_mean": [images.image_mean] * 3, "image_std": [images.image_std] * 3, "do_pad": True,
-                "do_image_splitting": images.do_image_splitting}
+                "do_image_splitting": images.do_image_splitting,
+                # ours (transformers' processor keeps the aspect ratio): written only when it does not
+                **({"image_sizing": images.image_sizing} if images.image_sizing != "keep_aspect" else {})}
     (directory / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def training_image_processor(config) -> ImageProcessor:
     """The image sizes a training config's (first) source was processed at."""
     source = next(iter(config.data.sources.values()), {})
-    return ImageProcessor(longest_edge=source.get("longest_edge", 980), shortest_edge=source.get("shortest_edge", 378))
+    return ImageProcessor(longest_edge=source.get("longest_edge", 980), shortest_edge=source.get("shortest_edge", 378),
+                          image_sizing=source.get("image_sizing", config.data.get("image_sizing", "keep_aspect")))

@@ -47,11 +47,43 @@ def training_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+# What trains, by name (`config.train.regime`; the paper's comparison): "frozen" (the backbones
+# frozen, the new parameters, the connector, trained), "lora" (adapters on both backbones, of
+# train.lora's rank, 16 when it is 0, and alpha; the connector trained fully), "full" (everything);
+# "" leaves it to train.freeze and train.lora.
+REGIMES = ("", "frozen", "lora", "full")
+BACKBONES = ("vision", "text")
+DEFAULT_LORA_RANK = 16
+
+
+def regime_of(config: ml_collections.ConfigDict) -> str:
+    """`config.train.regime`, checked against the keys it sets."""
+    regime = config.train.get("regime", "")
+    if regime not in REGIMES:
+        raise ValueError(f"config.train.regime '{regime}' is not one of {REGIMES[1:]} (or '' for train.freeze / "
+                         f"train.lora as set)")
+    if regime and list(config.train.freeze):
+        raise ValueError(f"config.train.regime={regime} decides what is frozen; leave train.freeze empty "
+                         f"(it is {list(config.train.freeze)})")
+    if regime in ("frozen", "full") and config.train.lora.rank:
+        raise ValueError(f"config.train.regime={regime} trains no adapters; train.lora.rank is {config.train.lora.rank}")
+    return regime
+
+
+def frozen_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The towers a training config keeps frozen (beyond those its adapters cover)."""
+    regime = regime_of(config)
+    return BACKBONES if regime == "frozen" else () if regime else tuple(config.train.freeze)
+
+
 def lora_of(config: ml_collections.ConfigDict) -> LoraConfig | None:
     """The adapters a training config trains (None when it trains none)."""
-    section = config.train.lora
-    lora = LoraConfig(rank=section.rank, alpha=section.alpha, dora=section.dora, targets=section.targets,
-                      towers=tuple(section.towers))
+    section, regime = config.train.lora, regime_of(config)
+    if regime in ("frozen", "full"):
+        return None
+    lora = LoraConfig(rank=section.rank or (DEFAULT_LORA_RANK if regime == "lora" else 0), alpha=section.alpha,
+                      dora=section.dora, targets=section.targets,
+                      towers=BACKBONES if regime == "lora" else tuple(section.towers))
     return lora if lora.enabled else None
 
 

@@ -140,6 +140,9 @@ def normalize_uint8(image: np.ndarray, scale: float = 1 / 255, mean: float = 0.5
     return _normalizer(scale, mean, std)(image, np.empty(image.shape, np.float32) if out is None else out)
 
 
+IMAGE_SIZINGS = ("keep_aspect", "square")
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageProcessor:
     longest_edge: int = 980
@@ -149,10 +152,22 @@ class ImageProcessor:
     image_std: float = 0.5
     rescale_factor: float = 1 / 255
     max_pixels: int | None = MAX_IMAGE_PIXELS  # a larger image is refused before decoding (`load_image`)
+    # "keep_aspect" (Idefics2: the longest edge capped, the aspect ratio kept) or "square" (every
+    # image, and every crop, resized to longest_edge x longest_edge: the paper's square-resize ablation)
+    image_sizing: str = "keep_aspect"
+
+    def __post_init__(self):
+        if self.image_sizing not in IMAGE_SIZINGS:
+            raise ValueError(f"image_sizing '{self.image_sizing}' is not one of {IMAGE_SIZINGS}")
 
     def resize(self, image: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> uint8 `[h', w', 3]`, resized with PIL bilinear by the reference's rule."""
-        new_height, new_width = resize_output_size(image.height, image.width, self.shortest_edge, self.longest_edge)
+        """An RGB PIL image -> uint8 `[h', w', 3]`, resized with PIL bilinear by the reference's rule
+        (or to a `longest_edge` square)."""
+        if self.image_sizing == "square":
+            new_height = new_width = self.longest_edge
+        else:
+            new_height, new_width = resize_output_size(image.height, image.width, self.shortest_edge,
+                                                       self.longest_edge)
         if (new_height, new_width) != (image.height, image.width):
             image = image.resize((new_width, new_height), resample=Image.BILINEAR)
         return np.asarray(image)

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from idefics_jax.data.image_processing import MAX_IMAGE_PIXELS, ImageProcessor
+from idefics_jax.data.image_processing import IMAGE_SIZINGS, MAX_IMAGE_PIXELS, ImageProcessor
 from idefics_jax.data.packing import PackConfig, PackIterDataset, collate, finalize, skipped
 from idefics_jax.data.processor import Processor
 from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
@@ -54,6 +54,7 @@ class SourceConfig:
     longest_edge: int = 980
     shortest_edge: int = 378
     split_probability: float = 0.0  # fraction of samples whose images are split into 4 crops + whole
+    image_sizing: str = "keep_aspect"  # or "square": every image resized to longest_edge x longest_edge
     max_image_pixels: int = MAX_IMAGE_PIXELS  # a record with a larger image is skipped (counted), never decoded
 
     def __post_init__(self):
@@ -63,6 +64,9 @@ class SourceConfig:
             raise ValueError(f"Source '{self.name}': weight must be positive, got {self.weight}")
         if not 0 <= self.split_probability <= 1:
             raise ValueError(f"Source '{self.name}': split_probability must be in [0, 1]")
+        if self.image_sizing not in IMAGE_SIZINGS:
+            raise ValueError(f"Source '{self.name}': image_sizing must be one of {IMAGE_SIZINGS}, "
+                             f"not '{self.image_sizing}'")
         if self.missing_images not in MISSING_IMAGES:
             raise ValueError(f"Source '{self.name}': missing_images must be one of {MISSING_IMAGES}, "
                              f"not '{self.missing_images}'")
@@ -80,7 +84,8 @@ class EncodeRecord:
             split: SampleEncoder(
                 Processor(tokenizer, ImageProcessor(longest_edge=source.longest_edge,
                                                     shortest_edge=source.shortest_edge, do_image_splitting=split,
-                                                    max_pixels=source.max_image_pixels), image_seq_len),
+                                                    max_pixels=source.max_image_pixels,
+                                                    image_sizing=source.image_sizing), image_seq_len),
                 base_dir=base_dir, max_length=source.max_length, source=source.name)
             for split in (False, True)
         }

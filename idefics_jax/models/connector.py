@@ -1,11 +1,20 @@
-"""Modality projection (SwiGLU MLP, vision width -> text width) and the Perceiver resampler.
+"""The connector: image patch features -> the decoder's image tokens, by `config.connector`.
 
-The resampler turns each image's variable number of patch features into a fixed set of
-`resampler_n_latents` (64) latents: in every layer the latents attend over the concatenation
-[image context; latents] (grouped-query heads, RMSNorm), then pass through a SwiGLU MLP.
+* `perceiver` (Idefics2): a modality projection (SwiGLU MLP, vision width -> text width), then the
+  Perceiver resampler, which turns each image's variable number of patch features into a fixed
+  set of `resampler_n_latents` (64) latents: in every layer the latents attend over the
+  concatenation [image context; latents] (grouped-query heads, RMSNorm), then pass through a
+  SwiGLU MLP.
+* `mlp` (the paper's "no pooling"): the same modality projection on every patch of the square
+  image, one token each.
+* `pixel_shuffle` (Idefics3): each r x r block of neighbouring patches concatenated into one
+  feature (r^2 x the vision width), then one linear projection to the text width: r^2 fewer tokens.
 
-Module names follow Hugging Face's `Idefics2Connector` (`modality_projection`,
-`perceiver_resampler.latents`, `perceiver_resampler.layers.N.self_attn.q_proj`, ...).
+The last two read the top-left `num_patches_per_side` square of the patch grid (a square image of
+`vision.image_size`; a smaller grid is zero-padded to it). Module names follow Hugging Face's
+`Idefics2Connector` (`modality_projection`, `perceiver_resampler.latents`,
+`perceiver_resampler.layers.N.self_attn.q_proj`, ...) and `Idefics3Connector`
+(`modality_projection.proj`).
 """
 
 from __future__ import annotations
@@ -107,6 +116,34 @@ class PerceiverResampler(nn.Module):
         return self.norm(latents)
 
 
+def pixel_shuffle(grid, r: int):
+    """[n, h, w, d] -> [n, (h / r) * (w / r), r * r * d]: each r x r block of patches as one feature,
+    its rows in order, each row's patches in order (Idefics3's `pixel_shuffle`)."""
+    return einops.rearrange(grid, "n (i a) (j c) d -> n (i j) (a c d)", a=r, c=r)
+
+
+def square_grid(features, grid_mask, side: int):
+    """features [n, h * w, d] on an h x w patch grid -> the grid's top-left `side` x `side` square
+    `[n, side, side, d]` (zero-padded where the grid is smaller)."""
+    n, h, w = grid_mask.shape
+    grid = features.reshape(n, h, w, features.shape[-1])[:, :side, :side]
+    return jnp.pad(grid, ((0, 0), (0, side - grid.shape[1]), (0, side - grid.shape[2]), (0, 0)))
+
+
+class LinearProjection(nn.Module):
+    """Idefics3's modality projection: one linear map without bias (`modality_projection.proj`)."""
+
+    features: int
+    init_std: float = 0.02
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [..., in] -> [..., features]
+        return dense(self.features, ("mlp", "embed"), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                     init_std=self.init_std, name="proj")(x)
+
+
 class Connector(nn.Module):
     config: Idefics2Config
     attention_impl: str = "auto"
@@ -115,11 +152,19 @@ class Connector(nn.Module):
     remat: bool | str = False  # a policy of models/remat.py
 
     @nn.compact
-    def __call__(self, image_hidden_states, patch_mask):
-        # image_hidden_states [n, patches, vision hidden]; patch_mask [n, patches]
+    def __call__(self, image_hidden_states, grid_mask):
+        # image_hidden_states [n, patches, vision hidden]; grid_mask [n, h, w]: the real patches
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        projected = GatedMLP(cfg.text.intermediate_size, cfg.text.hidden_size, cfg.text.hidden_act,
-                             cfg.text.initializer_range, name="modality_projection", **kw)(image_hidden_states)
+        if cfg.connector == "pixel_shuffle":
+            grid = square_grid(image_hidden_states, grid_mask, cfg.vision.num_patches_per_side)
+            shuffled = pixel_shuffle(grid, cfg.pixel_shuffle_factor)  # [n, image_seq_len, r * r * vision hidden]
+            return LinearProjection(cfg.text.hidden_size, cfg.text.initializer_range, name="modality_projection",
+                                    **kw)(shuffled)
+        projection = GatedMLP(cfg.text.intermediate_size, cfg.text.hidden_size, cfg.text.hidden_act,
+                              cfg.text.initializer_range, name="modality_projection", **kw)
+        if cfg.connector == "mlp":  # [n, image_seq_len, text hidden]
+            grid = square_grid(image_hidden_states, grid_mask, cfg.vision.num_patches_per_side)
+            return projection(grid.reshape(grid.shape[0], -1, grid.shape[-1]))
         resampler = PerceiverResampler(cfg, self.attention_impl, remat=self.remat, name="perceiver_resampler", **kw)
-        return resampler(projected, patch_mask)
+        return resampler(projection(image_hidden_states), grid_mask.reshape(grid_mask.shape[0], -1))

@@ -116,7 +116,7 @@ class Idefics2Model(nn.Module):
         pixel_mask = pixel_attention_mask.reshape(batch * num_images, height, width)
         patch_mask = patch_attention_mask(pixel_mask, self.config.vision.patch_size)  # [n, h, w]
         vision_hidden = self.vision_model(flat, patch_mask)  # [n, h * w, vision hidden]
-        features = self.connector(vision_hidden, patch_mask.reshape(batch * num_images, -1))
+        features = self.connector(vision_hidden, patch_mask)  # [n, image_seq_len, hidden]
         return {
             "vision_hidden_states": vision_hidden,
             "patch_mask": patch_mask,

@@ -19,6 +19,8 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "vision": model.vision.to_dict(), "perceiver": model.perceiver.to_dict(), "text": model.text.to_dict(),
         "image_token_id": model.image_token_id, "tie_word_embeddings": model.tie_word_embeddings,
+        # the paper's connector choices (idefics_jax/config.py): perceiver | mlp | pixel_shuffle
+        "connector": model.connector, "pixel_shuffle_factor": model.pixel_shuffle_factor,
         "dtype": "bfloat16", "param_dtype": "float32", "attention_impl": "auto",
         # a Hugging Face directory or an idefics_jax checkpoint (may be gs://...) to start from ("": random)
         "init_from": "",
@@ -39,6 +41,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "sources": {},
         "seq_len": 2048,
         "image_slots": 8,
+        # every source's images: "keep_aspect" (up to its longest_edge) or "square" (longest_edge x
+        # longest_edge; what the mlp and pixel_shuffle connectors take, at model.vision.image_size)
+        "image_sizing": "keep_aspect",
         "buckets": [(980, 980)],
         "batch_size": 8,  # global, across hosts
         "num_workers": 0,
@@ -58,6 +63,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "steps": 1000, "seed": 0, "log_every": 10, "checkpoint_every": 200, "keep_checkpoints": 3,
         "keep_period": 0,  # also keep every N-th step's checkpoint for good (0: no)
         "async_checkpoints": True, "freeze": [], "scan_layers": False, "neftune_alpha": 0.0,
+        # what trains, by name: frozen | lora | full ("": train.freeze and train.lora as set); see
+        # idefics_jax/checkpoints/workdir.py
+        "regime": "",
         # what each layer keeps for the backward pass: none, full, minimal, save_qkv_proj,
         # minimal_offloaded, qkv_proj_offloaded (idefics_jax/models/remat.py)
         "remat": "none",

@@ -72,6 +72,7 @@ def make_pipeline(config, data_dir: epath.Path, tokenizer: Tokenizer, image_seq_
         if "path" not in source:
             raise ValueError(f"config.data.sources.{name} has no path")
         source["name"], source["path"] = name, str(data_dir / source["path"])
+        source.setdefault("image_sizing", config.data.image_sizing)
         if source.get("image_store"):
             source["image_store"] = str(data_dir / source["image_store"])
         sources.append(SourceConfig(**source))

@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from idefics_jax.checkpoints import load_checkpoint, load_hf_checkpoint
 from idefics_jax.checkpoints.train_state import Checkpointer, abstract_with_shardings
-from idefics_jax.checkpoints.workdir import lora_of
+from idefics_jax.checkpoints.workdir import frozen_of, lora_of
 from idefics_jax.config import Idefics2Config, model_config
 from idefics_jax.models.idefics2 import Idefics2
 from idefics_jax.models.lora import ADAPTERS, LoraConfig, start_magnitudes
@@ -96,7 +96,7 @@ class Run:
 
     @property
     def frozen(self) -> tuple[str, ...]:
-        return tuple(self.config.train.freeze)
+        return frozen_of(self.config)
 
     def count_trainable(self, params) -> int:
         if self.lora:
@@ -111,10 +111,26 @@ def _mesh_of(config) -> Mesh:
     return make_mesh(m.data, m.fsdp, m.tensor, dcn=dcn)
 
 
+def check_image_sizing(config, mcfg: Idefics2Config):
+    """The mlp and pixel_shuffle connectors count their tokens from a square image of
+    `vision.image_size`: every source must be resized so."""
+    if mcfg.connector == "perceiver":
+        return
+    side = mcfg.vision.image_size
+    for name, source in config.data.sources.items():
+        sizing = source.get("image_sizing", config.data.image_sizing)
+        if sizing != "square" or source.get("longest_edge", 980) != side:
+            raise ValueError(f"config.model.connector={mcfg.connector} takes square images of model.vision.image_size="
+                             f"{side} px; source '{name}' has image_sizing={sizing}, longest_edge="
+                             f"{source.get('longest_edge', 980)} (set --config.data.image_sizing=square and its "
+                             f"longest_edge to {side})")
+
+
 def build_run(config, mesh: Mesh | None = None) -> Run:
     """The run a training config describes (on `config.mesh`'s mesh, unless one is given); a bad
     key or value is an error naming it."""
     mcfg = model_config(config.model)
+    check_image_sizing(config, mcfg)
     if config.data.tokenizer == "" and not config.data.synthetic and not config.data.dir:
         raise ValueError("config.data: set tokenizer/dir, or synthetic=True")
     if config.model.attention_impl not in IMPLEMENTATIONS:
@@ -130,7 +146,7 @@ def build_run(config, mesh: Mesh | None = None) -> Run:
                      scan_layers=config.train.get("scan_layers", False))
     o = config.optimizer
     lora = lora_of(config)
-    frozen = tuple(config.train.freeze)
+    frozen = frozen_of(config)
     tx, schedule = make_optimizer(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
                                   total_steps=config.train.steps, end_lr_ratio=o.end_lr_ratio,
                                   weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, grad_clip=o.grad_clip,
