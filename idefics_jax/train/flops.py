@@ -2,8 +2,8 @@
 
 FLOPs per step count the matmuls of every tower (6 x parameters x tokens for forward + backward)
 plus attention's quadratic part: the vision tower over each image's patches, the Perceiver's
-latents over [patches; latents], and the decoder's causal (and windowed) attention over each
-packed segment.
+latents over [patches; latents] (the other connectors have none), and the decoder's causal (and
+windowed) attention over each packed segment.
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ def matmul_flops(config: Idefics2Config, patches: float, images: int, tokens: fl
     v, p, t = config.vision, config.perceiver, config.text
     d, latents = t.hidden_size, images * p.resampler_n_latents
     vision = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) * patches
-    projection = (2 * v.hidden_size + d) * t.intermediate_size * patches  # gate, up: vision -> text MLP; down
-    perceiver = p.resampler_depth * (
-        (2 * d * p.resampler_n_heads * p.resampler_head_dim + 3 * d * 4 * d) * latents
-        + 2 * d * p.num_key_value_heads * p.resampler_head_dim * (patches + latents))
+    if config.connector == "pixel_shuffle":  # one projection of r^2 patches' features per token
+        projection, perceiver = v.hidden_size * d * patches, 0
+    else:  # gate, up: vision -> text MLP; down (no Perceiver for "mlp")
+        projection = (2 * v.hidden_size + d) * t.intermediate_size * patches
+        perceiver = 0 if config.connector == "mlp" else p.resampler_depth * (
+            (2 * d * p.resampler_n_heads * p.resampler_head_dim + 3 * d * 4 * d) * latents
+            + 2 * d * p.num_key_value_heads * p.resampler_head_dim * (patches + latents))
     text_layer = d * t.attention_head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) \
         + 3 * d * t.intermediate_size
     text = (t.num_hidden_layers * text_layer + d * t.vocab_size) * tokens  # + the LM head
@@ -73,8 +76,9 @@ def step_flops(config: Idefics2Config, batch: dict[str, Any]) -> float:
     flops = matmul_flops(config, float(patch_counts.sum()), n_images, tokens)
     # attention: 2 matmuls of 2 * q * k * width each, x3 for forward + backward
     flops += 12 * v.num_hidden_layers * v.hidden_size * float((patch_counts**2).sum())
-    flops += 12 * p.resampler_depth * p.resampler_n_heads * p.resampler_head_dim * p.resampler_n_latents * \
-        float((patch_counts[patch_counts > 0] + p.resampler_n_latents).sum())
+    if config.connector == "perceiver":
+        flops += 12 * p.resampler_depth * p.resampler_n_heads * p.resampler_head_dim * p.resampler_n_latents * \
+            float((patch_counts[patch_counts > 0] + p.resampler_n_latents).sum())
     window = t.sliding_window or 1 << 30
     width = t.num_attention_heads * t.attention_head_dim
     for row in batch["segment_ids"]:

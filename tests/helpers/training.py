@@ -20,11 +20,11 @@ def load_config(name: str):
     return module.get_config()
 
 
-def tiny_config() -> Idefics2Config:
+def tiny_config(connector: str = "perceiver") -> Idefics2Config:
     c = Idefics2Config.preset("tiny")
     return c.replace(vision=c.vision.replace(image_size=56, patch_size=7),
                      perceiver=c.perceiver.replace(resampler_n_latents=8),
-                     text=c.text.replace(sliding_window=32))
+                     text=c.text.replace(sliding_window=32), connector=connector)
 
 
 def tiny_batch(config: Idefics2Config, seed: int, batch_size: int, seq_len: int = 96) -> dict:
@@ -51,13 +51,13 @@ def tiny_batch(config: Idefics2Config, seed: int, batch_size: int, seq_len: int 
     return finalize(collate(rows, pack))
 
 
-def tiny_setup(seed: int, batch_size: int = 8, frozen=(), sgd: bool = False):
+def tiny_setup(seed: int, batch_size: int = 8, frozen=(), sgd: bool = False, connector: str = "perceiver"):
     """sgd=True: plain SGD, whose update is proportional to the gradient, for comparing steps
     (Adam's first update is about lr * sign(g), which amplifies round-off in gradients that are
     zero in exact arithmetic, such as the key projections' biases)."""
     import optax
 
-    config = tiny_config()
+    config = tiny_config(connector)
     model = Idefics2(config)
     if sgd:
         tx = optax.sgd(0.1)
