@@ -36,18 +36,19 @@ log = logging.getLogger(__name__)
 
 
 class Throughput:
-    """Tokens, images, FLOPs and time over the steps since the last log line (every host's rows)."""
+    """Samples, tokens, images, FLOPs and time over the steps since the last log line (every host's rows)."""
 
     def __init__(self, run: Run):
         self.run, self.peak = run, peak_flops(jax.devices()[0].device_kind)
         self.reset()
 
     def reset(self):
-        self.time = self.tokens = self.images = self.flops = 0.0
+        self.time = self.samples = self.tokens = self.images = self.flops = 0.0
 
     def add(self, batch: dict, seconds: float):
         hosts = jax.process_count()
         self.time += seconds
+        self.samples += float(batch["segment_ids"].max(axis=1).sum()) * hosts  # segments are numbered 1, 2, ...
         self.tokens += float((batch["segment_ids"] > 0).sum()) * hosts
         self.images += float(batch["pixel_attention_mask"].any(axis=(2, 3)).sum()) * hosts
         self.flops += step_flops(self.run.model_config, batch) * hosts
@@ -55,7 +56,8 @@ class Throughput:
     def scalars(self, log_every: int) -> dict:
         per_device = self.flops / self.time / jax.device_count()
         out = {"perf/step_time_s": self.time / log_every, "perf/tokens_per_s": self.tokens / self.time,
-               "perf/images_per_s": self.images / self.time, "perf/tflops_per_s_per_device": per_device / 1e12}
+               "perf/images_per_s": self.images / self.time, "perf/tflops_per_s_per_device": per_device / 1e12,
+               "perf/samples_per_s": self.samples / self.time, "perf/flops_per_sample": self.flops / max(self.samples, 1)}
         if self.peak:
             out["perf/mfu"] = per_device / self.peak
         return out
