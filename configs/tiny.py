@@ -18,7 +18,8 @@ def get_config():
     c.data.synthetic = True
     c.data.synthetic_num = 1500
     c.data.synthetic_easy = True  # black single words / numbers: learnable from scratch in minutes
-    edges = dict(longest_edge=112, shortest_edge=28)
+    # split_probability named so that a command line (or an ablation grid) can set it per source
+    edges = dict(longest_edge=112, shortest_edge=28, split_probability=0.0)
     c.data.sources = {
         "conversations": dict(path="conversations", weight=0.75, max_length=512, **edges),
         "pairs": dict(path="pairs", weight=0.15, max_length=512, **edges),

@@ -22,7 +22,7 @@ FLOORS = (
     {"checkpoints"},
     {"train", "inference"},  # side by side: neither imports the other
     {"cli", "__init__"},  # command lines; the public API
-    {"demo", "generate", "evaluate", "serve", "convert", "__main__"},  # `python -m idefics_jax.X` entry points
+    {"demo", "generate", "evaluate", "serve", "convert", "ablate", "__main__"},  # `python -m idefics_jax.X` entry points
 )
 
 

@@ -1,7 +1,9 @@
-"""Tar shards read a member at a time: WebDataset's layout (PDFA's shards, img2dataset's output).
+"""Files read a piece at a time, local or gs://.
 
-`tar_index(file)` lists a shard's members once by sample key and extension (a member's data offset
-and size); `read_member(file, offset, size)` reads one back with a single seek, local or gs://.
+* Tar shards, WebDataset's layout (PDFA's shards, img2dataset's output): `tar_index(file)` lists a
+  shard's members once by sample key and extension (a member's data offset and size);
+  `read_member(file, offset, size)` reads one back with a single seek.
+* Parquet files, a row group at a time: `RowGroups` keeps the last few decoded, shared by threads.
 """
 
 from __future__ import annotations
@@ -9,7 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+import threading
+from typing import Sequence
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from etils import epath
 
 log = logging.getLogger(__name__)
@@ -41,3 +47,29 @@ def read_member(file: str, offset: int, size: int, file_size: int, name: str = "
     with epath.Path(file).open("rb") as handle:
         handle.seek(offset)
         return handle.read(size)
+
+
+class RowGroups:
+    """The last `keep` decoded row groups of Parquet files (a shuffled read still decodes about one
+    per row), shared by threads; sent to worker processes empty."""
+
+    def __init__(self, keep: int = 2):
+        self.keep, self._tables, self._lock = keep, {}, threading.Lock()
+
+    def get(self, file: str, group: int, columns: Sequence[str] | None = None) -> pa.Table:
+        key = (file, group, tuple(columns) if columns else None)
+        with self._lock:
+            table = self._tables.pop(key, None)
+            if table is None:
+                with epath.Path(file).open("rb") as handle:
+                    table = pq.ParquetFile(handle).read_row_group(group, columns=columns)
+            self._tables[key] = table  # most recent last
+            while len(self._tables) > self.keep:
+                self._tables.pop(next(iter(self._tables)))
+        return table
+
+    def __getstate__(self):
+        return {"keep": self.keep}
+
+    def __setstate__(self, state):
+        self.__init__(state["keep"])

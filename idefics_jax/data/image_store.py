@@ -35,11 +35,10 @@ from typing import Any, Iterator
 import grain
 import msgpack
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from etils import epath
 
-from idefics_jax.data.archives import read_member, tar_index
+from idefics_jax.data.archives import RowGroups, read_member, tar_index
 from idefics_jax.paths import is_url
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,8 @@ class ImageStore:
         if self._meta is None:
             self._build()
         self.statuses: list[str] = self._meta["statuses"]
-        self._groups: dict[tuple[int, int], pa.Table] = {}
+        self._groups = RowGroups(keep=2)  # a Parquet store's
+        self._image_column: str | None = None
         self._records = None
 
     # -- the index ---------------------------------------------------------------------------
@@ -243,16 +243,10 @@ class ImageStore:
             raise MissingImage(f"unreadable in the store ({type(error).__name__}: {error})") from error
 
     def _parquet_image(self, shard: int, group: int, row: int) -> bytes:
-        with self._lock:
-            table = self._groups.pop((shard, group), None)
-            if table is None:
-                handle = pq.ParquetFile(epath.Path(self.files[shard]).open("rb"))
-                column = next(c for c in IMAGE_COLUMNS if c in handle.schema_arrow.names)
-                table = handle.read_row_group(group, columns=[column])
-            self._groups[(shard, group)] = table  # most recent last
-            while len(self._groups) > 2:
-                self._groups.pop(next(iter(self._groups)))
-        value = table.column(0)[row].as_py()
+        if self._image_column is None:
+            names = pq.read_schema(epath.Path(self.files[0]).open("rb")).names
+            self._image_column = next(c for c in IMAGE_COLUMNS if c in names)
+        value = self._groups.get(self.files[shard], group, [self._image_column]).column(0)[row].as_py()
         data = value.get("bytes") if isinstance(value, dict) else value
         if not isinstance(data, (bytes, bytearray)) or not data:
             raise ValueError("its row holds no image bytes")
@@ -261,7 +255,7 @@ class ImageStore:
     def __getstate__(self):  # for worker processes: the index is mapped again, tables read again
         state = dict(self.__dict__)
         mapped = not is_url(self.root) and not self._in_memory
-        state.update(_lock=None, _groups={}, _records=None, _index=None if mapped else self._index)
+        state.update(_lock=None, _records=None, _index=None if mapped else self._index)
         return state
 
     def __setstate__(self, state):

@@ -42,7 +42,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from PIL import Image
 
-from idefics_jax.data.archives import read_member, tar_index
+from idefics_jax.data.archives import RowGroups, read_member, tar_index
 from idefics_jax.data.image_store import ImageStore
 from idefics_jax.data.schemas import (MISSING_IMAGES, SCHEMAS, SchemaError, detect_schema, pair_columns, pdfa_pages,
                                       pdfa_record, to_record)
@@ -192,7 +192,6 @@ class TableSource:
     adapted to a record by `schema` (default: told from the columns). A row that cannot be read or
     does not fit its schema comes back as `invalid(...)`, named by its file and row."""
 
-    GROUPS_CACHED = 2  # decoded Parquet row groups kept (a shuffled read still decodes one per row)
 
     def __init__(self, path: str | os.PathLike, fmt: str, schema: str = "", image_column: str = "",
                  text_column: str = "", image_store: str | os.PathLike = "", missing_images: str = "skip"):
@@ -201,7 +200,8 @@ class TableSource:
         path = epath.Path(path)
         self.fmt, (self.files, self.base_dir) = fmt, files_at(path, fmt)
         self._lock = threading.Lock()
-        self._tables: dict[Any, pa.Table] = {}  # Arrow: file -> its mapped table; Parquet: LRU of row groups
+        self._tables: dict[int, pa.Table] = {}  # Arrow: file -> its mapped table
+        self._row_groups = RowGroups(keep=2)  # Parquet
         self._groups, ends, names = [], [], None  # (file, row group or None), cumulative row counts
         self._file_starts = []  # the index of each file's first row
         for f, file in enumerate(self.files):
@@ -256,16 +256,9 @@ class TableSource:
     def _group(self, g: int) -> pa.Table:
         f, group = self._groups[g]
         if group is None:
-            return self._arrow(f)
-        if g in self._tables:
-            self._tables[g] = self._tables.pop(g)  # most recent last
-            return self._tables[g]
-        with self._open(self.files[f]) as handle:
-            table = pq.ParquetFile(handle).read_row_group(group)
-        self._tables[g] = table
-        while len(self._tables) > self.GROUPS_CACHED:
-            self._tables.pop(next(iter(self._tables)))
-        return table
+            with self._lock:
+                return self._arrow(f)
+        return self._row_groups.get(self.files[f], group)
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -276,8 +269,7 @@ class TableSource:
         f = self._groups[g][0]
         where = f"{file_name(self.files[f], self.base_dir)}#{index - self._file_starts[f]}"  # the row in its file
         try:
-            with self._lock:
-                table = self._group(g)
+            table = self._group(g)
             row = table.slice(index - start, 1).to_pylist()[0]
         except (OSError, pa.ArrowException) as error:
             return invalid(where, f"unreadable row ({type(error).__name__}: {error})")
