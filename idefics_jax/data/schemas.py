@@ -29,6 +29,7 @@ beyond the row: the `pairs` columns, OBELICS's image store and its `missing_imag
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, Callable, Iterable, Mapping
 
 from idefics_jax.data.image_store import MissingImage
@@ -159,6 +160,9 @@ def pdfa_pages(ocr: bytes) -> list[str]:
         raise SchemaError(f"the OCR json is not PDFA's ({type(error).__name__}: {error})") from error
 
 
+_PDFIUM = threading.Lock()
+
+
 def pdfa_record(sample: Mapping[str, Any], where: str, page: int, dpi: int) -> dict[str, Any]:
     """Page `page` of a PDFA sample (`{"pdf": bytes, "json": bytes}`) -> a document record, the page
     rendered to an RGB image at `dpi`."""
@@ -167,11 +171,18 @@ def pdfa_record(sample: Mapping[str, Any], where: str, page: int, dpi: int) -> d
     text = pdfa_pages(sample["json"])[page]
     if not text.strip():
         raise SchemaError(f"page {page} has no OCR text")
-    try:
-        document = pdfium.PdfDocument(sample["pdf"])
-        image = document[page].render(scale=dpi / 72).to_pil().convert("RGB")
-    except (pdfium.PdfiumError, IndexError, ValueError) as error:
-        raise SchemaError(f"page {page} of the PDF cannot be rendered ({error})") from error
+    with _PDFIUM:  # pdfium is not thread-safe: the pipeline's reader threads render one at a time
+        document = None
+        try:
+            document = pdfium.PdfDocument(sample["pdf"])
+            rendered = document[page]
+            image = rendered.render(scale=dpi / 72).to_pil().convert("RGB")
+            rendered.close()
+        except (pdfium.PdfiumError, IndexError, ValueError) as error:
+            raise SchemaError(f"page {page} of the PDF cannot be rendered ({error})") from error
+        finally:
+            if document is not None:
+                document.close()  # here, not from the garbage collector in some other thread
     return {"id": where, "type": "document", "image": "page", "text": text, "_image_bytes": {"page": image}}
 
 
