@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.image_store import ImageStore
 from idefics_jax.data.processor import Processor
-from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
+from idefics_jax.data.samples import SampleEncoder, SampleError, record_place, source_error
 from idefics_jax.data.schemas import MISSING_IMAGES, SCHEMAS
 from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, file_name, files_at, image_refs,
                                       open_source, record_images, write_array_record)
@@ -95,8 +95,8 @@ def check(directory: str, tokenizer_path: str | None, image_seq_len: int, max_le
         record = source[i]
         try:
             if encoder is None:
-                if record.get("type") == "_invalid":
-                    raise SampleError(record.get("_reason", "bad_record"), record.get("_error", "invalid record"))
+                if error := source_error(record):
+                    raise error
                 lengths.append(0)
                 if len(lengths) <= samples:
                     print(f"sample {i}: {record_place(record)} ({record.get('type')}): "
@@ -133,9 +133,9 @@ def convert_file(task: tuple) -> dict:
         try:
             for i in range(len(source)):
                 record = source[i]
-                if record.get("type") == "_invalid":
-                    counts[f"skipped/{record.get('_reason', 'bad_record')}"] += 1
-                    examples.append(f"{record_place(record)}: {record.get('_error')}")
+                if error := source_error(record):
+                    counts[f"skipped/{error.reason}"] += 1
+                    examples.append(f"{record_place(record)}: {error}")
                     continue
                 writer.write(encode_entry(record, record_images(record, source.base_dir)))
                 counts["kept"] += 1

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ from idefics_jax.checkpoints.workdir import training_config
 from idefics_jax.cli.common import USER_ERRORS
 from idefics_jax.sharding import make_mesh
 from idefics_jax.train.metrics import read_metrics
+from idefics_jax.train.optimizer import count_trainable
 from idefics_jax.train.preemption import EXIT_CODE
 from idefics_jax.train.run import build_run
 
@@ -64,10 +64,14 @@ def load_grid(path: str) -> tuple[ml_collections.ConfigDict, Path]:
     if not names or len(set(names)) != len(names) or not all(n and "/" not in n for n in names):
         raise ValueError(f"{path}: points need unique names without '/', got {names}")
     for point in grid.points:
-        for override in point["overrides"]:
-            if "=" not in override:
-                raise ValueError(f"{path}: point {point['name']}: override {override!r} is not KEY=VALUE")
+        check_overrides(point["overrides"], f"{path}: point {point['name']}: override")
     return grid, base
+
+
+def check_overrides(overrides, what: str):
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"{what} {override!r} is not KEY=VALUE")
 
 
 def run_command(base: Path, workdir: Path, overrides: list[str], seed: int) -> list[str]:
@@ -88,7 +92,7 @@ def summarize(workdir: Path) -> dict:
     return {"losses": losses, "final_loss": float(np.mean(last)), "step_time_s": perf("perf/step_time_s"),
             "flops_per_sample": perf("perf/flops_per_sample"), "scores": scores,
             "image_tokens": run.model_config.image_seq_len, "trainable": int(run.count_trainable(params)),
-            "parameters": int(sum(x.size for x in jax.tree.leaves(params)))}
+            "parameters": int(count_trainable(params))}  # every parameter: none frozen
 
 
 def mean_std(values) -> str:
@@ -154,9 +158,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         grid, base = load_grid(args.grid)
-        for override in args.set:
-            if "=" not in override:
-                raise ValueError(f"--set {override!r} is not KEY=VALUE")
+        check_overrides(args.set, "--set")
         root = Path(args.workdir).resolve()
         root.mkdir(parents=True, exist_ok=True)
     except USER_ERRORS as error:
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
                 workdir.mkdir(parents=True, exist_ok=True)
                 with open(workdir / "train.log", "a") as log:
                     code = subprocess.call(run_command(base, workdir, overrides, seed), stdout=log,
-                                           stderr=subprocess.STDOUT, env=dict(os.environ))
+                                           stderr=subprocess.STDOUT)
                 if code == EXIT_CODE:
                     print(f"Stopped on a preemption notice during {point['name']} seed {seed}; run the same "
                           f"command to go on", file=sys.stderr)

@@ -61,27 +61,30 @@ def url_hash(url: str) -> tuple[int, int]:
     return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
 
 
-def _layout(root: epath.Path) -> tuple[str, list[str]]:
-    """(the store's layout, its shard files in name order)."""
+def _layout(root: epath.Path) -> tuple[str, list[str], str | None]:
+    """(the store's layout, its shard files in name order, a Parquet store's image column)."""
     if not root.is_dir():
         raise FileNotFoundError(f"No image store at {root} (SourceConfig.image_store: a directory of img2dataset "
                                 f"output, Parquet or ArrayRecord files)")
     for ext, layout in (("array_record", "array_record"), ("tar", "webdataset")):
         files = sorted(str(f) for f in root.glob(f"*.{ext}"))
         if files:
-            return layout, files
+            return layout, files, None
     files = sorted(str(f) for f in root.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{root} holds no .tar, .parquet or .array_record files: not an image store")
-    columns = pq.read_schema(epath.Path(files[0]).open("rb")).names
+    with epath.Path(files[0]).open("rb") as handle:
+        columns = pq.read_schema(handle).names
     if "url" not in columns:
         raise ValueError(f"{files[0]}: an image store's Parquet files have a `url` column (columns: {columns})")
-    return ("parquet" if set(columns) & set(IMAGE_COLUMNS) else "files"), files
+    image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
+    return ("parquet" if image_column else "files"), files, image_column
 
 
 def _metadata(parquet_file: str) -> Iterator[tuple[str, str, str]]:
     """(url, key, status) of each row of an img2dataset metadata file."""
-    table = pq.read_table(epath.Path(parquet_file).open("rb"), columns=["url", "key", "status"])
+    with epath.Path(parquet_file).open("rb") as handle:
+        table = pq.read_table(handle, columns=["url", "key", "status"])
     yield from zip(*(table.column(c).to_pylist() for c in ("url", "key", "status")))
 
 
@@ -90,7 +93,7 @@ class ImageStore:
 
     def __init__(self, path: str | os.PathLike):
         self.root = epath.Path(path)
-        self.layout, self.files = _layout(self.root)
+        self.layout, self.files, self._image_column = _layout(self.root)
         self.sizes = [epath.Path(f).stat().length for f in self.files]
         self._lock = threading.Lock()
         self._index: dict[str, np.ndarray] | None = None
@@ -100,7 +103,6 @@ class ImageStore:
             self._build()
         self.statuses: list[str] = self._meta["statuses"]
         self._groups = RowGroups(keep=2)  # a Parquet store's
-        self._image_column: str | None = None
         self._records = None
 
     # -- the index ---------------------------------------------------------------------------
@@ -143,10 +145,11 @@ class ImageStore:
                     status = "missing from its folder"
                 yield url, int(key), len(key) * 8 + max(ext, 0), status
         elif self.layout == "parquet":  # a: the row group; b: the row in it
-            handle = pq.ParquetFile(epath.Path(file).open("rb"))
-            for g in range(handle.metadata.num_row_groups):
-                for row, url in enumerate(handle.read_row_group(g, columns=["url"]).column("url").to_pylist()):
-                    yield url, g, row, "success"
+            with epath.Path(file).open("rb") as handle:
+                table = pq.ParquetFile(handle)
+                for g in range(table.metadata.num_row_groups):
+                    for row, url in enumerate(table.read_row_group(g, columns=["url"]).column("url").to_pylist()):
+                        yield url, g, row, "success"
         else:  # a: the entry
             source = grain.sources.ArrayRecordDataSource([file])
             for i in range(len(source)):
@@ -243,9 +246,6 @@ class ImageStore:
             raise MissingImage(f"unreadable in the store ({type(error).__name__}: {error})") from error
 
     def _parquet_image(self, shard: int, group: int, row: int) -> bytes:
-        if self._image_column is None:
-            names = pq.read_schema(epath.Path(self.files[0]).open("rb")).names
-            self._image_column = next(c for c in IMAGE_COLUMNS if c in names)
         value = self._groups.get(self.files[shard], group, [self._image_column]).column(0)[row].as_py()
         data = value.get("bytes") if isinstance(value, dict) else value
         if not isinstance(data, (bytes, bytearray)) or not data:

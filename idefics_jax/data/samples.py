@@ -51,6 +51,14 @@ def record_place(record) -> str:
     return name if at in (None, name) else f"{name} ({at})"
 
 
+def source_error(record) -> SampleError | None:
+    """The error of a record its source could not read (`sources.invalid`: its reason and message),
+    or None for a record to encode."""
+    if isinstance(record, Mapping) and record.get("type") == "_invalid":
+        return SampleError(record.get("_reason", "bad_record"), record.get("_error", "invalid record"))
+    return None
+
+
 @dataclasses.dataclass
 class SampleEncoder:
     """Turns records of one source into encoded samples."""
@@ -80,9 +88,9 @@ class SampleEncoder:
     def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(record, Mapping):
             raise SampleError("bad_record", f"a record must be a JSON object, got {type(record).__name__}")
+        if error := source_error(record):
+            raise error
         kind = record.get("type")
-        if kind == "_invalid":  # a record its source could not read (sources.invalid)
-            raise SampleError(record.get("_reason", "bad_record"), record.get("_error", "invalid record"))
         if kind not in RECORD_TYPES:
             raise SampleError("bad_record", f"record type {kind!r} is not one of {RECORD_TYPES}")
         try:

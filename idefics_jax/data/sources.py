@@ -207,7 +207,7 @@ class TableSource:
         for f, file in enumerate(self.files):
             self._file_starts.append(ends[-1] if ends else 0)
             if fmt == "parquet":
-                with self._open(file) as handle:
+                with epath.Path(file).open("rb") as handle:
                     meta = pq.ParquetFile(handle).metadata
                     columns = meta.schema.to_arrow_schema().names
                     sizes = [(g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
@@ -235,10 +235,6 @@ class TableSource:
             if missing_images not in MISSING_IMAGES:
                 raise ValueError(f"missing_images must be one of {MISSING_IMAGES}, not '{missing_images}'")
             self.options = {"image_store": ImageStore(image_store), "missing_images": missing_images}
-
-    @staticmethod
-    def _open(file: str):
-        return epath.Path(file).open("rb")
 
     def _arrow(self, f: int) -> pa.Table:
         """The Arrow file's table, memory-mapped (a bucket's is read into memory), IPC file or stream."""
