@@ -169,7 +169,14 @@ class TextConfig(_Config):
 
 
 CONNECTORS = ("perceiver", "mlp", "pixel_shuffle")
+ARCHITECTURES = ("fully_autoregressive", "cross_attention")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu", "silu", "swish", "relu")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]):
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        raise ConfigError(f"{key} '{value}' is not one of {choices}" + (f"; did you mean '{close[0]}'?" if close else ""))
 
 
 def _check_act(name: str, where: str):
@@ -190,6 +197,12 @@ class Idefics2Config(_Config):
     # `vision.image_size` (data.image_sizing="square"): their token count follows from it.
     connector: str = "perceiver"
     pixel_shuffle_factor: int = 2
+    # how the decoder reads them: "fully_autoregressive" (Idefics2: the image tokens take places in
+    # the decoder's sequence) or "cross_attention" (Flamingo / Idefics1: one `<image>` marker token per
+    # image; gated cross-attention blocks, before every `cross_attention_every`-th decoder layer,
+    # let each text token attend to the features of the images marked before it in its segment)
+    architecture: str = "fully_autoregressive"
+    cross_attention_every: int = 4
 
     def __post_init__(self):
         self.vision.validate()
@@ -200,10 +213,11 @@ class Idefics2Config(_Config):
                 f"image_token_id={self.image_token_id} is outside the vocabulary "
                 f"(vocab_size={self.text.vocab_size})"
             )
-        if self.connector not in CONNECTORS:
-            close = difflib.get_close_matches(self.connector, CONNECTORS, n=1)
-            raise ConfigError(f"connector '{self.connector}' is not one of {CONNECTORS}"
-                              + (f"; did you mean '{close[0]}'?" if close else ""))
+        _check_choice("connector", self.connector, CONNECTORS)
+        _check_choice("architecture", self.architecture, ARCHITECTURES)
+        if self.cross_attention_every < 1:
+            raise ConfigError(f"cross_attention_every={self.cross_attention_every} must be at least 1 (a gated "
+                              f"cross-attention block before every n-th decoder layer)")
         side, r = self.vision.num_patches_per_side, self.pixel_shuffle_factor
         if self.connector == "pixel_shuffle" and (r < 1 or side % r):
             raise ConfigError(f"pixel_shuffle_factor={r} does not divide the {side} patches per side of a "
@@ -211,7 +225,13 @@ class Idefics2Config(_Config):
 
     @property
     def image_seq_len(self) -> int:
-        """Tokens per image in the decoder's sequence: the Perceiver's latents, every patch of a
+        """Tokens per image in the decoder's sequence: its features (fully autoregressive), or one
+        marker token (cross-attention, whose blocks read the features)."""
+        return 1 if self.architecture == "cross_attention" else self.image_features_len
+
+    @property
+    def image_features_len(self) -> int:
+        """Feature vectors per image out of the connector: the Perceiver's latents, every patch of a
         `vision.image_size` square image ("mlp"), or those patches over r^2 ("pixel_shuffle")."""
         if self.connector == "perceiver":
             return self.perceiver.resampler_n_latents
@@ -288,8 +308,9 @@ class Idefics2Config(_Config):
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
         """A `config.json` that transformers' `Idefics2Config` reads; a connector other than the
-        Perceiver is written as our own keys (`connector`, `pixel_shuffle_factor`), which
-        `from_hf_dict` reads back and transformers does not know (`hf_architecture_error` says so)."""
+        Perceiver, or the cross-attention architecture, is written as our own keys (`connector`,
+        `pixel_shuffle_factor`, `architecture`, `cross_attention_every`), which `from_hf_dict` reads
+        back and transformers does not know (`hf_architecture_error` says so)."""
         text = self.text.to_dict()
         rope_theta = text.pop("rope_theta")
         text.update(
@@ -317,10 +338,16 @@ class Idefics2Config(_Config):
             "text_config": text,
             **({} if self.connector == "perceiver" else
                {"connector": self.connector, "pixel_shuffle_factor": self.pixel_shuffle_factor}),
+            **({} if self.architecture == "fully_autoregressive" else
+               {"architecture": self.architecture, "cross_attention_every": self.cross_attention_every}),
         }
 
     def hf_architecture_error(self) -> str | None:
         """Why transformers' Idefics2 cannot hold this model, or None when it can."""
+        if self.architecture != "fully_autoregressive":
+            return (f"architecture '{self.architecture}' has no Hugging Face Idefics2 counterpart (Idefics2 is fully "
+                    f"autoregressive; Idefics1's gated cross-attention model differs in its towers and blocks); "
+                    f"the model is saved in our checkpoint format only")
         if self.connector != "perceiver":
             return (f"connector '{self.connector}' has no Hugging Face Idefics2 counterpart (its connector is the "
                     f"Perceiver); the model is saved in our checkpoint format only")
@@ -338,7 +365,8 @@ class Idefics2Config(_Config):
 def model_config(section) -> Idefics2Config:
     """The model a training config's `model` section (an `ml_collections.ConfigDict`) describes; its
     other keys (dtypes, attention, init_from) are the trainer's."""
-    keys = ("vision", "perceiver", "text", "image_token_id", "tie_word_embeddings", "connector", "pixel_shuffle_factor")
+    keys = ("vision", "perceiver", "text", "image_token_id", "tie_word_embeddings", "connector", "pixel_shuffle_factor",
+            "architecture", "cross_attention_every")
     return Idefics2Config.from_dict({k: section[k].to_dict() if hasattr(section[k], "to_dict") else section[k]
                                      for k in keys if k in section}, where="config.model")
 

@@ -50,7 +50,8 @@ def test_sharded_step_on_eight_simulated_devices_equals_one_device(seed, tmp_pat
     assert result.stdout.count("worst relative update diff") == 5, result.stdout
     assert "scanned + remat accum 1: loss" in result.stdout and "(2, 2, 2) accum 2: loss" in result.stdout
     assert result.stdout.count("restored onto mesh") == 2, result.stdout
-    assert "connector mlp, mesh (2, 2, 2)" in result.stdout and "connector pixel_shuffle, mesh (2, 2, 2)" in result.stdout
+    for variant in ("mlp, fully_autoregressive", "pixel_shuffle, fully_autoregressive", "perceiver, cross_attention"):
+        assert f"connector {variant}, mesh (2, 2, 2)" in result.stdout, result.stdout
     assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-4000:]
 
 
@@ -139,11 +140,15 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     assert losses(tmp_path / "killed") == expected
 
 
-@pytest.mark.parametrize("connector", ["perceiver", "mlp", "pixel_shuffle"])
-def test_step_flops_count_every_weight_matrix(seed, connector):
+@pytest.mark.parametrize("connector,architecture", [("perceiver", "fully_autoregressive"),
+                                                    ("mlp", "fully_autoregressive"),
+                                                    ("pixel_shuffle", "fully_autoregressive"),
+                                                    ("perceiver", "cross_attention")])
+def test_step_flops_count_every_weight_matrix(seed, connector, architecture):
     """The FLOPs behind the logged MFU: `matmul_flops` equals the train step's products with a weight
     (the dot_generals without batch axes, attention's have [batch, heads]), read off its jaxpr, for
-    a batch with no padding, with each connector; `step_flops` adds attention's visible pairs on top."""
+    a batch with no padding, with each connector and architecture; `step_flops` adds attention's
+    visible pairs on top."""
     import flax.linen as nn
 
     from idefics_jax import Idefics2
@@ -153,7 +158,7 @@ def test_step_flops_count_every_weight_matrix(seed, connector):
     from idefics_jax.train.step import TrainState, train_step_fn
     from helpers.training import tiny_config
 
-    config = tiny_config(connector)
+    config = tiny_config(connector, architecture)
     rng = np.random.default_rng([seed, 12])
     rows, seq, size = 2, 80, config.vision.image_size
     tokens = rng.integers(3, 1000, (rows, seq)).astype(np.int32)

@@ -122,6 +122,10 @@ class Batcher:
 
     def __init__(self, generator, *, rows: int = 8, max_columns: int | None = None):
         config = generator.model.config.text
+        if generator.model.config.architecture != "fully_autoregressive":
+            raise ValueError(f"Continuous batching serves fully autoregressive models; this one is "
+                             f"'{generator.model.config.architecture}', whose images live beside the cache's rows: "
+                             f"use Generator.generate (python -m idefics_jax.generate) for it")
         if rows < 1:
             raise ValueError(f"A batcher needs at least one row, got rows={rows}")
         self.generator, self.rows = generator, rows

@@ -46,6 +46,10 @@ class Conversation:
 
     def __init__(self, generator: Generator, *, image_token_id: int, image_seq_len: int, prompt_multiple: int = 32,
                  image_multiple: int = 1, length_multiple: int = 256):
+        if generator.model.config.architecture != "fully_autoregressive":
+            raise ValueError(f"A conversation that keeps its cache between turns needs a fully autoregressive model; "
+                             f"this one is '{generator.model.config.architecture}' (its cached images are not cut back "
+                             f"with the columns): answer each turn whole with Assistant.reply")
         self.generator = generator
         self.image_token_id, self.image_seq_len = int(image_token_id), int(image_seq_len)
         self.prompt_multiple, self.image_multiple, self.length_multiple = prompt_multiple, image_multiple, length_multiple

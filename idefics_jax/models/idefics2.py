@@ -2,6 +2,9 @@
 
 The fully autoregressive design: every image becomes `resampler_n_latents` (64) vectors that take
 the places of the `<image>` tokens of the prompt, and the Mistral decoder reads the mixed sequence.
+With `architecture="cross_attention"` an image keeps one `<image>` marker token in the text instead,
+and gated cross-attention blocks between the decoder layers read its features
+(`models/cross_attention.py`).
 
 Shapes are static so that XLA compiles one program per input shape: images come as
 `pixel_values [batch, images, height, width, 3]` (channels last) with a pixel mask
@@ -21,8 +24,10 @@ import numpy as np
 
 from idefics_jax.config import Idefics2Config
 from idefics_jax.models.connector import Connector
+from idefics_jax.models.cross_attention import GatedCrossAttentionLayer, image_context
 from idefics_jax.models.layers import dense
 from idefics_jax.models.mistral import MistralModel
+from idefics_jax.models.remat import remat_layer
 from idefics_jax.models.vision import VisionTransformer, patch_attention_mask
 from idefics_jax.sharding import constrain
 
@@ -100,6 +105,14 @@ class Idefics2Model(nn.Module):
         self.vision_model = VisionTransformer(cfg.vision, scan_layers=self.scan_layers, **kw)
         self.connector = Connector(cfg, **kw)
         self.text_model = MistralModel(cfg.text, scan_layers=self.scan_layers, **kw)
+        if cfg.architecture == "cross_attention":
+            if self.scan_layers:
+                raise ValueError("architecture='cross_attention' places blocks between the decoder layers, which "
+                                 "one scan over the layers cannot: set train.scan_layers=False")
+            block = remat_layer(GatedCrossAttentionLayer, self.remat)
+            blocks = -(-cfg.text.num_hidden_layers // cfg.cross_attention_every)  # before layers 0, every, 2 every...
+            self.gated_cross_attn_layers = [block(cfg.text, self.attention_impl, dtype=self.dtype,
+                                                  param_dtype=self.param_dtype) for _ in range(blocks)]
 
     def encode_images(self, pixel_values, pixel_attention_mask=None):
         """Vision tower + connector for every image slot.
@@ -126,21 +139,44 @@ class Idefics2Model(nn.Module):
 
     def __call__(self, input_ids, *, attention_mask=None, pixel_values=None, pixel_attention_mask=None,
                  positions=None, segment_ids=None, image_token_mask=None, train: bool = False, cache=None):
+        cfg = self.config
+        cross = cfg.architecture == "cross_attention"
         embeds = self.text_model.embed(input_ids)  # [batch, seq, hidden]
-        is_image = input_ids == self.config.image_token_id if image_token_mask is None else image_token_mask
+        is_image = input_ids == cfg.image_token_id if image_token_mask is None else image_token_mask
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         if train and self.neftune_alpha > 0:
             embeds = neftune_noise(self.make_rng("neftune"), embeds, ~is_image, self.neftune_alpha)
+        images = None
         if pixel_values is not None:
             if image_token_mask is None:
-                check_image_token_count(input_ids, pixel_values, self.config.image_token_id,
-                                        self.config.image_seq_len)
+                check_image_token_count(input_ids, pixel_values, cfg.image_token_id, cfg.image_seq_len)
             images = self.encode_images(pixel_values, pixel_attention_mask)
-            embeds = splice_image_features(is_image, embeds, images["image_features"], images["real_images"])
+            if not cross:
+                embeds = splice_image_features(is_image, embeds, images["image_features"], images["real_images"])
         elif self.is_initializing():  # create the vision and connector parameters too
-            patch = self.config.vision.patch_size
-            self.encode_images(jnp.zeros((1, 1, patch, patch, self.config.vision.num_channels), self.dtype))
-        return self.text_model(embeds, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids,
-                               cache=cache)
+            patch = cfg.vision.patch_size
+            images = self.encode_images(jnp.zeros((1, 1, patch, patch, cfg.vision.num_channels), self.dtype))
+            images = jax.tree.map(lambda a: jnp.broadcast_to(a, (input_ids.shape[0], *a.shape[1:])), images)
+        if not cross:
+            return self.text_model(embeds, attention_mask=attention_mask, positions=positions,
+                                   segment_ids=segment_ids, cache=cache)
+        context = None if images is None else image_context(images["image_features"], images["real_images"],
+                                                            is_image, positions, segment_ids)
+        if cache is not None and cache.images is not None:  # generation: the images of earlier calls first
+            context = cache.images if context is None else cache.images.concatenated(context)
+
+        def before_layer(i, x):
+            if context is None or i % cfg.cross_attention_every:
+                return x
+            return self.gated_cross_attn_layers[i // cfg.cross_attention_every](x, positions, segment_ids, context)
+
+        out = self.text_model(embeds, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids,
+                              cache=cache, before_layer=before_layer)
+        if cache is None:
+            return out
+        hidden, cache = out
+        return hidden, cache.replace(images=context)
 
 
 class Idefics2(nn.Module):

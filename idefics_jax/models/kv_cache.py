@@ -40,6 +40,9 @@ class KVCache:
     positions: Any  # int32 [batch, length]: RoPE position of each slot's token
     valid: Any  # bool [batch, length]: the slot holds a real token
     index: Any  # int32 []: columns written so far (the next column)
+    # the cross-attention architecture's images (`models.cross_attention.ImageContext`), kept from the
+    # call that brought them for every later token to attend to; None: no images, or the other architecture
+    images: Any = None
     # static: nothing written yet, so the first call (prefill) attends over its own tokens alone, by
     # index, as a forward pass without a cache does (and with any attention kernel)
     fresh: bool = flax.struct.field(pytree_node=False, default=False)

@@ -29,12 +29,16 @@ TOWERS = ("vision", "connector", "text")
 
 
 def tower_of(path: tuple[str, ...]) -> str:
-    """The tower a parameter path belongs to (a LoRA adapter: its kernel's tower)."""
+    """The tower a parameter path belongs to (a LoRA adapter: its kernel's tower). The cross-attention
+    architecture's blocks (`model/gated_cross_attn_layers_N`) carry the images into the decoder, as the
+    connector does, and count as the connector: new parameters, trained when the backbones are frozen."""
     if path[0] == "lora":
         return tower_of(tuple(path[1].split("/")))
     if path[0] == "lm_head":
         return "text"
     part = path[1] if path[0] == "model" else path[0]
+    if part.startswith("gated_cross_attn_layers"):
+        return "connector"
     return {"vision_model": "vision", "connector": "connector", "text_model": "text"}.get(part, "text")
 
 

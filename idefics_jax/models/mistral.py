@@ -127,7 +127,7 @@ class MistralModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def __call__(self, inputs_embeds, *, attention_mask=None, positions=None, segment_ids=None,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, before_layer=None):
         """inputs_embeds `[batch, seq, hidden]` -> final hidden states `[batch, seq, hidden]`.
 
         attention_mask `[batch, seq]`: 0 marks padding keys (Hugging Face's convention).
@@ -136,6 +136,8 @@ class MistralModel(nn.Module):
         segment_ids `[batch, seq]`: packed rows; tokens attend within their segment only.
         cache: generation. The new tokens also attend to the cached columns, and the call returns
         `(hidden states, cache with the new columns written)`.
+        before_layer: `(layer index, x) -> x`, run before each layer (the gated cross-attention
+        blocks of `models/cross_attention.py`); not with `scan_layers`.
         """
         batch, seq, _ = inputs_embeds.shape
         if positions is None:
@@ -144,6 +146,9 @@ class MistralModel(nn.Module):
         kv_mask = None if attention_mask is None else attention_mask.astype(bool)
         x = inputs_embeds.astype(self.dtype)
         if self.scan_layers:
+            if before_layer is not None:
+                raise ValueError("Blocks between the decoder layers (architecture='cross_attention') need the "
+                                 "unscanned decoder: scan_layers=False")
             if cache is not None:
                 raise ValueError("Decoding with a KV cache needs the unscanned model: scan_layers=False, with "
                                  "idefics_jax.models.scan.unstack_layers(params)")
@@ -158,6 +163,8 @@ class MistralModel(nn.Module):
             # a fresh cache holds nothing to attend to: prefill is an uncached pass (by index: the same
             # as by position for left-padded rows) whose keys and values are then written
             past = None if cache is None or cache.fresh else cache.layer(i, slot)
+            if before_layer is not None:
+                x = before_layer(i, x)
             x, new = layer(x, cos, sin, positions, kv_mask, segment_ids, past)
             written.append(new)
         x = self.norm(x)

@@ -21,6 +21,8 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
         "image_token_id": model.image_token_id, "tie_word_embeddings": model.tie_word_embeddings,
         # the paper's connector choices (idefics_jax/config.py): perceiver | mlp | pixel_shuffle
         "connector": model.connector, "pixel_shuffle_factor": model.pixel_shuffle_factor,
+        # fully_autoregressive | cross_attention (gated blocks before every n-th decoder layer)
+        "architecture": model.architecture, "cross_attention_every": model.cross_attention_every,
         "dtype": "bfloat16", "param_dtype": "float32", "attention_impl": "auto",
         # a Hugging Face directory or an idefics_jax checkpoint (may be gs://...) to start from ("": random)
         "init_from": "",

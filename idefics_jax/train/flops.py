@@ -2,8 +2,10 @@
 
 FLOPs per step count the matmuls of every tower (6 x parameters x tokens for forward + backward)
 plus attention's quadratic part: the vision tower over each image's patches, the Perceiver's
-latents over [patches; latents] (the other connectors have none), and the decoder's causal (and
-windowed) attention over each packed segment.
+latents over [patches; latents] (the other connectors have none), the decoder's causal (and
+windowed) attention over each packed segment, and with the cross-attention architecture its blocks'
+attention of every token over the features of its segment's images (an upper bound: tokens before
+an image's marker do not see it).
 """
 
 from __future__ import annotations
@@ -45,7 +47,17 @@ def matmul_flops(config: Idefics2Config, patches: float, images: int, tokens: fl
     text_layer = d * t.attention_head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads) \
         + 3 * d * t.intermediate_size
     text = (t.num_hidden_layers * text_layer + d * t.vocab_size) * tokens  # + the LM head
-    return 6.0 * float(vision + projection + perceiver + text)
+    cross = 0
+    if config.architecture == "cross_attention":  # queries, output and MLP on the tokens; keys, values on the features
+        cross = cross_attention_blocks(config) * (
+            (2 * d * t.num_attention_heads * t.attention_head_dim + 3 * d * t.intermediate_size) * tokens
+            + 2 * d * t.num_key_value_heads * t.attention_head_dim * images * config.image_features_len)
+    return 6.0 * float(vision + projection + perceiver + text + cross)
+
+
+def cross_attention_blocks(config: Idefics2Config) -> int:
+    """Gated cross-attention blocks: one before every `cross_attention_every`-th decoder layer."""
+    return -(-config.text.num_hidden_layers // config.cross_attention_every)
 
 
 def dot_shapes(jaxpr, times: int = 1, out: dict | None = None) -> dict:
@@ -86,4 +98,12 @@ def step_flops(config: Idefics2Config, batch: dict[str, Any]) -> float:
             n = int((row == segment).sum())
             pairs = sum(min(i + 1, window) for i in range(n)) if n <= 4 * window else n * window
             flops += 12 * t.num_hidden_layers * width * pairs
+    if config.architecture == "cross_attention":
+        image_segments = batch.get("image_segment_ids")
+        for b, row in enumerate(batch["segment_ids"]):
+            for segment in np.unique(row[row > 0]):
+                images = int((patch_counts[b] > 0).sum()) if image_segments is None else \
+                    int(((image_segments[b] == segment) & (patch_counts[b] > 0)).sum())
+                pairs = int((row == segment).sum()) * images * config.image_features_len
+                flops += 12 * cross_attention_blocks(config) * width * pairs
     return float(flops)

@@ -20,11 +20,23 @@ def load_config(name: str):
     return module.get_config()
 
 
-def tiny_config(connector: str = "perceiver") -> Idefics2Config:
+def tiny_config(connector: str = "perceiver", architecture: str = "fully_autoregressive") -> Idefics2Config:
     c = Idefics2Config.preset("tiny")
     return c.replace(vision=c.vision.replace(image_size=56, patch_size=7),
                      perceiver=c.perceiver.replace(resampler_n_latents=8),
-                     text=c.text.replace(sliding_window=32), connector=connector)
+                     text=c.text.replace(sliding_window=32), connector=connector, architecture=architecture,
+                     cross_attention_every=1)
+
+
+def open_gates(tree, value: float = 0.5):
+    """`tree` (parameters, or a train state) with every cross-attention gate (`alpha_*`) at `value`: at
+    their initial 0 the blocks are the identity and their other weights get no gradient."""
+    import jax
+
+    def set_gate(path, x):
+        name = getattr(path[-1], "key", getattr(path[-1], "name", ""))
+        return np.full_like(np.asarray(x), value) if str(name).startswith("alpha_") else x
+    return jax.tree_util.tree_map_with_path(set_gate, tree)
 
 
 def tiny_batch(config: Idefics2Config, seed: int, batch_size: int, seq_len: int = 96) -> dict:
@@ -51,13 +63,14 @@ def tiny_batch(config: Idefics2Config, seed: int, batch_size: int, seq_len: int 
     return finalize(collate(rows, pack))
 
 
-def tiny_setup(seed: int, batch_size: int = 8, frozen=(), sgd: bool = False, connector: str = "perceiver"):
+def tiny_setup(seed: int, batch_size: int = 8, frozen=(), sgd: bool = False, connector: str = "perceiver",
+               architecture: str = "fully_autoregressive"):
     """sgd=True: plain SGD, whose update is proportional to the gradient, for comparing steps
     (Adam's first update is about lr * sign(g), which amplifies round-off in gradients that are
     zero in exact arithmetic, such as the key projections' biases)."""
     import optax
 
-    config = tiny_config(connector)
+    config = tiny_config(connector, architecture)
     model = Idefics2(config)
     if sgd:
         tx = optax.sgd(0.1)
