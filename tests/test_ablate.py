@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from idefics_jax.cli import ablate
+from idefics_jax.data.synthetic_tasks import TASKS
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def write_grid(path: Path, data_dir: Path, points: str) -> Path:
-    common = ["train.steps=2", "train.log_every=1", "train.checkpoint_every=2", "train.eval_samples=3",
-              "data.synthetic_num=40", "data.batch_size=2", f"data.dir={data_dir}"]
+    common = ["train.steps=2", "train.log_every=1", "train.checkpoint_every=2", "train.eval_samples=6",
+              "data.eval_source=tasks_eval", "data.synthetic_num=40", "data.batch_size=2", f"data.dir={data_dir}"]
     path.write_text("import ml_collections\n\n\ndef get_config():\n"
                     "    grid = ml_collections.ConfigDict()\n"
                     f"    grid.base = {str(CONFIGS / 'tiny.py')!r}\n"
@@ -31,6 +32,8 @@ def test_a_grid_trains_scores_skips_and_resumes(tmp_path, capsys):
         {"name": "perceiver", "overrides": []},
         {"name": "pixel_shuffle", "overrides": ["model.connector=pixel_shuffle", "data.image_sizing=square"]},
         {"name": "no_pooling_keep_aspect", "overrides": ["model.connector=mlp"]},
+        {"name": "cross_attention_frozen", "overrides": ["model.architecture=cross_attention",
+                                                         "model.cross_attention_every=1", "train.regime=frozen"]},
     ]"""
     grid = write_grid(tmp_path / "grid.py", tmp_path / "data", points)
     out = tmp_path / "runs"
@@ -42,6 +45,10 @@ def test_a_grid_trains_scores_skips_and_resumes(tmp_path, capsys):
     assert shuffled["image_tokens"] == 16 and plain["image_tokens"] == 4  # tiny: 4 latents; 8 x 8 patches / 4
     assert shuffled["trainable"] == shuffled["parameters"] and shuffled["parameters"] < plain["parameters"]
     assert set(plain["scores"]) == {"exact_match", "vqa_accuracy", "anls"} and plain["flops_per_sample"] > 0
+    assert set(plain["tasks"]) == set(TASKS)  # the held-out tasks, one question each, scored apart
+    assert all(f" {task} |" in report.splitlines()[4] for task in TASKS), report.splitlines()[4]
+    crossed = json.loads((out / "cross_attention_frozen" / "seed0" / "result.json").read_text())
+    assert crossed["image_tokens"] == 1 and 0 < crossed["trainable"] < crossed["parameters"]
     assert [step for step, _ in plain["losses"]] == [1, 2]
     assert "`model.connector=pixel_shuffle`" in rows["pixel_shuffle"] and "| 16 |" in rows["pixel_shuffle"]
     assert "failed: seed 0 exited with 1: error: config.model.connector=mlp" in rows["no_pooling_keep_aspect"]

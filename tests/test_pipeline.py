@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,7 @@ from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.samples import SampleError
 from idefics_jax.data.tokenizer import Tokenizer
 from helpers.inputs import png_header
+from helpers.training import open_gates
 from helpers.pipelines import EDGE, SEQ_LATENTS, make_pipeline
 
 
@@ -99,24 +101,28 @@ def test_conversation_tokens_equal_the_processor_on_the_whole_prompt(synthetic):
             assert encoder(record)["input_ids"].tolist() == whole
 
 
-@pytest.mark.parametrize("connector", ["perceiver", "mlp", "pixel_shuffle"])
-def test_packed_rows_give_the_logits_of_each_sample_alone(synthetic, connector):
+@pytest.mark.parametrize("connector,architecture", [("perceiver", "fully_autoregressive"),
+                                                    ("mlp", "fully_autoregressive"),
+                                                    ("pixel_shuffle", "fully_autoregressive"),
+                                                    ("perceiver", "cross_attention")])
+def test_packed_rows_give_the_logits_of_each_sample_alone(synthetic, connector, architecture):
     """No attention crosses segments and every image reaches its own tokens: the model on a packed
     row equals the model on each of its samples alone (with each connector; mlp and pixel_shuffle
-    on square images, 64 and 16 tokens each)."""
+    on square images, 64 and 16 tokens each; cross-attention, one marker token each, gates open)."""
     tokenizer = Tokenizer(synthetic / "tokenizer.model")
     config = Idefics2Config.preset("tiny")
     config = config.replace(
         vision=config.vision.replace(image_size=56, patch_size=7),
         perceiver=config.perceiver.replace(resampler_n_latents=SEQ_LATENTS),
         text=config.text.replace(vocab_size=tokenizer.vocab_size, sliding_window=64),
-        image_token_id=tokenizer.token_id(IMAGE_TOKEN), connector=connector)
+        image_token_id=tokenizer.token_id(IMAGE_TOKEN), connector=connector, architecture=architecture,
+        cross_attention_every=1)
     pipeline, tokenizer = make_pipeline(synthetic, names=("pairs", "interleaved", "conversations"),
                                         pack=PackConfig(seq_len=600, image_slots=6, buckets=((56, 56),)),
                                         image_seq_len=config.image_seq_len,
                                         image_sizing="keep_aspect" if connector == "perceiver" else "square")
     model = Idefics2(config)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = open_gates(nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]))
     forward = jax.jit(lambda p, **kw: model.apply({"params": p}, **kw))
     batch = next(pipeline)
     b = int(np.argmax([len(np.unique(s[s > 0])) for s in batch["segment_ids"]]))  # the fullest row

@@ -16,7 +16,8 @@ BASE --workdir DIR/NAME/seedS --config.KEY=VALUE ...` (the common overrides, the
 A finished run leaves `result.json`: running the command again skips it, and a run that was
 interrupted resumes from its checkpoint. `DIR/ablations.md` gets a row per point (its switches,
 visual tokens per image, trainable and total parameters, training FLOPs per sample, step time,
-final loss and held-out scores as mean +- standard deviation over the seeds) and
+final loss and held-out scores, overall and per task where the held-out records name their task,
+as mean +- standard deviation over the seeds) and
 `DIR/ablations.png` the loss curves and the scores. A run that fails is named with its error and
 the others go on; a preemption notice stops the grid (run it again to go on).
 """
@@ -43,6 +44,7 @@ from idefics_jax.train.preemption import EXIT_CODE
 from idefics_jax.train.run import build_run
 
 SCORES = ("exact_match", "vqa_accuracy", "anls")
+TASK = "eval/task/"  # the metrics of held-out records that name their task: exact match per task
 
 
 def load_grid(path: str) -> tuple[ml_collections.ConfigDict, Path]:
@@ -88,9 +90,11 @@ def summarize(workdir: Path) -> dict:
     losses = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     last = [loss for _, loss in losses[-max(1, len(losses) // 10):]]  # the last tenth of the logged steps
     perf = lambda key: float(np.median([r[key] for r in rows if key in r])) if any(key in r for r in rows) else None
-    scores = next(({k: r[f"eval/{k}"] for k in SCORES} for r in reversed(rows) if "eval/exact_match" in r), {})
+    last_eval = next((r for r in reversed(rows) if "eval/exact_match" in r), {})
+    scores = {k: last_eval[f"eval/{k}"] for k in SCORES if f"eval/{k}" in last_eval}
+    tasks = {k[len(TASK):]: v for k, v in last_eval.items() if k.startswith(TASK)}
     return {"losses": losses, "final_loss": float(np.mean(last)), "step_time_s": perf("perf/step_time_s"),
-            "flops_per_sample": perf("perf/flops_per_sample"), "scores": scores,
+            "flops_per_sample": perf("perf/flops_per_sample"), "scores": scores, "tasks": tasks,
             "image_tokens": run.model_config.image_seq_len, "trainable": int(run.count_trainable(params)),
             "parameters": int(count_trainable(params))}  # every parameter: none frozen
 
@@ -102,9 +106,14 @@ def mean_std(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def task_names(results: dict[str, list[dict]]) -> list[str]:
+    return sorted({t for runs in results.values() for r in runs for t in r.get("tasks", {})})
+
+
 def table(grid, results: dict[str, list[dict]], failed: dict[str, str]) -> str:
+    tasks = task_names(results)
     columns = ["point", "switches", "image tokens", "trainable / total params", "GFLOPs per sample", "step (s)",
-               "final loss", *SCORES]
+               "final loss", *SCORES, *tasks]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for point in grid.points:
         name, runs = point["name"], results.get(point["name"], [])
@@ -113,8 +122,9 @@ def table(grid, results: dict[str, list[dict]], failed: dict[str, str]) -> str:
             first, flops = runs[0], runs[0]["flops_per_sample"]
             cells += [str(first["image_tokens"]), f"{first['trainable']:,} / {first['parameters']:,}",
                       f"{flops / 1e9:.3g}" if flops is not None else "-", mean_std(r["step_time_s"] for r in runs),
-                      mean_std(r["final_loss"] for r in runs), *(mean_std(r["scores"].get(k) for r in runs)
-                                                                  for k in SCORES)]
+                      mean_std(r["final_loss"] for r in runs),
+                      *(mean_std(r["scores"].get(k) for r in runs) for k in SCORES),
+                      *(mean_std(r.get("tasks", {}).get(t) for r in runs) for t in tasks)]
         else:
             cells += ["-"] * (len(columns) - 2)
         if name in failed:
@@ -124,7 +134,8 @@ def table(grid, results: dict[str, list[dict]], failed: dict[str, str]) -> str:
 
 
 def plot(grid, results: dict[str, list[dict]], out: Path):
-    """The loss curves (mean over seeds) and the held-out exact match (mean, with the spread) per point."""
+    """The loss curves (mean over seeds) and the held-out exact match per point (mean, with the spread
+    over seeds): overall, and per task where the held-out records name their tasks."""
     import matplotlib  # heavy, and only for this plot
 
     matplotlib.use("Agg")
@@ -140,10 +151,17 @@ def plot(grid, results: dict[str, list[dict]], out: Path):
     curves.set_ylabel("training loss")
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8)
-    scores = [[r["scores"].get("exact_match", np.nan) for r in results[n]] for n in names]
-    bars.bar(range(len(names)), [np.mean(s) for s in scores], yerr=[np.std(s) for s in scores], capsize=3)
-    bars.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    groups = [("all", lambda r: r["scores"].get("exact_match", np.nan))]
+    groups += [(t, lambda r, t=t: r.get("tasks", {}).get(t, np.nan)) for t in task_names(results)]
+    width = 0.8 / len(groups)
+    for g, (label, value) in enumerate(groups):
+        scores = [[value(r) for r in results[n]] for n in names]
+        bars.bar(np.arange(len(names)) + g * width, [np.mean(s) for s in scores], width,
+                 yerr=[np.std(s) for s in scores], capsize=2, label=label)
+    bars.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30, ha="right", fontsize=8)
     bars.set_ylabel("held-out exact match")
+    if len(groups) > 1:
+        bars.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

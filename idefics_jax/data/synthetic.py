@@ -11,6 +11,10 @@ records as ArrayRecord (`OUT_DIR/array_record/<source>/`) and as a TFDS build
     interleaved    a short document: paragraphs with 2-3 images between them
     conversations  "What is written in the image?"-style questions with the exact answer
     conversations_eval   held-out questions in the same format, for exact-match evaluation
+    tasks          questions of six tasks that tell design choices apart (reading small and large
+                   print, counting, locating, two images, captions; data/synthetic_tasks.py), each
+                   record naming its `task`
+    tasks_eval     held-out questions of the same tasks, as many of each
 
 Images vary in words, numbers and short lines; font (the DejaVu, STIX and Computer Modern faces
 that matplotlib ships), size, colours, background (plain, gradient, noise) and aspect ratio.
@@ -31,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from idefics_jax.data import tfds_builder
+from idefics_jax.data.synthetic_tasks import TASKS, task_sample
 from idefics_jax.data.sources import write_array_record
 from idefics_jax.data.tokenizer import train_tokenizer
 
@@ -180,7 +185,7 @@ def generate(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0, num_eva
     rng = renderer.rng
     counts = {}
     texts_for_tokenizer = []
-    sources = ["pairs", "documents", "interleaved", "conversations", "conversations_eval"]
+    sources = ["pairs", "documents", "interleaved", "conversations", "conversations_eval", "tasks", "tasks_eval"]
     for source in sources:
         (out / source / "images").mkdir(parents=True, exist_ok=True)
         n = (num_eval if num_eval is not None else max(10, num // 10)) if source.endswith("eval") else num
@@ -209,6 +214,13 @@ def generate(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0, num_eva
                     content.append({"type": "image", "image": _save(image, out / source, f"{name}-{j}", rng)})
                     content.append({"type": "text", "text": f" It reads: {written}. "})
                 records.append({"id": name, "type": "interleaved", "content": content})
+            elif source.startswith("tasks"):
+                task = TASKS[i % len(TASKS)]
+                images, question, answer = task_sample(renderer, task)
+                paths = [_save(image, out / source, f"{name}-{j}", rng) for j, image in enumerate(images)]
+                records.append({"id": name, "type": "conversation", "task": task, "images": paths,
+                                "messages": [{"role": "user", "content": "<image>" * len(paths) + question},
+                                             {"role": "assistant", "content": answer}]})
             else:
                 written, kind = renderer.text()
                 image, _ = renderer.text_image(written)

@@ -187,15 +187,21 @@ def score(record: dict, prediction: str) -> dict:
     answers = record.get("answers") or [answer]
     return {"id": record.get("id"), "answer": answer, "prediction": prediction,
             "exact_match": prediction == answer.strip(), "vqa_accuracy": vqa_accuracy(prediction, answers),
-            "anls": anls(prediction, answers)}
+            "anls": anls(prediction, answers), **({"task": record["task"]} if "task" in record else {})}
 
 
 def summarize(results: Sequence[dict]) -> dict:
-    """The report: mean scores over the records that were answered, how many could not be, and every result."""
+    """The report: mean scores over the records that were answered, how many could not be, and every
+    result; records that name their `task` are also scored per task (`tasks`: {task: scores})."""
+    def scores(rows):
+        mean = lambda key: float(np.mean([r[key] for r in rows])) if rows else 0.0
+        return {"n": len(rows), "exact_match": mean("exact_match"), "vqa_accuracy": mean("vqa_accuracy"),
+                "anls": mean("anls")}
     scored = [r for r in results if "error" not in r]
-    mean = lambda key: float(np.mean([r[key] for r in scored])) if scored else 0.0
-    return {"n": len(scored), "failed": len(results) - len(scored), "exact_match": mean("exact_match"),
-            "vqa_accuracy": mean("vqa_accuracy"), "anls": mean("anls"), "results": list(results)}
+    tasks = sorted({r["task"] for r in scored if "task" in r})
+    return {**scores(scored), "failed": len(results) - len(scored),
+            **({"tasks": {t: scores([r for r in scored if r.get("task") == t]) for t in tasks}} if tasks else {}),
+            "results": list(results)}
 
 
 def evaluate_records(assistant, records: Sequence[dict], base_dir: str | os.PathLike, *, batch_size: int = 16,
@@ -330,5 +336,6 @@ def training_evaluation(config, model_config, tokenizer, data_dir, mesh):
             assistant = Assistant(loaded, dtype=jnp.dtype(config.model.dtype), mesh=mesh)
         else:
             assistant.generator.use_params(params)
-        return evaluate_records(assistant, records, base_dir, max_new_tokens=config.train.max_new_tokens)
+        return evaluate_records(assistant, records, base_dir, max_new_tokens=config.train.max_new_tokens,
+                                split=config.train.eval_split)
     return evaluate

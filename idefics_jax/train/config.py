@@ -72,6 +72,8 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # minimal_offloaded, qkv_proj_offloaded (idefics_jax/models/remat.py)
         "remat": "none",
         "eval_every": 0, "eval_samples": 50, "max_new_tokens": 16,
+        # held-out images split into 4 crops + the whole, as a run trained with splitting reads them
+        "eval_split": False,
         # a jax.profiler trace of `profile_steps` steps from this one into WORKDIR/profile (0: off)
         "profile_first_step": 0, "profile_steps": 3,
         # compiled programs kept between runs: a resumed run skips compilation ("": off)

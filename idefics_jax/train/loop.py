@@ -168,7 +168,9 @@ def train(config, workdir: str | os.PathLike, evaluation=None) -> dict:
                 # generation takes the model's own parameters, unscanned
                 report = evaluate(unstack_layers(merge(state.params, run.lora) if run.lora else state.params))
                 writer.write(step, {"eval/exact_match": report["exact_match"],
-                                    "eval/vqa_accuracy": report["vqa_accuracy"], "eval/anls": report["anls"]})
+                                    "eval/vqa_accuracy": report["vqa_accuracy"], "eval/anls": report["anls"],
+                                    **{f"eval/task/{task}": scores["exact_match"]
+                                       for task, scores in report.get("tasks", {}).items()}})
                 if jax.process_index() == 0:
                     (workdir / f"eval_{step}.json").write_text(json.dumps(report, indent=1))
                 log.info("Step %d: exact match %.3f on %d held-out questions", step, report["exact_match"],
