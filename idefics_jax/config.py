@@ -362,13 +362,45 @@ class Idefics2Config(_Config):
         epath.Path(path).write_text(json.dumps(self.to_hf_dict(dtype), indent=2, sort_keys=True) + "\n")
 
 
+# Backbone sizes, for asking "a better language model or a better vision encoder, at the same
+# budget": width, depth and heads only; the image size, vocabulary and context stay the config's.
+VISION_SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "small": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+    "siglip-base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    "siglip-so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+}
+TEXT_SIZES = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8),
+}
+
+
+def with_backbone_sizes(config: Idefics2Config, vision: str = "", text: str = "") -> Idefics2Config:
+    """`config` with its vision tower and / or decoder of a named size (`VISION_SIZES`, `TEXT_SIZES`;
+    "" keeps the config's own)."""
+    if vision:
+        _check_choice("vision_size", vision, tuple(VISION_SIZES))
+        config = config.replace(vision=config.vision.replace(**VISION_SIZES[vision]))
+    if text:
+        _check_choice("text_size", text, tuple(TEXT_SIZES))
+        config = config.replace(text=config.text.replace(head_dim=None, **TEXT_SIZES[text]))
+    return config
+
+
 def model_config(section) -> Idefics2Config:
-    """The model a training config's `model` section (an `ml_collections.ConfigDict`) describes; its
-    other keys (dtypes, attention, init_from) are the trainer's."""
+    """The model a training config's `model` section (an `ml_collections.ConfigDict`) describes: its
+    towers resized by `vision_size` / `text_size` when set; its other keys (dtypes, attention,
+    init_from) are the trainer's."""
     keys = ("vision", "perceiver", "text", "image_token_id", "tie_word_embeddings", "connector", "pixel_shuffle_factor",
             "architecture", "cross_attention_every")
-    return Idefics2Config.from_dict({k: section[k].to_dict() if hasattr(section[k], "to_dict") else section[k]
-                                     for k in keys if k in section}, where="config.model")
+    config = Idefics2Config.from_dict({k: section[k].to_dict() if hasattr(section[k], "to_dict") else section[k]
+                                       for k in keys if k in section}, where="config.model")
+    return with_backbone_sizes(config, section.get("vision_size", ""), section.get("text_size", ""))
 
 
 def _strip(section: Mapping[str, Any], where: str, cls) -> dict[str, Any]:

@@ -148,3 +148,36 @@ def test_training_regimes_name_what_trains():
     config.train.regime, config.train.lora.rank = "full", 8
     with pytest.raises(ValueError, match="trains no adapters"):
         build_run(config)
+
+
+def test_backbone_sizes_resize_width_and_depth_only():
+    from helpers.training import load_config
+    from idefics_jax.config import TEXT_SIZES, VISION_SIZES, model_config, with_backbone_sizes
+
+    base = Idefics2Config.preset("tiny")
+    assert with_backbone_sizes(base, "tiny", "tiny") == base  # the tiny sizes are the tiny preset's
+    bigger = with_backbone_sizes(base, text="small")
+    assert bigger.text.hidden_size == TEXT_SIZES["small"]["hidden_size"] and bigger.text.head_dim == 64
+    assert (bigger.text.vocab_size, bigger.text.sliding_window) == (base.text.vocab_size, base.text.sliding_window)
+    config = load_config("tiny")
+    config.model.vision_size = "small"
+    vision = model_config(config.model).vision
+    assert vision.num_hidden_layers == VISION_SIZES["small"]["num_hidden_layers"] and vision.image_size == 112
+    config.model.vision_size = "smal"
+    with pytest.raises(ConfigError, match="vision_size 'smal' is not one of .*did you mean 'small'"):
+        model_config(config.model)
+
+
+def test_frozen_cross_attention_trains_its_blocks_and_the_connector():
+    from helpers.training import load_config
+    from idefics_jax.train.run import build_run
+
+    config = load_config("tiny")
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+    config.model.architecture, config.model.cross_attention_every = "cross_attention", 1
+    config.train.regime = "frozen"
+    run = build_run(config)
+    params = run.init_state(jax.random.PRNGKey(0)).params
+    new = [params["model"][k] for k in params["model"] if k == "connector" or k.startswith("gated_cross_attn_layers")]
+    assert len(new) == 3  # the connector and a block before each of the 2 decoder layers
+    assert run.count_trainable(params) == sum(x.size for x in jax.tree_util.tree_leaves(new))

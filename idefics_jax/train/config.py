@@ -23,6 +23,8 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
         "connector": model.connector, "pixel_shuffle_factor": model.pixel_shuffle_factor,
         # fully_autoregressive | cross_attention (gated blocks before every n-th decoder layer)
         "architecture": model.architecture, "cross_attention_every": model.cross_attention_every,
+        # backbone sizes (idefics_jax/config.py VISION_SIZES, TEXT_SIZES): "" keeps vision / text as set
+        "vision_size": "", "text_size": "",
         "dtype": "bfloat16", "param_dtype": "float32", "attention_impl": "auto",
         # a Hugging Face directory or an idefics_jax checkpoint (may be gs://...) to start from ("": random)
         "init_from": "",
