@@ -481,6 +481,38 @@ def test_training_starts_from_a_checkpoint(seed, tmp_path):
         load_initial_params(dataclasses.replace(run, model_config=other), state, str(tmp_path / "ours"))
 
 
+def test_training_starts_from_pretrained_towers_under_a_new_connector_and_architecture(seed, tmp_path):
+    """`config.model.init_towers=vision,text`: the backbones come from a fully autoregressive
+    Perceiver checkpoint, the connector (now an mlp) and the cross-attention blocks start fresh;
+    only the loaded towers' configs must match."""
+    from idefics_jax import save_checkpoint
+    from idefics_jax.train.run import build_run, load_initial_params
+    from helpers.training import load_config
+
+    source = build_run(load_config("tiny"))
+    rng = np.random.default_rng(seed)
+    checkpoint = jax.tree.map(lambda x: np.asarray(x) + rng.normal(), source.init_state(jax.random.PRNGKey(seed)).params)
+    save_checkpoint(tmp_path / "ours", source.model_config, checkpoint)
+    config = load_config("tiny")
+    config.model.architecture, config.model.connector, config.data.image_sizing = "cross_attention", "mlp", "square"
+    run = build_run(config)
+    state = run.init_state(jax.random.PRNGKey(seed + 1))
+    started = load_initial_params(run, state, str(tmp_path / "ours"), ["vision", "text"])
+    for tower in ("vision_model", "text_model"):
+        for got, want in zip(jax.tree.leaves(started.params["model"][tower]), jax.tree.leaves(checkpoint["model"][tower])):
+            np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(np.asarray(started.params["lm_head"]["kernel"]), checkpoint["lm_head"]["kernel"])
+    fresh = [k for k in state.params["model"] if k == "connector" or k.startswith("gated_cross_attn_layers")]
+    assert len(fresh) == 2
+    for key in fresh:
+        for got, want in zip(jax.tree.leaves(started.params["model"][key]), jax.tree.leaves(state.params["model"][key])):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="different model than config.model describes in towers"):
+        load_initial_params(run, state, str(tmp_path / "ours"), ["vision", "text", "connector"])
+    with pytest.raises(ValueError, match=r"Unknown tower\(s\) \['vison'\]"):
+        load_initial_params(run, state, str(tmp_path / "ours"), ["vison"])
+
+
 def test_two_processes_stop_together_on_a_preemption_notice(tmp_path, seed):
     """SIGTERM to one host of two (the command line, as a scheduler stops it): JAX's preemption
     service tells the other, both save the same step (saving is collective), say so and exit with

@@ -13,6 +13,9 @@ A grid file's `get_config()` returns an `ml_collections.ConfigDict`:
 Every point and seed trains in its own process, exactly as `python -m idefics_jax.train --config
 BASE --workdir DIR/NAME/seedS --config.KEY=VALUE ...` (the common overrides, then the point's, then
 `--set`'s, then `train.seed=S`), scoring the base's held-out data (`data.eval_source`) at the end.
+Points run in order, and in an override `{workdir}` stands for DIR and `{seed}` for the seed, so a
+point can start from an earlier one's towers (`model.init_from={workdir}/base/seed{seed}` with
+`model.init_towers=vision,text`).
 A finished run leaves `result.json`: running the command again skips it, and a run that was
 interrupted resumes from its checkpoint. `DIR/ablations.md` gets a row per point (its switches,
 visual tokens per image, trainable and total parameters, training FLOPs per sample, step time,
@@ -189,7 +192,8 @@ def main(argv=None) -> int:
             workdir = root / point["name"] / f"seed{seed}"
             done = workdir / "result.json"
             if not done.exists():
-                overrides = [*grid.common, *point["overrides"], *args.set]
+                overrides = [o.replace("{workdir}", str(root)).replace("{seed}", str(seed))
+                             for o in [*grid.common, *point["overrides"], *args.set]]
                 print(f"{point['name']} seed {seed}: training in {workdir}", flush=True)
                 workdir.mkdir(parents=True, exist_ok=True)
                 with open(workdir / "train.log", "a") as log:

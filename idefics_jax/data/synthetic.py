@@ -14,7 +14,7 @@ records as ArrayRecord (`OUT_DIR/array_record/<source>/`) and as a TFDS build
     tasks          questions of six tasks that tell design choices apart (reading small and large
                    print, counting, locating, two images, captions; data/synthetic_tasks.py), each
                    record naming its `task`
-    tasks_eval     held-out questions of the same tasks, as many of each
+    tasks_eval     held-out questions of the same tasks, as many of each (twice conversations_eval's)
 
 Images vary in words, numbers and short lines; font (the DejaVu, STIX and Computer Modern faces
 that matplotlib ships), size, colours, background (plain, gradient, noise) and aspect ratio.
@@ -189,6 +189,7 @@ def generate(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0, num_eva
     for source in sources:
         (out / source / "images").mkdir(parents=True, exist_ok=True)
         n = (num_eval if num_eval is not None else max(10, num // 10)) if source.endswith("eval") else num
+        n = 2 * n if source == "tasks_eval" else n  # scored per task: twice the questions
         records = []
         for i in range(n):
             name = f"{source}-{i:06d}"

@@ -28,6 +28,8 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
         "dtype": "bfloat16", "param_dtype": "float32", "attention_impl": "auto",
         # a Hugging Face directory or an idefics_jax checkpoint (may be gs://...) to start from ("": random)
         "init_from": "",
+        # the towers to take from init_from, comma-separated ("vision,text"; "": all): the others start fresh
+        "init_towers": "",
     })
 
 

@@ -74,7 +74,8 @@ def start_state(run: Run, checkpointer: Checkpointer, pipeline) -> tuple[int, ob
         return start, state
     state = run.init_state(jax.random.PRNGKey(config.train.seed))
     if config.model.init_from:
-        state = load_initial_params(run, state, config.model.init_from)
+        towers = [t.strip() for t in config.model.get("init_towers", "").split(",") if t.strip()]
+        state = load_initial_params(run, state, config.model.init_from, towers)
     return 0, state
 
 

@@ -23,10 +23,10 @@ from jax.sharding import Mesh
 
 from idefics_jax.checkpoints import load_checkpoint, load_hf_checkpoint
 from idefics_jax.checkpoints.train_state import Checkpointer, abstract_with_shardings
-from idefics_jax.checkpoints.workdir import frozen_of, lora_of
+from idefics_jax.checkpoints.workdir import CHECKPOINTS, frozen_of, lora_of, restore_workdir
 from idefics_jax.config import Idefics2Config, model_config
 from idefics_jax.models.idefics2 import Idefics2
-from idefics_jax.models.lora import ADAPTERS, LoraConfig, start_magnitudes
+from idefics_jax.models.lora import ADAPTERS, LoraConfig, check_towers, start_magnitudes, tower_of
 from idefics_jax.models.remat import remat_policy
 from idefics_jax.models.scan import is_stacked, stack_layers
 from idefics_jax.ops.attention import IMPLEMENTATIONS
@@ -157,28 +157,50 @@ def build_run(config, mesh: Mesh | None = None) -> Run:
     return Run(config, mcfg, model, tx, schedule, mesh, lora)
 
 
-def load_initial_params(run: Run, state: TrainState, path: str) -> TrainState:
-    """Starts from a Hugging Face directory or an idefics_jax checkpoint (`config.model.init_from`,
-    a local path or gs://bucket/...). The checkpoint is read on the host and each parameter placed
-    in its shards; LoRA/DoRA adapters stay fresh, DoRA's magnitudes taken from the loaded weights
-    (so that the adapted model starts as the checkpoint's)."""
+# the config fields each tower's parameters depend on (`config.model.init_towers`); the connector's
+# are the rest: its kind, the Perceiver's, and the cross-attention blocks'
+TOWER_FIELDS = {"vision": ("vision",), "text": ("text", "tie_word_embeddings")}
+
+
+def load_initial_params(run: Run, state: TrainState, path: str, towers=()) -> TrainState:
+    """Starts from a Hugging Face directory, an idefics_jax checkpoint or a training workdir (its
+    latest step) (`config.model.init_from`, a local path or gs://bucket/...). The checkpoint is read
+    on the host and each parameter placed in its shards; LoRA/DoRA adapters stay fresh, DoRA's
+    magnitudes taken from the loaded weights (so that the adapted model starts as the checkpoint's).
+    towers (`config.model.init_towers`): load only these ("vision", "connector", "text"), the others
+    start fresh, and only their configs must match: pre-trained backbones under a new connector or
+    architecture, as the paper's ablations start."""
     mcfg, shardings, lora = run.model_config, run.shardings, run.lora
+    towers = check_towers(towers, "config.model.init_towers")
     path = as_path(path, "config.model.init_from")
-    ours = (path / "params").exists()
-    config, params = (load_checkpoint if ours else load_hf_checkpoint)(path, on_device=False)
-    if config != mcfg:
-        raise ValueError(f"config.model.init_from={path} holds a different model than config.model describes: "
-                         + "; ".join(config_differences(config, mcfg)))
+    if (path / "config.json").exists() and (path / CHECKPOINTS).exists():  # a training workdir
+        config, params, _ = restore_workdir(path)
+    else:
+        config, params = (load_checkpoint if (path / "params").exists() else load_hf_checkpoint)(path, on_device=False)
+    differences = config_differences(config, mcfg)
+    if towers and "connector" not in towers:  # the fields of the towers loaded
+        fields = tuple(f for t in towers for f in TOWER_FIELDS[t])
+        differences = [d for d in differences if d.split("=")[0].split(".")[0] in fields]
+    if differences:
+        raise ValueError(f"config.model.init_from={path} holds a different model than config.model describes"
+                         + (f" in towers {list(towers)}" if towers else "") + ": " + "; ".join(differences))
     if is_stacked(state.params):  # scan_layers: the model keeps each tower's layers stacked
         params = stack_layers(params)
     model_keys = [k for k in state.params if k != ADAPTERS]
     flat = traverse_util.flatten_dict(params)
     del params  # each host array goes as soon as it is placed
+    if towers:
+        flat = {key: value for key, value in flat.items() if tower_of(key) in towers}
     old = traverse_util.flatten_dict({k: state.params[k] for k in model_keys})
     where = traverse_util.flatten_dict({k: shardings.params[k] for k in model_keys})
-    loaded = traverse_util.unflatten_dict(
-        {key: put_everywhere(np.asarray(flat.pop(key)).astype(old[key].dtype), where[key]) for key in list(flat)})
-    params = {**state.params, **loaded}
+    missing = sorted("/".join(key) for key in flat if key not in old)
+    if missing:
+        raise ValueError(f"config.model.init_from={path} holds parameters this model does not have: {missing[:5]}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    loaded = {key: put_everywhere(np.asarray(flat.pop(key)).astype(old[key].dtype), where[key]) for key in list(flat)}
+    # the parameters not loaded (other towers under init_towers) keep their fresh values
+    params = {**state.params, **traverse_util.unflatten_dict({**old, **loaded})}
+    loaded = traverse_util.unflatten_dict(loaded)
     if lora and lora.dora:  # from the placed kernels: sharded, in the dtype they train in
         magnitudes = start_magnitudes(loaded, lora)
         params[ADAPTERS] = {key: {**entry, "m": put_everywhere(magnitudes[key], shardings.params[ADAPTERS][key]["m"])}
