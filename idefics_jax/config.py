@@ -130,7 +130,8 @@ class PerceiverConfig(_Config):
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig(_Config):
-    """Mistral decoder."""
+    """The decoder: Mistral (Idefics2) or Llama (Idefics3, SmolVLM), one module with options: Llama is
+    Mistral without the sliding window, with Llama 3's RoPE frequency scaling where its config has it."""
 
     vocab_size: int = 32003
     hidden_size: int = 4096
@@ -148,6 +149,14 @@ class TextConfig(_Config):
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
+    model_type: str = "mistral"  # Hugging Face's name of the decoder: "mistral" or "llama"
+    # RoPE: "default", or "llama3" (long wavelengths slowed by `rope_factor`, blended between the
+    # low and high frequency factors of `rope_original_max_position_embeddings`), as Hugging Face's
+    rope_type: str = "default"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
 
     def __post_init__(self):
         if self.head_dim is None:  # resolved once, as Hugging Face's MistralConfig does
@@ -165,10 +174,18 @@ class TextConfig(_Config):
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"text sliding_window must be positive or None, got {self.sliding_window}")
+        _check_choice("text model_type", self.model_type, TEXT_MODEL_TYPES)
+        _check_choice("text rope_type", self.rope_type, ROPE_TYPES)
         _check_act(self.hidden_act, "text hidden_act")
 
 
 CONNECTORS = ("perceiver", "mlp", "pixel_shuffle")
+TEXT_MODEL_TYPES = ("mistral", "llama")
+ROPE_TYPES = ("default", "llama3")
+# Hugging Face model types: Idefics2, and its successors Idefics3 and SmolVLM (Llama decoder, pixel shuffle)
+MODEL_TYPES = ("idefics2", "idefics3", "smolvlm")
+ARCHITECTURE_NAMES = {"idefics2": "Idefics2ForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
+                      "smolvlm": "SmolVLMForConditionalGeneration"}
 ARCHITECTURES = ("fully_autoregressive", "cross_attention")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu", "silu", "swish", "relu")
 
@@ -203,6 +220,9 @@ class Idefics2Config(_Config):
     # let each text token attend to the features of the images marked before it in its segment)
     architecture: str = "fully_autoregressive"
     cross_attention_every: int = 4
+    # the Hugging Face model this is: "idefics2", or "idefics3" / "smolvlm" (a Llama decoder and the
+    # pixel-shuffle connector; no Perceiver): how config.json is read and written
+    model_type: str = "idefics2"
 
     def __post_init__(self):
         self.vision.validate()
@@ -215,6 +235,11 @@ class Idefics2Config(_Config):
             )
         _check_choice("connector", self.connector, CONNECTORS)
         _check_choice("architecture", self.architecture, ARCHITECTURES)
+        _check_choice("model_type", self.model_type, MODEL_TYPES)
+        if self.model_type != "idefics2" and (self.connector, self.architecture) != ("pixel_shuffle",
+                                                                                   "fully_autoregressive"):
+            raise ConfigError(f"model_type '{self.model_type}' is fully autoregressive with the pixel_shuffle connector; "
+                              f"got connector '{self.connector}', architecture '{self.architecture}'")
         if self.cross_attention_every < 1:
             raise ConfigError(f"cross_attention_every={self.cross_attention_every} must be at least 1 (a gated "
                               f"cross-attention block before every n-th decoder layer)")
@@ -261,14 +286,18 @@ class Idefics2Config(_Config):
     # -- Hugging Face config.json --------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any]) -> "Idefics2Config":
-        """Reads a Hugging Face Idefics2 `config.json` (transformers 4.40+ and 5.x layouts)."""
+        """Reads a Hugging Face Idefics2, Idefics3 or SmolVLM `config.json` (transformers 4.40+ and
+        5.x layouts)."""
         model_type = hf.get("model_type")
-        if model_type != "idefics2":
-            raise ConfigError(
-                f"config.json has model_type={model_type!r}; expected 'idefics2' "
-                "(this loader reads Idefics2ForConditionalGeneration checkpoints only)"
-            )
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"config.json has model_type={model_type!r}; expected one of {MODEL_TYPES} "
+                              f"({', '.join(ARCHITECTURE_NAMES.values())} checkpoints)")
         top = {k: v for k, v in hf.items() if k not in ("vision_config", "perceiver_config", "text_config")}
+        if model_type != "idefics2":  # the pixel-shuffle connector; the text config's pad id is the one we keep
+            if "perceiver_config" in hf:
+                raise ConfigError(f"config.json of model_type {model_type!r} has a perceiver_config; {model_type} has none")
+            top = {k: v for k, v in top.items() if k not in ("pad_token_id", "_pad_token_id", "vocab_size")}
+            top.update(connector="pixel_shuffle", pixel_shuffle_factor=top.pop("scale_factor", 2))
         _check_keys(cls, top, "config.json", ignore=HF_GENERIC_KEYS)
 
         vision = _strip(hf.get("vision_config") or {}, "config.json vision_config", VisionConfig)
@@ -277,25 +306,7 @@ class Idefics2Config(_Config):
         perceiver.pop("hidden_size", None)
         perceiver.pop("rms_norm_eps", None)
         perceiver = _strip(perceiver, "config.json perceiver_config", PerceiverConfig)
-
-        text = dict(hf.get("text_config") or {})
-        text_type = text.get("model_type", "mistral")
-        if text_type != "mistral":
-            raise ConfigError(f"config.json text_config has model_type={text_type!r}; expected 'mistral'")
-        rope = text.pop("rope_parameters", None) or text.pop("rope_scaling", None)
-        if rope:
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
-            if rope_type != "default":
-                raise ConfigError(f"text_config rope type {rope_type!r} is not supported (only 'default')")
-            if "rope_theta" in rope:
-                text["rope_theta"] = rope["rope_theta"]
-        text.pop("rope_scaling", None)
-        # Hugging Face Mistral configs may carry `layer_types`; all Mistral layers are alike.
-        layer_types = text.pop("layer_types", None)
-        if layer_types and len(set(layer_types)) > 1:
-            raise ConfigError(f"text_config layer_types={sorted(set(layer_types))}: mixed layer types unsupported")
-        text.pop("tie_word_embeddings", None)
-        text = _strip(text, "config.json text_config", TextConfig)
+        text = _text_from_hf(hf.get("text_config") or {}, "mistral" if model_type == "idefics2" else "llama")
 
         top = {k: v for k, v in top.items() if k not in HF_GENERIC_KEYS}
         return cls(
@@ -303,39 +314,49 @@ class Idefics2Config(_Config):
             perceiver=PerceiverConfig(**perceiver),
             text=TextConfig(**text),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            model_type=model_type,
             **{k: v for k, v in top.items() if k != "tie_word_embeddings"},
         )
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
-        """A `config.json` that transformers' `Idefics2Config` reads; a connector other than the
-        Perceiver, or the cross-attention architecture, is written as our own keys (`connector`,
+        """A `config.json` that transformers' `Idefics2Config` (`Idefics3Config`, `SmolVLMConfig` for
+        those model types) reads; a connector other than the Perceiver, or the cross-attention
+        architecture, in an idefics2 config is written as our own keys (`connector`,
         `pixel_shuffle_factor`, `architecture`, `cross_attention_every`), which `from_hf_dict` reads
         back and transformers does not know (`hf_architecture_error` says so)."""
         text = self.text.to_dict()
-        rope_theta = text.pop("rope_theta")
-        text.update(
-            model_type="mistral",
-            rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-            tie_word_embeddings=self.tie_word_embeddings,
-        )
+        rope = {"rope_type": text.pop("rope_type"), "rope_theta": text.pop("rope_theta")}
+        llama3 = {key: text.pop(f"rope_{key}") for key in ("factor", "low_freq_factor", "high_freq_factor",
+                                                            "original_max_position_embeddings")}
+        if rope["rope_type"] == "llama3":
+            rope.update(llama3)
+        if text["model_type"] == "llama":  # no window; Llama's options that we do not have, off
+            text.pop("sliding_window")
+            text.update(attention_bias=False, mlp_bias=False)
+        text.update(rope_parameters=rope, tie_word_embeddings=self.tie_word_embeddings)
+        vision = self.vision.to_dict()
+        vision.update(model_type=f"{self.model_type}_vision")
+        common = {
+            "architectures": [ARCHITECTURE_NAMES[self.model_type]],
+            "model_type": self.model_type,
+            "dtype": dtype,
+            "image_token_id": self.image_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_cache": True,
+            "vision_config": vision,
+            "text_config": text,
+        }
+        if self.model_type != "idefics2":
+            return {**common, "scale_factor": self.pixel_shuffle_factor, "pad_token_id": self.text.pad_token_id}
         perceiver = self.perceiver.to_dict()
         perceiver.update(
             model_type="idefics2_perceiver",
             hidden_size=self.text.hidden_size,
             rms_norm_eps=self.text.rms_norm_eps,
         )
-        vision = self.vision.to_dict()
-        vision.update(model_type="idefics2_vision")
         return {
-            "architectures": ["Idefics2ForConditionalGeneration"],
-            "model_type": "idefics2",
-            "dtype": dtype,
-            "image_token_id": self.image_token_id,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "use_cache": True,
-            "vision_config": vision,
+            **common,
             "perceiver_config": perceiver,
-            "text_config": text,
             **({} if self.connector == "perceiver" else
                {"connector": self.connector, "pixel_shuffle_factor": self.pixel_shuffle_factor}),
             **({} if self.architecture == "fully_autoregressive" else
@@ -343,7 +364,9 @@ class Idefics2Config(_Config):
         }
 
     def hf_architecture_error(self) -> str | None:
-        """Why transformers' Idefics2 cannot hold this model, or None when it can."""
+        """Why transformers' Idefics2 (Idefics3, SmolVLM) cannot hold this model, or None when it can."""
+        if self.model_type != "idefics2":  # checked on construction: what Idefics3 and SmolVLM are
+            return None
         if self.architecture != "fully_autoregressive":
             return (f"architecture '{self.architecture}' has no Hugging Face Idefics2 counterpart (Idefics2 is fully "
                     f"autoregressive; Idefics1's gated cross-attention model differs in its towers and blocks); "
@@ -401,6 +424,39 @@ def model_config(section) -> Idefics2Config:
     config = Idefics2Config.from_dict({k: section[k].to_dict() if hasattr(section[k], "to_dict") else section[k]
                                        for k in keys if k in section}, where="config.model")
     return with_backbone_sizes(config, section.get("vision_size", ""), section.get("text_size", ""))
+
+
+def _text_from_hf(section: Mapping[str, Any], expected: str) -> dict[str, Any]:
+    """A Hugging Face `text_config` (Mistral for Idefics2, Llama for its successors) as TextConfig fields."""
+    text = dict(section)
+    text_type = text.get("model_type", expected)
+    if text_type != expected:
+        raise ConfigError(f"config.json text_config has model_type={text_type!r}; expected {expected!r}")
+    rope = text.pop("rope_parameters", None) or text.pop("rope_scaling", None)
+    text.pop("rope_scaling", None)
+    if rope:
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(f"text_config rope type {rope_type!r} is not supported (only {ROPE_TYPES})")
+        if "rope_theta" in rope:
+            text["rope_theta"] = rope["rope_theta"]
+        if rope_type == "llama3":
+            text.update(rope_type=rope_type, rope_factor=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
+                        rope_high_freq_factor=rope["high_freq_factor"],
+                        rope_original_max_position_embeddings=rope["original_max_position_embeddings"])
+    # Hugging Face Mistral configs may carry `layer_types`; all Mistral layers are alike.
+    layer_types = text.pop("layer_types", None)
+    if layer_types and len(set(layer_types)) > 1:
+        raise ConfigError(f"text_config layer_types={sorted(set(layer_types))}: mixed layer types unsupported")
+    text.pop("tie_word_embeddings", None)
+    if text_type == "llama":
+        for key in ("attention_bias", "mlp_bias"):
+            if text.pop(key, False):
+                raise ConfigError(f"text_config {key}=true: Llama decoders with biases are not supported")
+        if text.pop("pretraining_tp", 1) != 1:
+            raise ConfigError("text_config pretraining_tp other than 1 is not supported")
+        text.setdefault("sliding_window", None)  # Llama attends to the whole context
+    return {**_strip(text, "config.json text_config", TextConfig), "model_type": text_type}
 
 
 def _strip(section: Mapping[str, Any], where: str, cls) -> dict[str, Any]:

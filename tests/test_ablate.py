@@ -33,7 +33,9 @@ def test_a_grid_trains_scores_skips_and_resumes(tmp_path, capsys):
         {"name": "pixel_shuffle", "overrides": ["model.connector=pixel_shuffle", "data.image_sizing=square"]},
         {"name": "no_pooling_keep_aspect", "overrides": ["model.connector=mlp"]},
         {"name": "cross_attention_frozen", "overrides": ["model.architecture=cross_attention",
-                                                         "model.cross_attention_every=1", "train.regime=frozen"]},
+                                                         "model.cross_attention_every=1", "train.regime=frozen",
+                                                         "model.init_from={workdir}/perceiver/seed{seed}",
+                                                         "model.init_towers=vision,text"]},
     ]"""
     grid = write_grid(tmp_path / "grid.py", tmp_path / "data", points)
     out = tmp_path / "runs"
@@ -49,6 +51,8 @@ def test_a_grid_trains_scores_skips_and_resumes(tmp_path, capsys):
     assert all(f" {task} |" in report.splitlines()[4] for task in TASKS), report.splitlines()[4]
     crossed = json.loads((out / "cross_attention_frozen" / "seed0" / "result.json").read_text())
     assert crossed["image_tokens"] == 1 and 0 < crossed["trainable"] < crossed["parameters"]
+    started = f"Started from {out / 'perceiver' / 'seed0'} (towers vision, text; the others fresh)"
+    assert started in (out / "cross_attention_frozen" / "seed0" / "train.log").read_text()
     assert [step for step, _ in plain["losses"]] == [1, 2]
     assert "`model.connector=pixel_shuffle`" in rows["pixel_shuffle"] and "| 16 |" in rows["pixel_shuffle"]
     assert "failed: seed 0 exited with 1: error: config.model.connector=mlp" in rows["no_pooling_keep_aspect"]

@@ -99,7 +99,9 @@ def test_unknown_key_is_named_with_a_suggestion():
 
 
 def test_unsupported_or_inconsistent_values_are_errors():
-    with pytest.raises(ConfigError, match="model_type='idefics3'"):
+    with pytest.raises(ConfigError, match="model_type='idefics'; expected one of"):
+        Idefics2Config.from_hf_dict({**HUB_8B, "model_type": "idefics"})
+    with pytest.raises(ConfigError, match="model_type 'idefics3' has a perceiver_config"):
         Idefics2Config.from_hf_dict({**HUB_8B, "model_type": "idefics3"})
     linear = {**HUB_8B, "text_config": {**HUB_8B["text_config"], "rope_scaling": {"type": "linear", "factor": 2.0}}}
     with pytest.raises(ConfigError, match="rope type 'linear'"):

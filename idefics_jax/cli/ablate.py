@@ -98,7 +98,8 @@ def summarize(workdir: Path) -> dict:
     tasks = {k[len(TASK):]: v for k, v in last_eval.items() if k.startswith(TASK)}
     return {"losses": losses, "final_loss": float(np.mean(last)), "step_time_s": perf("perf/step_time_s"),
             "flops_per_sample": perf("perf/flops_per_sample"), "scores": scores, "tasks": tasks,
-            "image_tokens": run.model_config.image_seq_len, "trainable": int(run.count_trainable(params)),
+            "image_tokens": run.model_config.image_seq_len, "image_features": run.model_config.image_features_len,
+            "trainable": int(run.count_trainable(params)),
             "parameters": int(count_trainable(params))}  # every parameter: none frozen
 
 
@@ -123,7 +124,9 @@ def table(grid, results: dict[str, list[dict]], failed: dict[str, str]) -> str:
         cells = [name, ", ".join(f"`{o}`" for o in point["overrides"]) or "(base)"]
         if runs:
             first, flops = runs[0], runs[0]["flops_per_sample"]
-            cells += [str(first["image_tokens"]), f"{first['trainable']:,} / {first['parameters']:,}",
+            features = first.get("image_features", first["image_tokens"])
+            tokens = str(first["image_tokens"]) + (f" (+{features} cross-attended)" if features != first["image_tokens"] else "")
+            cells += [tokens, f"{first['trainable']:,} / {first['parameters']:,}",
                       f"{flops / 1e9:.3g}" if flops is not None else "-", mean_std(r["step_time_s"] for r in runs),
                       mean_std(r["final_loss"] for r in runs),
                       *(mean_std(r["scores"].get(k) for r in runs) for k in SCORES),

@@ -234,3 +234,12 @@ class Idefics2(nn.Module):
             return self.logits(out)
         hidden, cache = out
         return self.logits(hidden), cache
+
+
+class Idefics3(Idefics2):
+    """Idefics3ForConditionalGeneration: the same model with a config of `model_type="idefics3"` (a Llama
+    decoder, the pixel-shuffle connector), called as `Idefics2`."""
+
+
+class SmolVLM(Idefics2):
+    """SmolVLMForConditionalGeneration: the same model with a config of `model_type="smolvlm"`."""

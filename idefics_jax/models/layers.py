@@ -7,6 +7,7 @@ names (`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `norm`, ...). One rule tabl
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -130,13 +131,31 @@ class GatedMLP(nn.Module):
         return dense(self.output_size, ("mlp", "embed"), name="down_proj", **kw)(hidden)
 
 
-def rotary_cos_sin(positions, head_dim: int, theta: float):
-    """cos / sin tables `[batch, seq, head_dim]` for integer `positions` `[batch, seq]`.
+def rope_inv_freq(config):
+    """RoPE's inverse frequencies `[head_dim / 2]` of a `TextConfig`, in float32 as Hugging Face
+    computes them: the default's, or Llama 3's (`rope_type="llama3"`: wavelengths longer than the
+    original context / low_freq_factor slowed by `rope_factor`, shorter than context /
+    high_freq_factor kept, those between blended smoothly)."""
+    head_dim = config.attention_head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim))
+    if config.rope_type == "default":
+        return inv_freq
+    factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    context = config.rope_original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < context / high) & ~(wavelen > context / low)
+    return jnp.where(medium, smoothed, scaled)
 
-    Computed in float32 exactly as Hugging Face's default RoPE (frequencies repeated, not
-    interleaved).
+
+def rotary_cos_sin(positions, inv_freq):
+    """cos / sin tables `[batch, seq, head_dim]` for integer `positions` `[batch, seq]` and the
+    inverse frequencies `[head_dim / 2]` (`rope_inv_freq`).
+
+    Computed in float32 exactly as Hugging Face's RoPE (frequencies repeated, not interleaved).
     """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, head_dim / 2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [batch, seq, head_dim]
     return jnp.cos(emb), jnp.sin(emb)

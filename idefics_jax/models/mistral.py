@@ -2,7 +2,9 @@
 
 Takes input embeddings (the text embeddings with image latents already spliced in) and returns
 the final normed hidden states. Module names follow Hugging Face's `MistralModel`
-(`embed_tokens`, `layers.N.self_attn.q_proj`, `layers.N.mlp.gate_proj`, `norm`).
+(`embed_tokens`, `layers.N.self_attn.q_proj`, `layers.N.mlp.gate_proj`, `norm`), which are also
+`LlamaModel`'s: with `sliding_window=None` and its RoPE (`rope_type`) this is the Llama decoder of
+Idefics3 and SmolVLM.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 
 from idefics_jax.config import TextConfig
 from idefics_jax.models.kv_cache import KVCache, LayerCache
-from idefics_jax.models.layers import Embed, GatedMLP, RMSNorm, apply_rotary, dense, rotary_cos_sin
+from idefics_jax.models.layers import Embed, GatedMLP, RMSNorm, apply_rotary, dense, rope_inv_freq, rotary_cos_sin
 from idefics_jax.models.remat import KEY, QUERY, VALUE, name_activation, remat_layer
 from idefics_jax.models.scan import scanned
 from idefics_jax.ops.attention import dot_product_attention
@@ -142,7 +144,7 @@ class MistralModel(nn.Module):
         batch, seq, _ = inputs_embeds.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        cos, sin = rotary_cos_sin(positions, self.config.attention_head_dim, self.config.rope_theta)
+        cos, sin = rotary_cos_sin(positions, rope_inv_freq(self.config))
         kv_mask = None if attention_mask is None else attention_mask.astype(bool)
         x = inputs_embeds.astype(self.dtype)
         if self.scan_layers:

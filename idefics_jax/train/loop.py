@@ -76,6 +76,8 @@ def start_state(run: Run, checkpointer: Checkpointer, pipeline) -> tuple[int, ob
     if config.model.init_from:
         towers = [t.strip() for t in config.model.get("init_towers", "").split(",") if t.strip()]
         state = load_initial_params(run, state, config.model.init_from, towers)
+        log.info("Started from %s (%s)", config.model.init_from,
+                 f"towers {', '.join(towers)}; the others fresh" if towers else "every parameter")
     return 0, state
 
 

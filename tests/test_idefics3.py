@@ -1,0 +1,114 @@
+"""Idefics3 and SmolVLM (a Llama decoder, the pixel-shuffle connector) against transformers: logits of
+tiny random models converted from their Hugging Face directories, and the export back."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import IMAGE_TOKEN_ID, rel_err
+from helpers.inputs import make_batch
+from idefics_jax import Idefics2Config, Idefics3, SmolVLM, load_hf_checkpoint, save_hf_checkpoint
+from idefics_jax.config import ConfigError
+
+TOL = 1e-4
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+              patch_size=7)
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16, rope_theta=500000.0)
+
+
+def build_hf(model_type: str, seed: int):
+    """A random Idefics3 (Llama 3 RoPE, separate LM head) or SmolVLM (default RoPE, tied embeddings),
+    float32, eager attention, its norms perturbed so that the comparison sees them."""
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, SmolVLMConfig,
+                              SmolVLMForConditionalGeneration)
+
+    text = dict(model_type="llama", vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                pad_token_id=0)
+    if model_type == "idefics3":
+        config = Idefics3Config(vision_config=VISION, text_config={**text, "rope_parameters": LLAMA3_ROPE},
+                                scale_factor=2, image_token_id=IMAGE_TOKEN_ID)
+        cls = Idefics3ForConditionalGeneration
+    else:
+        config = SmolVLMConfig(vision_config=VISION, text_config={**text, "tie_word_embeddings": True},
+                               scale_factor=4, image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=True)
+        cls = SmolVLMForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+            if name.endswith("bias"):
+                param.add_(0.02 * torch.randn_like(param))
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
+def reference(request, tmp_path_factory, seed):
+    """(model type, Hugging Face directory, its model, our (config, params) read from it)."""
+    path = tmp_path_factory.mktemp(request.param)
+    model = build_hf(request.param, seed)
+    model.save_pretrained(path)
+    return request.param, path, model, load_hf_checkpoint(path, on_device=False)
+
+
+CASES = {
+    "text_only": dict(rows=[([20], []), ([13], [])], images=False),
+    "one_image": dict(rows=[([5, 7], [(56, 56)])], images=True),
+    "two_images": dict(rows=[([3, 4, 5], [(56, 56), (56, 56)]), ([6, 2], [(56, 56)])], images=True),
+    "padded_batch_with_a_text_only_row": dict(rows=[([25], []), ([4, 6], [(56, 56)])], images=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(reference, case, seed):
+    model_type, _, model, (config, params) = reference
+    assert config.model_type == model_type and config.text.model_type == "llama"
+    assert config.text.sliding_window is None and config.connector == "pixel_shuffle"
+    rng = np.random.default_rng([seed, 60, list(CASES).index(case)])
+    input_ids, mask, pixels, pixel_mask = make_batch(rng, CASES[case]["rows"], config.image_seq_len, vocab=IMAGE_TOKEN_ID)
+    kwargs, theirs = {}, dict(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask))
+    if CASES[case]["images"]:
+        kwargs = dict(pixel_values=jnp.asarray(pixels), pixel_attention_mask=jnp.asarray(pixel_mask))
+        theirs.update(pixel_values=torch.tensor(pixels).permute(0, 1, 4, 2, 3), pixel_attention_mask=torch.tensor(pixel_mask))
+    with torch.no_grad():
+        ref = model(**theirs).logits.numpy()
+    cls = Idefics3 if model_type == "idefics3" else SmolVLM
+    forward = jax.jit(lambda p, ids, m, kw: cls(config).apply({"params": p}, ids, attention_mask=m, **kw))
+    ours = np.asarray(forward(params, jnp.asarray(input_ids), jnp.asarray(mask), kwargs))
+    keep = mask.astype(bool)
+    assert rel_err(ours[keep], ref[keep]) < TOL, f"{model_type} {case}: {rel_err(ours[keep], ref[keep]):.2e}"
+
+
+def test_export_loads_bit_identically_in_transformers(reference, tmp_path):
+    from transformers import AutoConfig, Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
+
+    model_type, path, model, (config, params) = reference
+    save_hf_checkpoint(tmp_path, config, params)
+    assert Idefics2Config.from_json_file(tmp_path / "config.json") == config
+    assert AutoConfig.from_pretrained(tmp_path).model_type == model_type
+    cls = Idefics3ForConditionalGeneration if model_type == "idefics3" else SmolVLMForConditionalGeneration
+    back = cls.from_pretrained(tmp_path).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back[name], tensor), name
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [cls.__name__]
+
+
+def test_successor_configs_are_read_strictly(reference):
+    model_type, path, _, _ = reference
+    hf = json.loads((path / "config.json").read_text())
+    with pytest.raises(ConfigError, match="attention_bias=true"):
+        Idefics2Config.from_hf_dict({**hf, "text_config": {**hf["text_config"], "attention_bias": True}})
+    with pytest.raises(ConfigError, match="Unknown key 'scale_factr'"):
+        Idefics2Config.from_hf_dict({**hf, "scale_factr": 2})
+    with pytest.raises(ConfigError, match="model_type 'smolvlm' is fully autoregressive with the pixel_shuffle"):
+        Idefics2Config.preset("tiny").replace(model_type="smolvlm")
