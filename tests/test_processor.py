@@ -11,46 +11,13 @@ from PIL import Image
 from idefics_jax.data.image_processing import ImageError, ImageProcessor, load_image
 from idefics_jax.data.processor import HF_CHAT_TEMPLATE, Processor, apply_chat_template
 from idefics_jax.data.tokenizer import Tokenizer
+from helpers.inputs import make_images
 
 
 def reference_image_processor(**kwargs):
     from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
     return Idefics2ImageProcessorPil(**kwargs)
-
-
-def make_images(rng) -> list[Image.Image]:
-    """At least 20 images of varied sizes and modes, fresh each run."""
-    def noise(h, w, c=3):
-        return rng.integers(0, 256, size=(h, w, c) if c > 1 else (h, w), dtype=np.uint8)
-
-    images = [
-        Image.fromarray(noise(1, 1)),
-        Image.fromarray(noise(5, 3000)),
-        Image.fromarray(noise(4000, 30)),
-        Image.fromarray(noise(378, 500)),
-        Image.fromarray(noise(700, 378)),
-        Image.fromarray(noise(980, 640)),
-        Image.fromarray(noise(413, 980)),
-        Image.fromarray(noise(980, 980)),
-        Image.fromarray(noise(378, 378)),
-        Image.fromarray(noise(1200, 1500)),
-        Image.fromarray(noise(300, 200, 1)),
-        Image.fromarray(noise(640, 480, 4)),
-        Image.fromarray(noise(333, 777)).convert("P", palette=Image.ADAPTIVE, colors=64),
-        Image.fromarray(noise(123, 456)).convert("CMYK"),
-        Image.fromarray(rng.integers(0, 65536, size=(250, 310), dtype=np.uint16)),
-        Image.fromarray(noise(90, 160, 1)).convert("LA"),
-        Image.fromarray(noise(2, 1999)),
-        Image.fromarray(noise(1001, 979)),
-    ]
-    transparent = Image.fromarray(noise(200, 150)).convert("P", palette=Image.ADAPTIVE, colors=16)
-    transparent.info["transparency"] = 3
-    images.append(transparent)
-    for _ in range(5):  # random sizes and aspect ratios
-        h, w = (int(x) for x in rng.integers(1, 1600, size=2))
-        images.append(Image.fromarray(noise(h, w)))
-    return images
 
 
 @pytest.mark.parametrize("split", [False, True])

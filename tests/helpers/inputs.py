@@ -1,8 +1,10 @@
-"""Random model inputs for the parity, generation and kernel tests; image files for the data and server tests."""
+"""Random model inputs for the parity, generation and kernel tests; odd images for the image processors;
+image files for the data and server tests."""
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from conftest import IMAGE_TOKEN_ID
 
@@ -50,3 +52,37 @@ def png_header(width: int, height: int) -> bytes:
 
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
         chunk(b"IEND", b"")
+
+
+def make_images(rng) -> list[Image.Image]:
+    """At least 20 images of varied sizes and modes, fresh each run."""
+    def noise(h, w, c=3):
+        return rng.integers(0, 256, size=(h, w, c) if c > 1 else (h, w), dtype=np.uint8)
+
+    images = [
+        Image.fromarray(noise(1, 1)),
+        Image.fromarray(noise(5, 3000)),
+        Image.fromarray(noise(4000, 30)),
+        Image.fromarray(noise(378, 500)),
+        Image.fromarray(noise(700, 378)),
+        Image.fromarray(noise(980, 640)),
+        Image.fromarray(noise(413, 980)),
+        Image.fromarray(noise(980, 980)),
+        Image.fromarray(noise(378, 378)),
+        Image.fromarray(noise(1200, 1500)),
+        Image.fromarray(noise(300, 200, 1)),
+        Image.fromarray(noise(640, 480, 4)),
+        Image.fromarray(noise(333, 777)).convert("P", palette=Image.ADAPTIVE, colors=64),
+        Image.fromarray(noise(123, 456)).convert("CMYK"),
+        Image.fromarray(rng.integers(0, 65536, size=(250, 310), dtype=np.uint16)),
+        Image.fromarray(noise(90, 160, 1)).convert("LA"),
+        Image.fromarray(noise(2, 1999)),
+        Image.fromarray(noise(1001, 979)),
+    ]
+    transparent = Image.fromarray(noise(200, 150)).convert("P", palette=Image.ADAPTIVE, colors=16)
+    transparent.info["transparency"] = 3
+    images.append(transparent)
+    for _ in range(5):  # random sizes and aspect ratios
+        h, w = (int(x) for x in rng.integers(1, 1600, size=2))
+        images.append(Image.fromarray(noise(h, w)))
+    return images
