@@ -112,3 +112,19 @@ def test_successor_configs_are_read_strictly(reference):
         Idefics2Config.from_hf_dict({**hf, "scale_factr": 2})
     with pytest.raises(ConfigError, match="model_type 'smolvlm' is fully autoregressive with the pixel_shuffle"):
         Idefics2Config.preset("tiny").replace(model_type="smolvlm")
+
+
+def test_greedy_tokens_equal_transformers_generate(reference, seed):
+    """Cached generation (no sliding window: the cache holds every column) on a padded batch with
+    images and a text-only row."""
+    from helpers.generation import NEW, assert_same_greedy_tokens, hf_generate
+    from idefics_jax.inference.generate import Generator
+
+    model_type, _, model, (config, params) = reference
+    rng = np.random.default_rng([seed, 61])
+    input_ids, mask, pixels, pixel_mask = make_batch(rng, [([4, 3], [(56, 56)]), ([9], [])], config.image_seq_len)
+    expected, scores = hf_generate(model, input_ids, mask, pixels, pixel_mask, scores=True, eos_token_id=None)
+    cls = Idefics3 if model_type == "idefics3" else SmolVLM
+    ours = Generator(cls(config), jax.tree.map(jnp.asarray, params)).generate(input_ids, mask, pixels, pixel_mask,
+                                                                             max_new_tokens=NEW)
+    assert_same_greedy_tokens(ours, expected, scores)

@@ -82,18 +82,23 @@ def main(seed, workdir):
               f"{worst / scale:.2e} (of the largest update), {worst_param:.2e} absolute param diff")
         if abs(loss - loss1) > 1e-5 * abs(loss1) or worst > 1e-4 * scale or worst_param > 1e-5:
             sys.exit(f"mesh {shape}{name} accum {accum}: step differs from the 1-device step")
-    # the other connectors and the cross-attention architecture (design choices), on a (2, 2, 2) mesh
-    for connector, architecture in (("mlp", "fully_autoregressive"), ("pixel_shuffle", "fully_autoregressive"),
-                                    ("perceiver", "cross_attention")):
-        model, tx, batch = tiny_setup(seed, batch_size=8, sgd=True, connector=connector, architecture=architecture)
+    # the other connectors, the cross-attention architecture (design choices) and Idefics3's Llama
+    # decoder, on a (2, 2, 2) mesh
+    for connector, architecture, model_type in (("mlp", "fully_autoregressive", "idefics2"),
+                                                ("pixel_shuffle", "fully_autoregressive", "idefics2"),
+                                                ("perceiver", "cross_attention", "idefics2"),
+                                                ("pixel_shuffle", "fully_autoregressive", "idefics3")):
+        model, tx, batch = tiny_setup(seed, batch_size=8, sgd=True, connector=connector, architecture=architecture,
+                                      model_type=model_type)
         start = open_gates(jax.tree.map(np.asarray, init_state(model, tx, mesh_of((1, 1, 1)), jax.random.PRNGKey(0))))
         (one, m1), (eight, m8) = (step(model, tx, batch, mesh_of(shape), start) for shape in [(1, 1, 1), (2, 2, 2)])
         worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)))
-        print(f"connector {connector}, {architecture}, mesh (2, 2, 2): loss {float(m8['loss']):.6f} vs {float(m1['loss']):.6f}, "
+        variant = f"connector {connector}, {architecture}, {model_type}"
+        print(f"{variant}, mesh (2, 2, 2): loss {float(m8['loss']):.6f} vs {float(m1['loss']):.6f}, "
               f"{worst:.2e} absolute param diff")
         if abs(float(m8["loss"]) - float(m1["loss"])) > 1e-5 * abs(float(m1["loss"])) or worst > 1e-5:
-            sys.exit(f"connector {connector}, {architecture}: the (2, 2, 2) step differs from the 1-device step")
+            sys.exit(f"{variant}: the (2, 2, 2) step differs from the 1-device step")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,17 @@ def load_config(name: str):
     return module.get_config()
 
 
-def tiny_config(connector: str = "perceiver", architecture: str = "fully_autoregressive") -> Idefics2Config:
+def tiny_config(connector: str = "perceiver", architecture: str = "fully_autoregressive",
+                model_type: str = "idefics2") -> Idefics2Config:
+    """model_type idefics3 / smolvlm: a Llama decoder (no window, Llama 3 RoPE) under the pixel shuffle."""
     c = Idefics2Config.preset("tiny")
+    text = c.text.replace(sliding_window=32)
+    if model_type != "idefics2":
+        text = text.replace(model_type="llama", sliding_window=None, rope_type="llama3",
+                            rope_original_max_position_embeddings=32)
     return c.replace(vision=c.vision.replace(image_size=56, patch_size=7),
-                     perceiver=c.perceiver.replace(resampler_n_latents=8),
-                     text=c.text.replace(sliding_window=32), connector=connector, architecture=architecture,
-                     cross_attention_every=1)
+                     perceiver=c.perceiver.replace(resampler_n_latents=8), text=text, connector=connector,
+                     architecture=architecture, cross_attention_every=1, model_type=model_type)
 
 
 def open_gates(tree, value: float = 0.5):
@@ -64,13 +69,13 @@ def tiny_batch(config: Idefics2Config, seed: int, batch_size: int, seq_len: int 
 
 
 def tiny_setup(seed: int, batch_size: int = 8, frozen=(), sgd: bool = False, connector: str = "perceiver",
-               architecture: str = "fully_autoregressive"):
+               architecture: str = "fully_autoregressive", model_type: str = "idefics2"):
     """sgd=True: plain SGD, whose update is proportional to the gradient, for comparing steps
     (Adam's first update is about lr * sign(g), which amplifies round-off in gradients that are
     zero in exact arithmetic, such as the key projections' biases)."""
     import optax
 
-    config = tiny_config(connector, architecture)
+    config = tiny_config(connector, architecture, model_type)
     model = Idefics2(config)
     if sgd:
         tx = optax.sgd(0.1)
