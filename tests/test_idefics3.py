@@ -128,3 +128,22 @@ def test_greedy_tokens_equal_transformers_generate(reference, seed):
     ours = Generator(cls(config), jax.tree.map(jnp.asarray, params)).generate(input_ids, mask, pixels, pixel_mask,
                                                                              max_new_tokens=NEW)
     assert_same_greedy_tokens(ours, expected, scores)
+
+
+def test_command_line_converts_both_ways(reference, tmp_path):
+    """`convert from-hf` then `to-hf`: our checkpoint holds the successor's config, and the Hugging
+    Face directory written back has the original tensors, bit for bit."""
+    from safetensors.numpy import load_file
+
+    from idefics_jax import load_checkpoint
+    from idefics_jax.cli.convert import main as convert_main
+
+    model_type, path, _, (config, _) = reference
+    assert convert_main(["from-hf", str(path), str(tmp_path / "ours")]) == 0
+    assert load_checkpoint(tmp_path / "ours")[0] == config
+    assert convert_main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    original = load_file(path / "model.safetensors")
+    back = {k: v for file in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(file).items()}
+    assert sorted(original) == sorted(back)
+    for name, tensor in original.items():
+        np.testing.assert_array_equal(back[name], tensor, err_msg=name)
