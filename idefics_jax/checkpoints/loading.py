@@ -20,7 +20,7 @@ from typing import Any
 import jax
 
 from idefics_jax.checkpoints.hf import load_hf_checkpoint
-from idefics_jax.checkpoints.params import load_checkpoint
+from idefics_jax.checkpoints.params import ParamsReader, abstract_params, load_checkpoint
 from idefics_jax.checkpoints.processor import image_processor_from, training_image_processor
 from idefics_jax.checkpoints.workdir import CHECKPOINTS, restore_workdir, tokenizer_of, training_config
 from idefics_jax.config import Idefics2Config
@@ -28,6 +28,8 @@ from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.models.idefics2 import Idefics2
+from idefics_jax.models.quantize import (check_quantize, is_quantized, quantize_params, quantized_layout,
+                                         quantized_shardings)
 from idefics_jax.paths import as_path
 from idefics_jax.sharding import param_shardings
 
@@ -56,11 +58,15 @@ def checkpoint_kind(path: Path) -> str:
         f"idefics_jax checkpoint (config.json + params/) or a training workdir (config.json + checkpoints/)")
 
 
-def load(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None, dtype=None) -> LoadedModel:
+def load(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None, dtype=None,
+         quantize: str | None = None) -> LoadedModel:
     """Loads the model and processor settings of `path` (see the module docstring) onto the device,
     or with a `mesh` straight into the shards `Generator` places them in (each process reads only
     what its devices hold), so that a model that fits the mesh but not one device loads.
-    dtype: the parameters' dtype (None: as stored; bfloat16 halves a float32 checkpoint's memory)."""
+    dtype: the parameters' dtype (None: as stored; bfloat16 halves a float32 checkpoint's memory).
+    quantize: "int8" quantises every projection as it is loaded (`models/quantize.py`: about a
+    quarter of float32's bytes); a checkpoint saved quantised loads as it is."""
+    quantize = check_quantize(quantize)
     path = as_path(path, "Checkpoint")
     kind = checkpoint_kind(path)
     if kind == "workdir":
@@ -73,10 +79,15 @@ def load(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None, dt
     else:
         config = Idefics2Config.from_json_file(path / "config.json")
         shardings = None if mesh is None else param_shardings(Idefics2(config), mesh)
+        if kind == "idefics_jax" and shardings is not None and ParamsReader(path).quantized:
+            shardings = quantized_shardings(shardings, quantized_layout(abstract_params(config)))
         read = load_hf_checkpoint if kind == "hf" else load_checkpoint
         config, params = read(path, shardings=shardings, dtype=dtype)
         default_tokenizer, images = path / "tokenizer.model", image_processor_from(path)
         description = f"{'Hugging Face' if kind == 'hf' else 'idefics_jax'} checkpoint {path}"
+    if quantize and not is_quantized(params):
+        params = quantize_params(params, quantize)
+        description += ", int8 weights"
     tokenizer_path = as_path(tokenizer, "--tokenizer") if tokenizer else default_tokenizer
     if not tokenizer_path.exists():
         raise FileNotFoundError(f"No tokenizer: {tokenizer_path} does not exist (pass --tokenizer PATH, a "

@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from idefics_jax.config import Idefics2Config
 from idefics_jax.models.idefics2 import Idefics2
+from idefics_jax.models.quantize import SCALE, quantized_layout
 from idefics_jax.paths import as_path
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -114,11 +115,13 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True, shar
     flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-    def restore_arg(path, _):
+    def restore_arg(path, stored):
         names = tuple(getattr(key, "key", key) for key in path)
+        # int8 weights and their scales stay as quantised (`models/quantize.py`)
+        cast = None if names[-1] == SCALE or np.dtype(stored.dtype) == np.int8 else target_dtype
         if not on_device and shardings is None:
-            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=target_dtype)
-        return ocp.ArrayRestoreArgs(sharding=flat_shardings.get(names, one_device), dtype=target_dtype)
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=cast)
+        return ocp.ArrayRestoreArgs(sharding=flat_shardings.get(names, one_device), dtype=cast)
 
     restore_args = jax.tree_util.tree_map_with_path(restore_arg, tree, is_leaf=_is_array)
     params = checkpointer.restore(ckpt_dir / "params", restore_args=restore_args)
@@ -140,6 +143,7 @@ class ParamsReader:
         self.shapes = {path: jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
                        for path, x in traverse_util.flatten_dict(tree).items()}
         _check(self.ckpt_dir, self.config, self.shapes)
+        self.quantized = any(path[-1] == SCALE for path in self.shapes)  # int8 weights (models/quantize.py)
         self.group_bytes = group_bytes or READ_GROUP
 
     def arrays(self, order: Sequence[tuple[str, ...]]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -183,8 +187,11 @@ def _open(ckpt_dir: epath.Path):
 
 
 def _check(ckpt_dir, config: Idefics2Config, got: Mapping[tuple[str, ...], object]):
-    """Every parameter of the model `config` describes is in `got` (flat), of its shape, and no other."""
-    expected = traverse_util.flatten_dict(abstract_params(config))
+    """Every parameter of the model `config` describes is in `got` (flat), of its shape, and no other
+    (with int8 weights: each projection's scale too)."""
+    abstract = abstract_params(config)
+    quantized = any(path[-1] == SCALE for path in got)
+    expected = traverse_util.flatten_dict(quantized_layout(abstract) if quantized else abstract)
     for path, leaf in expected.items():
         if path not in got:
             raise CheckpointError(f"{ckpt_dir}: parameter '{'/'.join(path)}' is missing (shape {leaf.shape})")

@@ -21,6 +21,7 @@ import numpy as np
 
 from idefics_jax.checkpoints import (ParamsReader, copy_processor_files, load_hf_checkpoint, save_checkpoint,
                                      save_hf_checkpoint)
+from idefics_jax.models.quantize import quantize_params
 from idefics_jax.paths import as_path
 
 
@@ -33,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("ckpt_dir")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="store parameters in this dtype (default: as stored in the Hugging Face files)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="store every projection as int8 weights with per-channel scales (for generate, evaluate "
+                        "and serve; the Hugging Face export needs the float checkpoint)")
     p = sub.add_parser("to-hf", help="idefics_jax checkpoint -> Hugging Face directory")
     p.add_argument("ckpt_dir")
     p.add_argument("hf_dir")
@@ -49,6 +53,8 @@ def main(argv=None) -> int:
             # onto the host's CPU device: saving then copies it out a bounded amount at a time
             config, params = load_hf_checkpoint(args.hf_dir, dtype=args.dtype, device=jax.devices("cpu")[0],
                                                 progress=True)
+            if args.quantize:
+                params = quantize_params(params, args.quantize)
             save_checkpoint(args.ckpt_dir, config, params)
             copy_processor_files(args.hf_dir, args.ckpt_dir)
             print(f"Wrote {args.ckpt_dir} ({_count(params):,} parameters) in {time.time() - start:.1f}s")

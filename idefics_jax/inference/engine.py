@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from idefics_jax.inference.sampling import Sampling, next_token, seen_tokens, token_keys
 from idefics_jax.models.idefics2 import check_image_token_count
 from idefics_jax.models.kv_cache import KVCache
+from idefics_jax.models.quantize import is_quantized, quantized_shardings
 from idefics_jax.sharding import (LOGICAL_AXIS_RULES, batch_sharding, constrain, fit_sharding, param_shardings,
                                   placed_on, put_everywhere)
 
@@ -207,7 +208,10 @@ class Engine:
         if self.mesh is None or placed_on(params, self.mesh):
             self.params = params
         else:
-            self.params = put_everywhere(params, param_shardings(self.model, self.mesh, self.rules))
+            shardings = param_shardings(self.model, self.mesh, self.rules)
+            if is_quantized(params):  # int8 weights: each scale split as its kernel's output axis
+                shardings = quantized_shardings(shardings, params)
+            self.params = put_everywhere(params, shardings)
 
     def on_mesh(self):
         """The mesh and the rule table in context (tracing reads them); nothing without a mesh."""

@@ -35,10 +35,26 @@ def flat_dot_general(inputs, kernel, dimension_numbers, precision=None, preferre
     return out.reshape(*inputs.shape[:-1], kernel.shape[-1])
 
 
+class Dense(nn.Dense):
+    """`nn.Dense`, which also runs int8 weights (`models/quantize.py`): a kernel stored as int8 beside
+    a per-output-channel `kernel_scale` enters the product converted to the compute dtype, and the
+    product is scaled: `(x @ q) * s = x @ (q * s)`."""
+
+    def __call__(self, inputs):
+        if not self.has_variable("params", "kernel_scale"):
+            return super().__call__(inputs)
+        dtype = self.dtype or inputs.dtype
+        x = jnp.asarray(inputs, dtype)
+        kernel = self.get_variable("params", "kernel").astype(dtype)
+        y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        y = y * self.get_variable("params", "kernel_scale").astype(dtype)
+        return y + self.get_variable("params", "bias").astype(dtype) if self.use_bias else y
+
+
 def dense(features: int, axes: Sequence[str | None], *, use_bias: bool, dtype: Dtype, name: str | None = None,
           param_dtype: Dtype, init_std: float = 0.02) -> nn.Dense:
-    """`nn.Dense` whose kernel `[in, out]` and bias `[out]` carry logical axis names `axes`."""
-    return nn.Dense(
+    """A Dense layer whose kernel `[in, out]` and bias `[out]` carry logical axis names `axes`."""
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=dtype,

@@ -68,6 +68,23 @@ def main(hf_dir, seed):
     check_conversation(model, params, config, rng, one_device)
     check_batcher(model, params, inputs, one_device, expected, sampled)
     check_sharded_loading(hf_dir, model, params, inputs, expected)
+    check_int8(model, params, inputs)
+
+
+def check_int8(model, params, inputs):
+    """int8 weights on a (1, 2, 4) mesh: kernels and their scales split as the rules split the float
+    kernels, the same tokens as one device with the same int8 weights."""
+    from idefics_jax.models.quantize import quantize_params
+
+    quantized = quantize_params(jax.tree.map(np.asarray, params))
+    expected = Generator(model, quantized).generate(*inputs, max_new_tokens=NEW)
+    generator = Generator(model, quantized, mesh=mesh(1, 2, 4))
+    q_proj = generator.params["model"]["text_model"]["layers_0"]["self_attn"]["q_proj"]
+    specs = (tuple(q_proj["kernel"].sharding.spec), tuple(q_proj["kernel_scale"].sharding.spec))
+    got = generator.generate(*inputs, max_new_tokens=NEW)
+    print(f"mesh (1, 2, 4), int8 weights laid out {specs}: equal: {np.array_equal(got, expected)}")
+    if q_proj["kernel"].dtype != np.int8 or specs[1] != specs[0][1:] or not np.array_equal(got, expected):
+        sys.exit(f"int8 on mesh (1, 2, 4): {q_proj['kernel'].dtype} laid out {specs}\n{got}\n{expected}")
 
 
 def check_sharded_loading(hf_dir, model, params, inputs, expected):
