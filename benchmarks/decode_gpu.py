@@ -1,6 +1,6 @@
 """Decode speed of the Idefics2-8B decoder (Mistral-7B shape) at batch 1, against the HBM bound.
 
-    python benchmarks/decode_gpu.py [--prompt 32] [--new 256] [--out benchmarks/RESULTS.md]
+    python benchmarks/decode_gpu.py [--prompt 32] [--new 256] [--quantize int8] [--out benchmarks/RESULTS.md]
 
 For a GPU (or TPU). The model is Idefics2's default config (Mistral-7B decoder, 32 layers, 4096
 wide, GQA 32/8, window 4096) with random bfloat16 weights; a text-only prompt, so the vision
@@ -8,7 +8,9 @@ tower and the Perceiver never run (their weights exist but are not counted as re
 
 Bound: every decode step reads all decoder and LM-head weights once plus the KV cache; at the
 measured copy bandwidth (a jitted `x * 1` over 4 GiB, read + write counted) that is the fastest a
-step can be. Reported: tokens/s, the bound's tokens/s and their ratio (target 80%).
+step can be. Reported: tokens/s, the bound's tokens/s and their ratio (target 80%). With `--quantize
+int8` the projections are int8 with float32 per-channel scales (`models/quantize.py`): the bound
+counts those bytes, about half of bfloat16's.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from preprocess import append_results  # noqa: E402
 
 from idefics_jax import Idefics2, Idefics2Config  # noqa: E402
 from idefics_jax.inference.generate import Generator  # noqa: E402
+from idefics_jax.models.quantize import quantize_params  # noqa: E402
 
 
 def copy_bandwidth(gib: int = 4, repeats: int = 10) -> float:
@@ -54,6 +57,7 @@ def main():
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=32, help="fewer decoder layers: a smoke run on CPU")
+    parser.add_argument("--quantize", choices=("int8",), default=None, help="int8 weights for every projection")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
     config = Idefics2Config()
@@ -63,12 +67,14 @@ def main():
     ids = rng.integers(3, 32000, (1, args.prompt)).astype(np.int32)
     mask = np.ones_like(ids)
     params = random_params(model, ids)
+    if args.quantize:
+        params = quantize_params(params, args.quantize)
     # what a step reads: the decoder (one embedding row of it) and the LM head; the vision tower and
     # the connector exist in the tree but a text-only prompt never touches them
     read = {"text_model": params["model"]["text_model"], "lm_head": params["lm_head"]}
     count = sum(x.size for x in jax.tree.leaves(read))
     embed = params["model"]["text_model"]["embed_tokens"]["embedding"]
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(read)) - embed.nbytes + embed.shape[1] * 2
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(read)) - embed.nbytes + embed.shape[1] * embed.dtype.itemsize
     generator = Generator(model, params)
 
     def run(n):
@@ -87,9 +93,11 @@ def main():
     bound = (weight_bytes + cache_bytes) / bandwidth
     dev = jax.devices()[0]
     flags = f"XLA_FLAGS='{os.environ['XLA_FLAGS']}' " if os.environ.get("XLA_FLAGS") else ""
-    lines = [f"\n## Decode, Idefics2-8B decoder, batch 1 ({datetime.date.today()})\n",
+    weights = "int8 (per-channel scales)" if args.quantize else "bfloat16"
+    lines = [f"\n## Decode, Idefics2-8B decoder, batch 1, {weights} weights ({datetime.date.today()})\n",
              f"Machine: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}.\n",
-             f"Command: `{flags}python benchmarks/decode_gpu.py --prompt {args.prompt} --new {args.new} --layers {args.layers}` (random bfloat16 "
+             f"Command: `{flags}python benchmarks/decode_gpu.py --prompt {args.prompt} --new {args.new} --layers {args.layers}"
+             f"{' --quantize ' + args.quantize if args.quantize else ''}` (random bfloat16 "
              f"weights, {args.layers} layers, {count / 1e9:.2f}B decoder + LM-head parameters, greedy, text-only prompt; "
              f"step time = (time for {args.new} tokens - time for 1) / {args.new - 1}; medians of "
              f"{args.repeats}).\n",

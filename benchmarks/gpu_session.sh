@@ -10,7 +10,8 @@
 # and tiles, run apart: a kernel that hangs loses only its own rows), TRAIN_S 220 (the whole train
 # step of the 8B architecture with 6 decoder layers: `auto` against `xla`), TEST_BWD_S 60 (the Mosaic
 # GPU backward's quick tests), TEST_S 80 (the Mosaic GPU forward's), TEST_REST_S 50 (the Triton ones),
-# DECODE_S 0, DECODE_CB_S 0 (the 8B decode runs): 590 s at most, one device call. On an H100
+# DECODE_S 0, DECODE_INT8_S 0, DECODE_CB_S 0 (the 8B decode runs, bfloat16 and int8 weights): 590 s at
+# most, one device call. On an H100
 # (2026-11-28) the two attention runs (defaults and sweep, three shapes) took about 250 s together.
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -38,10 +39,11 @@ if [ "${TRAIN_S:-220}" -gt 0 ]; then
   stage "${TRAIN_S:-220}" $PY benchmarks/train_gpu.py --steps 5 --implementations "${TRAIN_IMPLS:-auto,xla}" \
     --out "$OUT/train.md" 2>&1 | tee "$OUT/train.log" | tail -12
 fi
-decode() {  # budget, output name (its table; the log's end goes to the terminal: $OUT takes 8 files)
-  stage "$1" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/$2.md" 2>&1 | tail -12
+decode() {  # budget, output name (its table; the log's end goes to the terminal: $OUT takes 8 files), flags
+  stage "$1" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/$2.md" "${@:3}" 2>&1 | tail -12
 }
 decode "${DECODE_S:-0}" decode
+decode "${DECODE_INT8_S:-0}" decode_int8 --quantize int8  # int8 weights: half of bfloat16's bytes per step
 # in one process (pytest.ini's two xdist workers would share the GPU, and xdist may not be installed).
 # Seen on an H200 (jax 0.11.2): with JAX_DEFAULT_MATMUL_PRECISION=highest the float32 Triton
 # gradient did not compile within 35 s (test_flash_causal_packed[None-float32]); without it the
