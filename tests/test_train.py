@@ -181,6 +181,24 @@ def test_step_flops_count_every_weight_matrix(seed, connector, architecture):
     assert step_flops(config, batch) > weights
 
 
+def test_maxtext_flops_count_whole_rows_and_half_the_causal_square(seed):
+    """MaxText's convention (`maxtext_step_flops`) against the visible pairs (`step_flops`): for one
+    unpadded segment a row and no window they differ by the diagonal, 6 x layers x width x seq a row;
+    packing two segments into a row and padding it make MaxText's count larger by their pairs."""
+    from idefics_jax.train.flops import maxtext_step_flops, step_flops
+    from helpers.training import tiny_batch, tiny_config
+
+    config = tiny_config()
+    config = config.replace(text=config.text.replace(sliding_window=None))
+    batch = tiny_batch(config, seed, 2, seq_len=96)
+    t = config.text
+    width = t.num_attention_heads * t.attention_head_dim
+    whole = dict(batch, segment_ids=np.ones_like(batch["segment_ids"]))
+    rows, seq = whole["segment_ids"].shape
+    assert maxtext_step_flops(config, whole) == step_flops(config, whole) - 6 * t.num_hidden_layers * width * rows * seq
+    assert maxtext_step_flops(config, batch) > step_flops(config, batch)
+
+
 def test_compilation_cache_setting():
     """`use_compilation_cache`: a directory given is used (programs land there), JAX's own setting
     wins, "" leaves the cache off. In fresh processes: the setting is global to one."""

@@ -6,6 +6,18 @@ latents over [patches; latents] (the other connectors have none), the decoder's 
 windowed) attention over each packed segment, and with the cross-attention architecture its blocks'
 attention of every token over the features of its segment's images (an upper bound: tokens before
 an image's marker do not see it).
+
+Per training step (forward + backward = 3 x forward; a product of `m x k` by `k x n` is `2mkn`):
+
+    weights    6 x (parameters each token, patch or latent multiplies) x (tokens, patches, latents)
+    attention  12 x layers x heads x head_dim x (query, key) pairs
+
+`step_flops` counts the pairs a mask lets through: each packed segment's causal pairs
+`n (n + 1) / 2` (fewer under the sliding window) and real tokens only; `maxtext_step_flops` counts
+as MaxText does for its published MFU: every position of a row, padding included, and causal
+attention as half of the row's square, `S^2 / 2` pairs. For one unpadded segment per row and no
+window the two differ by `6 x layers x heads x head_dim x S` per row (the diagonal), 0.05% at
+S = 2048; packed rows and padding make MaxText's count the larger.
 """
 
 from __future__ import annotations
@@ -78,19 +90,45 @@ def dot_shapes(jaxpr, times: int = 1, out: dict | None = None) -> dict:
     return out
 
 
-def step_flops(config: Idefics2Config, batch: dict[str, Any]) -> float:
-    """Training FLOPs (forward + backward) of one packed batch."""
-    v, p, t = config.vision, config.perceiver, config.text
-    patches = batch["pixel_attention_mask"][..., :: v.patch_size, :: v.patch_size]
-    patch_counts = patches.reshape(*patches.shape[:2], -1).sum(-1)  # [batch, slots]
-    n_images = int((patch_counts > 0).sum())
-    tokens = float((batch["segment_ids"] > 0).sum())
-    flops = matmul_flops(config, float(patch_counts.sum()), n_images, tokens)
-    # attention: 2 matmuls of 2 * q * k * width each, x3 for forward + backward
-    flops += 12 * v.num_hidden_layers * v.hidden_size * float((patch_counts**2).sum())
+def _image_counts(config: Idefics2Config, batch: dict[str, Any]):
+    """Real patches per image slot `[batch, slots]`."""
+    patches = batch["pixel_attention_mask"][..., :: config.vision.patch_size, :: config.vision.patch_size]
+    return patches.reshape(*patches.shape[:2], -1).sum(-1)
+
+
+def _image_attention_flops(config: Idefics2Config, patch_counts) -> float:
+    """The vision tower's (bidirectional, per image) and the Perceiver's attention: 2 products of
+    2 x queries x keys x width each, x3 for forward + backward."""
+    v, p = config.vision, config.perceiver
+    flops = 12 * v.num_hidden_layers * v.hidden_size * float((patch_counts**2).sum())
     if config.connector == "perceiver":
         flops += 12 * p.resampler_depth * p.resampler_n_heads * p.resampler_head_dim * p.resampler_n_latents * \
             float((patch_counts[patch_counts > 0] + p.resampler_n_latents).sum())
+    return flops
+
+
+def maxtext_step_flops(config: Idefics2Config, batch: dict[str, Any]) -> float:
+    """Training FLOPs of one batch as MaxText counts them for its MFU (`calculate_tflops_training_per_device`):
+    every weight matrix times every position of the rows (padding included), and the decoder's causal
+    attention as half of the whole row's `seq x seq` (packing and the sliding window not subtracted):
+    `6 x layers x heads x head_dim x seq^2` per row. The image towers count as in `step_flops`.
+    The numbers to compare with MaxText's published MFU; `step_flops` counts the work the model needs."""
+    t = config.text
+    patch_counts = _image_counts(config, batch)
+    rows, seq = batch["segment_ids"].shape
+    flops = matmul_flops(config, float(patch_counts.sum()), int((patch_counts > 0).sum()), float(rows * seq))
+    width = t.num_attention_heads * t.attention_head_dim
+    return flops + _image_attention_flops(config, patch_counts) + 6 * t.num_hidden_layers * width * rows * seq**2
+
+
+def step_flops(config: Idefics2Config, batch: dict[str, Any]) -> float:
+    """Training FLOPs (forward + backward) of one packed batch."""
+    t = config.text
+    patch_counts = _image_counts(config, batch)
+    n_images = int((patch_counts > 0).sum())
+    tokens = float((batch["segment_ids"] > 0).sum())
+    flops = matmul_flops(config, float(patch_counts.sum()), n_images, tokens)
+    flops += _image_attention_flops(config, patch_counts)
     window = t.sliding_window or 1 << 30
     width = t.num_attention_heads * t.attention_head_dim
     for row in batch["segment_ids"]:
