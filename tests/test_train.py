@@ -99,6 +99,15 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
     assert re.search(r"Step compiled for the batch's images \(4, \d+, \d+, \d+, 3\); per device: [\d.]+ GB of "
                      r"inputs .*, [\d.]+ GB of temporaries .*; remat 'none'", err), err[-3000:]
     assert list((tmp_path / "full" / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    # read per op class with the compiled step's text saved beside it
+    from idefics_jax.train import profile_summary
+
+    trace = profile_summary.latest_trace(tmp_path / "full" / "profile")
+    hlo = (tmp_path / "full" / "profile" / profile_summary.HLO_FILE).read_text()
+    summary = profile_summary.summarize(trace, hlo, profile_summary.step_module(hlo))
+    assert all(summary[kind]["seconds"] > 0 for kind in ("matmuls", "attention", "norms", "optimizer")), summary
+    assert abs(sum(row["share"] for row in summary.values()) - 1) < 1e-6
+    assert profile_summary.main([str(tmp_path / "full" / "profile")]) == 0
     # the session's cache (conftest) holds the compiled step: the resumed run below skips compiling it
     assert f"Compiled programs are cached in {os.environ['JAX_COMPILATION_CACHE_DIR']}" in err
     assert any(name.startswith("jit_step-") for name in os.listdir(os.environ["JAX_COMPILATION_CACHE_DIR"]))
@@ -260,6 +269,24 @@ def test_batch_that_does_not_split_into_micro_batches_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size=8 is not a multiple of config.optimizer.accum_steps=3"):
         train(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_ops_are_classified_by_opcode_target_and_source_path():
+    from idefics_jax.train.profile_summary import classify, op_classes
+
+    attention = "jit(step)/jvp(Idefics2)/model/text_model/layers_0/self_attn/attention/dot_general"
+    assert classify("fusion", attention) == "attention"
+    assert classify("custom-call", "x", "__gpu$xla.gpu.triton") == "attention"
+    assert classify("fusion", "jit(step)/jvp(Idefics2)/model/text_model/layers_0/mlp/up_proj/dot_general") == "matmuls"
+    assert classify("custom-call", "jit(step)/lm_head/dot_general", "__cublas$gemm") == "matmuls"
+    assert classify("fusion", "jit(step)/model/text_model/layers_0/input_layernorm/mul") == "norms"
+    assert classify("fusion", "jit(step)/optimizer/mul") == "optimizer"
+    assert classify("all-reduce-start") == "collectives" and classify("copy-start") == "copies"
+    assert classify("fusion", "jit(step)/model/text_model/embed_tokens/take") == "other"
+    text = ('HloModule jit_step\n  %fusion.3 = f32[8,8]{1,0} fusion(f32[8,8] %p), kind=kLoop, calls=%c, '
+            'metadata={op_name="jit(step)/optimizer/add" source_file="x.py"}\n'
+            '  ROOT dot.1 = f32[8,8]{1,0} dot(f32[8,8] a, f32[8,8] b), metadata={op_name="jit(step)/q_proj/dot_general"}')
+    assert op_classes(text) == {"fusion.3": "optimizer", "dot.1": "matmuls"}
 
 
 def test_profile_settings_are_checked():

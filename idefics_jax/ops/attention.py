@@ -143,6 +143,14 @@ def dot_product_attention(
     `heads` must be a multiple of `kv_heads` (GQA: each group of `heads // kv_heads` query heads
     shares one key/value head). A query with no visible key returns zeros, never NaN.
     """
+    with jax.named_scope("attention"):  # named in the program, for profiles read per op class
+        return _attention(query, key, value, scale=scale, kv_mask=kv_mask, causal=causal,
+                          sliding_window=sliding_window, q_positions=q_positions, kv_positions=kv_positions,
+                          q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, implementation=implementation)
+
+
+def _attention(query, key, value, *, scale, kv_mask, causal, sliding_window, q_positions, kv_positions,
+               q_segment_ids, kv_segment_ids, implementation):
     batch, q_len, heads, head_dim = query.shape
     kv_len, kv_heads = key.shape[1], key.shape[2]
     if heads % kv_heads:

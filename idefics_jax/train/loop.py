@@ -140,6 +140,7 @@ def train(config, workdir: str | os.PathLike, evaluation=None) -> dict:
                 if memory := memory_summary(step_fn.compile(state, placed)):  # jit's cache keeps it for the call
                     log.info("Step compiled for the batch's images %s; per device: %s; remat %r", images, memory,
                              run.model.remat)
+            profiler.save_program(lambda: step_fn.compile(state, placed).as_text())  # while tracing, once
             state, metrics = step_fn(state, placed)
             step += 1
             if traced := profiler.after(step, (state, metrics)):

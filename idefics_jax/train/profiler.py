@@ -6,11 +6,13 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import jax
+from etils import epath
 
 from idefics_jax.paths import TreeUploader, as_path, is_url
+from idefics_jax.train.profile_summary import HLO_FILE
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +20,8 @@ log = logging.getLogger(__name__)
 class StepProfiler:
     """A `jax.profiler` trace of steps `first` .. `first + count - 1` (1-based, as logged) into
     `directory` (`plugins/profile/<time>/<host>.xplane.pb`, read by XProf / TensorBoard's profile
-    plugin, and a Perfetto `trace.json.gz`). `first=0`: off. Traced on process 0 only: every host
+    plugin, and a Perfetto `trace.json.gz`), with the compiled step's text (`save_program`) for
+    `profile_summary`. `first=0`: off. Traced on process 0 only: every host
     runs the same program, and hosts with one name would write over each other's files. A gs://
     directory gets the files once the trace ends (written to a local directory first, uploaded from a
     background thread while training goes on; `close()` waits for the upload)."""
@@ -29,14 +32,23 @@ class StepProfiler:
                              f"(0: off) and at least one step to trace")
         self.directory, self.first, self.last = directory, first, first + count - 1
         self.enabled, self.active = enabled and first > 0, False
-        self._local, self._uploader = None, None
+        self._local, self._uploader, self._program_saved = None, None, False
 
     def before(self, step: int):
         """Call before running step `step`."""
         if self.enabled and step == self.first:
             self._local = tempfile.mkdtemp(prefix="idefics_jax-profile-") if is_url(self.directory) else None
             jax.profiler.start_trace(self._local or str(self.directory))
-            self.active = True
+            self.active, self._program_saved = True, False
+
+    def save_program(self, program: Callable[[], str]):
+        """Writes the compiled step's text (`program()`, asked once per trace) beside the trace as
+        `step.hlo.txt`: `python -m idefics_jax.train.profile_summary DIR` reads the two together."""
+        if self.active and not self._program_saved:
+            self._program_saved = True
+            directory = epath.Path(self._local or str(self.directory))
+            directory.mkdir(parents=True, exist_ok=True)  # the trace's files come at its end
+            (directory / HLO_FILE).write_text(program())
 
     def after(self, step: int, outputs: Any) -> str | None:
         """Call after step `step` ran; returns the directory once the trace is written."""
