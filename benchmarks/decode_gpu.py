@@ -34,7 +34,9 @@ from preprocess import append_results  # noqa: E402
 
 from idefics_jax import Idefics2, Idefics2Config  # noqa: E402
 from idefics_jax.inference.generate import Generator  # noqa: E402
+from idefics_jax.inference.sampling import GREEDY, row_keys  # noqa: E402
 from idefics_jax.models.quantize import quantize_params  # noqa: E402
+from idefics_jax.train import profile_summary  # noqa: E402
 
 
 def copy_bandwidth(gib: int = 4, repeats: int = 10) -> float:
@@ -58,6 +60,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=32, help="fewer decoder layers: a smoke run on CPU")
     parser.add_argument("--quantize", choices=("int8",), default=None, help="int8 weights for every projection")
+    parser.add_argument("--profile", help="also trace one generation into this directory and print its device "
+                        "time per op class (idefics_jax.train.profile_summary)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
     config = Idefics2Config()
@@ -107,6 +111,26 @@ def main():
              f"| {bandwidth / 1e12:.2f} | {1 / bound:.1f} | {bound / step:.0%} |"]
     print("\n".join(lines), flush=True)
     append_results(args.out, lines)
+    if args.profile:
+        print(profile(generator, ids, mask, args.new, args.profile), flush=True)
+
+
+def profile(generator, ids, mask, new: int, directory: str) -> str:
+    """One traced generation of `new` tokens, read per op class (the generate program's compiled text
+    saved beside the trace)."""
+    jax.profiler.start_trace(directory)
+    generator.generate(ids, mask, max_new_tokens=new)
+    jax.profiler.stop_trace()
+    inputs = generator.place((ids, mask, None, None))
+    with generator.on_mesh():
+        text = generator.generate_program.lower(
+            generator.params, inputs, row_keys(0, len(ids)), max_new_tokens=new,
+            max_columns=generator.check(ids, mask, None, new), sampling=GREEDY, stop_ids=generator.stop_ids,
+            pad_id=generator.pad_id).compile().as_text()
+    (Path(directory) / profile_summary.HLO_FILE).write_text(text)
+    summary = profile_summary.summarize(profile_summary.latest_trace(Path(directory)),
+                                        {profile_summary.module_name(text): text})
+    return f"Device time of one generation of {new} tokens, per op class:\n\n" + profile_summary.table(summary)
 
 
 if __name__ == "__main__":

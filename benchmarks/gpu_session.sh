@@ -40,7 +40,9 @@ if [ "${TRAIN_S:-220}" -gt 0 ]; then
     --out "$OUT/train.md" 2>&1 | tee "$OUT/train.log" | tail -12
 fi
 decode() {  # budget, output name (its table; the log's end goes to the terminal: $OUT takes 8 files), flags
-  stage "$1" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/$2.md" "${@:3}" 2>&1 | tail -12
+  # then one traced generation read per op class (matmuls, attention, cache writes, sampling, ...)
+  stage "$1" $PY benchmarks/decode_gpu.py --repeats 2 --out "$OUT/$2.md" --profile "${TMPDIR:-/tmp}/profile_$2" \
+    "${@:3}" 2>&1 | tail -26
 }
 decode "${DECODE_S:-0}" decode
 decode "${DECODE_INT8_S:-0}" decode_int8 --quantize int8  # int8 weights: half of bfloat16's bytes per step

@@ -104,7 +104,7 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, seed):
 
     trace = profile_summary.latest_trace(tmp_path / "full" / "profile")
     hlo = (tmp_path / "full" / "profile" / profile_summary.HLO_FILE).read_text()
-    summary = profile_summary.summarize(trace, hlo, profile_summary.step_module(hlo))
+    summary = profile_summary.summarize(trace, {profile_summary.module_name(hlo): hlo})
     assert all(summary[kind]["seconds"] > 0 for kind in ("matmuls", "attention", "norms", "optimizer")), summary
     assert abs(sum(row["share"] for row in summary.values()) - 1) < 1e-6
     assert profile_summary.main([str(tmp_path / "full" / "profile")]) == 0
@@ -281,7 +281,9 @@ def test_ops_are_classified_by_opcode_target_and_source_path():
     assert classify("custom-call", "jit(step)/lm_head/dot_general", "__cublas$gemm") == "matmuls"
     assert classify("fusion", "jit(step)/model/text_model/layers_0/input_layernorm/mul") == "norms"
     assert classify("fusion", "jit(step)/optimizer/mul") == "optimizer"
+    assert classify("fusion", "jit(generate_loop)/while/body/sampling/argmax") == "sampling"
     assert classify("all-reduce-start") == "collectives" and classify("copy-start") == "copies"
+    assert classify("fusion", "", "", "wrapped_convert.12") == "copies"
     assert classify("fusion", "jit(step)/model/text_model/embed_tokens/take") == "other"
     text = ('HloModule jit_step\n  %fusion.3 = f32[8,8]{1,0} fusion(f32[8,8] %p), kind=kLoop, calls=%c, '
             'metadata={op_name="jit(step)/optimizer/add" source_file="x.py"}\n'

@@ -195,7 +195,13 @@ def _drawn(logits, keys):
 
 def next_token(logits, sampling: Sampling, keys, seen=None):
     """`[batch, vocab]` logits -> int32 `[batch]` tokens; `keys` `[batch, 2]`: this token's key per
-    row (`token_keys`); `seen` as in `process_logits`."""
+    row (`token_keys`); `seen` as in `process_logits`. (Named `sampling` in the program, for profiles
+    read per op class.)"""
+    with jax.named_scope("sampling"):
+        return _next_token(logits, sampling, keys, seen)
+
+
+def _next_token(logits, sampling: Sampling, keys, seen):
     logits = process_logits(logits, sampling, seen)
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -262,7 +268,8 @@ def _top_p_rows(logits, p, used):
 
 def next_token_rows(logits, rows: RowSampling, keys, seen):
     """`next_token` with each row's own settings: argmax for greedy rows, a draw for the others."""
-    logits = process_logits_rows(logits, rows, seen)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    drawn = jax.lax.cond(jnp.all(rows.greedy), lambda: greedy, lambda: _drawn(logits, keys))  # no draws when none samples
-    return jnp.where(rows.greedy, greedy, drawn)
+    with jax.named_scope("sampling"):
+        logits = process_logits_rows(logits, rows, seen)
+        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        drawn = jax.lax.cond(jnp.all(rows.greedy), lambda: greedy, lambda: _drawn(logits, keys))  # none samples: no draw
+        return jnp.where(rows.greedy, greedy, drawn)
