@@ -97,11 +97,10 @@ class CrossAttention(nn.Module):
         q = split(dense(cfg.num_attention_heads * head_dim, ("embed", "heads"), name="q_proj", **kw)(x))
         k = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="k_proj", **kw)(features))
         v = split(dense(cfg.num_key_value_heads * head_dim, ("embed", "kv_heads"), name="v_proj", **kw)(features))
-        segments = None if segment_ids is None or context.segments is None else (segment_ids, context.segments)
+        packed = segment_ids is not None and context.segments is not None
         out = dot_product_attention(
             q, k, v, kv_mask=context.valid, causal=True, q_positions=positions, kv_positions=context.positions,
-            q_segment_ids=None if segments is None else segments[0],
-            kv_segment_ids=None if segments is None else segments[1],
+            q_segment_ids=segment_ids if packed else None, kv_segment_ids=context.segments if packed else None,
             implementation=self.attention_impl,
         )  # [batch, seq, heads, head_dim]
         out = einops.rearrange(out, "b s h d -> b s (h d)")
