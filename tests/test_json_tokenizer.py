@@ -72,3 +72,36 @@ def test_special_spellings_are_disarmed_pickled_and_errors_named(tokenizer_dir):
         ours.token_id("<nope>")
     with pytest.raises(ValueError, match="bos token '<s>' is not in the vocabulary"):
         JsonTokenizer(json_text=(path / "tokenizer.json").read_text(), bos_token="<s>")
+
+
+def test_tiled_processor_equals_idefics3s(tokenizer_dir, seed):
+    """Prompts with tiled images, a single-tile image and none, through our TiledProcessor and
+    transformers' Idefics3Processor on the same tokenizer: the same token ids, masks and pixels."""
+    from transformers import Idefics3Processor, PreTrainedTokenizerFast
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from idefics_jax.data.image_tiles import TileImageProcessor
+    from idefics_jax.data.processor import TiledProcessor
+
+    path, words = tokenizer_dir
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token="<|begin_of_text|>",
+                                        eos_token="<|end_of_text|>", pad_token="<|end_of_text|>",
+                                        additional_special_tokens=SPECIALS[2:])
+    tokenizer.padding_side = "left"
+    reference = Idefics3Processor(Idefics3ImageProcessorPil(size={"longest_edge": 112},
+                                                            max_image_size={"longest_edge": 56}), tokenizer,
+                                  image_seq_len=4)
+    ours = TiledProcessor(JsonTokenizer(path / "tokenizer.json"), TileImageProcessor(112, 56), image_seq_len=4)
+    rng = np.random.default_rng([seed, 82])
+    image = lambda: rng.integers(0, 256, (int(rng.integers(20, 200)), int(rng.integers(20, 200)), 3), dtype=np.uint8)
+    texts = [f"User:{IMAGE_TOKEN}{' '.join(rng.choice(words, 3))}{END_OF_UTTERANCE}\nAssistant:",
+             f"User: {' '.join(rng.choice(words, 5))} {IMAGE_TOKEN} and {IMAGE_TOKEN}?{END_OF_UTTERANCE}\nAssistant:"]
+    images = [[image()], [image(), np.full((30, 40, 3), 200, np.uint8)]]
+    expected = reference(text=texts, images=images, padding=True, return_tensors="np")
+    got = ours(texts, images)
+    np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
+    np.testing.assert_array_equal(got["attention_mask"], expected["attention_mask"])
+    np.testing.assert_allclose(got["pixel_values"], np.moveaxis(expected["pixel_values"], 2, -1), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(got["pixel_attention_mask"], expected["pixel_attention_mask"].astype(bool))
+    text_only = ours(["User: hello"])
+    assert "pixel_values" not in text_only and text_only["input_ids"][0, 0] == ours.tokenizer.bos_id

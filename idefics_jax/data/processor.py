@@ -16,12 +16,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from idefics_jax.data.image_processing import ImageLike, ImageProcessor
+from idefics_jax.data.image_processing import ImageLike, ImageProcessor, pad_images
+from idefics_jax.data.image_tiles import TileImageProcessor
 from idefics_jax.data.image_tokens import (
     END_OF_UTTERANCE,
     IMAGE_TOKEN,
     count_placeholders,
     expand_image_placeholders,
+    expand_tiled_images,
 )
 from idefics_jax.data.tokenizer import Tokenizer
 
@@ -89,14 +91,47 @@ class Processor:
         for i, (w, g) in enumerate(zip(wanted, given)):
             if w != g:
                 raise ValueError(f"Prompt {i} has {w} {IMAGE_TOKEN} placeholder(s) but {g} image(s) were given")
-        seq = max(len(r) for r in rows)
-        input_ids = np.full((len(rows), seq), self.tokenizer.pad_id, np.int32)
-        attention_mask = np.zeros((len(rows), seq), np.int32)
-        for b, row in enumerate(rows):
-            span = slice(seq - len(row), seq) if padding_side == "left" else slice(0, len(row))
-            input_ids[b, span] = row
-            attention_mask[b, span] = 1
-        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        out = padded_ids(rows, self.tokenizer.pad_id, padding_side)
         if images is not None and any(given):
             out.update(self.image_processor(images))
+        return out
+
+
+def padded_ids(rows: Sequence[Sequence[int]], pad_id: int, padding_side: str = "left") -> dict[str, np.ndarray]:
+    """Token rows as one batch: `input_ids` and `attention_mask` int32 `[batch, longest]`."""
+    seq = max(len(r) for r in rows)
+    input_ids = np.full((len(rows), seq), pad_id, np.int32)
+    attention_mask = np.zeros((len(rows), seq), np.int32)
+    for b, row in enumerate(rows):
+        span = slice(seq - len(row), seq) if padding_side == "left" else slice(0, len(row))
+        input_ids[b, span] = row
+        attention_mask[b, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class TiledProcessor:
+    """Idefics3's and SmolVLM's processor: each image cut into tiles (`TileImageProcessor`) and its
+    `<image>` placeholder replaced by the tiles' prompt (`expand_tiled_images`), as transformers'
+    `Idefics3Processor` / `SmolVLMProcessor` do; `image_seq_len` tokens per tile (the model config's).
+
+        processor = TiledProcessor(JsonTokenizer("tokenizer.json"), TileImageProcessor(2048, 512), 64)
+        batch = processor(["User:<image>What is this?<end_of_utterance>\\nAssistant:"], [[image]])
+    """
+
+    def __init__(self, tokenizer, image_processor: TileImageProcessor, image_seq_len: int):
+        self.tokenizer, self.image_processor, self.image_seq_len = tokenizer, image_processor, image_seq_len
+        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+
+    def __call__(self, text: str | Sequence[str], images: Sequence[Sequence[ImageLike]] | None = None,
+                 padding_side: str = "left") -> dict[str, np.ndarray]:
+        texts = [text] if isinstance(text, str) else list(text)
+        images = [[] for _ in texts] if images is None else images
+        if len(images) != len(texts):
+            raise ValueError(f"{len(texts)} prompts but {len(images)} lists of images")
+        processed = [[self.image_processor.process_image(image) for image in row] for row in images]
+        rows = [self.tokenizer.encode(expand_tiled_images(t, [(r, c) for _, r, c in row], self.image_seq_len))
+                for t, row in zip(texts, processed)]
+        out = padded_ids(rows, self.tokenizer.pad_id, padding_side)
+        if any(processed):
+            out.update(pad_images([[tile for tiles, _, _ in row for tile in tiles] for row in processed]))
         return out
