@@ -26,9 +26,9 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from idefics_jax.config import Idefics2Config
-from idefics_jax.models.quantize import SCALE
 from idefics_jax.checkpoints.names import hf_name, hf_shape, leaf_rule
 from idefics_jax.checkpoints.params import CheckpointError, ParamsReader, abstract_params, dtype_name, np_dtype
+from idefics_jax.models.quantize import SCALE
 from idefics_jax.paths import as_path, local_copy, local_directory
 from idefics_jax.sharding import put_everywhere
 
