@@ -420,7 +420,7 @@ def model_config(section) -> Idefics2Config:
     towers resized by `vision_size` / `text_size` when set; its other keys (dtypes, attention,
     init_from) are the trainer's."""
     keys = ("vision", "perceiver", "text", "image_token_id", "tie_word_embeddings", "connector", "pixel_shuffle_factor",
-            "architecture", "cross_attention_every")
+            "architecture", "cross_attention_every", "model_type")
     config = Idefics2Config.from_dict({k: section[k].to_dict() if hasattr(section[k], "to_dict") else section[k]
                                        for k in keys if k in section}, where="config.model")
     return with_backbone_sizes(config, section.get("vision_size", ""), section.get("text_size", ""))

@@ -181,3 +181,19 @@ def test_frozen_cross_attention_trains_its_blocks_and_the_connector():
     new = [params["model"][k] for k in params["model"] if k == "connector" or k.startswith("gated_cross_attn_layers")]
     assert len(new) == 3  # the connector and a block before each of the 2 decoder layers
     assert run.count_trainable(params) == sum(x.size for x in jax.tree_util.tree_leaves(new))
+
+
+def test_a_pixel_shuffle_run_with_a_llama_decoder_is_an_idefics3():
+    """The grid's pixel-shuffle variant on a Llama decoder, named idefics3, exports as Idefics3 (the
+    conversion itself: tests/test_idefics3.py); on Mistral under idefics2 it is refused."""
+    from helpers.training import load_config
+    from idefics_jax.config import model_config
+
+    config = load_config("tiny")
+    config.model.connector, config.model.model_type = "pixel_shuffle", "idefics3"
+    config.model.text.model_type, config.model.text.sliding_window = "llama", None
+    idefics3 = model_config(config.model)
+    assert idefics3.hf_architecture_error() is None
+    assert idefics3.to_hf_dict()["architectures"] == ["Idefics3ForConditionalGeneration"]
+    config.model.model_type = "idefics2"
+    assert "no Hugging Face Idefics2 counterpart" in model_config(config.model).hf_architecture_error()

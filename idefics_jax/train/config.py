@@ -23,6 +23,9 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
         "connector": model.connector, "pixel_shuffle_factor": model.pixel_shuffle_factor,
         # fully_autoregressive | cross_attention (gated blocks before every n-th decoder layer)
         "architecture": model.architecture, "cross_attention_every": model.cross_attention_every,
+        # the Hugging Face model type it exports as: idefics2, or idefics3 / smolvlm (pixel_shuffle connector,
+        # text.model_type=llama)
+        "model_type": model.model_type,
         # backbone sizes (idefics_jax/config.py VISION_SIZES, TEXT_SIZES): "" keeps vision / text as set
         "vision_size": "", "text_size": "",
         "dtype": "bfloat16", "param_dtype": "float32", "attention_impl": "auto",
