@@ -174,6 +174,27 @@ def test_chat_format_matches_reference(sp_model):
             apply_chat_template([{"role": role, "content": ""}])
 
 
+def test_smolvlm_chat_format_matches_its_template():
+    """transformers' SmolVLMProcessor default template, rendered with jinja2 as transformers does."""
+    import jinja2
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(DEFAULT_CHAT_TEMPLATE)
+    conversations = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is written here?"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+         {"role": "user", "content": "<image>and this?"}],
+        [{"role": "system", "content": "Answer briefly."},
+         {"role": "user", "content": [{"type": "text", "text": "two"}, {"type": "image"}, {"type": "image"}]}],
+    ]
+    for messages in conversations:
+        for generation in (False, True):
+            expected = template.render(messages=messages, add_generation_prompt=generation)
+            assert apply_chat_template(messages, generation, chat_format="smolvlm") == expected
+    with pytest.raises(ValueError, match="chat_format 'llava' is not one of"):
+        apply_chat_template(conversations[0], chat_format="llava")
+
+
 def test_placeholder_count_mismatch_is_an_error(sp_model):
     ours = Processor(Tokenizer(sp_model[1]), ImageProcessor(), image_seq_len=4)
     with pytest.raises(ValueError, match="Prompt 0 has 2 <image> placeholder.*but 1 image"):

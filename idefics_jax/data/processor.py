@@ -30,15 +30,22 @@ from idefics_jax.data.tokenizer import Tokenizer
 Message = Mapping[str, Any]  # {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}
 
 
-def render_turn(message: Message) -> str:
+CHAT_FORMATS = ("idefics2", "smolvlm")
+
+
+def render_turn(message: Message, chat_format: str = "idefics2") -> str:
     """One chat turn as Idefics2's template writes it. Content is a list of parts, or a string
     whose `<image>` placeholders stand for image parts. An assistant turn may be the empty string
     (a model may answer nothing at all: "Assistant: <end_of_utterance>", as the template writes an
-    empty text part); other turns need content."""
+    empty text part); other turns need content. SmolVLM's template writes a string content after
+    `Role: ` always (a list opening with an image after `Role:`, as Idefics2's)."""
     content = message["content"]
     if not content and not (content == "" and message["role"] == "assistant"):
         raise ValueError(f"A {message['role']!r} turn has no content")
-    opens_with_image = content.startswith(IMAGE_TOKEN) if isinstance(content, str) else content[0]["type"] == "image"
+    if isinstance(content, str):
+        opens_with_image = chat_format == "idefics2" and content.startswith(IMAGE_TOKEN)
+    else:
+        opens_with_image = content[0]["type"] == "image"
     if isinstance(content, str):
         content = [{"type": "text", "text": content}]
     head = str(message["role"]).capitalize() + (":" if opens_with_image else ": ")
@@ -63,8 +70,14 @@ HF_CHAT_TEMPLATE = (
 )
 
 
-def apply_chat_template(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-    return "".join(render_turn(m) for m in messages) + ("Assistant:" if add_generation_prompt else "")
+def apply_chat_template(messages: Sequence[Message], add_generation_prompt: bool = False,
+                        chat_format: str = "idefics2") -> str:
+    """The chat as Idefics2's template writes it, or SmolVLM's (`chat_format="smolvlm"`: the same
+    turns after `<|im_start|>`, transformers' `SmolVLMProcessor` default template)."""
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format {chat_format!r} is not one of {CHAT_FORMATS}")
+    prefix = "<|im_start|>" if chat_format == "smolvlm" else ""
+    return prefix + "".join(render_turn(m, chat_format) for m in messages) + ("Assistant:" if add_generation_prompt else "")
 
 
 class Processor:
