@@ -60,11 +60,17 @@ def _files(step_dir: epath.Path) -> list[str]:
                   for name in names if name not in (CHECKSUMS, CHECKSUMS + ".partial"))
 
 
+def _own_crc(sums: dict) -> int:
+    """The CRC-32 of a checksum table, written beside it: a byte flipped in checksums.json itself
+    (a file name garbled, a number changed) is then named as such, not as a file gone missing."""
+    return zlib.crc32(json.dumps(sums, sort_keys=True).encode())
+
+
 def seal(step_dir: epath.Path):
     """Writes `step_dir/checksums.json`: the size and CRC-32 of every other file of the step."""
     sums = {name: list(_crc32(step_dir / name)) for name in _files(step_dir)}
     partial = step_dir / (CHECKSUMS + ".partial")  # a reader never sees half a file
-    partial.write_text(json.dumps({"crc32": sums}, indent=0))
+    partial.write_text(json.dumps({"crc32": sums, "own_crc32": _own_crc(sums)}, indent=0))
     partial.rename(step_dir / CHECKSUMS)
 
 
@@ -74,10 +80,13 @@ def verify(step_dir: epath.Path) -> bool:
     if not (step_dir / CHECKSUMS).exists():
         return False
     try:
-        sums = json.loads((step_dir / CHECKSUMS).read_text())["crc32"]
+        table = json.loads((step_dir / CHECKSUMS).read_text())
+        sums = table["crc32"]
         recorded = {name: (int(size), int(crc)) for name, (size, crc) in sums.items()}
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CorruptCheckpoint(f"{step_dir}: its {CHECKSUMS} cannot be read ({error})") from error
+    if "own_crc32" in table and table["own_crc32"] != _own_crc(sums):  # older steps were sealed without it
+        raise CorruptCheckpoint(f"{step_dir}: its {CHECKSUMS} differs from what was saved (its own CRC-32)")
     for name, (size, crc) in recorded.items():
         if not (step_dir / name).exists():
             raise CorruptCheckpoint(f"{step_dir}: {name} is missing")
