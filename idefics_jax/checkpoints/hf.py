@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from idefics_jax.config import Idefics2Config
 from idefics_jax.checkpoints.names import hf_name, hf_shape, leaf_rule
 from idefics_jax.checkpoints.params import CheckpointError, ParamsReader, abstract_params, dtype_name, np_dtype
-from idefics_jax.models.quantize import SCALE
+from idefics_jax.models.quantize import has_scales
 from idefics_jax.paths import as_path, local_copy, local_directory
 from idefics_jax.sharding import put_everywhere
 
@@ -245,8 +245,7 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: Idefics2Config, param
     """
     if config.hf_architecture_error():
         raise CheckpointError(f"Cannot export to the Hugging Face format: {config.hf_architecture_error()}")
-    names = params.shapes if isinstance(params, ParamsReader) else traverse_util.flatten_dict(params)
-    if any(path[-1] == SCALE for path in names):
+    if has_scales(params.shapes if isinstance(params, ParamsReader) else traverse_util.flatten_dict(params)):
         raise CheckpointError("Cannot export int8 weights to the Hugging Face format: export the float checkpoint "
                               "they were quantised from")
     out_dir = as_path(out_dir, "Output directory")

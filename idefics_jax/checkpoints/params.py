@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from idefics_jax.config import Idefics2Config
 from idefics_jax.models.idefics2 import Idefics2
-from idefics_jax.models.quantize import SCALE, quantized_layout
+from idefics_jax.models.quantize import SCALE, has_scales, quantized_layout
 from idefics_jax.paths import as_path
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -143,7 +143,7 @@ class ParamsReader:
         self.shapes = {path: jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype))
                        for path, x in traverse_util.flatten_dict(tree).items()}
         _check(self.ckpt_dir, self.config, self.shapes)
-        self.quantized = any(path[-1] == SCALE for path in self.shapes)  # int8 weights (models/quantize.py)
+        self.quantized = has_scales(self.shapes)  # int8 weights (models/quantize.py)
         self.group_bytes = group_bytes or READ_GROUP
 
     def arrays(self, order: Sequence[tuple[str, ...]]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -190,8 +190,7 @@ def _check(ckpt_dir, config: Idefics2Config, got: Mapping[tuple[str, ...], objec
     """Every parameter of the model `config` describes is in `got` (flat), of its shape, and no other
     (with int8 weights: each projection's scale too)."""
     abstract = abstract_params(config)
-    quantized = any(path[-1] == SCALE for path in got)
-    expected = traverse_util.flatten_dict(quantized_layout(abstract) if quantized else abstract)
+    expected = traverse_util.flatten_dict(quantized_layout(abstract) if has_scales(got) else abstract)
     for path, leaf in expected.items():
         if path not in got:
             raise CheckpointError(f"{ckpt_dir}: parameter '{'/'.join(path)}' is missing (shape {leaf.shape})")

@@ -24,7 +24,7 @@ def add_device_arguments(p: argparse.ArgumentParser):
                    help="the parameters' and the computation's dtype (bfloat16: half the memory)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8 weights (per output channel) for every projection: about a quarter of float32's "
-                        "memory and half of bfloat16's bytes per decode step; logits within about 1%% of the float model's")
+                        "memory and half of bfloat16's bytes per decode step (the logits' error: docs/inference.md)")
     p.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of the visible devices, e.g. 1,1,8 (tensor "
                    "parallel over 8); -1 takes the rest of the devices: --mesh=1,1,-1; default: one device, or with "
                    "several processes PROCESSES,1,-1")

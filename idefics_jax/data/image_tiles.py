@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from idefics_jax.data.image_processing import (MAX_IMAGE_PIXELS, ImageLike, load_image, normalize_uint8, pad_images,
-                                               to_rgb)
+                                               resize_output_size, to_rgb)
 
 MAX_SIDE = 4096  # the reference's absolute limit on either edge after the first resize
 
@@ -40,13 +40,8 @@ def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, 
         height = longest_edge
         width = int(height * aspect_ratio)
         width += width % 2
-    height, width = max(height, 1), max(width, 1)
-    aspect_ratio = width / height
-    if width >= height and width > MAX_SIDE:
-        width, height = MAX_SIDE, int(MAX_SIDE / aspect_ratio)
-    elif height > width and height > MAX_SIDE:
-        height, width = MAX_SIDE, int(MAX_SIDE * aspect_ratio)
-    return max(height, 1), max(width, 1)
+    # then Idefics2's rule: the longest edge capped at MAX_SIDE, in proportion, both at least 1
+    return resize_output_size(max(height, 1), max(width, 1), 1, MAX_SIDE)
 
 
 def tile_multiple_size(height: int, width: int, tile: int) -> tuple[int, int]:

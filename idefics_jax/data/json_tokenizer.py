@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Iterable
 
 from etils import epath
 from tokenizers import Tokenizer as Backend
 
-from idefics_jax.data.tokenizer import WORD_JOINER
+from idefics_jax.data.tokenizer import disarmed, special_pattern
 
 
 def _token(value) -> str | None:
@@ -52,8 +51,7 @@ class JsonTokenizer:
         for name, token in (("bos", bos_token), ("eos", eos_token), ("pad", pad_token)):
             if token and self._ids[name] is None:
                 raise ValueError(f"The {name} token {token!r} is not in the vocabulary of this tokenizer.json")
-        pattern = "|".join(re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True))
-        self._split = re.compile(f"({pattern})") if pattern else None
+        self._split = special_pattern(self.special_tokens)
 
     def __getstate__(self):  # picklable for data-loader worker processes
         return self._state
@@ -89,9 +87,7 @@ class JsonTokenizer:
     def disarm(self, text: str) -> str:
         """`text` with every special token's spelling broken by an invisible word joiner after its
         first character (see `Tokenizer.disarm`)."""
-        if self._split is None:
-            return text
-        return self._split.sub(lambda match: match.group(0)[0] + WORD_JOINER + match.group(0)[1:], text)
+        return disarmed(self._split, text)
 
     def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool | None = None,
                at_start: bool = True) -> list[int]:

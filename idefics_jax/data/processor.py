@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from idefics_jax.data.image_processing import ImageLike, ImageProcessor, pad_images
+from idefics_jax.data.image_processing import ImageLike, ImageProcessor
 from idefics_jax.data.image_tiles import TileImageProcessor
 from idefics_jax.data.image_tokens import (
     END_OF_UTTERANCE,
@@ -44,10 +44,9 @@ def render_turn(message: Message, chat_format: str = "idefics2") -> str:
         raise ValueError(f"A {message['role']!r} turn has no content")
     if isinstance(content, str):
         opens_with_image = chat_format == "idefics2" and content.startswith(IMAGE_TOKEN)
+        content = [{"type": "text", "text": content}]
     else:
         opens_with_image = content[0]["type"] == "image"
-    if isinstance(content, str):
-        content = [{"type": "text", "text": content}]
     head = str(message["role"]).capitalize() + (":" if opens_with_image else ": ")
     body = []
     for part in content:
@@ -141,10 +140,10 @@ class TiledProcessor:
         images = [[] for _ in texts] if images is None else images
         if len(images) != len(texts):
             raise ValueError(f"{len(texts)} prompts but {len(images)} lists of images")
-        processed = [[self.image_processor.process_image(image) for image in row] for row in images]
-        rows = [self.tokenizer.encode(expand_tiled_images(t, [(r, c) for _, r, c in row], self.image_seq_len))
-                for t, row in zip(texts, processed)]
+        pixels = self.image_processor(images) if any(images) else {}
+        grids = [list(zip(pixels["rows"][b, :len(row)], pixels["cols"][b, :len(row)])) if row else []
+                 for b, row in enumerate(images)]
+        rows = [self.tokenizer.encode(expand_tiled_images(t, grid, self.image_seq_len)) for t, grid in zip(texts, grids)]
         out = padded_ids(rows, self.tokenizer.pad_id, padding_side)
-        if any(processed):
-            out.update(pad_images([[tile for tiles, _, _ in row for tile in tiles] for row in processed]))
+        out.update({k: v for k, v in pixels.items() if k not in ("rows", "cols")})
         return out

@@ -26,6 +26,20 @@ SPACE = "\u2581"  # ▁
 WORD_JOINER = "\u2060"  # zero width, no break
 
 
+def special_pattern(tokens) -> re.Pattern | None:
+    """A pattern that cuts text at any of `tokens` (the longest first), keeping them; None for none."""
+    tokens = sorted(tokens, key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(t) for t in tokens) + ")") if tokens else None
+
+
+def disarmed(pattern: re.Pattern | None, text: str) -> str:
+    """`text` with every spelling `pattern` finds broken by an invisible word joiner (U+2060) after
+    its first character: encoded again, it gives ordinary pieces, never a special token."""
+    if pattern is None:
+        return text
+    return pattern.sub(lambda match: match.group(0)[0] + WORD_JOINER + match.group(0)[1:], text)
+
+
 class Tokenizer:
     def __init__(self, model: str | os.PathLike | bytes, *, add_bos: bool = True, add_eos: bool = False,
                  added_tokens: Sequence[str] = ADDED_TOKENS):
@@ -46,8 +60,7 @@ class Tokenizer:
             if token_id >= 0:
                 specials[self.sp.id_to_piece(token_id)] = token_id
         self.special_tokens = specials
-        pattern = "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))
-        self._split = re.compile(f"({pattern})")
+        self._split = special_pattern(specials)
         self._id_to_added = {i: t for t, i in self.added_tokens.items()}
 
     def __getstate__(self):  # picklable for data-loader worker processes
@@ -80,7 +93,7 @@ class Tokenizer:
         after its first character: encoded again, it gives ordinary pieces, never a special token.
         For model-written text that goes back into a prompt (a chat's earlier answers), where a
         spelled `<image>` would read as an image placeholder and `</s>` as an end of text."""
-        return self._split.sub(lambda match: match.group(0)[0] + WORD_JOINER + match.group(0)[1:], text)
+        return disarmed(self._split, text)
 
     def token_id(self, token: str) -> int:
         if token in self.special_tokens:

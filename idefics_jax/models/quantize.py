@@ -56,18 +56,16 @@ def quantize_params(params, quantize: str = "int8"):
 
 def quantized_layout(abstract):
     """The `ShapeDtypeStruct` tree of a quantised model from the float one's (`checkpoints.abstract_params`)."""
-    out = {}
-    for path, leaf in traverse_util.flatten_dict(abstract).items():
-        if _quantizes(path, leaf):
-            out[path] = jax.ShapeDtypeStruct(leaf.shape, jnp.int8)
-            out[(*path[:-1], SCALE)] = jax.ShapeDtypeStruct(leaf.shape[-1:], jnp.float32)
-        else:
-            out[path] = leaf
-    return traverse_util.unflatten_dict(out)
+    return jax.eval_shape(quantize_params, abstract)
+
+
+def has_scales(paths) -> bool:
+    """Whether parameter paths (a flat tree's keys) hold int8 weights' scales."""
+    return any(path[-1] == SCALE for path in paths)
 
 
 def is_quantized(params) -> bool:
-    return any(path[-1] == SCALE for path in traverse_util.flatten_dict(params))
+    return has_scales(traverse_util.flatten_dict(params))
 
 
 def dequantized(params):
