@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from idefics_jax.data.image_tokens import END_OF_UTTERANCE, FAKE_TOKEN, GLOBAL_IMAGE, IMAGE_TOKEN, tile_tag
-from idefics_jax.data.json_tokenizer import JsonTokenizer
+from idefics_jax.data.json_tokenizer import JsonTokenizer, train_json_tokenizer
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", FAKE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE, GLOBAL_IMAGE,
             *(tile_tag(r, c) for r in range(1, 7) for c in range(1, 7))]
@@ -18,21 +18,12 @@ SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", FAKE_TOKEN, IMAGE_TOKEN, END
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory, seed):
     """A byte-level BPE trained here on random words (Llama 3 / SmolLM2's kind), BOS added by its template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     rng = np.random.default_rng([seed, 80])
     words = ["".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(2, 9)))) for _ in range(300)]
     corpus = [" ".join(rng.choice(words, 12)) for _ in range(400)]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bos = backend.token_to_id("<|begin_of_text|>")
-    backend.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                           special_tokens=[("<|begin_of_text|>", bos)])
+    json_text = train_json_tokenizer(corpus, 600, SPECIALS, bos_token="<|begin_of_text|>")
     path = tmp_path_factory.mktemp("json_tokenizer")
-    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer.json").write_text(json_text)
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>"}, "pad_token": "<|end_of_text|>"}))
     return path, words

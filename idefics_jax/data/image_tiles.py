@@ -73,16 +73,21 @@ class TileImageProcessor:
     rescale_factor: float = 1 / 255
     max_pixels: int | None = MAX_IMAGE_PIXELS
 
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of tiles an image of `height x width` is cut into; (0, 0): one tile."""
+        if not self.do_image_splitting:
+            return 0, 0
+        height, width = tile_multiple_size(*longest_edge_size(height, width, self.longest_edge), self.tile)
+        return (0, 0) if height <= self.tile and width <= self.tile else (height // self.tile, width // self.tile)
+
     def process_uint8(self, source: ImageLike) -> tuple[list[np.ndarray], int, int]:
         """One image -> (its tiles then its global image, uint8 `[tile, tile, 3]` each; rows; cols)."""
         image = to_rgb(load_image(source, self.max_pixels))
+        rows, cols = self.grid(image.height, image.width)
         image = resized(image, *longest_edge_size(image.height, image.width, self.longest_edge))
-        if not self.do_image_splitting:
+        if rows == cols == 0:  # a tile-sized square (the reference resizes to the one-tile multiple)
             return [np.asarray(resized(image, self.tile, self.tile))], 0, 0
-        image = resized(image, *tile_multiple_size(image.height, image.width, self.tile))
-        if image.height <= self.tile and image.width <= self.tile:
-            return [np.asarray(image)], 0, 0
-        rows, cols = image.height // self.tile, image.width // self.tile
+        image = resized(image, rows * self.tile, cols * self.tile)
         tiles = [np.asarray(image.crop((c * self.tile, r * self.tile, (c + 1) * self.tile, (r + 1) * self.tile)))
                  for r in range(rows) for c in range(cols)]
         return tiles + [np.asarray(resized(image, self.tile, self.tile))], rows, cols

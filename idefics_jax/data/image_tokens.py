@@ -35,6 +35,9 @@ def expand_image_placeholders(text: str, image_seq_len: int, do_image_splitting:
 GLOBAL_IMAGE = "<global-img>"
 
 
+TILE_TAG = re.compile(r"<row_\d+_col_\d+>")  # any tile's tag
+
+
 def tile_tag(row: int, col: int) -> str:
     """Idefics3's name of the tile in row `row`, column `col` (from 1; `<row_1_col_1>` to `<row_6_col_6>`)."""
     return f"<row_{row}_col_{col}>"

@@ -18,8 +18,13 @@ from typing import Iterable
 
 from etils import epath
 from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from idefics_jax.data.tokenizer import disarmed, special_pattern
+from idefics_jax.data.tokenizer import Tokenizer, disarmed, special_pattern
+
+# A checkpoint directory's tokenizer, in order of preference: Idefics2 ships both (its sentencepiece
+# model encodes a prompt's pieces one by one as the whole text), Idefics3 and SmolVLM the JSON only.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def _token(value) -> str | None:
@@ -78,6 +83,20 @@ class JsonTokenizer:
         """The padding token's id, else the EOS's, else 0."""
         return next((i for i in (self._ids["pad"], self._ids["eos"]) if i is not None), 0)
 
+    @property
+    def eos_token(self) -> str:
+        """The end-of-sequence token as text, which a document's text ends with."""
+        if self.eos_id is None:
+            raise ValueError("This tokenizer has no end-of-sequence token (tokenizer_config.json's eos_token)")
+        return self.backend.id_to_token(self.eos_id)
+
+    def files(self) -> dict[str, bytes]:
+        """The files that hold this tokenizer, by name: `tokenizer.json` and the special tokens'
+        roles in `tokenizer_config.json` (what the constructor reads back)."""
+        json_text, bos, eos, pad, _, _ = self._state
+        roles = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad)) if v}
+        return {"tokenizer.json": json_text.encode(), "tokenizer_config.json": json.dumps(roles, indent=2).encode()}
+
     def token_id(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
         if token_id is None:
@@ -103,3 +122,33 @@ class JsonTokenizer:
         """Ids -> text; ids past the vocabulary decode to nothing."""
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def tokenizer_path(directory: epath.Path) -> epath.Path:
+    """The tokenizer file of a checkpoint or data directory (`TOKENIZER_FILES`, the first there)."""
+    for name in TOKENIZER_FILES:
+        if (directory / name).exists():
+            return directory / name
+    return directory / TOKENIZER_FILES[0]
+
+
+def open_tokenizer(path: str | os.PathLike) -> Tokenizer | JsonTokenizer:
+    """A sentencepiece `.model` or a `tokenizer.json` (its `tokenizer_config.json` beside it), by name."""
+    path = epath.Path(path)
+    return JsonTokenizer(path) if path.name.endswith(".json") else Tokenizer(path)
+
+
+def train_json_tokenizer(texts, vocab_size: int, special_tokens, *, bos_token: str | None = None) -> str:
+    """Trains a byte-level BPE tokenizer (Llama 3's and SmolLM2's kind) and returns its tokenizer.json
+    text: `special_tokens` take the first ids, in order; a `bos_token` is put before every text by
+    its template (as Llama 3's), none otherwise (as SmolLM2's). For synthetic data and tests."""
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(list(texts), trainer)
+    if bos_token is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", special_tokens=[(bos_token, backend.token_to_id(bos_token))])
+    return backend.to_str()

@@ -31,7 +31,8 @@ from absl import flags
 
 from idefics_jax.data.image_processing import IMAGE_SIZINGS, MAX_IMAGE_PIXELS, ImageProcessor
 from idefics_jax.data.packing import PackConfig, PackIterDataset, collate, finalize, skipped
-from idefics_jax.data.processor import Processor
+from idefics_jax.data.image_tiles import TileImageProcessor
+from idefics_jax.data.processor import make_processor
 from idefics_jax.data.samples import SampleEncoder, SampleError, record_place
 from idefics_jax.data.schemas import MISSING_IMAGES
 from idefics_jax.data.sources import FORMATS, open_source
@@ -75,20 +76,27 @@ class SourceConfig:
 
 
 class EncodeRecord:
-    """record -> encoded sample (or a `skipped` marker); picklable for worker processes."""
+    """record -> encoded sample (or a `skipped` marker); picklable for worker processes.
+
+    tile: 0 for Idefics2's image processing, else the side of Idefics3's / SmolVLM's tiles (the
+    vision tower's image size; the source's `longest_edge` is then the whole image's)."""
 
     def __init__(self, source: SourceConfig, base_dir: str, tokenizer: Tokenizer, image_seq_len: int,
-                 seed: int, strict: bool):
+                 seed: int, strict: bool, tile: int = 0, chat_format: str = "idefics2"):
         self.source, self.strict, self.seed = source, strict, seed
-        self.encoders = {
-            split: SampleEncoder(
-                Processor(tokenizer, ImageProcessor(longest_edge=source.longest_edge,
-                                                    shortest_edge=source.shortest_edge, do_image_splitting=split,
-                                                    max_pixels=source.max_image_pixels,
-                                                    image_sizing=source.image_sizing), image_seq_len),
-                base_dir=base_dir, max_length=source.max_length, source=source.name)
-            for split in (False, True)
-        }
+        if tile:
+            if source.image_sizing != "keep_aspect":
+                raise ValueError(f"Source '{source.name}': image_sizing={source.image_sizing!r} is Idefics2's "
+                                 f"processing; tiled images (Idefics3, SmolVLM) keep the aspect ratio")
+            images = TileImageProcessor(longest_edge=source.longest_edge, tile=tile,
+                                        max_pixels=source.max_image_pixels)
+        else:
+            images = ImageProcessor(longest_edge=source.longest_edge, shortest_edge=source.shortest_edge,
+                                    max_pixels=source.max_image_pixels, image_sizing=source.image_sizing)
+        processor = make_processor(tokenizer, images, image_seq_len, chat_format)
+        self.encoders = {split: SampleEncoder(processor.with_splitting(split), base_dir=base_dir,
+                                              max_length=source.max_length, source=source.name)
+                         for split in (False, True)}
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict[str, Any]:
         split = bool(rng.random() < self.source.split_probability)
@@ -102,7 +110,7 @@ class EncodeRecord:
 
 
 def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: PackConfig, batch_size: int, *,
-                  image_seq_len: int = 64, seed: int = 0, shard_index: int | None = None,
+                  image_seq_len: int = 64, tile: int = 0, chat_format: str = "idefics2", seed: int = 0, shard_index: int | None = None,
                   shard_count: int | None = None, num_workers: int = 0, strict: bool = False,
                   repeat: bool = True, read_threads: int = 16, read_buffer: int = 500) -> grain.IterDataset:
     if not sources:
@@ -123,7 +131,7 @@ def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: P
         ds = ds[shard_index::shard_count].shuffle(seed=seed + 1000 * k)
         if repeat:
             ds = ds.repeat()
-        encode = EncodeRecord(source, reader.base_dir, tokenizer, image_seq_len, seed, strict)
+        encode = EncodeRecord(source, reader.base_dir, tokenizer, image_seq_len, seed, strict, tile, chat_format)
         ds = ds.random_map(encode, seed=seed + 1000 * k + 1)
         # each source reads and encodes records in `read_threads` threads, `read_buffer` ahead (grain's
         # defaults 16 / 500 suit big hosts; on a 2-core machine 1 / 8 is faster: the work holds the GIL)

@@ -12,6 +12,7 @@ prompt ends with `Assistant:`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -20,7 +21,10 @@ from idefics_jax.data.image_processing import ImageLike, ImageProcessor
 from idefics_jax.data.image_tiles import TileImageProcessor
 from idefics_jax.data.image_tokens import (
     END_OF_UTTERANCE,
+    FAKE_TOKEN,
+    GLOBAL_IMAGE,
     IMAGE_TOKEN,
+    TILE_TAG,
     count_placeholders,
     expand_image_placeholders,
     expand_tiled_images,
@@ -30,7 +34,17 @@ from idefics_jax.data.tokenizer import Tokenizer
 Message = Mapping[str, Any]  # {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}
 
 
-CHAT_FORMATS = ("idefics2", "smolvlm")
+# The chat formats, by the model type that uses each, and what a prompt opens with: Idefics2's
+# template, Idefics3's (the same after Llama 3's `<|begin_of_text|>`, as its checkpoint's
+# chat_template.json writes it) and SmolVLM's (after `<|im_start|>`, transformers' `SmolVLMProcessor`
+# default template, which also writes a string content after `Role: ` always).
+CHAT_FORMATS = {"idefics2": "", "idefics3": "<|begin_of_text|>", "smolvlm": "<|im_start|>"}
+
+
+def check_chat_format(chat_format: str) -> str:
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"chat_format {chat_format!r} is not one of {tuple(CHAT_FORMATS)}")
+    return chat_format
 
 
 def render_turn(message: Message, chat_format: str = "idefics2") -> str:
@@ -43,7 +57,7 @@ def render_turn(message: Message, chat_format: str = "idefics2") -> str:
     if not content and not (content == "" and message["role"] == "assistant"):
         raise ValueError(f"A {message['role']!r} turn has no content")
     if isinstance(content, str):
-        opens_with_image = chat_format == "idefics2" and content.startswith(IMAGE_TOKEN)
+        opens_with_image = chat_format != "smolvlm" and content.startswith(IMAGE_TOKEN)
         content = [{"type": "text", "text": content}]
     else:
         opens_with_image = content[0]["type"] == "image"
@@ -71,26 +85,57 @@ HF_CHAT_TEMPLATE = (
 
 def apply_chat_template(messages: Sequence[Message], add_generation_prompt: bool = False,
                         chat_format: str = "idefics2") -> str:
-    """The chat as Idefics2's template writes it, or SmolVLM's (`chat_format="smolvlm"`: the same
-    turns after `<|im_start|>`, transformers' `SmolVLMProcessor` default template)."""
-    if chat_format not in CHAT_FORMATS:
-        raise ValueError(f"chat_format {chat_format!r} is not one of {CHAT_FORMATS}")
-    prefix = "<|im_start|>" if chat_format == "smolvlm" else ""
-    return prefix + "".join(render_turn(m, chat_format) for m in messages) + ("Assistant:" if add_generation_prompt else "")
+    """The chat as Idefics2's template writes it, or Idefics3's or SmolVLM's (`CHAT_FORMATS`)."""
+    return (CHAT_FORMATS[check_chat_format(chat_format)] + "".join(render_turn(m, chat_format) for m in messages)
+            + ("Assistant:" if add_generation_prompt else ""))
 
 
 class Processor:
-    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor | None = None, image_seq_len: int = 64):
+    """Idefics2's processor. With `TiledProcessor` it is what the pipeline, the assistant and
+    evaluation call: `read_image(source)` -> (the model's images, the image's tile grid, None here),
+    `expand(text, grids)` / `encode_prompt(text, grids)` with one grid per `<image>`,
+    `apply_chat_template(messages)` in its `chat_format`."""
+
+    tiled = False  # whether an image's prompt depends on its size (Idefics3's tiles)
+
+    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor | None = None, image_seq_len: int = 64,
+                 chat_format: str = "idefics2"):
         self.tokenizer = tokenizer
         self.image_processor = image_processor or ImageProcessor()
         self.image_seq_len = image_seq_len
+        self.chat_format = check_chat_format(chat_format)
         self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
 
-    def expand(self, text: str) -> str:
+    def with_splitting(self, split: bool) -> "Processor":
+        """The same processor, images split (crops, tiles) or not."""
+        images = dataclasses.replace(self.image_processor, do_image_splitting=split)
+        return type(self)(self.tokenizer, images, self.image_seq_len, self.chat_format)
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+        return apply_chat_template(messages, add_generation_prompt, self.chat_format)
+
+    def render_turn(self, message: Message) -> str:
+        return render_turn(message, self.chat_format)
+
+    def read_image(self, source: ImageLike, *, uint8: bool = False) -> tuple[list[np.ndarray], Any]:
+        """(the model's images of one image: itself, or 4 crops + itself; uint8 or normalised, None)."""
+        images = self.image_processor
+        return (images.process_uint8(source) if uint8 else images.process_image(source)), None
+
+    def grids(self, images: Sequence) -> list:
+        """The tile grids of loaded images (PIL or arrays) for `expand`: none here."""
+        return [None] * len(images)
+
+    @property
+    def prompt_only_ids(self) -> list[int]:
+        """Ids of the tokens only an image's prompt writes (never a text's target)."""
+        return [self.tokenizer.token_id(FAKE_TOKEN), self.image_token_id]
+
+    def expand(self, text: str, grids: Sequence | None = None) -> str:
         return expand_image_placeholders(text, self.image_seq_len, self.image_processor.do_image_splitting)
 
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.tokenizer.encode(self.expand(text))
+    def encode_prompt(self, text: str, grids: Sequence | None = None) -> list[int]:
+        return self.tokenizer.encode(self.expand(text, grids))
 
     def __call__(self, text: str | Sequence[str], images: Sequence[Sequence[ImageLike]] | None = None,
                  padding_side: str = "left") -> dict[str, np.ndarray]:
@@ -121,7 +166,7 @@ def padded_ids(rows: Sequence[Sequence[int]], pad_id: int, padding_side: str = "
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-class TiledProcessor:
+class TiledProcessor(Processor):
     """Idefics3's and SmolVLM's processor: each image cut into tiles (`TileImageProcessor`) and its
     `<image>` placeholder replaced by the tiles' prompt (`expand_tiled_images`), as transformers'
     `Idefics3Processor` / `SmolVLMProcessor` do; `image_seq_len` tokens per tile (the model config's).
@@ -130,9 +175,31 @@ class TiledProcessor:
         batch = processor(["User:<image>What is this?<end_of_utterance>\\nAssistant:"], [[image]])
     """
 
-    def __init__(self, tokenizer, image_processor: TileImageProcessor, image_seq_len: int):
-        self.tokenizer, self.image_processor, self.image_seq_len = tokenizer, image_processor, image_seq_len
-        self.image_token_id = tokenizer.token_id(IMAGE_TOKEN)
+    tiled = True
+
+    def __init__(self, tokenizer, image_processor: TileImageProcessor, image_seq_len: int,
+                 chat_format: str = "idefics3"):
+        super().__init__(tokenizer, image_processor, image_seq_len, chat_format)
+
+    def read_image(self, source: ImageLike, *, uint8: bool = False) -> tuple[list[np.ndarray], tuple[int, int]]:
+        """(the image's tiles then the whole image, uint8 or normalised; its (rows, cols) of tiles)."""
+        images = self.image_processor
+        tiles, rows, cols = images.process_uint8(source) if uint8 else images.process_image(source)
+        return tiles, (rows, cols)
+
+    def grids(self, images: Sequence) -> list[tuple[int, int]]:
+        """The (rows, cols) of tiles of loaded images (PIL or arrays `[h, w, 3]`), from their sizes."""
+        sizes = [(image.height, image.width) if hasattr(image, "height") else np.shape(image)[:2] for image in images]
+        return [self.image_processor.grid(h, w) for h, w in sizes]
+
+    @property
+    def prompt_only_ids(self) -> list[int]:
+        """Also the global image's and the tiles' tags."""
+        tags = [i for token, i in self.tokenizer.special_tokens.items() if token == GLOBAL_IMAGE or TILE_TAG.fullmatch(token)]
+        return super().prompt_only_ids + tags
+
+    def expand(self, text: str, grids: Sequence | None = None) -> str:
+        return expand_tiled_images(text, list(grids or []), self.image_seq_len)
 
     def __call__(self, text: str | Sequence[str], images: Sequence[Sequence[ImageLike]] | None = None,
                  padding_side: str = "left") -> dict[str, np.ndarray]:
@@ -143,7 +210,14 @@ class TiledProcessor:
         pixels = self.image_processor(images) if any(images) else {}
         grids = [list(zip(pixels["rows"][b, :len(row)], pixels["cols"][b, :len(row)])) if row else []
                  for b, row in enumerate(images)]
-        rows = [self.tokenizer.encode(expand_tiled_images(t, grid, self.image_seq_len)) for t, grid in zip(texts, grids)]
+        rows = [self.encode_prompt(t, grid) for t, grid in zip(texts, grids)]
         out = padded_ids(rows, self.tokenizer.pad_id, padding_side)
         out.update({k: v for k, v in pixels.items() if k not in ("rows", "cols")})
         return out
+
+
+def make_processor(tokenizer, image_processor: ImageProcessor | TileImageProcessor, image_seq_len: int,
+                   chat_format: str = "idefics2") -> Processor:
+    """The processor of an image processor's kind: tiles (Idefics3, SmolVLM) or Idefics2's."""
+    cls = TiledProcessor if isinstance(image_processor, TileImageProcessor) else Processor
+    return cls(tokenizer, image_processor, image_seq_len, chat_format)

@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 
 from idefics_jax.data.image_processing import ImageError, ImageTooLarge
-from idefics_jax.data.image_tokens import END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, count_placeholders
-from idefics_jax.data.processor import Processor
+from idefics_jax.data.image_tokens import IMAGE_TOKEN, count_placeholders
+from idefics_jax.data.processor import CHAT_FORMATS, Processor
 
 RECORD_TYPES = ("pair", "document", "interleaved", "conversation")
 
@@ -68,7 +68,8 @@ class SampleEncoder:
     max_length: int = 2048
     source: str = ""
 
-    def read_image(self, record: Mapping[str, Any], ref: str) -> list[np.ndarray]:
+    def read_image(self, record: Mapping[str, Any], ref: str) -> tuple[list[np.ndarray], Any]:
+        """(an image's uint8 arrays for the model, its tile grid: `Processor.read_image`)."""
         if not isinstance(ref, str):
             raise SampleError("bad_record", f"an image reference must be a string, got {type(ref).__name__}")
         embedded = record.get("_image_bytes") or {}
@@ -76,14 +77,13 @@ class SampleEncoder:
         if not isinstance(source, (bytes, str, Image.Image)):  # a decoded image: a page rendered from a PDF
             raise SampleError("bad_record", f"image '{ref}': embedded as {type(source).__name__}, not bytes")
         try:
-            crops = self.processor.image_processor.process_uint8(source)
+            return self.processor.read_image(source, uint8=True)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
             raise SampleError("missing_file", f"image '{ref}' not found: {error}") from error
         except ImageTooLarge as error:
             raise SampleError("image_too_large", f"image '{ref}': {error}") from error
         except ImageError as error:
             raise SampleError("bad_image", f"image '{ref}': {error}") from error
-        return crops
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(record, Mapping):
@@ -98,14 +98,18 @@ class SampleEncoder:
                 pieces, image_refs = self._conversation(record)
             else:
                 pieces, image_refs = self._document(record, kind)
-            tokens, targets = self._tokenize(pieces, pretraining=kind != "conversation")
+            # a tiled image's prompt names its tiles: the images are read first (else after the length check)
+            images = [self.read_image(record, ref) for ref in image_refs] if self.processor.tiled else None
+            grids = [grid for _, grid in images] if images else [None] * len(image_refs)
+            tokens, targets = self._tokenize(pieces, grids, pretraining=kind != "conversation")
         except (KeyError, TypeError, AttributeError, IndexError) as error:  # a field missing or of the wrong type
             raise SampleError("bad_record", f"malformed {kind} record: missing or wrong field "
                                             f"({type(error).__name__}: {error})") from error
         if len(tokens) > self.max_length:
             raise SampleError("too_long", f"{len(tokens)} tokens > max_length {self.max_length}")
-        images = [crop for ref in image_refs for crop in self.read_image(record, ref)]
-        return {"input_ids": tokens, "targets": targets, "images": images,
+        if images is None:
+            images = [self.read_image(record, ref) for ref in image_refs]
+        return {"input_ids": tokens, "targets": targets, "images": [array for arrays, _ in images for array in arrays],
                 "id": str(record.get("id", "")), "source": self.source}
 
     # -- prompt building ---------------------------------------------------------------------
@@ -125,25 +129,29 @@ class SampleEncoder:
                 text.append(part["text"])
             else:
                 raise SampleError("bad_record", f"content part type {part['type']!r}")
-        eos = self.processor.tokenizer.sp.id_to_piece(self.processor.tokenizer.eos_id)
-        return [("".join(text) + eos, True)], refs
+        return [("".join(text) + self.processor.tokenizer.eos_token, True)], refs
 
     def _conversation(self, record) -> tuple[list[tuple[str, bool]], list[str]]:
+        """The chat template's text in pieces (text, is a target): the assistant's answers and their
+        `<end_of_utterance>` are the targets."""
         refs = list(record.get("images") or [])
-        pieces: list[tuple[str, bool]] = []
+        pieces: list[tuple[str, bool]] = [(CHAT_FORMATS[self.processor.chat_format], False)]
         placeholders = 0
         for message in record["messages"]:
-            role, content = message["role"], message["content"]
-            if not isinstance(content, str):
-                raise SampleError("bad_record", "conversation message content must be a string")
-            placeholders += count_placeholders(content)
-            head = role.capitalize() + (":" if content.startswith(IMAGE_TOKEN) else ": ")
-            if role == "assistant":
-                if IMAGE_TOKEN in content:
+            if not isinstance(message["content"], str) or not isinstance(message["role"], str):
+                raise SampleError("bad_record", "a conversation message's role and content must be strings")
+            placeholders += count_placeholders(message["content"])
+            try:
+                text = self.processor.render_turn(message)
+            except ValueError as error:  # a turn without content
+                raise SampleError("bad_record", str(error)) from error
+            if message["role"] == "assistant":
+                if IMAGE_TOKEN in message["content"]:
                     raise SampleError("bad_record", "an assistant turn contains an <image>")
-                pieces += [(role.capitalize() + ":", False), (" " + content + END_OF_UTTERANCE, True), ("\n", False)]
+                head = len("Assistant:")  # then " answer<end_of_utterance>" (the target), then "\n"
+                pieces += [(text[:head], False), (text[head:-1], True), (text[-1:], False)]
             else:
-                pieces.append((head + content + END_OF_UTTERANCE + "\n", False))
+                pieces.append((text, False))
         if placeholders != len(refs):
             raise SampleError("image_count_mismatch",
                               f"{placeholders} <image> placeholder(s) in the messages but {len(refs)} image(s)")
@@ -151,15 +159,20 @@ class SampleEncoder:
             raise SampleError("bad_record", "a conversation without an assistant answer has nothing to learn")
         return pieces, refs
 
-    def _tokenize(self, pieces, pretraining: bool):
+    def _tokenize(self, pieces, grids, pretraining: bool):
+        """Each piece encoded as a continuation of the ones before, with the grids of its images."""
         tokenizer = self.processor.tokenizer
-        ids, targets = [tokenizer.bos_id], [False]
+        ids = tokenizer.encode("", add_bos=True)  # the tokenizer's start: its BOS, if it adds one
+        targets = [False] * len(ids)
+        pieces = [(text, target) for text, target in pieces if text]
         for i, (text, target) in enumerate(pieces):
-            piece_ids = tokenizer.encode(self.processor.expand(text), add_bos=False, at_start=i == 0)
+            n = count_placeholders(text)
+            piece_ids = tokenizer.encode(self.processor.expand(text, grids[:n]), add_bos=False, at_start=i == 0)
+            grids = grids[n:]
             ids += piece_ids
             targets += [target] * len(piece_ids)
         tokens = np.asarray(ids, np.int32)
         targets = np.asarray(targets, bool)
-        if pretraining:  # never predict image or fake tokens
-            targets &= ~np.isin(tokens, [tokenizer.token_id(IMAGE_TOKEN), tokenizer.token_id(FAKE_TOKEN)])
+        if pretraining:  # never predict what only an image's prompt writes
+            targets &= ~np.isin(tokens, self.processor.prompt_only_ids)
         return tokens, targets

@@ -88,6 +88,15 @@ class Tokenizer:
         """Idefics2 pads with id 0 (`<unk>`)."""
         return max(self.sp.pad_id(), 0)
 
+    @property
+    def eos_token(self) -> str:
+        """The end-of-sequence token as text (`</s>`), which a document's text ends with."""
+        return self.sp.id_to_piece(self.eos_id)
+
+    def files(self) -> dict[str, bytes]:
+        """The files that hold this tokenizer, by name, as a checkpoint directory keeps them."""
+        return {"tokenizer.model": self.model_proto}
+
     def disarm(self, text: str) -> str:
         """`text` with every special token's spelling broken by an invisible word joiner (U+2060)
         after its first character: encoded again, it gives ordinary pieces, never a special token.
