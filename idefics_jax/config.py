@@ -184,6 +184,7 @@ TEXT_MODEL_TYPES = ("mistral", "llama")
 ROPE_TYPES = ("default", "llama3")
 # Hugging Face model types: Idefics2, and its successors Idefics3 and SmolVLM (Llama decoder, pixel shuffle)
 MODEL_TYPES = ("idefics2", "idefics3", "smolvlm")
+TILED_MODEL_TYPES = ("idefics3", "smolvlm")  # their processors cut images into tiles of the tower's size
 ARCHITECTURE_NAMES = {"idefics2": "Idefics2ForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration",
                       "smolvlm": "SmolVLMForConditionalGeneration"}
 ARCHITECTURES = ("fully_autoregressive", "cross_attention")
@@ -506,4 +507,27 @@ def tiny() -> Idefics2Config:
     )
 
 
-PRESETS = {"idefics2-8b": idefics2_8b, "tiny": tiny}
+def smolvlm_256m() -> Idefics2Config:
+    """HuggingFaceTB/SmolVLM-256M-Instruct's shape: SigLIP-B/16 at 512 px tiles, pixel shuffle 4 (64
+    tokens per tile), SmolLM2-135M (a Llama decoder, untied head)."""
+    return Idefics2Config(
+        vision=VisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=512, patch_size=16),
+        text=TextConfig(vocab_size=49280, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                        rms_norm_eps=1e-5, rope_theta=100000.0, sliding_window=None, model_type="llama",
+                        bos_token_id=1, eos_token_id=2, pad_token_id=2),
+        image_token_id=49190, connector="pixel_shuffle", pixel_shuffle_factor=4, model_type="smolvlm",
+    )
+
+
+def smolvlm_tiny() -> Idefics2Config:
+    """A SmolVLM of `tiny`'s size, for CPU runs and tests: 112 px tiles, pixel shuffle 4 (4 tokens per
+    tile); the vocabulary of the synthetic data's tokenizer.json (`data/synthetic.py`, `<image>` = 3)."""
+    c = tiny()
+    return c.replace(text=c.text.replace(vocab_size=1024, sliding_window=None, model_type="llama", bos_token_id=0,
+                                         eos_token_id=4, pad_token_id=1),
+                     image_token_id=3, connector="pixel_shuffle", pixel_shuffle_factor=4, model_type="smolvlm")
+
+
+PRESETS = {"idefics2-8b": idefics2_8b, "tiny": tiny, "smolvlm-256m": smolvlm_256m, "smolvlm-tiny": smolvlm_tiny}

@@ -2,8 +2,9 @@
 tokenizer and image-processing settings, with `load(path)`.
 
 Three kinds of directory are understood (`checkpoint_kind`):
-- a Hugging Face Idefics2 directory (`config.json` + safetensors, with `tokenizer.model` and
-  `preprocessor_config.json` when the processor was saved beside it);
+- a Hugging Face Idefics2, Idefics3 or SmolVLM directory (`config.json` + safetensors, with the
+  tokenizer (`tokenizer.model` or `tokenizer.json`), `preprocessor_config.json` and a chat template
+  when the processor was saved beside it);
 - an idefics_jax checkpoint (`config.json` + orbax `params/`, from `python -m idefics_jax.convert`);
 - a training workdir (`config.json` of the training run + `checkpoints/`): its latest readable
   step's parameters, LoRA/DoRA adapters merged, with the tokenizer the run saved beside them and
@@ -21,11 +22,13 @@ import jax
 
 from idefics_jax.checkpoints.hf import load_hf_checkpoint
 from idefics_jax.checkpoints.params import ParamsReader, abstract_params, load_checkpoint
-from idefics_jax.checkpoints.processor import image_processor_from, training_image_processor
+from idefics_jax.checkpoints.processor import chat_format_of, image_processor_from, training_image_processor
 from idefics_jax.checkpoints.workdir import CHECKPOINTS, restore_workdir, tokenizer_of, training_config
 from idefics_jax.config import Idefics2Config
 from idefics_jax.data.image_processing import ImageProcessor
-from idefics_jax.data.image_tokens import IMAGE_TOKEN
+from idefics_jax.data.image_tiles import TileImageProcessor
+from idefics_jax.data.json_tokenizer import JsonTokenizer, open_tokenizer, tokenizer_path
+from idefics_jax.data.processor import Processor, check_tokenizer, make_processor
 from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.models.idefics2 import Idefics2
 from idefics_jax.models.quantize import (check_quantize, is_quantized, quantize_params, quantized_layout,
@@ -38,9 +41,18 @@ from idefics_jax.sharding import param_shardings
 class LoadedModel:
     config: Idefics2Config
     params: Any
-    tokenizer: Tokenizer
-    image_processor: ImageProcessor
+    tokenizer: Tokenizer | JsonTokenizer
+    image_processor: ImageProcessor | TileImageProcessor
     description: str  # what was loaded, for logs
+    chat_format: str | None = None  # data.processor.CHAT_FORMATS; None: the model type's
+
+    def __post_init__(self):
+        self.chat_format = self.chat_format or self.config.model_type
+
+    def processor(self, split: bool | None = None) -> Processor:
+        """The model's processor; `split`: images split (crops, tiles) or not (None: as its settings say)."""
+        processor = make_processor(self.tokenizer, self.image_processor, self.config.image_seq_len, self.chat_format)
+        return processor if split is None else processor.with_splitting(split)
 
 
 def checkpoint_kind(path: Path) -> str:
@@ -75,6 +87,7 @@ def load(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None, dt
         if dtype is not None:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
         default_tokenizer, images = tokenizer_of(path, run), training_image_processor(run)
+        chat_format = config.model_type
         description = f"training workdir {path} at step {step}"
     else:
         config = Idefics2Config.from_json_file(path / "config.json")
@@ -83,20 +96,16 @@ def load(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None, dt
             shardings = quantized_shardings(shardings, quantized_layout(abstract_params(config)))
         read = load_hf_checkpoint if kind == "hf" else load_checkpoint
         config, params = read(path, shardings=shardings, dtype=dtype)
-        default_tokenizer, images = path / "tokenizer.model", image_processor_from(path)
+        default_tokenizer, images = tokenizer_path(path), image_processor_from(path, config)
+        chat_format = chat_format_of(path, config.model_type)
         description = f"{'Hugging Face' if kind == 'hf' else 'idefics_jax'} checkpoint {path}"
     if quantize and not is_quantized(params):
         params = quantize_params(params, quantize)
         description += ", int8 weights"
-    tokenizer_path = as_path(tokenizer, "--tokenizer") if tokenizer else default_tokenizer
-    if not tokenizer_path.exists():
-        raise FileNotFoundError(f"No tokenizer: {tokenizer_path} does not exist (pass --tokenizer PATH, a "
-                                f"sentencepiece .model)")
-    tok = Tokenizer(tokenizer_path)
-    if tok.token_id(IMAGE_TOKEN) != config.image_token_id:
-        raise ValueError(f"The tokenizer {tokenizer_path} gives {IMAGE_TOKEN} the id {tok.token_id(IMAGE_TOKEN)} but "
-                         f"the model expects {config.image_token_id}: they were not made for each other")
-    if tok.vocab_size > config.text.vocab_size:
-        raise ValueError(f"The tokenizer {tokenizer_path} has {tok.vocab_size} tokens, more than the model's "
-                         f"vocabulary of {config.text.vocab_size}")
-    return LoadedModel(config, params, tok, images, description)
+    tokenizer_file = as_path(tokenizer, "--tokenizer") if tokenizer else default_tokenizer
+    if not tokenizer_file.exists():
+        raise FileNotFoundError(f"No tokenizer: {tokenizer_file} does not exist (pass --tokenizer PATH, a "
+                                f"sentencepiece .model or a tokenizer.json)")
+    tok = open_tokenizer(tokenizer_file)
+    check_tokenizer(tok, config, str(tokenizer_file))
+    return LoadedModel(config, params, tok, images, description, chat_format)

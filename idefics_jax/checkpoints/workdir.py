@@ -19,6 +19,7 @@ from etils import epath
 from idefics_jax.checkpoints.hf import save_hf_checkpoint
 from idefics_jax.checkpoints.processor import copy_processor_files, save_image_processor, training_image_processor
 from idefics_jax.checkpoints.train_state import restore_params
+from idefics_jax.data.json_tokenizer import tokenizer_path
 from idefics_jax.config import Idefics2Config, model_config
 from idefics_jax.models.lora import LoraConfig, merge
 from idefics_jax.models.scan import unstack_layers
@@ -32,11 +33,13 @@ def checkpoint_directory(workdir: epath.Path) -> epath.Path:
     return workdir / CHECKPOINTS
 
 
-def write_run_files(workdir: epath.Path, config: ml_collections.ConfigDict, tokenizer_model: bytes):
+def write_run_files(workdir: epath.Path, config: ml_collections.ConfigDict, tokenizer):
     """What reading the workdir needs beside its checkpoints, on any machine: the training config
-    (`config.json`) and the run's tokenizer (`tokenizer.model`)."""
+    (`config.json`) and the run's tokenizer (`tokenizer.model`, or `tokenizer.json` and its
+    `tokenizer_config.json`)."""
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    (workdir / "tokenizer.model").write_bytes(tokenizer_model)
+    for name, data in tokenizer.files().items():
+        (workdir / name).write_bytes(data)
 
 
 def training_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -101,10 +104,10 @@ def restore_workdir(workdir: str | os.PathLike, step: int | None = None,
 
 def tokenizer_of(workdir: epath.Path, config: ml_collections.ConfigDict) -> epath.Path:
     """The tokenizer a run saved beside its checkpoints (workdirs of older runs: where the run read it)."""
-    tokenizer = workdir / "tokenizer.model"
+    tokenizer = tokenizer_path(workdir)
     if not tokenizer.exists():
         data_dir = epath.Path(config.data.dir) if config.data.dir else workdir / "data"
-        tokenizer = epath.Path(config.data.tokenizer) if config.data.tokenizer else data_dir / "tokenizer.model"
+        tokenizer = epath.Path(config.data.tokenizer) if config.data.tokenizer else tokenizer_path(data_dir)
     return tokenizer
 
 
@@ -120,6 +123,6 @@ def export_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> int:
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         copy_processor_files(workdir, out)  # the tokenizer the run saved
-        save_image_processor(out, training_image_processor(run))
+        save_image_processor(out, training_image_processor(run), run.model.model_type)
     save_hf_checkpoint(out, mcfg, params, progress=True)  # returns on every process once complete
     return step

@@ -18,6 +18,14 @@ from idefics_jax.sharding import make_mesh, parse_mesh
 USER_ERRORS = (ValueError, FileNotFoundError, ImageError, CheckpointError, ConfigError, DistributedError)
 
 
+def add_split_argument(p: argparse.ArgumentParser):
+    """--split / --no-split: how many visual tokens an image gets."""
+    p.add_argument("--split", action=argparse.BooleanOptionalAction, default=None,
+                   help="split images: Idefics2's 4 crops + the whole (320 visual tokens, not 64), Idefics3's and "
+                        "SmolVLM's grid of tiles + the whole (--no-split: one tile); default: as the checkpoint's "
+                        "image settings (preprocessor_config.json's do_image_splitting) say")
+
+
 def add_device_arguments(p: argparse.ArgumentParser):
     """--dtype, --quantize, --mesh and --compilation_cache."""
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

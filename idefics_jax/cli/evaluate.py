@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
-from idefics_jax.cli.common import USER_ERRORS, add_device_arguments, open_model, start
+from idefics_jax.cli.common import USER_ERRORS, add_device_arguments, add_split_argument, open_model, start
 from idefics_jax.inference.assistant import Assistant
 from idefics_jax.inference.evaluate import ProgressFile, evaluate_records, load_records, summarize
 from idefics_jax.paths import as_path, is_url
@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=16)
-    p.add_argument("--split", action="store_true", help="320 visual tokens per image (4 crops + whole), not 64")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
+    add_split_argument(p)
+    p.add_argument("--tokenizer", help="a sentencepiece .model or a tokenizer.json (default: the checkpoint's)")
     add_device_arguments(p)
     args = p.parse_args(argv)
 

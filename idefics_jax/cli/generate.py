@@ -5,8 +5,9 @@
     python -m idefics_jax.generate --checkpoint DIR --image photo.png --chat      # a conversation on stdin
 
 DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir.
-Without `<image>` placeholders the images go before the prompt's text. `--split` gives each image
-320 visual tokens (4 crops + the whole image) instead of 64. In chat mode every line is a user
+Without `<image>` placeholders the images go before the prompt's text. `--split` gives each
+Idefics2 image 320 visual tokens (4 crops + the whole image) instead of 64, each Idefics3 / SmolVLM
+image a grid of tiles (`--no-split`: one); by default as the checkpoint's image settings say. In chat mode every line is a user
 turn; `/image PATH` attaches an image to the next turn, `/retry` answers the last turn again (a
 new draw when sampling), `/reset` starts over, an empty line or end of input quits. Each turn
 prefills only what is new (the KV cache is kept); when the conversation outgrows the model's
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import jax
 
-from idefics_jax.cli.common import USER_ERRORS, add_device_arguments, open_assistant, start
+from idefics_jax.cli.common import USER_ERRORS, add_device_arguments, add_split_argument, open_assistant, start
 from idefics_jax.data.image_processing import ImageError, load_image
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.distributed import FromLeader
@@ -52,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the question (required unless --chat)")
     p.add_argument("--chat", action="store_true", help="a conversation: user turns from stdin")
     p.add_argument("--system", help="a system message that opens the conversation (kept when old turns are dropped)")
-    p.add_argument("--split", action="store_true", help="320 visual tokens per image (4 crops + whole), not 64")
+    add_split_argument(p)
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_k", type=int, default=0, help="0: off")
@@ -62,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition_penalty", type=float, default=1.0,
                    help="CTRL's penalty on the prompt's and answer's tokens, as transformers' (1.0: off; 1.2 is common)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
+    p.add_argument("--tokenizer", help="a sentencepiece .model or a tokenizer.json (default: the checkpoint's)")
     add_device_arguments(p)
     return p
 

@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="the most pixels an image of a request may have (refused from its header, with a 400)")
     p.add_argument("--model_name", default="idefics2", help="the model id that /v1/models lists")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's)")
+    p.add_argument("--tokenizer", help="a sentencepiece .model or a tokenizer.json (default: the checkpoint's)")
     add_device_arguments(p)
     return p
 

@@ -126,10 +126,9 @@ class Processor:
         """The tile grids of loaded images (PIL or arrays) for `expand`: none here."""
         return [None] * len(images)
 
-    @property
-    def prompt_only_ids(self) -> list[int]:
-        """Ids of the tokens only an image's prompt writes (never a text's target)."""
-        return [self.tokenizer.token_id(FAKE_TOKEN), self.image_token_id]
+    def image_prompt_mask(self, ids: np.ndarray) -> np.ndarray:
+        """bool `[n]`: the tokens of `ids` that only an image's prompt writes (never a text's target)."""
+        return np.isin(ids, [self.tokenizer.token_id(FAKE_TOKEN), self.image_token_id])
 
     def expand(self, text: str, grids: Sequence | None = None) -> str:
         return expand_image_placeholders(text, self.image_seq_len, self.image_processor.do_image_splitting)
@@ -192,11 +191,18 @@ class TiledProcessor(Processor):
         sizes = [(image.height, image.width) if hasattr(image, "height") else np.shape(image)[:2] for image in images]
         return [self.image_processor.grid(h, w) for h, w in sizes]
 
-    @property
-    def prompt_only_ids(self) -> list[int]:
-        """Also the global image's and the tiles' tags."""
+    def image_prompt_mask(self, ids: np.ndarray) -> np.ndarray:
+        """Also the global image's and the tiles' tags, and the line breaks after each row of tiles
+        (the whitespace between two such tokens)."""
         tags = [i for token, i in self.tokenizer.special_tokens.items() if token == GLOBAL_IMAGE or TILE_TAG.fullmatch(token)]
-        return super().prompt_only_ids + tags
+        mask = super().image_prompt_mask(ids) | np.isin(ids, tags)
+        edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1  # where each run after the first starts
+        starts, ends = edges[mask[edges - 1]], edges[~mask[edges - 1]]  # text after / before a prompt's token
+        ends = ends[ends > starts[0]] if len(starts) else ends
+        for start, end in zip(starts, ends):  # each run of text between two of a prompt's tokens
+            if not self.tokenizer.decode(ids[start:end]).strip():
+                mask[start:end] = True
+        return mask
 
     def expand(self, text: str, grids: Sequence | None = None) -> str:
         return expand_tiled_images(text, list(grids or []), self.image_seq_len)
@@ -221,3 +227,13 @@ def make_processor(tokenizer, image_processor: ImageProcessor | TileImageProcess
     """The processor of an image processor's kind: tiles (Idefics3, SmolVLM) or Idefics2's."""
     cls = TiledProcessor if isinstance(image_processor, TileImageProcessor) else Processor
     return cls(tokenizer, image_processor, image_seq_len, chat_format)
+
+
+def check_tokenizer(tokenizer, config, name: str):
+    """A clear error when `tokenizer` (called `name`) was not made for the model of `config`."""
+    if tokenizer.token_id(IMAGE_TOKEN) != config.image_token_id:
+        raise ValueError(f"The tokenizer {name} gives {IMAGE_TOKEN} the id {tokenizer.token_id(IMAGE_TOKEN)} but the "
+                         f"model expects {config.image_token_id}: they were not made for each other")
+    if tokenizer.vocab_size > config.text.vocab_size:
+        raise ValueError(f"The tokenizer {name} has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+                         f"of {config.text.vocab_size} (config.model.text.vocab_size)")

@@ -174,5 +174,5 @@ class SampleEncoder:
         tokens = np.asarray(ids, np.int32)
         targets = np.asarray(targets, bool)
         if pretraining:  # never predict what only an image's prompt writes
-            targets &= ~np.isin(tokens, self.processor.prompt_only_ids)
+            targets &= ~self.processor.image_prompt_mask(tokens)
         return tokens, targets

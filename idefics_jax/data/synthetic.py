@@ -20,7 +20,9 @@ Images vary in words, numbers and short lines; font (the DejaVu, STIX and Comput
 that matplotlib ships), size, colours, background (plain, gradient, noise) and aspect ratio.
 A few real photographs shipped with matplotlib appear in pairs and documents. Also writes
 `OUT_DIR/tokenizer.model`, a sentencepiece model trained on the generated text (vocabulary 1,024
-+ Idefics2's 3 added tokens, the `tiny` preset's 1,027).
++ Idefics2's 3 added tokens, the `tiny` preset's 1,027), or with `--tokenizer json` a byte-level
+BPE `OUT_DIR/tokenizer.json` as SmolVLM ships (1,024 tokens, SmolVLM's special tokens first:
+`JSON_SPECIAL_TOKENS`, the `smolvlm-tiny` preset's ids) and its `tokenizer_config.json`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from idefics_jax.data import tfds_builder
+from idefics_jax.data.image_tokens import ADDED_TOKENS, END_OF_UTTERANCE, GLOBAL_IMAGE, tile_tag
+from idefics_jax.data.json_tokenizer import JsonTokenizer, train_json_tokenizer
 from idefics_jax.data.synthetic_tasks import TASKS, task_sample
 from idefics_jax.data.sources import write_array_record
 from idefics_jax.data.tokenizer import train_tokenizer
@@ -50,6 +54,11 @@ COLOURS = {"black": (20, 20, 20), "white": (245, 245, 245), "red": (200, 30, 30)
            "gray": (128, 128, 128), "brown": (120, 80, 40)}
 QUESTIONS = ["What is written in the image?", "What does the text say?", "Read the text in the image.",
              "What is written here?", "Transcribe the text."]
+# the synthetic tokenizer.json's special tokens, ids 0, 1, ... in this order (`<image>` is 3), and their roles
+JSON_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", *ADDED_TOKENS, GLOBAL_IMAGE,
+                       *(tile_tag(r, c) for r in range(1, 7) for c in range(1, 7)))
+JSON_ROLES = {"bos_token": "<|im_start|>", "eos_token": END_OF_UTTERANCE, "pad_token": "<|im_end|>"}
+TOKENIZER_KINDS = ("sentencepiece", "json")
 EASY_WORDS = WORDS[:20]  # easy mode: 20 words and the digits 0-9, 30 possible answers
 EASY_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
 NUMBER_QUESTIONS = ["What number is shown?", "Which number is written in the image?"]
@@ -179,7 +188,9 @@ def _save(image: Image.Image, directory: Path, name: str, rng) -> str:
 
 def generate(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0, num_eval: int | None = None,
              formats: tuple[str, ...] = ("jsonl", "array_record", "tfds"), vocab_size: int = 1024,
-             easy: bool = False) -> dict[str, int]:
+             easy: bool = False, tokenizer: str = "sentencepiece") -> dict[str, int]:
+    if tokenizer not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer {tokenizer!r} is not one of {TOKENIZER_KINDS}")
     out = Path(out_dir)
     renderer = Renderer(seed, easy=easy)
     rng = renderer.rng
@@ -239,7 +250,13 @@ def generate(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0, num_eva
     if "tfds" in formats:
         for source in sources:
             tfds_builder.build(out / source, out / "tfds" / source)
-    (out / "tokenizer.model").write_bytes(train_tokenizer(texts_for_tokenizer + WORDS, vocab_size, seed))
+    if tokenizer == "json":
+        json_text = train_json_tokenizer(texts_for_tokenizer + WORDS, vocab_size, JSON_SPECIAL_TOKENS)
+        files = JsonTokenizer(json_text=json_text, **JSON_ROLES).files()
+    else:
+        files = {"tokenizer.model": train_tokenizer(texts_for_tokenizer + WORDS, vocab_size, seed)}
+    for name, data in files.items():
+        (out / name).write_bytes(data)
     return counts
 
 
@@ -252,9 +269,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--formats", default="jsonl,array_record,tfds")
     parser.add_argument("--easy", action="store_true", help="single words / 2-digit numbers in large type")
+    parser.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="sentencepiece",
+                        help="tokenizer.model (Idefics2's kind) or tokenizer.json (SmolVLM's)")
     args = parser.parse_args(argv)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    counts = generate(args.out_dir, args.num, args.seed, args.num_eval, formats, easy=args.easy)
+    counts = generate(args.out_dir, args.num, args.seed, args.num_eval, formats, easy=args.easy,
+                      tokenizer=args.tokenizer)
     print(f"Wrote {args.out_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; formats {formats}")
 
 

@@ -5,16 +5,17 @@
     for piece in assistant.stream_reply(messages, images, split=True):   # 320 visual tokens per image
         print(piece, end="", flush=True)
 
-The visual-token budget is a choice per call: `split=False` gives each image 64 tokens (the
-whole image), `split=True` 320 (4 crops + the whole image, 64 each). Prompt lengths and image
-sizes are rounded up (left padding, zero pixels) so that a stream of requests compiles a
-bounded number of programs.
+The visual-token budget is a choice per call: for Idefics2 `split=False` gives each image 64
+tokens (the whole image), `split=True` 320 (4 crops + the whole image, 64 each); for Idefics3 and
+SmolVLM `split=False` one tile, `split=True` a grid of tiles + the whole image; `split=None` (the
+default) as the checkpoint's image-processing settings say. Prompt lengths and image sizes are
+rounded up (left padding, zero pixels) so that a stream of requests compiles a bounded number of
+programs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 from idefics_jax.data.image_processing import ImageLike
 from idefics_jax.data.image_tokens import END_OF_UTTERANCE, IMAGE_TOKEN, count_placeholders
 from idefics_jax.checkpoints import LoadedModel
-from idefics_jax.data.processor import Processor, apply_chat_template, render_turn
+from idefics_jax.data.processor import Processor
 from idefics_jax.inference.conversation import Conversation, round_up
 from idefics_jax.inference.generate import Generator
 from idefics_jax.inference.sampling import GREEDY, Sampling
@@ -37,27 +38,27 @@ class Assistant:
         self.tokenizer = loaded.tokenizer
         self.model = Idefics2(loaded.config, attention_impl=attention_impl, dtype=dtype)
         stops = [self.tokenizer.token_id(END_OF_UTTERANCE), self.tokenizer.eos_id]
-        self.stop_ids = tuple(i for i in stops if i >= 0)
+        self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None and i >= 0))
         self.generator = Generator(self.model, loaded.params, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id,
                                    mesh=mesh)
         self.prompt_multiple = prompt_multiple
         self.image_multiple = image_multiple or loaded.config.vision.patch_size * 8
 
-    def processor(self, split: bool) -> Processor:
-        images = dataclasses.replace(self.loaded.image_processor, do_image_splitting=split)
-        return Processor(self.tokenizer, images, self.loaded.config.image_seq_len)
+    def processor(self, split: bool | None = None) -> Processor:
+        return self.loaded.processor(split)
 
     def prepare(self, conversations: Sequence[Sequence[dict]], images: Sequence[Sequence[ImageLike]], *,
-                split: bool = False, batch_size: int | None = None) -> dict[str, np.ndarray]:
+                split: bool | None = None, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Chat conversations (each ending with a user turn) -> a padded model batch.
 
         `batch_size` pads the batch by repeating its last conversation (fixed shapes for evaluation)."""
-        prompts = [apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        processor = self.processor(split)
+        prompts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
         images = [list(row) for row in images]
         if batch_size:
             prompts += [prompts[-1]] * (batch_size - len(prompts))
             images += [images[-1]] * (batch_size - len(images))
-        batch = self.processor(split)(prompts, images)
+        batch = processor(prompts, images)
         pad = round_up(batch["input_ids"].shape[1], self.prompt_multiple) - batch["input_ids"].shape[1]
         batch["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (pad, 0)), constant_values=self.tokenizer.pad_id)
         batch["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (pad, 0)))
@@ -81,7 +82,7 @@ class Assistant:
             kept.append(int(token))
         return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
 
-    def generate_batch(self, conversations, images, *, split: bool = False, max_new_tokens: int = 64,
+    def generate_batch(self, conversations, images, *, split: bool | None = None, max_new_tokens: int = 64,
                        sampling: Sampling = GREEDY, seed: int = 0, batch_size: int | None = None) -> list[str]:
         batch = self.prepare(conversations, images, split=split, batch_size=batch_size)
         new = self.generator.generate(*self._inputs(batch), max_new_tokens=max_new_tokens, sampling=sampling,
@@ -91,7 +92,7 @@ class Assistant:
     def reply(self, messages: Sequence[dict], images: Sequence[ImageLike] = (), **kwargs) -> str:
         return self.generate_batch([messages], [images], **kwargs)[0]
 
-    def stream_reply(self, messages: Sequence[dict], images: Sequence[ImageLike] = (), *, split: bool = False,
+    def stream_reply(self, messages: Sequence[dict], images: Sequence[ImageLike] = (), *, split: bool | None = None,
                      max_new_tokens: int = 256, sampling: Sampling = GREEDY, seed: int = 0) -> Iterator[str]:
         """Yields the answer's text piece by piece as tokens are chosen (see `text_pieces`)."""
         batch = self.prepare([messages], [images], split=split)
@@ -172,7 +173,7 @@ class Chat:
     the cache across a drop. `messages` holds the turns after it.
     """
 
-    def __init__(self, assistant: Assistant, *, split: bool = False, max_new_tokens: int = 256,
+    def __init__(self, assistant: Assistant, *, split: bool | None = None, max_new_tokens: int = 256,
                  sampling: Sampling = GREEDY, seed: int = 0, drop_oldest: bool = True, system: str | None = None):
         self.system = system_message(system)
         self.assistant = assistant
@@ -188,7 +189,7 @@ class Chat:
     def reset(self):
         """Starts a new conversation."""
         self.messages: list[dict] = []
-        self.images: list[list] = []  # per image, its processed arrays (1, or 5 with splitting)
+        self.images: list[tuple[list, Any]] = []  # per image, its processed arrays (1, or 5 with splitting) and grid
         self.answers = 0  # answers given (retries too); answer n samples with seed + n
         self.dropped = 0  # messages dropped from the front so far, to fit the context
         self.conversation.reset()
@@ -198,11 +199,11 @@ class Chat:
         if message.get("role") != "user":
             raise ValueError(f"A chat turn is a user message, got role {message.get('role')!r}")
         given = len(self.images)
-        placeholders = count_placeholders(apply_chat_template(self.messages + [message]))
+        placeholders = count_placeholders(self.processor.apply_chat_template(self.messages + [message]))
         if placeholders != given + len(images):
             raise ValueError(f"The message has {placeholders - given} {IMAGE_TOKEN} placeholder(s) but "
                              f"{len(images)} image(s) were given")
-        processed = [self.processor.image_processor.process_image(image) for image in images]  # bad images raise here
+        processed = [self.processor.read_image(image) for image in images]  # bad images raise here
         yield from self._turn(self.messages, self.images, message, processed)
 
     def retry(self) -> Iterator[str]:
@@ -212,13 +213,13 @@ class Chat:
         if not self.messages:
             raise ValueError("There is no answer to retry yet")
         message = self.messages[-2]
-        own = len(self.images) - count_placeholders(render_turn(message))  # the images before that turn
+        own = len(self.images) - count_placeholders(self.processor.render_turn(message))  # the images before that turn
         yield from self._turn(self.messages[:-2], self.images[:own], message, self.images[own:])
 
     def _turn(self, history: list[dict], history_images: list, message: dict, processed: list) -> Iterator[str]:
         """Answers `message` (its images processed) after `history`; the turn is kept at the end."""
         messages, kept_images, ids = self._fitted(history + [message], history_images + processed)
-        arrays = [array for image in kept_images for array in image]
+        arrays = [array for image, _ in kept_images for array in image]
         seed = self.options["seed"] + self.answers  # every answer its own draw, reproducibly
         tokens = self.conversation.stream(ids, arrays, **{**self.options, "seed": seed})
         pieces, answer = self.assistant.text_pieces(tokens), []
@@ -242,14 +243,15 @@ class Chat:
         budget = self.assistant.loaded.config.text.max_position_embeddings - self.options["max_new_tokens"]
         limit = budget
         while True:
-            ids = self.processor.encode_prompt(apply_chat_template(self.system + messages, add_generation_prompt=True))
+            prompt = self.processor.apply_chat_template(self.system + messages, add_generation_prompt=True)
+            ids = self.processor.encode_prompt(prompt, [grid for _, grid in images])
             if len(ids) <= limit or len(messages) == 1 or not self.drop_oldest:
                 return messages, images, ids
             limit = budget * 3 // 4
             # the oldest message goes, and the messages after it up to the next user turn
             first = True
             while len(messages) > 1 and (first or messages[0]["role"] != "user"):
-                images = images[count_placeholders(render_turn(messages[0])):]
+                images = images[count_placeholders(self.processor.render_turn(messages[0])):]
                 messages, first = messages[1:], False
 
     def _keep(self, history, messages, answer, images):

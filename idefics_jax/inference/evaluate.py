@@ -34,7 +34,6 @@ from idefics_jax.checkpoints import LoadedModel
 from idefics_jax.checkpoints.processor import training_image_processor
 from idefics_jax.data.image_processing import load_image
 from idefics_jax.data.image_tokens import IMAGE_TOKEN, count_placeholders
-from idefics_jax.data.processor import apply_chat_template
 from idefics_jax.data.sources import open_source
 from idefics_jax.inference.assistant import Assistant
 from idefics_jax.inference.engine import check_context
@@ -174,11 +173,11 @@ def _inputs(record: dict, base_dir: epath.Path, processor, config, max_new_token
     conversation = messages[:-1]
     embedded = record.get("_image_bytes") or {}  # ArrayRecord and TFDS records carry their images
     images = [load_image(embedded[ref] if ref in embedded else base_dir / ref) for ref in record.get("images", [])]
-    prompt = apply_chat_template(conversation, add_generation_prompt=True)
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     placeholders = count_placeholders(prompt)
     if placeholders != len(images):
         raise ValueError(f"{placeholders} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s)")
-    check_context(config, len(processor.encode_prompt(prompt)), max_new_tokens, "question")
+    check_context(config, len(processor.encode_prompt(prompt, processor.grids(images))), max_new_tokens, "question")
     return conversation, images
 
 
@@ -205,7 +204,7 @@ def summarize(results: Sequence[dict]) -> dict:
 
 
 def evaluate_records(assistant, records: Sequence[dict], base_dir: str | os.PathLike, *, batch_size: int = 16,
-                     max_new_tokens: int = 16, split: bool = False, progress: bool = False,
+                     max_new_tokens: int = 16, split: bool | None = None, progress: bool = False,
                      on_batch: Callable[[list[dict]], None] | None = None) -> dict:
     """Greedy answers for every record, scored; returns the report (`summarize`).
 

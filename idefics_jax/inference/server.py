@@ -8,7 +8,8 @@ Endpoints: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`. A reque
 `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`: each image goes where
 its part is), `max_tokens` (or `max_completion_tokens`, default 256), `temperature` (default 0:
 greedy, as our command line), `top_p`, `seed`, `stream`; and ours: `top_k`, `min_p`,
-`repetition_penalty`, `split` (320 visual tokens per image instead of 64). Images come inline as
+`repetition_penalty`, `split` (true: Idefics2 images as 4 crops + the whole, Idefics3 / SmolVLM
+images as a grid of tiles; false: each image whole; absent: as the checkpoint says). Images come inline as
 `data:` URLs (the server reads no files and fetches nothing). A request the server cannot answer
 as asked (malformed, an unreadable image, a prompt longer than the context, `n` > 1, `stop`,
 `logprobs`, tools) gets status 400 and an error naming the problem; the server goes on. An image
@@ -76,7 +77,7 @@ class Job:
     max_tokens: int = 256
     sampling: Sampling = Sampling()
     seed: int = 0
-    split: bool = False
+    split: bool | None = None  # None: as the checkpoint's image-processing settings say
     stream: bool = False
     result: dict | None = None
     error: Exception | None = None
@@ -161,7 +162,7 @@ def parse_request(body: Any, disarm=None, max_pixels: int | None = MAX_IMAGE_PIX
     if max_tokens < 1:
         raise RequestError(f"max_tokens must be at least 1, got {max_tokens}")
     return Job(turns, images, max_tokens=max_tokens, sampling=sampling, seed=number("seed", 0, int),
-               split=bool(body.get("split", False)), stream=bool(body.get("stream", False)))
+               split=None if body.get("split") is None else bool(body["split"]), stream=bool(body.get("stream", False)))
 
 
 def _number(body: dict, key: str, default, kind):

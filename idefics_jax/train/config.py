@@ -44,7 +44,9 @@ def base_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         "synthetic": False,  # generate the synthetic data set into `dir` when it is missing
         "synthetic_num": 2000,
         "synthetic_easy": False,  # single words / 2-digit numbers in large type (tiny CPU runs)
-        "tokenizer": "",  # a sentencepiece .model ("" with synthetic: the generated one)
+        # a sentencepiece .model or a tokenizer.json ("": the synthetic data's, the data directory's, or
+        # model.init_from's)
+        "tokenizer": "",
         # name -> idefics_jax.data.pipeline.SourceConfig's other fields (path, format, weight, ...), so
         # that each is a key: --config.data.sources.pairs.path=...; mixed in name order
         "sources": {},

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from idefics_jax.checkpoints.train_state import Checkpointer
 from idefics_jax.checkpoints.workdir import checkpoint_directory, write_run_files
+from idefics_jax.data.processor import check_tokenizer
 from idefics_jax.distributed import check_shared_directory, use_compilation_cache
 from idefics_jax.models.lora import merge
 from idefics_jax.models.scan import unstack_layers
@@ -102,12 +103,10 @@ def train(config, workdir: str | os.PathLike, evaluation=None) -> dict:
     profiler = StepProfiler(workdir / "profile", config.train.profile_first_step, config.train.profile_steps,
                             enabled=jax.process_index() == 0)
     data_dir, tokenizer = prepare_data(config, workdir)
-    if tokenizer.vocab_size > mcfg.text.vocab_size:
-        raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                         f"{mcfg.text.vocab_size} (config.model.text.vocab_size)")
+    check_tokenizer(tokenizer, mcfg, "of the data (config.data.tokenizer)")
     pipeline = make_pipeline(config, data_dir, tokenizer, mcfg.image_seq_len)
     if jax.process_index() == 0:  # what generate / evaluate need to load the workdir, on any machine
-        write_run_files(workdir, config, tokenizer.model_proto)
+        write_run_files(workdir, config, tokenizer)
 
     checkpointer = Checkpointer(checkpoint_directory(workdir), keep=config.train.keep_checkpoints,
                                 keep_period=config.train.keep_period or None,

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from idefics_jax.checkpoints import load_checkpoint, load_hf_checkpoint
 from idefics_jax.checkpoints.train_state import Checkpointer, abstract_with_shardings
 from idefics_jax.checkpoints.workdir import CHECKPOINTS, frozen_of, lora_of, restore_workdir
-from idefics_jax.config import Idefics2Config, model_config
+from idefics_jax.config import TILED_MODEL_TYPES, Idefics2Config, model_config
 from idefics_jax.models.idefics2 import Idefics2
 from idefics_jax.models.lora import ADAPTERS, LoraConfig, check_towers, start_magnitudes, tower_of
 from idefics_jax.models.remat import remat_policy
@@ -113,8 +113,9 @@ def _mesh_of(config) -> Mesh:
 
 def check_image_sizing(config, mcfg: Idefics2Config):
     """The mlp and pixel_shuffle connectors count their tokens from a square image of
-    `vision.image_size`: every source must be resized so."""
-    if mcfg.connector == "perceiver":
+    `vision.image_size`: every source must be resized so (Idefics3's and SmolVLM's processing cuts
+    every image into such squares itself)."""
+    if mcfg.connector == "perceiver" or mcfg.model_type in TILED_MODEL_TYPES:
         return
     side = mcfg.vision.image_size
     for name, source in config.data.sources.items():

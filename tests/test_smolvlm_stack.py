@@ -1,0 +1,209 @@
+"""SmolVLM through the whole stack: a checkpoint directory as transformers saves it (tokenizer.json,
+the image processor's settings, the chat template) loaded, prompted and answered as transformers
+does; the pipeline's samples equal to transformers' processor; the tiny SmolVLM config trained,
+evaluated, chatted with and exported.
+
+transformers' `SmolVLMProcessor` needs packages we do not install (num2words, torchvision, for its
+video frames); its image prompt is `Idefics3Processor`'s, so the reference processor is
+`Idefics3Processor` with SmolVLM's image processor and chat template."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers.generation import NEW, assert_same_greedy_tokens, hf_generate
+from helpers.inputs import make_images
+from helpers.training import load_config
+from idefics_jax.data.image_tokens import IMAGE_TOKEN
+from idefics_jax.data.synthetic import JSON_ROLES, JSON_SPECIAL_TOKENS, generate
+
+TILE, LONGEST = 56, 112  # vision image size; the whole image's longest edge (up to 2 x 2 tiles)
+
+
+def reference_processor(path, image_seq_len: int):
+    from transformers import Idefics3Processor, PreTrainedTokenizerFast
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **JSON_ROLES,
+                                        additional_special_tokens=list(JSON_SPECIAL_TOKENS[2:]))
+    tokenizer.padding_side = "left"
+    images = SmolVLMImageProcessorPil(size={"longest_edge": LONGEST}, max_image_size={"longest_edge": TILE})
+    return Idefics3Processor(images, tokenizer, image_seq_len=image_seq_len, chat_template=DEFAULT_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def smolvlm(tmp_path_factory, seed):
+    """(a Hugging Face SmolVLM directory with its processor files, its torch model, the synthetic
+    data its tokenizer was trained on, transformers' processor)."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    data = tmp_path_factory.mktemp("smolvlm_data")
+    generate(data, num=40, seed=seed % 1000, formats=("jsonl",), easy=True, tokenizer="json")
+    text = dict(model_type="llama", vocab_size=1024, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                pad_token_id=1, tie_word_embeddings=True)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=TILE,
+                  patch_size=7)
+    config = SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=2, image_token_id=3,
+                           tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.config._attn_implementation = "eager"
+    model.eval()
+    path = tmp_path_factory.mktemp("smolvlm_hf")
+    model.save_pretrained(path)
+    (path / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
+    processor = reference_processor(path, image_seq_len=(TILE // 7) ** 2 // 4)
+    processor.save_pretrained(path)
+    return path, model, data, processor
+
+
+def conversations(rng):
+    images = make_images(rng)
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is written here?"}]}]
+    second = [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+              {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
+                                           {"type": "text", "text": "with"}, {"type": "image"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "apple"}]},
+              {"role": "user", "content": [{"type": "text", "text": "And the second?"}]}]
+    return [first, second], [[images[9]], [images[1], images[14]]]
+
+
+def test_a_transformers_directory_loads_with_its_processor(smolvlm):
+    from idefics_jax.checkpoints import load
+    from idefics_jax.data.image_tiles import TileImageProcessor
+    from idefics_jax.data.json_tokenizer import JsonTokenizer
+
+    path, _, _, _ = smolvlm
+    loaded = load(path)
+    assert loaded.config.model_type == "smolvlm" and loaded.chat_format == "smolvlm"
+    assert isinstance(loaded.tokenizer, JsonTokenizer) and loaded.tokenizer.eos_token == "<end_of_utterance>"
+    assert loaded.image_processor == TileImageProcessor(longest_edge=LONGEST, tile=TILE, do_image_splitting=True)
+    assert loaded.processor().tiled and not loaded.processor(split=False).image_processor.do_image_splitting
+
+
+def test_prompts_and_greedy_answers_equal_transformers(smolvlm, seed):
+    """Chat prompts with tiled images (a system turn, an earlier answer, a text-only last turn) through
+    our Assistant: the same token ids and pixels as transformers' processor, then the same greedy tokens
+    as SmolVLM's `generate`."""
+    from idefics_jax.checkpoints import load
+    from idefics_jax.inference.assistant import Assistant
+
+    path, model, _, processor = smolvlm
+    convs, images = conversations(np.random.default_rng([seed, 90]))
+    assistant = Assistant(load(path))
+    ours = assistant.prepare(convs, images)
+    prompts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in convs]
+    theirs = processor(text=prompts, images=images, padding=True, return_tensors="np")
+    width = theirs["input_ids"].shape[1]
+    np.testing.assert_array_equal(ours["input_ids"][:, -width:], theirs["input_ids"])
+    np.testing.assert_array_equal(ours["attention_mask"][:, -width:], theirs["attention_mask"])
+    tiles = theirs["pixel_values"].shape[1]
+    np.testing.assert_allclose(ours["pixel_values"][:, :tiles], np.moveaxis(theirs["pixel_values"], 2, -1),
+                               atol=1e-5, rtol=0)
+    assert tiles > 3  # the images were cut into tiles
+    expected, scores = hf_generate(model, ours["input_ids"], ours["attention_mask"], ours["pixel_values"],
+                                   ours["pixel_attention_mask"], scores=True, eos_token_id=None, pad_token_id=1)
+    new = assistant.generator.generate(*assistant._inputs(ours), max_new_tokens=NEW)
+    assert_same_greedy_tokens(new, expected, scores)
+
+
+def test_chat_reuses_its_cache_and_answers_as_the_whole_conversation(smolvlm, seed):
+    from idefics_jax.checkpoints import load
+    from idefics_jax.inference.assistant import Assistant
+
+    path, _, _, _ = smolvlm
+    assistant = Assistant(load(path))
+    images = make_images(np.random.default_rng([seed, 91]))
+    chat = assistant.chat(max_new_tokens=6)
+    turns = [({"role": "user", "content": "<image>What is this?"}, [images[9]]),
+             ({"role": "user", "content": "And <image>?"}, [images[14]])]
+    given, history = [], []
+    for message, turn_images in turns:
+        answer = "".join(chat.stream(message, turn_images))
+        given += turn_images
+        history += [message]
+        assert answer == assistant.reply(history, given, max_new_tokens=6)
+        history += [{"role": "assistant", "content": answer}]
+    assert chat.conversation.reused > 0
+
+
+def test_pipeline_samples_equal_transformers_processor(smolvlm):
+    """Conversation and caption records of the synthetic data, encoded for training with tiles: the
+    token ids of transformers' processor on the chat template's text (answers included), targets on
+    the answers, and the same tiles."""
+    from idefics_jax.data.pipeline import EncodeRecord, SourceConfig
+    from idefics_jax.data.json_tokenizer import JsonTokenizer
+
+    path, _, data, processor = smolvlm
+    tokenizer = JsonTokenizer(data / "tokenizer.json")
+    for source in ("conversations", "pairs"):
+        config = SourceConfig(name=source, path=str(data / source), longest_edge=LONGEST, split_probability=1.0)
+        encode = EncodeRecord(config, str(data / source), tokenizer, processor.image_seq_len, seed=0, strict=True,
+                              tile=TILE, chat_format="smolvlm")
+        for line in (data / source / "data.jsonl").read_text().splitlines()[:4]:
+            record = json.loads(line)
+            sample = encode(record, np.random.default_rng(0))
+            if source == "conversations":
+                text = processor.apply_chat_template(record["messages"])
+                answer = record["messages"][-1]["content"]
+                refs = record["images"]
+            else:
+                text, answer, refs = IMAGE_TOKEN + record["text"] + "<end_of_utterance>", None, [record["image"]]
+            pictures = [Image.open(data / source / ref) for ref in refs]
+            theirs = processor(text=[text], images=[pictures], return_tensors="np")
+            np.testing.assert_array_equal(sample["input_ids"], theirs["input_ids"][0])
+            tiles = np.stack(sample["images"]).astype(np.float32) / 127.5 - 1
+            np.testing.assert_allclose(tiles, np.moveaxis(theirs["pixel_values"][0], 1, -1), atol=1e-5, rtol=0)
+            targets = tokenizer.decode(sample["input_ids"][sample["targets"]])
+            if answer is not None:
+                assert targets == f" {answer}<end_of_utterance>"
+            else:  # the caption and its end, none of the image's prompt
+                assert targets == record["text"] + "<end_of_utterance>"
+
+
+def test_tiny_smolvlm_config_trains_evaluates_and_exports(tmp_path, seed):
+    """`configs/smolvlm_tiny.py` as the README's main job runs it (a few steps): the workdir then
+    answers (`evaluate`), and its export is a SmolVLM transformers loads, with equal logits."""
+    from transformers import SmolVLMForConditionalGeneration
+
+    from idefics_jax import SmolVLM, load_hf_checkpoint
+    from idefics_jax.checkpoints import load
+    from idefics_jax.cli.evaluate import main as evaluate_main
+    from idefics_jax.inference.evaluate import training_evaluation
+    from idefics_jax.train.loop import train
+    from idefics_jax.checkpoints.workdir import export_hf
+
+    config = load_config("smolvlm_tiny")
+    config.data.synthetic_num, config.train.steps, config.train.checkpoint_every = 40, 3, 3
+    config.train.eval_samples, config.data.batch_size, config.data.seq_len = 4, 2, 256
+    train(config, tmp_path / "run", evaluation=training_evaluation)
+    assert (tmp_path / "run" / "tokenizer.json").exists()
+    report = tmp_path / "report.json"
+    assert evaluate_main(["--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "run/data/conversations_eval"),
+                          "--limit", "4", "--batch_size", "2", "--max_new_tokens", "3", "--output", str(report)]) == 0
+    assert json.loads(report.read_text())["n"] == 4
+    assert export_hf(tmp_path / "run", tmp_path / "hf") == 3
+    loaded = load(tmp_path / "hf")
+    assert loaded.chat_format == "smolvlm" and loaded.processor().tiled
+    config, params = load_hf_checkpoint(tmp_path / "hf")
+    model = SmolVLMForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    batch = loaded.processor()(["<|im_start|>User:<image>What is written?<end_of_utterance>\nAssistant:"],
+                               [[make_images(np.random.default_rng(seed))[9]]])
+    ours = SmolVLM(config).apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"])
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]),
+                       pixel_values=torch.tensor(batch["pixel_values"]).permute(0, 1, 4, 2, 3),
+                       pixel_attention_mask=torch.tensor(batch["pixel_attention_mask"])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
