@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -138,6 +139,43 @@ def test_chat_reuses_its_cache_and_answers_as_the_whole_conversation(smolvlm, se
     assert chat.conversation.reused > 0
 
 
+def test_server_answers_tiled_requests_together_as_each_alone(smolvlm, tmp_path, seed):
+    """Two requests at once (tiled images in one, split as the checkpoint says; one image whole in
+    the other): each answer is `Assistant.reply`'s for it alone."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers.http import image_part, request
+    from idefics_jax.cli.serve import make_server, parser
+
+    path, _, _, _ = smolvlm
+    images = make_images(np.random.default_rng([seed, 92]))
+    for name, k in (("a.png", 9), ("b.png", 14)):
+        images[k].convert("RGB").save(tmp_path / name)
+    server = make_server(parser().parse_args(["--checkpoint", str(path), "--port", "0", "--max_batch", "2",
+                                              "--batch_window", "1.0"]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bodies = [{"messages": [{"role": "user", "content": [image_part(tmp_path / "a.png"),
+                                                             {"type": "text", "text": "What is this?"}]}],
+                   "max_tokens": 5},
+                  {"messages": [{"role": "user", "content": [{"type": "text", "text": "And"},
+                                                             image_part(tmp_path / "b.png")]}],
+                   "max_tokens": 4, "split": False}]
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda body: request(server.url + "/v1/chat/completions", body), bodies))
+        assistant = server.worker.assistant
+        expected = [assistant.reply([{"role": "user", "content": "<image>What is this?"}],
+                                    [Image.open(tmp_path / "a.png")], max_new_tokens=5),
+                    assistant.reply([{"role": "user", "content": "And<image>"}], [Image.open(tmp_path / "b.png")],
+                                    max_new_tokens=4, split=False)]
+        for (status, reply), answer in zip(replies, expected):
+            assert status == 200, reply
+            assert reply["choices"][0]["message"]["content"] == answer
+    finally:
+        server.close()
+
+
 def test_pipeline_samples_equal_transformers_processor(smolvlm):
     """Conversation and caption records of the synthetic data, encoded for training with tiles: the
     token ids of transformers' processor on the chat template's text (answers included), targets on
@@ -207,3 +245,53 @@ def test_tiny_smolvlm_config_trains_evaluates_and_exports(tmp_path, seed):
                        pixel_values=torch.tensor(batch["pixel_values"]).permute(0, 1, 4, 2, 3),
                        pixel_attention_mask=torch.tensor(batch["pixel_attention_mask"])).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+
+def test_sft_config_fine_tunes_a_converted_smolvlm(smolvlm, tmp_path, seed):
+    """`configs/smolvlm_sft.py` on The Cauldron's published layout, starting from a SmolVLM directory
+    (at the test model's size): the run reads the directory's tokenizer, starts from its weights
+    (the first loss is the checkpoint's), and trains."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpers.published import CAULDRON, cauldron_rows
+    from idefics_jax import Idefics2Config, load_hf_checkpoint
+    from idefics_jax.checkpoints import restore_workdir
+    from idefics_jax.train.loop import train
+
+    path, _, _, _ = smolvlm
+    rng = np.random.default_rng([seed, 93])
+    for subset in ("ai2d", "vqav2"):
+        (tmp_path / "data" / "the_cauldron" / subset).mkdir(parents=True)
+        rows, _ = cauldron_rows(rng, 8)
+        pq.write_table(pa.Table.from_pylist(rows, schema=CAULDRON),
+                       tmp_path / "data" / "the_cauldron" / subset / "train-00000-of-00001.parquet")
+    (tmp_path / "data" / "text_instructions").mkdir()
+    rows = [{"images": [], "texts": [{"user": f"Say {k}.", "assistant": f"{k}", "source": "text"}]} for k in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=CAULDRON), tmp_path / "data" / "text_instructions" / "t.parquet")
+
+    config = load_config("smolvlm_sft")
+    model = Idefics2Config.from_json_file(path / "config.json")
+    for key in ("vision", "text"):
+        config.model[key] = getattr(model, key).to_dict()
+    config.model.image_token_id, config.model.pixel_shuffle_factor = model.image_token_id, model.pixel_shuffle_factor
+    config.model.tie_word_embeddings, config.model.dtype = model.tie_word_embeddings, "float32"
+    config.model.init_from, config.data.dir = str(path), str(tmp_path / "data")
+    config.data.seq_len, config.data.batch_size, config.data.num_workers = 512, 2, 0
+    with pytest.raises(ValueError, match=r"images are tiles of model.vision.image_size=56 px; set the buckets to "
+                                         r"\[\(56, 56\)\]"):
+        train(config, tmp_path / "run")
+    config.data.buckets = [(TILE, TILE)]
+    config.data.read_threads, config.data.read_buffer = 1, 4
+    for source in config.data.sources.values():
+        source.longest_edge, source.max_length = LONGEST, 512
+    config.train.steps, config.train.checkpoint_every, config.train.log_every = 3, 3, 1
+    config.mesh.fsdp = 1
+    train(config, tmp_path / "run")
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (path / "tokenizer.json").read_bytes()
+    losses = [json.loads(line).get("train/loss") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(np.isfinite(losses)), losses
+    _, trained, step = restore_workdir(tmp_path / "run")
+    _, start = load_hf_checkpoint(path, on_device=False)
+    moved = [float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(start))]
+    assert step == 3 and 0 < max(moved) < 1e-3, max(moved)  # the checkpoint's weights, a few small steps on

@@ -11,7 +11,8 @@ from idefics_jax.train.run import build_run
 from helpers.training import load_config as load
 
 
-@pytest.mark.parametrize("name", ["tiny", "pretrain_stage1", "pretrain_stage2", "sft", "chat"])
+@pytest.mark.parametrize("name", ["tiny", "pretrain_stage1", "pretrain_stage2", "sft", "chat", "smolvlm_tiny",
+                                  "smolvlm_sft"])
 def test_config_builds(name):
     config = load(name)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1  # this machine's devices
@@ -22,7 +23,9 @@ def test_config_builds(name):
     sources = [SourceConfig(name, **s) for name, s in config.data.sources.items()]
     assert abs(sum(s.weight for s in sources) - 1.0) < 1e-9
     assert float(schedule(0)) > 0
-    if name != "tiny":
+    if name == "smolvlm_sft":
+        assert mcfg.model_type == "smolvlm" and mcfg.image_seq_len == 64 and mcfg.vision.image_size == 512
+    elif name not in ("tiny", "smolvlm_tiny"):
         assert mcfg.text.num_hidden_layers == 32 and mcfg.vision.image_size == 980
         assert config.data.batch_size % jax.device_count() == 0
 

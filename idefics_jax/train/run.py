@@ -114,10 +114,16 @@ def _mesh_of(config) -> Mesh:
 def check_image_sizing(config, mcfg: Idefics2Config):
     """The mlp and pixel_shuffle connectors count their tokens from a square image of
     `vision.image_size`: every source must be resized so (Idefics3's and SmolVLM's processing cuts
-    every image into such squares itself)."""
-    if mcfg.connector == "perceiver" or mcfg.model_type in TILED_MODEL_TYPES:
-        return
+    every image into such squares itself, and the batch's image buckets are those squares)."""
     side = mcfg.vision.image_size
+    if mcfg.model_type in TILED_MODEL_TYPES:
+        buckets = [tuple(b) for b in config.data.buckets]
+        if buckets != [(side, side)]:
+            raise ValueError(f"config.data.buckets={buckets}: a {mcfg.model_type} model's images are tiles of "
+                             f"model.vision.image_size={side} px; set the buckets to [({side}, {side})]")
+        return
+    if mcfg.connector == "perceiver":
+        return
     for name, source in config.data.sources.items():
         sizing = source.get("image_sizing", config.data.image_sizing)
         if sizing != "square" or source.get("longest_edge", 980) != side:
