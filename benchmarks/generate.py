@@ -3,8 +3,9 @@ models and the same prompt, in one run, on this machine's CPU.
 
     python benchmarks/generate.py [--new 32] [--repeats 3] [--out benchmarks/RESULTS.md]
 
-Configs as in `train_step.py` (tiny, ~80M). Prompt: one image (64 visual tokens) and 32 text
-tokens, batch 1, greedy, float32. Time to first token is a `max_new_tokens=1` call (prefill: the
+Configs as in `train_step.py` (tiny, ~80M; `--configs smolvlm-256m`: SmolVLM-256M's shape, the
+image one 512 px tile). Prompt: one image (64 visual tokens) and 32 text tokens, batch 1, greedy,
+float32. Time to first token is a `max_new_tokens=1` call (prefill: the
 vision tower, the Perceiver and the prompt); decode speed is (new - 1) tokens over the rest of a
 `max_new_tokens=new` call. Compile time is excluded (a warm-up call first); medians of the repeats.
 Both produce the same tokens (checked and reported).
@@ -49,11 +50,12 @@ def median_time(fn, repeats):
     return statistics.median(times), out
 
 
-def time_torch(hf_dir, inputs, new, repeats):
+def time_torch(hf_dir, spec, inputs, new, repeats):
     import torch
-    from transformers import Idefics2ForConditionalGeneration
 
-    model = Idefics2ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="sdpa").eval()
+    from train_step import hf_classes
+
+    model = hf_classes(spec)[1].from_pretrained(hf_dir, attn_implementation="sdpa").eval()
     ids, mask, pixels, pixel_mask = inputs
     kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                   pixel_values=torch.tensor(pixels).permute(0, 1, 4, 2, 3),
@@ -116,7 +118,7 @@ def main():
     lines = [f"\n## Generation (batch 1, one image + 32 text tokens, {args.new} new tokens) ({datetime.date.today()})\n",
              f"Machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), XLA:CPU on "
              f"{os.cpu_count()} cores.\n",
-             f"Command: `python benchmarks/generate.py --new {args.new} --repeats {args.repeats} {malloc}` (float32, greedy, "
+             f"Command: `python benchmarks/generate.py --configs {args.configs} --new {args.new} --repeats {args.repeats} {malloc}` (float32, greedy, "
              "same converted weights; median of the repeats after a warm-up call; theirs `generate` with SDPA "
              "attention, ours `Generator.generate`).\n",
              "| config | parameters | first token: transformers (ms) | ours (ms) | speed-up | floor (ms) | speed-up "
@@ -127,7 +129,7 @@ def main():
         spec = CONFIGS[name]
         hf_dir, count = save_random_model(name)
         inputs = prompt(spec, rng)
-        t_first, t_total, t_tokens = time_torch(hf_dir, inputs, args.new, args.repeats)
+        t_first, t_total, t_tokens = time_torch(hf_dir, spec, inputs, args.new, args.repeats)
         o_first, o_total, o_tokens, (first_shapes, step_shapes) = time_ours(hf_dir, inputs, args.new, args.repeats)
         t_rate, o_rate = (args.new - 1) / (t_total - t_first), (args.new - 1) / (o_total - o_first)
         first_floor, floor_rate = matmul_floor(first_shapes), 1 / matmul_floor(step_shapes, distinct=True)

@@ -3,10 +3,11 @@ same batch with AdamW, in one run, on this machine's CPU.
 
     python benchmarks/train_step.py [--steps 5] [--out benchmarks/RESULTS.md]
 
-Two configs: `tiny` (the preset at 112 px) and an ~80M-parameter one (vision 384 wide x 6 layers
-at 378 px, Perceiver 64 latents x 3, decoder 512 wide x 8 layers, 32,003-token vocabulary). Both
-frameworks start from the same weights (converted) and run float32; compile time is excluded
-(first steps are warm-up), and the median step time is reported.
+Configs: `tiny` (the preset at 112 px), an ~80M-parameter Idefics2 (vision 384 wide x 6 layers at
+378 px, Perceiver 64 latents x 3, decoder 512 wide x 8 layers, 32,003-token vocabulary), and
+`smolvlm-256m`, SmolVLM-256M's shape (`--configs smolvlm-256m`; not in the default set: a step
+takes seconds here). Both frameworks start from the same weights (converted) and run float32;
+compile time is excluded (first steps are warm-up), and the median step time is reported.
 
 Next to the times it reports how far a step could go on this machine: the FLOPs of our step
 (XLA's cost analysis of the compiled step), the GFLOP/s each framework reaches over the step, and
@@ -46,23 +47,42 @@ CONFIGS = {
         text_config=dict(model_type="mistral", vocab_size=32003, hidden_size=512, intermediate_size=1536,
                          num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, sliding_window=4096),
         image_token_id=32001, batch=2, seq=512, image=(378, 378)),
+    # SmolVLM-256M's shape (the `smolvlm-256m` preset): SigLIP-B/16 at 512 px, pixel shuffle 4 (64
+    # tokens per tile), SmolLM2-135M; one 512 px tile per row
+    "smolvlm-256m": dict(
+        model_type="smolvlm",
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=512, patch_size=16),
+        text_config=dict(model_type="llama", vocab_size=49280, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, pad_token_id=2),
+        scale_factor=4, tie_word_embeddings=False, image_token_id=49190, batch=2, seq=512, image=(512, 512)),
 }
+MODEL_KEYS = ("image_token_id", "scale_factor", "tie_word_embeddings")  # a spec's top-level config keys
 
 
 # both frameworks' optimizer: AdamW at a constant rate, decay on matrices (not norms, biases, latents)
 ADAMW = dict(learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01)
 
 
+def hf_classes(spec: dict):
+    """(transformers' config class, model class) of a spec's model type (Idefics2 unless it names another)."""
+    import transformers
+
+    name = {"idefics2": "Idefics2", "smolvlm": "SmolVLM"}[spec.get("model_type", "idefics2")]
+    return getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForConditionalGeneration")
+
+
 def save_random_model(name: str) -> tuple[Path, int]:
-    """A random transformers Idefics2 of config `name`, saved to a temporary directory; (directory, parameters)."""
+    """A random transformers model of config `name`, saved to a temporary directory; (directory, parameters)."""
     import torch
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 
     spec = CONFIGS[name]
-    hf_config = Idefics2Config(**{k: v for k, v in spec.items() if k.endswith("config") or k == "image_token_id"})
+    config_class, model_class = hf_classes(spec)
+    hf_config = config_class(**{k: v for k, v in spec.items() if k.endswith("config") or k in MODEL_KEYS})
     torch.manual_seed(0)
     hf_dir = Path(tempfile.mkdtemp()) / name
-    model = Idefics2ForConditionalGeneration(hf_config)
+    model = model_class(hf_config)
     model.save_pretrained(hf_dir)
     return hf_dir, sum(p.numel() for p in model.parameters())
 
@@ -93,12 +113,11 @@ def train_batch(ids, pixels, mask, labels) -> dict:
             "pixel_attention_mask": mask}
 
 
-def time_torch(hf_dir, ids, pixels, mask, labels, steps):
+def time_torch(hf_dir, spec, ids, pixels, mask, labels, steps):
     import torch
-    from transformers import Idefics2ForConditionalGeneration
 
     torch.manual_seed(0)
-    model = Idefics2ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="sdpa").train()
+    model = hf_classes(spec)[1].from_pretrained(hf_dir, attn_implementation="sdpa").train()
     # ours exactly (`ADAMW`): a constant rate, b2 = 0.95, weight decay on matrices but the latents
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith("latents")]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not n.endswith("latents"))]
@@ -217,7 +236,7 @@ def main():
     torch.set_num_threads(os.cpu_count())  # both frameworks on every core (XLA:CPU takes them all)
     lines = [f"\n## Train step ({datetime.date.today()})\n", f"Machine: {machine()}, torch {torch.__version__} "
              f"({torch.get_num_threads()} threads), XLA:CPU on {os.cpu_count()} cores.\n",
-             f"Command: `python benchmarks/train_step.py --steps {args.steps} {malloc}` (float32, the same AdamW on both "
+             f"Command: `python benchmarks/train_step.py --configs {args.configs} --steps {args.steps} {malloc}` (float32, the same AdamW on both "
              "sides (constant rate 1e-4, b2 0.95, weight decay 0.01 on matrices), same weights and batch; median step "
              "after 2 warm-up steps; ours jitted, theirs eager with SDPA attention and no KV cache).\n",
              "| config | parameters | batch x tokens | transformers + torch (s/step) | ours (s/step) | "
@@ -228,7 +247,7 @@ def main():
         spec = CONFIGS[name]
         hf_dir, count = save_random_model(name)
         data = make_batch(spec, rng)
-        theirs, loss_t = time_torch(hf_dir, *data, args.steps)
+        theirs, loss_t = time_torch(hf_dir, spec, *data, args.steps)
         ours, loss_o, flops, shapes = time_ours(hf_dir, *data, args.steps)
         floor = matmul_floor(shapes)
         tokens = spec["batch"] * spec["seq"]

@@ -1,6 +1,6 @@
 """Dataset preparation: check a source, convert it to ArrayRecord shards or a TFDS build.
 
-    python data/prepare.py check PATH [--tokenizer tokenizer.model]  # encode every record, report problems
+    python data/prepare.py check PATH [--tokenizer tokenizer.model] [--tile 512]  # encode every record, report problems
         [--format jsonl|array_record|parquet|arrow|webdataset]
         [--schema the_cauldron|docmatix|obelics|pairs|pdfa|records]
         [--image-column C --text-column C] [--image-store STORE --missing-images skip|drop]
@@ -37,7 +37,9 @@ from tqdm.auto import tqdm
 
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.image_store import ImageStore
-from idefics_jax.data.processor import Processor
+from idefics_jax.data.image_tiles import TileImageProcessor
+from idefics_jax.data.json_tokenizer import open_tokenizer
+from idefics_jax.data.processor import Processor, TiledProcessor
 from idefics_jax.data.samples import SampleEncoder, SampleError, record_place, source_error
 from idefics_jax.data.schemas import MISSING_IMAGES, SCHEMAS
 from idefics_jax.data.sources import (FORMATS, JsonlSource, encode_entry, file_name, files_at, image_refs,
@@ -79,16 +81,19 @@ def record_text(record: dict) -> str:
 
 
 def check(directory: str, tokenizer_path: str | None, image_seq_len: int, max_length: int, fmt: str | None = None,
-          samples: int = 3, **options) -> int:
+          samples: int = 3, tile: int = 0, **options) -> int:
     """Reads every record of the source at `directory` (`options`: `open_source`'s keywords) and,
-    with a tokenizer, encodes it (images decoded, prompt tokenized); shows the first `samples` and
-    prints the counts, problems by reason; 1 when some record cannot be used."""
-    from idefics_jax.data.tokenizer import Tokenizer
-
+    with a tokenizer, encodes it (images decoded, prompt tokenized; with `tile`, images cut into
+    tiles of that side as Idefics3 / SmolVLM do); shows the first `samples` and prints the counts,
+    problems by reason; 1 when some record cannot be used."""
     source = open_source(directory, fmt or source_format(directory), **options)
-    tokenizer = Tokenizer(tokenizer_path) if tokenizer_path else None
-    encoder = SampleEncoder(Processor(tokenizer, ImageProcessor(), image_seq_len), base_dir=source.base_dir,
-                            max_length=max_length) if tokenizer else None
+    tokenizer = open_tokenizer(tokenizer_path) if tokenizer_path else None
+    if tile:
+        processor = TiledProcessor(tokenizer, TileImageProcessor(longest_edge=4 * tile, tile=tile), image_seq_len,
+                                   "smolvlm")
+    else:
+        processor = Processor(tokenizer, ImageProcessor(), image_seq_len)
+    encoder = SampleEncoder(processor, base_dir=source.base_dir, max_length=max_length) if tokenizer else None
     problems, lengths = Counter(), []
     print(f"{directory}: {source}" + ("" if tokenizer else " (records read; give --tokenizer to encode them)"))
     for i in range(len(source)):
@@ -200,7 +205,10 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check")
     p.add_argument("dir")
-    p.add_argument("--tokenizer", default=None, help="encode every sample (default: read the records only)")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.model or tokenizer.json: encode every sample "
+                   "(default: read the records only)")
+    p.add_argument("--tile", type=int, default=0, help="cut images into tiles of this side, as Idefics3 (364) and "
+                   "SmolVLM (512) do, up to 4 x 4 (default: Idefics2's processing)")
     p.add_argument("--image-seq-len", type=int, default=64)
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--samples", type=int, default=3, help="decoded samples shown")
@@ -222,7 +230,7 @@ def main(argv=None) -> int:
             return images(args.store)
         if args.command == "check":
             return check(args.dir, args.tokenizer, args.image_seq_len, args.max_length, args.format,
-                         args.samples, **source_options(args))
+                         args.samples, args.tile, **source_options(args))
         if args.command == "array_record" and (args.format or source_format(args.dir)) in ("parquet", "arrow",
                                                                                            "webdataset"):
             if is_url(args.out_dir):

@@ -176,7 +176,8 @@ def test_chat_format_matches_reference(sp_model):
 
 
 def test_smolvlm_chat_format_matches_its_template():
-    """transformers' SmolVLMProcessor default template, rendered with jinja2 as transformers does."""
+    """transformers' SmolVLMProcessor default template, rendered with jinja2 as transformers does; the
+    turns also written as strings with <image> placeholders (the data format)."""
     import jinja2
     from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
@@ -184,14 +185,17 @@ def test_smolvlm_chat_format_matches_its_template():
     conversations = [
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is written here?"}]},
          {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
-         {"role": "user", "content": "<image>and this?"}],
-        [{"role": "system", "content": "Answer briefly."},
+         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and this?"}]}],
+        [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
          {"role": "user", "content": [{"type": "text", "text": "two"}, {"type": "image"}, {"type": "image"}]}],
     ]
     for messages in conversations:
+        inline = [{"role": m["role"], "content": "".join(p.get("text", "<image>") for p in m["content"])}
+                  for m in messages]
         for generation in (False, True):
             expected = template.render(messages=messages, add_generation_prompt=generation)
             assert apply_chat_template(messages, generation, chat_format="smolvlm") == expected
+            assert apply_chat_template(inline, generation, chat_format="smolvlm") == expected
     with pytest.raises(ValueError, match="chat_format 'llava' is not one of"):
         apply_chat_template(conversations[0], chat_format="llava")
 

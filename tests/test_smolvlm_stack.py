@@ -69,6 +69,14 @@ def smolvlm(tmp_path_factory, seed):
     return path, model, data, processor
 
 
+def split_placeholders(text: str) -> list[str]:
+    """A record's string content as parts: its text pieces, "" for each <image> (the data format)."""
+    parts = []
+    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
+        parts += ([""] if k else []) + ([piece] if piece else [])
+    return parts
+
+
 def conversations(rng):
     images = make_images(rng)
     first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is written here?"}]}]
@@ -193,7 +201,10 @@ def test_pipeline_samples_equal_transformers_processor(smolvlm):
             record = json.loads(line)
             sample = encode(record, np.random.default_rng(0))
             if source == "conversations":
-                text = processor.apply_chat_template(record["messages"])
+                parts = [{"role": m["role"], "content": [{"type": "text", "text": piece} if piece else {"type": "image"}
+                                                         for piece in split_placeholders(m["content"])]}
+                         for m in record["messages"]]
+                text = processor.apply_chat_template(parts)
                 answer = record["messages"][-1]["content"]
                 refs = record["images"]
             else:

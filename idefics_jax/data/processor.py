@@ -37,7 +37,7 @@ Message = Mapping[str, Any]  # {"role": "user", "content": [{"type": "image"}, {
 # The chat formats, by the model type that uses each, and what a prompt opens with: Idefics2's
 # template, Idefics3's (the same after Llama 3's `<|begin_of_text|>`, as its checkpoint's
 # chat_template.json writes it) and SmolVLM's (after `<|im_start|>`, transformers' `SmolVLMProcessor`
-# default template, which also writes a string content after `Role: ` always).
+# default template).
 CHAT_FORMATS = {"idefics2": "", "idefics3": "<|begin_of_text|>", "smolvlm": "<|im_start|>"}
 
 
@@ -48,16 +48,16 @@ def check_chat_format(chat_format: str) -> str:
 
 
 def render_turn(message: Message, chat_format: str = "idefics2") -> str:
-    """One chat turn as Idefics2's template writes it. Content is a list of parts, or a string
-    whose `<image>` placeholders stand for image parts. An assistant turn may be the empty string
-    (a model may answer nothing at all: "Assistant: <end_of_utterance>", as the template writes an
-    empty text part); other turns need content. SmolVLM's template writes a string content after
-    `Role: ` always (a list opening with an image after `Role:`, as Idefics2's)."""
+    """One chat turn as Idefics2's template writes it (Idefics3's and SmolVLM's write turns alike).
+    Content is a list of parts, or a string whose `<image>` placeholders stand for image parts (our
+    records' form: written as the template writes those parts). An assistant turn may be the empty
+    string (a model may answer nothing at all: "Assistant: <end_of_utterance>", as the template
+    writes an empty text part); other turns need content."""
     content = message["content"]
     if not content and not (content == "" and message["role"] == "assistant"):
         raise ValueError(f"A {message['role']!r} turn has no content")
     if isinstance(content, str):
-        opens_with_image = chat_format != "smolvlm" and content.startswith(IMAGE_TOKEN)
+        opens_with_image = content.startswith(IMAGE_TOKEN)
         content = [{"type": "text", "text": content}]
     else:
         opens_with_image = content[0]["type"] == "image"
