@@ -87,13 +87,11 @@ def check(directory: str, tokenizer_path: str | None, image_seq_len: int, max_le
     tiles of that side as Idefics3 / SmolVLM do); shows the first `samples` and prints the counts,
     problems by reason; 1 when some record cannot be used."""
     source = open_source(directory, fmt or source_format(directory), **options)
-    tokenizer = open_tokenizer(tokenizer_path) if tokenizer_path else None
-    if tile:
-        processor = TiledProcessor(tokenizer, TileImageProcessor(longest_edge=4 * tile, tile=tile), image_seq_len,
-                                   "smolvlm")
-    else:
-        processor = Processor(tokenizer, ImageProcessor(), image_seq_len)
-    encoder = SampleEncoder(processor, base_dir=source.base_dir, max_length=max_length) if tokenizer else None
+    tokenizer, encoder = open_tokenizer(tokenizer_path) if tokenizer_path else None, None
+    if tokenizer:
+        processor = (TiledProcessor(tokenizer, TileImageProcessor(4 * tile, tile), image_seq_len, "smolvlm") if tile
+                     else Processor(tokenizer, ImageProcessor(), image_seq_len))
+        encoder = SampleEncoder(processor, base_dir=source.base_dir, max_length=max_length)
     problems, lengths = Counter(), []
     print(f"{directory}: {source}" + ("" if tokenizer else " (records read; give --tokenizer to encode them)"))
     for i in range(len(source)):

@@ -20,8 +20,8 @@ from idefics_jax.train.step import init_state, make_train_step
 from helpers.training import tiny_batch, tiny_config
 
 
-def train_steps(lora: LoraConfig, seed: int, steps: int = 3):
-    config = tiny_config()
+def train_steps(lora: LoraConfig, seed: int, steps: int = 3, model_type: str = "idefics2"):
+    config = tiny_config("perceiver" if model_type == "idefics2" else "pixel_shuffle", model_type=model_type)
     model = Idefics2(config)
     tx, _ = make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=10, trainable_mask=trainable(lora))
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -69,15 +69,17 @@ def test_merged_kernel_equals_base_plus_adapter(dora, seed):
     np.testing.assert_allclose(x @ np.asarray(adapted_kernel(w, entry, lora)), unmerged, rtol=1e-5, atol=1e-5)
 
 
-def test_dora_trains_only_adapters_and_its_merged_checkpoint_exports_to_transformers(seed, tmp_path):
-    from transformers import Idefics2ForConditionalGeneration
+@pytest.mark.parametrize("model_type", ["idefics2", "smolvlm"])
+def test_dora_trains_only_adapters_and_its_merged_checkpoint_exports_to_transformers(model_type, seed, tmp_path):
+    import transformers
 
     lora = LoraConfig(rank=4, dora=True, towers=("vision", "text"))
-    config, model, before, params = train_steps(lora, seed)
+    config, model, before, params = train_steps(lora, seed, model_type=model_type)
     only_adapters_and_unadapted_towers_changed(before, params, dora=True)
     merged = merge(params, lora)
     save_hf_checkpoint(tmp_path / "hf", config, merged)
-    reference = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    cls = {"idefics2": "Idefics2", "smolvlm": "SmolVLM"}[model_type] + "ForConditionalGeneration"
+    reference = getattr(transformers, cls).from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     ids = np.random.default_rng(seed).integers(3, 1000, (1, 24))
     with torch.no_grad():
         ref = reference(input_ids=torch.tensor(ids)).logits.numpy()

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from helpers.http import image_part, request
+from helpers.server_requests import image_part, request
 from idefics_jax.inference.sampling import Sampling
 from idefics_jax.cli.serve import main, make_server, parser
 

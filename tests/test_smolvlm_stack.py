@@ -19,11 +19,12 @@ from PIL import Image
 
 from helpers.generation import NEW, assert_same_greedy_tokens, hf_generate
 from helpers.inputs import make_images
+from helpers.successors import VISION, build_hf
 from helpers.training import load_config
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
 from idefics_jax.data.synthetic import JSON_ROLES, JSON_SPECIAL_TOKENS, generate
 
-TILE, LONGEST = 56, 112  # vision image size; the whole image's longest edge (up to 2 x 2 tiles)
+TILE, LONGEST = VISION["image_size"], 112  # the tile; the whole image's longest edge (up to 2 x 2 tiles)
 
 
 def reference_processor(path, image_seq_len: int):
@@ -42,29 +43,13 @@ def reference_processor(path, image_seq_len: int):
 def smolvlm(tmp_path_factory, seed):
     """(a Hugging Face SmolVLM directory with its processor files, its torch model, the synthetic
     data its tokenizer was trained on, transformers' processor)."""
-    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
-
     data = tmp_path_factory.mktemp("smolvlm_data")
     generate(data, num=40, seed=seed % 1000, formats=("jsonl",), easy=True, tokenizer="json")
-    text = dict(model_type="llama", vocab_size=1024, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
-                pad_token_id=1, tie_word_embeddings=True)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=TILE,
-                  patch_size=7)
-    config = SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=2, image_token_id=3,
-                           tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.1 * torch.randn_like(param))
-    model.config._attn_implementation = "eager"
-    model.eval()
+    model = build_hf("smolvlm", seed, vocab_size=1024, image_token_id=3, pad_token_id=1)  # the tokenizer's ids
     path = tmp_path_factory.mktemp("smolvlm_hf")
     model.save_pretrained(path)
     (path / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
-    processor = reference_processor(path, image_seq_len=(TILE // 7) ** 2 // 4)
+    processor = reference_processor(path, image_seq_len=(TILE // VISION["patch_size"]) ** 2 // 16)  # shuffle 4
     processor.save_pretrained(path)
     return path, model, data, processor
 
@@ -153,7 +138,7 @@ def test_server_answers_tiled_requests_together_as_each_alone(smolvlm, tmp_path,
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from helpers.http import image_part, request
+    from helpers.server_requests import image_part, request
     from idefics_jax.cli.serve import make_server, parser
 
     path, _, _, _ = smolvlm

@@ -51,7 +51,8 @@ def test_sharded_step_on_eight_simulated_devices_equals_one_device(seed, tmp_pat
     assert "scanned + remat accum 1: loss" in result.stdout and "(2, 2, 2) accum 2: loss" in result.stdout
     assert result.stdout.count("restored onto mesh") == 2, result.stdout
     for variant in ("mlp, fully_autoregressive, idefics2", "pixel_shuffle, fully_autoregressive, idefics2",
-                    "perceiver, cross_attention, idefics2", "pixel_shuffle, fully_autoregressive, idefics3"):
+                    "perceiver, cross_attention, idefics2", "pixel_shuffle, fully_autoregressive, idefics3",
+                    "pixel_shuffle, fully_autoregressive, idefics3 scanned + remat"):
         assert f"connector {variant}, mesh (2, 2, 2)" in result.stdout, result.stdout
     assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-4000:]
 
