@@ -204,3 +204,28 @@ def test_placeholder_count_mismatch_is_an_error(sp_model):
     ours = Processor(Tokenizer(sp_model[1]), ImageProcessor(), image_seq_len=4)
     with pytest.raises(ValueError, match="Prompt 0 has 2 <image> placeholder.*but 1 image"):
         ours(["<image><image>two"], [[Image.new("RGB", (8, 8))]])
+
+
+def test_a_checkpoints_chat_template_is_told_apart(tmp_path):
+    """The processor's template a directory ships (any of its three files) is matched to the format
+    that writes it; a tokenizer's own template is not the processor's; an unknown one is named."""
+    import json
+
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    from idefics_jax.checkpoints.processor import chat_format_of
+
+    cases = [("chat_template.json", HF_CHAT_TEMPLATE, "idefics2"),
+             ("processor_config.json", "<|begin_of_text|>" + HF_CHAT_TEMPLATE, "idefics3"),
+             ("chat_template.jinja", DEFAULT_CHAT_TEMPLATE, "smolvlm")]
+    for k, (name, template, expected) in enumerate(cases):
+        directory = tmp_path / str(k)
+        directory.mkdir()
+        (directory / name).write_text(template if name.endswith(".jinja") else json.dumps({"chat_template": template}))
+        assert chat_format_of(directory, "idefics3") == expected
+    llama = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": llama}))
+    assert chat_format_of(tmp_path, "idefics3") == "idefics3"  # no processor template: the model type's
+    (tmp_path / "chat_template.jinja").write_text(llama)
+    with pytest.raises(ValueError, match=r"chat_template.jinja writes a format idefics_jax does not know"):
+        chat_format_of(tmp_path, "idefics3")

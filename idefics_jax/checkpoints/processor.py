@@ -96,9 +96,11 @@ _PROBE = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
 
 
 def chat_template_of(directory: Path) -> tuple[str, Path] | None:
-    """(the chat template a checkpoint directory ships, the file it is in), or None."""
+    """(the chat template a checkpoint directory ships for its processor, the file it is in), or
+    None. A template in `tokenizer_config.json` is the text tokenizer's (Llama 3 Instruct's in
+    Idefics3's directory): transformers' processors do not read it, nor do we."""
     for name, key in (("chat_template.jinja", None), ("chat_template.json", "chat_template"),
-                      ("processor_config.json", "chat_template"), ("tokenizer_config.json", "chat_template")):
+                      ("processor_config.json", "chat_template")):
         path = directory / name
         if path.exists():
             template = path.read_text() if key is None else json.loads(path.read_text()).get(key)
