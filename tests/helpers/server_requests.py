@@ -1,4 +1,4 @@
-"""Requests to the HTTP server (tests/test_serve.py, tests/test_smolvlm_stack.py)."""
+"""Requests to the HTTP server (tests/test_serve.py, tests/test_successor_stack.py)."""
 
 from __future__ import annotations
 

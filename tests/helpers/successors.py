@@ -1,5 +1,5 @@
 """Tiny random Idefics3 and SmolVLM models made with transformers (tests/test_idefics3.py,
-tests/test_smolvlm_stack.py)."""
+tests/test_successor_stack.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""SmolVLM through the whole stack: a checkpoint directory as transformers saves it (tokenizer.json,
-the image processor's settings, the chat template) loaded, prompted and answered as transformers
-does; the pipeline's samples equal to transformers' processor; the tiny SmolVLM config trained,
-evaluated, chatted with and exported.
+"""SmolVLM and Idefics3 through the whole stack: a checkpoint directory as transformers saves it
+(tokenizer.json, the image processor's settings, the chat template) loaded, prompted and answered
+as transformers does, chatted with and served; the pipeline's samples equal to transformers'
+processor; the tiny SmolVLM config trained, evaluated and exported; the SmolVLM SFT config run.
 
 transformers' `SmolVLMProcessor` needs packages we do not install (num2words, torchvision, for its
 video frames); its image prompt is `Idefics3Processor`'s, so the reference processor is
@@ -22,36 +22,64 @@ from helpers.inputs import make_images
 from helpers.successors import VISION, build_hf
 from helpers.training import load_config
 from idefics_jax.data.image_tokens import IMAGE_TOKEN
+from idefics_jax.data.json_tokenizer import train_json_tokenizer
 from idefics_jax.data.synthetic import JSON_ROLES, JSON_SPECIAL_TOKENS, generate
 
 TILE, LONGEST = VISION["image_size"], 112  # the tile; the whole image's longest edge (up to 2 x 2 tiles)
 
 
-def reference_processor(path, image_seq_len: int):
+# Idefics3's tokenizer (Llama 3's kind, a BOS put by its template) on the same texts: its special tokens first
+LLAMA_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", *JSON_SPECIAL_TOKENS[2:])
+LLAMA_ROLES = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|end_of_text|>"}
+
+
+def reference_processor(path, model_type: str, image_seq_len: int):
+    """transformers' processor of the model type, on the directory's tokenizer.json."""
     from transformers import Idefics3Processor, PreTrainedTokenizerFast
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
     from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **JSON_ROLES,
-                                        additional_special_tokens=list(JSON_SPECIAL_TOKENS[2:]))
+    from idefics_jax.data.processor import HF_CHAT_TEMPLATE
+
+    smolvlm = model_type == "smolvlm"
+    specials, roles = (JSON_SPECIAL_TOKENS, JSON_ROLES) if smolvlm else (LLAMA_SPECIAL_TOKENS, LLAMA_ROLES)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **roles,
+                                        additional_special_tokens=list(specials[2:]))
     tokenizer.padding_side = "left"
-    images = SmolVLMImageProcessorPil(size={"longest_edge": LONGEST}, max_image_size={"longest_edge": TILE})
-    return Idefics3Processor(images, tokenizer, image_seq_len=image_seq_len, chat_template=DEFAULT_CHAT_TEMPLATE)
+    sizes = dict(size={"longest_edge": LONGEST}, max_image_size={"longest_edge": TILE})
+    images = SmolVLMImageProcessorPil(**sizes) if smolvlm else Idefics3ImageProcessorPil(**sizes)
+    template = DEFAULT_CHAT_TEMPLATE if smolvlm else "<|begin_of_text|>" + HF_CHAT_TEMPLATE  # Idefics3-8B's
+    return Idefics3Processor(images, tokenizer, image_seq_len=image_seq_len, chat_template=template)
+
+
+@pytest.fixture(scope="module", params=["smolvlm", "idefics3"])
+def successor(request, tmp_path_factory, seed):
+    """(the model type, a Hugging Face directory of it with its processor files, its torch model, the
+    synthetic data its tokenizer was trained on, transformers' processor)."""
+    model_type = request.param
+    data = tmp_path_factory.mktemp("smolvlm_data")
+    generate(data, num=40, seed=seed % 1000, formats=("jsonl",), easy=True, tokenizer="json")
+    path = tmp_path_factory.mktemp(model_type)
+    if model_type == "smolvlm":  # the synthetic data's own tokenizer
+        (path / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
+    else:
+        texts = [line for source in ("conversations", "pairs") for line in (data / source / "data.jsonl").open()]
+        (path / "tokenizer.json").write_text(train_json_tokenizer(texts, 1024, LLAMA_SPECIAL_TOKENS,
+                                                                  bos_token="<|begin_of_text|>"))
+    model = build_hf(model_type, seed, vocab_size=1024, image_token_id=3, pad_token_id=1)  # the tokenizers' ids
+    model.save_pretrained(path)
+    processor = reference_processor(path, model_type,
+                                    image_seq_len=(TILE // VISION["patch_size"]) ** 2 // model.config.scale_factor ** 2)
+    processor.save_pretrained(path)
+    return model_type, path, model, data, processor
 
 
 @pytest.fixture(scope="module")
-def smolvlm(tmp_path_factory, seed):
-    """(a Hugging Face SmolVLM directory with its processor files, its torch model, the synthetic
-    data its tokenizer was trained on, transformers' processor)."""
-    data = tmp_path_factory.mktemp("smolvlm_data")
-    generate(data, num=40, seed=seed % 1000, formats=("jsonl",), easy=True, tokenizer="json")
-    model = build_hf("smolvlm", seed, vocab_size=1024, image_token_id=3, pad_token_id=1)  # the tokenizer's ids
-    path = tmp_path_factory.mktemp("smolvlm_hf")
-    model.save_pretrained(path)
-    (path / "tokenizer.json").write_bytes((data / "tokenizer.json").read_bytes())
-    processor = reference_processor(path, image_seq_len=(TILE // VISION["patch_size"]) ** 2 // 16)  # shuffle 4
-    processor.save_pretrained(path)
-    return path, model, data, processor
+def smolvlm(successor):
+    if successor[0] != "smolvlm":
+        pytest.skip("SmolVLM only")
+    return successor[1:]
 
 
 def split_placeholders(text: str) -> list[str]:
@@ -73,27 +101,28 @@ def conversations(rng):
     return [first, second], [[images[9]], [images[1], images[14]]]
 
 
-def test_a_transformers_directory_loads_with_its_processor(smolvlm):
+def test_a_transformers_directory_loads_with_its_processor(successor):
     from idefics_jax.checkpoints import load
     from idefics_jax.data.image_tiles import TileImageProcessor
     from idefics_jax.data.json_tokenizer import JsonTokenizer
 
-    path, _, _, _ = smolvlm
+    model_type, path, _, _, _ = successor
     loaded = load(path)
-    assert loaded.config.model_type == "smolvlm" and loaded.chat_format == "smolvlm"
-    assert isinstance(loaded.tokenizer, JsonTokenizer) and loaded.tokenizer.eos_token == "<end_of_utterance>"
+    assert loaded.config.model_type == model_type and loaded.chat_format == model_type
+    roles = JSON_ROLES if model_type == "smolvlm" else LLAMA_ROLES
+    assert isinstance(loaded.tokenizer, JsonTokenizer) and loaded.tokenizer.eos_token == roles["eos_token"]
     assert loaded.image_processor == TileImageProcessor(longest_edge=LONGEST, tile=TILE, do_image_splitting=True)
     assert loaded.processor().tiled and not loaded.processor(split=False).image_processor.do_image_splitting
 
 
-def test_prompts_and_greedy_answers_equal_transformers(smolvlm, seed):
+def test_prompts_and_greedy_answers_equal_transformers(successor, seed):
     """Chat prompts with tiled images (a system turn, an earlier answer, a text-only last turn) through
     our Assistant: the same token ids and pixels as transformers' processor, then the same greedy tokens
-    as SmolVLM's `generate`."""
+    as its `generate`."""
     from idefics_jax.checkpoints import load
     from idefics_jax.inference.assistant import Assistant
 
-    path, model, _, processor = smolvlm
+    _, path, model, _, processor = successor
     convs, images = conversations(np.random.default_rng([seed, 90]))
     assistant = Assistant(load(path))
     ours = assistant.prepare(convs, images)
@@ -112,11 +141,11 @@ def test_prompts_and_greedy_answers_equal_transformers(smolvlm, seed):
     assert_same_greedy_tokens(new, expected, scores)
 
 
-def test_chat_reuses_its_cache_and_answers_as_the_whole_conversation(smolvlm, seed):
+def test_chat_reuses_its_cache_and_answers_as_the_whole_conversation(successor, seed):
     from idefics_jax.checkpoints import load
     from idefics_jax.inference.assistant import Assistant
 
-    path, _, _, _ = smolvlm
+    path = successor[1]
     assistant = Assistant(load(path))
     images = make_images(np.random.default_rng([seed, 91]))
     chat = assistant.chat(max_new_tokens=6)
@@ -132,7 +161,7 @@ def test_chat_reuses_its_cache_and_answers_as_the_whole_conversation(smolvlm, se
     assert chat.conversation.reused > 0
 
 
-def test_server_answers_tiled_requests_together_as_each_alone(smolvlm, tmp_path, seed):
+def test_server_answers_tiled_requests_together_as_each_alone(successor, tmp_path, seed):
     """Two requests at once (tiled images in one, split as the checkpoint says; one image whole in
     the other): each answer is `Assistant.reply`'s for it alone."""
     import threading
@@ -141,7 +170,7 @@ def test_server_answers_tiled_requests_together_as_each_alone(smolvlm, tmp_path,
     from helpers.server_requests import image_part, request
     from idefics_jax.cli.serve import make_server, parser
 
-    path, _, _, _ = smolvlm
+    path = successor[1]
     images = make_images(np.random.default_rng([seed, 92]))
     for name, k in (("a.png", 9), ("b.png", 14)):
         images[k].convert("RGB").save(tmp_path / name)
@@ -169,19 +198,19 @@ def test_server_answers_tiled_requests_together_as_each_alone(smolvlm, tmp_path,
         server.close()
 
 
-def test_pipeline_samples_equal_transformers_processor(smolvlm):
+def test_pipeline_samples_equal_transformers_processor(successor):
     """Conversation and caption records of the synthetic data, encoded for training with tiles: the
     token ids of transformers' processor on the chat template's text (answers included), targets on
     the answers, and the same tiles."""
     from idefics_jax.data.pipeline import EncodeRecord, SourceConfig
     from idefics_jax.data.json_tokenizer import JsonTokenizer
 
-    path, _, data, processor = smolvlm
-    tokenizer = JsonTokenizer(data / "tokenizer.json")
+    model_type, path, _, data, processor = successor
+    tokenizer = JsonTokenizer(path / "tokenizer.json")
     for source in ("conversations", "pairs"):
         config = SourceConfig(name=source, path=str(data / source), longest_edge=LONGEST, split_probability=1.0)
         encode = EncodeRecord(config, str(data / source), tokenizer, processor.image_seq_len, seed=0, strict=True,
-                              tile=TILE, chat_format="smolvlm")
+                              tile=TILE, chat_format=model_type)
         for line in (data / source / "data.jsonl").read_text().splitlines()[:4]:
             record = json.loads(line)
             sample = encode(record, np.random.default_rng(0))
@@ -193,7 +222,7 @@ def test_pipeline_samples_equal_transformers_processor(smolvlm):
                 answer = record["messages"][-1]["content"]
                 refs = record["images"]
             else:
-                text, answer, refs = IMAGE_TOKEN + record["text"] + "<end_of_utterance>", None, [record["image"]]
+                text, answer, refs = IMAGE_TOKEN + record["text"] + tokenizer.eos_token, None, [record["image"]]
             pictures = [Image.open(data / source / ref) for ref in refs]
             theirs = processor(text=[text], images=[pictures], return_tensors="np")
             np.testing.assert_array_equal(sample["input_ids"], theirs["input_ids"][0])
@@ -203,7 +232,7 @@ def test_pipeline_samples_equal_transformers_processor(smolvlm):
             if answer is not None:
                 assert targets == f" {answer}<end_of_utterance>"
             else:  # the caption and its end, none of the image's prompt
-                assert targets == record["text"] + "<end_of_utterance>"
+                assert targets == record["text"] + tokenizer.eos_token
 
 
 def test_tiny_smolvlm_config_trains_evaluates_and_exports(tmp_path, seed):
