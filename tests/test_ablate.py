@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from idefics_jax.cli import ablate
 from idefics_jax.data.synthetic_tasks import TASKS
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import jax
 from etils import epath
 
+from idefics_jax.config import TILED_MODEL_TYPES
+from idefics_jax.data.json_tokenizer import JsonTokenizer, open_tokenizer, tokenizer_path
 from idefics_jax.data.packing import PackConfig
 from idefics_jax.data.pipeline import Pipeline, SourceConfig
 from idefics_jax.data.synthetic import generate
-from idefics_jax.config import TILED_MODEL_TYPES
-from idefics_jax.data.json_tokenizer import JsonTokenizer, open_tokenizer, tokenizer_path
 from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.paths import as_path, is_url
 from idefics_jax.sharding import batch_sharding
