@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
+from helpers.inputs import make_images
 from idefics_jax.data.image_tokens import END_OF_UTTERANCE, FAKE_TOKEN, GLOBAL_IMAGE, IMAGE_TOKEN, tile_tag
 from idefics_jax.data.json_tokenizer import JsonTokenizer, train_json_tokenizer
 
@@ -66,8 +67,10 @@ def test_special_spellings_are_disarmed_pickled_and_errors_named(tokenizer_dir):
 
 
 def test_tiled_processor_equals_idefics3s(tokenizer_dir, seed):
-    """Prompts with tiled images, a single-tile image and none, through our TiledProcessor and
-    transformers' Idefics3Processor on the same tokenizer: the same token ids, masks and pixels."""
+    """Prompts with tiled images, a single-tile image and none, and each of the odd images alone
+    (`make_images`: 1 px, extreme aspect ratios, palette, grey, alpha, CMYK, 16-bit, ...), through
+    our TiledProcessor and transformers' Idefics3Processor on the same tokenizer: the same token ids,
+    masks and pixels."""
     from transformers import Idefics3Processor, PreTrainedTokenizerFast
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
@@ -94,5 +97,11 @@ def test_tiled_processor_equals_idefics3s(tokenizer_dir, seed):
     np.testing.assert_array_equal(got["attention_mask"], expected["attention_mask"])
     np.testing.assert_allclose(got["pixel_values"], np.moveaxis(expected["pixel_values"], 2, -1), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(got["pixel_attention_mask"], expected["pixel_attention_mask"].astype(bool))
+    for i, odd in enumerate(make_images(np.random.default_rng([seed, 83]))):  # each of the odd images alone
+        text = f"User:{IMAGE_TOKEN}{rng.choice(words)}{END_OF_UTTERANCE}\nAssistant:"
+        expected, got = reference(text=[text], images=[[odd]], return_tensors="np"), ours([text], [[odd]])
+        np.testing.assert_array_equal(got["input_ids"], expected["input_ids"], err_msg=f"image {i}")
+        np.testing.assert_allclose(got["pixel_values"], np.moveaxis(expected["pixel_values"], 2, -1), atol=1e-5,
+                                   rtol=0, err_msg=f"image {i} {odd.mode} {odd.size}")
     text_only = ours(["User: hello"])
     assert "pixel_values" not in text_only and text_only["input_ids"][0, 0] == ours.tokenizer.bos_id
