@@ -4,11 +4,12 @@
     python -m idefics_jax.generate --checkpoint DIR --image a.png --image b.png --prompt "<image>vs<image>: which is larger?"
     python -m idefics_jax.generate --checkpoint DIR --image photo.png --chat      # a conversation on stdin
 
-DIR is a Hugging Face Idefics2 directory, an idefics_jax checkpoint or a training workdir.
+DIR is a Hugging Face Idefics2, Idefics3 or SmolVLM directory, an idefics_jax checkpoint or a
+training workdir.
 Without `<image>` placeholders the images go before the prompt's text. `--split` gives each
 Idefics2 image 320 visual tokens (4 crops + the whole image) instead of 64, each Idefics3 / SmolVLM
-image a grid of tiles (`--no-split`: one); by default as the checkpoint's image settings say. In chat mode every line is a user
-turn; `/image PATH` attaches an image to the next turn, `/retry` answers the last turn again (a
+image a grid of tiles (`--no-split`: one); by default as the checkpoint's image settings say. In
+chat mode every line is a user turn; `/image PATH` attaches an image to the next turn, `/retry` answers the last turn again (a
 new draw when sampling), `/reset` starts over, an empty line or end of input quits. Each turn
 prefills only what is new (the KV cache is kept); when the conversation outgrows the model's
 context, its oldest turns are dropped (a `--system` message stays).

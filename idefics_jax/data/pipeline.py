@@ -6,6 +6,9 @@
         ...
     state = pipeline.get_state()  # JSON-serialisable; Pipeline(...).set_state(state) resumes exactly
 
+`tile` (Idefics3, SmolVLM: the vision tower's image size) cuts images into tiles as their processor
+does, one tile per image slot; `chat_format` writes conversations (`data.processor.CHAT_FORMATS`).
+
 Per source: its records are split across hosts (`shard_index` / `shard_count`, by default
 `jax.process_index()` / `jax.process_count()`), shuffled (a new order every epoch), repeated,
 and encoded (images decoded and resized, prompt tokenized) by `SampleEncoder`. The sources are
@@ -110,9 +113,10 @@ class EncodeRecord:
 
 
 def build_dataset(sources: Sequence[SourceConfig], tokenizer: Tokenizer, pack: PackConfig, batch_size: int, *,
-                  image_seq_len: int = 64, tile: int = 0, chat_format: str = "idefics2", seed: int = 0, shard_index: int | None = None,
-                  shard_count: int | None = None, num_workers: int = 0, strict: bool = False,
-                  repeat: bool = True, read_threads: int = 16, read_buffer: int = 500) -> grain.IterDataset:
+                  image_seq_len: int = 64, tile: int = 0, chat_format: str = "idefics2", seed: int = 0,
+                  shard_index: int | None = None, shard_count: int | None = None, num_workers: int = 0,
+                  strict: bool = False, repeat: bool = True, read_threads: int = 16,
+                  read_buffer: int = 500) -> grain.IterDataset:
     if not sources:
         raise ValueError("The pipeline needs at least one source")
     names = [s.name for s in sources]

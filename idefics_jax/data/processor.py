@@ -194,7 +194,8 @@ class TiledProcessor(Processor):
     def image_prompt_mask(self, ids: np.ndarray) -> np.ndarray:
         """Also the global image's and the tiles' tags, and the line breaks after each row of tiles
         (the whitespace between two such tokens)."""
-        tags = [i for token, i in self.tokenizer.special_tokens.items() if token == GLOBAL_IMAGE or TILE_TAG.fullmatch(token)]
+        tags = [i for token, i in self.tokenizer.special_tokens.items()
+                if token == GLOBAL_IMAGE or TILE_TAG.fullmatch(token)]
         mask = super().image_prompt_mask(ids) | np.isin(ids, tags)
         edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1  # where each run after the first starts
         starts, ends = edges[mask[edges - 1]], edges[~mask[edges - 1]]  # text after / before a prompt's token
