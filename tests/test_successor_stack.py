@@ -193,7 +193,7 @@ def test_server_answers_tiled_requests_together_as_each_alone(successor, tmp_pat
                                     max_new_tokens=4, split=False)]
         for (status, reply), answer in zip(replies, expected):
             assert status == 200, reply
-            assert reply["choices"][0]["message"]["content"] == answer
+            assert reply["choices"][0]["message"]["content"] == answer and reply["model"] == successor[0]
     finally:
         server.close()
 

@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds a request waits for a place when the queue is full, before a 503 with Retry-After")
     p.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="the most pixels an image of a request may have (refused from its header, with a 400)")
-    p.add_argument("--model_name", default="idefics2", help="the model id that /v1/models lists")
+    p.add_argument("--model_name", default=None, help="the model id that /v1/models lists (default: the "
+                   "checkpoint's model type, idefics2, idefics3 or smolvlm)")
     p.add_argument("--tokenizer", help="a sentencepiece .model or a tokenizer.json (default: the checkpoint's)")
     add_device_arguments(p)
     return p

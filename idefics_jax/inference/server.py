@@ -310,11 +310,11 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = BACKLOG
 
-    def __init__(self, assistant, host: str = "127.0.0.1", port: int = 8000, *, model_name: str = "idefics2",
+    def __init__(self, assistant, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
                  max_batch: int = 8, batch_window: float = 0.01, max_columns: int | None = None,
                  decode_chunk: int = 1, max_queue: int | None = None, queue_timeout: float = 10.0,
                  max_image_pixels: int | None = MAX_IMAGE_PIXELS):
-        self.model_name = model_name
+        self.model_name = model_name or assistant.loaded.config.model_type  # idefics2, idefics3 or smolvlm
         self.max_image_pixels = max_image_pixels
         self.queue_timeout = queue_timeout
         self.places = threading.BoundedSemaphore(max_batch + (4 * max_batch if max_queue is None else max_queue))
