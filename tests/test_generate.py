@@ -291,4 +291,5 @@ def test_generation_on_eight_simulated_devices(hf_dir, seed):
     assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     assert result.stdout.count("equal: True") == 11 and "placed False" not in result.stdout, result.stdout
     assert result.stdout.count("kept True") == 2, result.stdout  # read into shards, not placed again
+    assert "int8 checkpoint read into mesh (1, 2, 4) shards" in result.stdout, result.stdout
     assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-4000:]  # a replicated op

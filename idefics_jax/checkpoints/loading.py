@@ -21,7 +21,7 @@ from typing import Any
 import jax
 
 from idefics_jax.checkpoints.hf import load_hf_checkpoint
-from idefics_jax.checkpoints.params import ParamsReader, abstract_params, load_checkpoint
+from idefics_jax.checkpoints.params import load_checkpoint
 from idefics_jax.checkpoints.processor import chat_format_of, image_processor_from, training_image_processor
 from idefics_jax.checkpoints.workdir import CHECKPOINTS, restore_workdir, tokenizer_of, training_config
 from idefics_jax.config import Idefics2Config
@@ -31,8 +31,7 @@ from idefics_jax.data.json_tokenizer import JsonTokenizer, open_tokenizer, token
 from idefics_jax.data.processor import Processor, check_tokenizer, make_processor
 from idefics_jax.data.tokenizer import Tokenizer
 from idefics_jax.models.idefics2 import Idefics2
-from idefics_jax.models.quantize import (check_quantize, is_quantized, quantize_params, quantized_layout,
-                                         quantized_shardings)
+from idefics_jax.models.quantize import check_quantize, is_quantized, quantize_params
 from idefics_jax.paths import as_path
 from idefics_jax.sharding import param_shardings
 
@@ -91,9 +90,7 @@ def load(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None, dt
         description = f"training workdir {path} at step {step}"
     else:
         config = Idefics2Config.from_json_file(path / "config.json")
-        shardings = None if mesh is None else param_shardings(Idefics2(config), mesh)
-        if kind == "idefics_jax" and shardings is not None and ParamsReader(path).quantized:
-            shardings = quantized_shardings(shardings, quantized_layout(abstract_params(config)))
+        shardings = None if mesh is None else param_shardings(Idefics2(config), mesh)  # a quantised one's too
         read = load_hf_checkpoint if kind == "hf" else load_checkpoint
         config, params = read(path, shardings=shardings, dtype=dtype)
         default_tokenizer, images = tokenizer_path(path), image_processor_from(path, config)

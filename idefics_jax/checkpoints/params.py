@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from idefics_jax.config import Idefics2Config
 from idefics_jax.models.idefics2 import Idefics2
-from idefics_jax.models.quantize import SCALE, has_scales, quantized_layout
+from idefics_jax.models.quantize import SCALE, has_scales, quantized_layout, quantized_shardings
 from idefics_jax.paths import as_path
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -107,12 +107,16 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, on_device: bool = True, shar
                     dtype=None):
     """Reads a checkpoint written by `save_checkpoint`; returns `(config, params)`.
 
-    shardings: optional tree of `jax.sharding.Sharding` (the params' structure): each array is read
+    shardings: optional tree of `jax.sharding.Sharding` (the params' structure, the float model's
+    for a quantised checkpoint too: its scales are then split as their kernels): each array is read
     straight into its shards (on several hosts, each reads its own). dtype: cast as read (None: as stored)."""
     ckpt_dir = as_path(ckpt_dir, "Checkpoint directory")
     config, checkpointer, tree = _open(ckpt_dir)
     target_dtype = np_dtype(dtype)
     flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+    if flat_shardings and has_scales(traverse_util.flatten_dict(tree)) and not has_scales(flat_shardings):
+        flat_shardings = traverse_util.flatten_dict(
+            quantized_shardings(shardings, quantized_layout(abstract_params(config))))
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def restore_arg(path, stored):

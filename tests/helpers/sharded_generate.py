@@ -85,6 +85,19 @@ def check_int8(model, params, inputs):
     print(f"mesh (1, 2, 4), int8 weights laid out {specs}: equal: {np.array_equal(got, expected)}")
     if q_proj["kernel"].dtype != np.int8 or specs[1] != specs[0][1:] or not np.array_equal(got, expected):
         sys.exit(f"int8 on mesh (1, 2, 4): {q_proj['kernel'].dtype} laid out {specs}\n{got}\n{expected}")
+    # saved, then read straight into the mesh's shards with the float model's shardings
+    import tempfile
+
+    from idefics_jax.checkpoints import load_checkpoint, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as ours:
+        save_checkpoint(Path(ours) / "q", model.config, quantized)
+        _, read = load_checkpoint(Path(ours) / "q", shardings=param_shardings(model, mesh(1, 2, 4)))
+    placed = read["model"]["text_model"]["layers_0"]["self_attn"]["q_proj"]
+    read_specs = (tuple(placed["kernel"].sharding.spec), tuple(placed["kernel_scale"].sharding.spec))
+    print(f"int8 checkpoint read into mesh (1, 2, 4) shards as {read_specs}")
+    if read_specs != specs:
+        sys.exit(f"int8 checkpoint read into {read_specs}, Generator lays it out as {specs}")
 
 
 def check_sharded_loading(hf_dir, model, params, inputs, expected):
