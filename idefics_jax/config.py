@@ -416,6 +416,13 @@ def with_backbone_sizes(config: Idefics2Config, vision: str = "", text: str = ""
     return config
 
 
+def tile_side(model) -> int:
+    """The side of the tiles a model's processor cuts images into: the vision tower's image size for
+    Idefics3 and SmolVLM, 0 for Idefics2's processing. `model`: an `Idefics2Config` or a training
+    config's model section."""
+    return model.vision.image_size if model.model_type in TILED_MODEL_TYPES else 0
+
+
 def model_config(section) -> Idefics2Config:
     """The model a training config's `model` section (an `ml_collections.ConfigDict`) describes: its
     towers resized by `vision_size` / `text_size` when set; its other keys (dtypes, attention,

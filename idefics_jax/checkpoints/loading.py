@@ -86,7 +86,7 @@ def load(path: str | Path, *, tokenizer: str | Path | None = None, mesh=None, dt
         if dtype is not None:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
         default_tokenizer, images = tokenizer_of(path, run), training_image_processor(run)
-        chat_format = config.model_type
+        chat_format = None  # the model type's
         description = f"training workdir {path} at step {step}"
     else:
         config = Idefics2Config.from_json_file(path / "config.json")

@@ -11,9 +11,10 @@ from pathlib import Path
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from idefics_jax.config import TILED_MODEL_TYPES, Idefics2Config
+from idefics_jax.config import Idefics2Config, tile_side
 from idefics_jax.data.image_processing import ImageProcessor
 from idefics_jax.data.image_tiles import TileImageProcessor
+from idefics_jax.data.pipeline import SourceConfig
 from idefics_jax.data.processor import CHAT_FORMATS, apply_chat_template
 from idefics_jax.paths import as_path
 
@@ -50,8 +51,8 @@ def image_processor_from(directory: Path, config: Idefics2Config) -> ImageProces
         settings = json.loads(path.read_text()).get("image_processor") or {}
     size = settings.get("size") or {}
     mean, std = _mean_std(settings, path)
-    if config.model_type in TILED_MODEL_TYPES:
-        tile = (settings.get("max_image_size") or {}).get("longest_edge", config.vision.image_size)
+    if tile_side(config):
+        tile = (settings.get("max_image_size") or {}).get("longest_edge", tile_side(config))
         return TileImageProcessor(longest_edge=size.get("longest_edge", 4 * tile), tile=tile,
                                   do_image_splitting=settings.get("do_image_splitting", True), image_mean=mean,
                                   image_std=std, rescale_factor=settings.get("rescale_factor", 1 / 255))
@@ -79,13 +80,11 @@ def save_image_processor(directory: Path, images: ImageProcessor | TileImageProc
 
 
 def training_image_processor(config) -> ImageProcessor | TileImageProcessor:
-    """The image sizes a training config's (first) source was processed at."""
-    source = next(iter(config.data.sources.values()), {})
-    if config.model.model_type in TILED_MODEL_TYPES:
-        tile = config.model.vision.image_size
-        return TileImageProcessor(longest_edge=source.get("longest_edge", 4 * tile), tile=tile)
-    return ImageProcessor(longest_edge=source.get("longest_edge", 980), shortest_edge=source.get("shortest_edge", 378),
-                          image_sizing=source.get("image_sizing", config.data.get("image_sizing", "keep_aspect")))
+    """The image processing a training config's (first) source was processed with (as the pipeline
+    does it: `SourceConfig.image_processor`)."""
+    name, source = next(iter(config.data.sources.items()), ("", {"path": ""}))
+    source = {"image_sizing": config.data.get("image_sizing", "keep_aspect"), **dict(source)}
+    return SourceConfig(name=name, **source).image_processor(tile_side(config.model))
 
 
 # A conversation that tells the chat formats apart: a system turn, an image first, text first, an answer.

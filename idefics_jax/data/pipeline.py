@@ -77,26 +77,28 @@ class SourceConfig:
         if self.max_image_pixels <= 0:
             raise ValueError(f"Source '{self.name}': max_image_pixels must be positive, got {self.max_image_pixels}")
 
+    def image_processor(self, tile: int = 0) -> ImageProcessor | TileImageProcessor:
+        """The image processing of this source's settings: Idefics2's, or with `tile` (`config.tile_side`)
+        Idefics3's / SmolVLM's tiles of that side (`longest_edge` is then the whole image's)."""
+        if not tile:
+            return ImageProcessor(longest_edge=self.longest_edge, shortest_edge=self.shortest_edge,
+                                  max_pixels=self.max_image_pixels, image_sizing=self.image_sizing)
+        if self.image_sizing != "keep_aspect":
+            raise ValueError(f"Source '{self.name}': image_sizing={self.image_sizing!r} is Idefics2's processing; "
+                             f"tiled images (Idefics3, SmolVLM) keep the aspect ratio")
+        return TileImageProcessor(longest_edge=self.longest_edge, tile=tile, max_pixels=self.max_image_pixels)
+
 
 class EncodeRecord:
     """record -> encoded sample (or a `skipped` marker); picklable for worker processes.
 
-    tile: 0 for Idefics2's image processing, else the side of Idefics3's / SmolVLM's tiles (the
-    vision tower's image size; the source's `longest_edge` is then the whole image's)."""
+    tile: 0 for Idefics2's image processing, else the side of Idefics3's / SmolVLM's tiles
+    (`SourceConfig.image_processor`)."""
 
     def __init__(self, source: SourceConfig, base_dir: str, tokenizer: Tokenizer, image_seq_len: int,
                  seed: int, strict: bool, tile: int = 0, chat_format: str = "idefics2"):
         self.source, self.strict, self.seed = source, strict, seed
-        if tile:
-            if source.image_sizing != "keep_aspect":
-                raise ValueError(f"Source '{source.name}': image_sizing={source.image_sizing!r} is Idefics2's "
-                                 f"processing; tiled images (Idefics3, SmolVLM) keep the aspect ratio")
-            images = TileImageProcessor(longest_edge=source.longest_edge, tile=tile,
-                                        max_pixels=source.max_image_pixels)
-        else:
-            images = ImageProcessor(longest_edge=source.longest_edge, shortest_edge=source.shortest_edge,
-                                    max_pixels=source.max_image_pixels, image_sizing=source.image_sizing)
-        processor = make_processor(tokenizer, images, image_seq_len, chat_format)
+        processor = make_processor(tokenizer, source.image_processor(tile), image_seq_len, chat_format)
         self.encoders = {split: SampleEncoder(processor.with_splitting(split), base_dir=base_dir,
                                               max_length=source.max_length, source=source.name)
                          for split in (False, True)}

@@ -179,6 +179,9 @@ class TiledProcessor(Processor):
     def __init__(self, tokenizer, image_processor: TileImageProcessor, image_seq_len: int,
                  chat_format: str = "idefics3"):
         super().__init__(tokenizer, image_processor, image_seq_len, chat_format)
+        # the global image's and the tiles' tags (`image_prompt_mask`, per training sample: found once)
+        self._tag_ids = [i for token, i in tokenizer.special_tokens.items()
+                         if token == GLOBAL_IMAGE or TILE_TAG.fullmatch(token)]
 
     def read_image(self, source: ImageLike, *, uint8: bool = False) -> tuple[list[np.ndarray], tuple[int, int]]:
         """(the image's tiles then the whole image, uint8 or normalised; its (rows, cols) of tiles)."""
@@ -194,9 +197,7 @@ class TiledProcessor(Processor):
     def image_prompt_mask(self, ids: np.ndarray) -> np.ndarray:
         """Also the global image's and the tiles' tags, and the line breaks after each row of tiles
         (the whitespace between two such tokens)."""
-        tags = [i for token, i in self.tokenizer.special_tokens.items()
-                if token == GLOBAL_IMAGE or TILE_TAG.fullmatch(token)]
-        mask = super().image_prompt_mask(ids) | np.isin(ids, tags)
+        mask = super().image_prompt_mask(ids) | np.isin(ids, self._tag_ids)
         edges = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1  # where each run after the first starts
         starts, ends = edges[mask[edges - 1]], edges[~mask[edges - 1]]  # text after / before a prompt's token
         ends = ends[ends > starts[0]] if len(starts) else ends

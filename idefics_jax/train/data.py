@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 from etils import epath
 
-from idefics_jax.config import TILED_MODEL_TYPES
+from idefics_jax.config import tile_side
 from idefics_jax.data.json_tokenizer import JsonTokenizer, open_tokenizer, tokenizer_path
 from idefics_jax.data.packing import PackConfig
 from idefics_jax.data.pipeline import Pipeline, SourceConfig
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def synthetic_tokenizer(config) -> str:
     """The kind of tokenizer synthetic data is made with: a tokenizer.json for Idefics3 / SmolVLM
     models (their kind), Idefics2's sentencepiece model otherwise."""
-    return "json" if config.model.model_type in TILED_MODEL_TYPES else "sentencepiece"
+    return "json" if tile_side(config.model) else "sentencepiece"
 
 
 def synthetic_data_dir(config, workdir: epath.Path) -> Path:
@@ -100,9 +100,8 @@ def make_pipeline(config, data_dir: epath.Path, tokenizer: Tokenizer, image_seq_
                          f"{jax.process_count()} hosts")
     pack = PackConfig(seq_len=config.data.seq_len, image_slots=config.data.image_slots,
                       buckets=tuple(tuple(b) for b in config.data.buckets), pad_id=tokenizer.pad_id)
-    tiled = config.model.model_type in TILED_MODEL_TYPES
     return Pipeline(sources, tokenizer, pack, config.data.batch_size // jax.process_count(),
-                    image_seq_len=image_seq_len, tile=config.model.vision.image_size if tiled else 0,
+                    image_seq_len=image_seq_len, tile=tile_side(config.model),
                     chat_format=config.model.model_type, seed=config.data.seed, num_workers=config.data.num_workers,
                     strict=config.data.strict,
                     read_threads=config.data.read_threads, read_buffer=config.data.read_buffer)
